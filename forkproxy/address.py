@@ -1,0 +1,211 @@
+"""Address syntax: the upstream target and `--listen` addresses, to frozen values.
+
+Upstream (systemd-socket-proxyd's syntax): `HOST:PORT`, `HOST` (port 80), `[IPV6]:PORT`,
+`/unix/path`, `@abstract`. Listen (ListenStream= syntax, systemd.socket(5)): `PORT`,
+`IPV4:PORT`, `[IPV6]:PORT`, `/path`, `@abstract`, optionally named `NAME=ADDR`.
+Never resolves host names and never opens sockets; service names ("http") are looked
+up in the local services database only.
+"""
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+from forkproxy.errors import UsageError
+
+# sockaddr_un.sun_path is 108 bytes; a file system path needs its terminating NUL,
+# an abstract name uses all of it after the leading NUL.
+_UNIX_PATH_MAX = 107
+_ABSTRACT_NAME_MAX = 107
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
+# FileDescriptorName=: printable, no ':' (it separates names in LISTEN_FDNAMES).
+_LISTENER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
+
+SockAddr = tuple[str, int] | tuple[str, int, int, int] | str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAddress:
+    """Where connections are relayed to.
+
+    `family` is 0 for a host name that must be resolved at connect time; otherwise
+    `sockaddr` is ready for connect().
+    """
+
+    text: str
+    family: int
+    host: str
+    port: int
+    sockaddr: SockAddr | None
+
+    @property
+    def needs_resolving(self) -> bool:
+        return self.family == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A socket forkproxy binds itself when systemd passed none."""
+
+    text: str
+    name: str
+    family: int
+    sockaddr: SockAddr
+    dual_stack: bool  # bare PORT: IPv6 any-address that also takes IPv4, as systemd does
+
+
+def parse_upstream(text: str) -> UpstreamAddress:
+    """Parse a target as systemd-socket-proxyd accepts it; raise UsageError if invalid."""
+    if not text:
+        raise UsageError("empty target: give HOST:PORT or a unix socket path")
+    if text[0] in "/@":
+        path = _unix_sockaddr(text, "target")
+        return UpstreamAddress(text, socket.AF_UNIX, "", 0, path)
+
+    host, port_text = _split_host_port(text, "target", default_port="80")
+    port = _parse_port(port_text, text, "target")
+    if host.startswith("["):
+        address = _parse_ipv6_literal(host, text, "target")
+        return UpstreamAddress(text, socket.AF_INET6, address, port, (address, port, 0, 0))
+    if _is_ipv4(host):
+        return UpstreamAddress(text, socket.AF_INET, host, port, (host, port))
+    if not _HOSTNAME.match(host):
+        raise UsageError(f"invalid target '{text}': '{host}' is not a host name or address")
+    return UpstreamAddress(text, 0, host, port, None)
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse a --listen value (ListenStream= syntax, optionally NAME=ADDR)."""
+    name, address = _split_name(text)
+    if not address:
+        raise UsageError(f"invalid listen address '{text}': empty address")
+    if address[0] in "/@":
+        return ListenAddress(
+            text, name, socket.AF_UNIX, _unix_sockaddr(address, "listen address"), False
+        )
+    if address.isdigit():
+        port = _parse_port(address, text, "listen address")
+        return ListenAddress(text, name, socket.AF_INET6, ("::", port, 0, 0), True)
+
+    host, port_text = _split_host_port(address, "listen address", default_port=None)
+    port = _parse_port(port_text, text, "listen address")
+    if host.startswith("["):
+        ipv6 = _parse_ipv6_literal(host, text, "listen address")
+        return ListenAddress(text, name, socket.AF_INET6, (ipv6, port, 0, 0), False)
+    if _is_ipv4(host):
+        return ListenAddress(text, name, socket.AF_INET, (host, port), False)
+    raise UsageError(
+        f"invalid listen address '{text}': '{host}' is not an IP address "
+        "(write PORT, IPV4:PORT, [IPV6]:PORT, /path or @name)"
+    )
+
+
+def format_sockaddr(family: int, sockaddr: object) -> str:
+    """A peer or local address as an operator reads it: 1.2.3.4:80, [::1]:80, /path, @name."""
+    if family == socket.AF_INET and isinstance(sockaddr, tuple):
+        return f"{sockaddr[0]}:{sockaddr[1]}"
+    if family == socket.AF_INET6 and isinstance(sockaddr, tuple):
+        return f"[{sockaddr[0]}]:{sockaddr[1]}"
+    if isinstance(sockaddr, bytes):
+        sockaddr = sockaddr.decode("utf-8", "backslashreplace")
+    if isinstance(sockaddr, str):
+        if sockaddr.startswith("\0"):
+            return "@" + sockaddr[1:]
+        return sockaddr or "unix-client"
+    return str(sockaddr)
+
+
+def _split_name(text: str) -> tuple[str, str]:
+    if text[:1] in ("/", "@", "[") or "=" not in text:
+        return "", text
+    name, address = text.split("=", 1)
+    if not _LISTENER_NAME.match(name):
+        raise UsageError(
+            f"invalid listen address '{text}': name '{name}' may only contain "
+            "letters, digits, '_', '.' and '-'"
+        )
+    return name, address
+
+
+def _split_host_port(text: str, what: str, default_port: str | None) -> tuple[str, str]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise UsageError(f"invalid {what} '{text}': missing ']' after the IPv6 address")
+        host, rest = text[: end + 1], text[end + 1 :]
+        if not rest:
+            if default_port is None:
+                raise UsageError(f"invalid {what} '{text}': missing ':PORT'")
+            return host, default_port
+        if not rest.startswith(":"):
+            raise UsageError(f"invalid {what} '{text}': expected ':PORT' after ']'")
+        return host, rest[1:]
+    if text.count(":") > 1:
+        raise UsageError(
+            f"invalid {what} '{text}': write IPv6 addresses in brackets, as in '[::1]:80'"
+        )
+    if ":" not in text:
+        if default_port is None:
+            raise UsageError(f"invalid {what} '{text}': missing ':PORT'")
+        return text, default_port
+    host, port = text.split(":")
+    if not host:
+        raise UsageError(f"invalid {what} '{text}': missing host before ':'")
+    return host, port
+
+
+def _parse_port(port_text: str, text: str, what: str) -> int:
+    if port_text.isdigit() and port_text.isascii():
+        port = int(port_text)
+        if 1 <= port <= 65535:
+            return port
+        raise UsageError(f"invalid {what} '{text}': port {port_text} is not in 1-65535")
+    if not port_text:
+        raise UsageError(f"invalid {what} '{text}': missing port after ':'")
+    try:
+        return socket.getservbyname(port_text, "tcp")
+    except (OSError, UnicodeError):
+        raise UsageError(
+            f"invalid {what} '{text}': '{port_text}' is neither a port number nor a known service"
+        ) from None
+
+
+def _parse_ipv6_literal(bracketed: str, text: str, what: str) -> str:
+    literal = bracketed[1:-1]
+    address, _, scope = literal.partition("%")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        raise UsageError(f"invalid {what} '{text}': '{literal}' is not an IPv6 address") from None
+    if "%" in literal and not scope:
+        raise UsageError(f"invalid {what} '{text}': empty scope after '%'")
+    return literal
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _unix_sockaddr(text: str, what: str) -> str:
+    encoded = text.encode("utf-8", "surrogateescape")
+    if text[0] == "@":
+        if len(encoded) - 1 > _ABSTRACT_NAME_MAX:
+            raise UsageError(
+                f"invalid {what} '{text}': abstract socket names are at most "
+                f"{_ABSTRACT_NAME_MAX} bytes"
+            )
+        if len(encoded) == 1:
+            raise UsageError(f"invalid {what} '{text}': empty abstract socket name")
+        return "\0" + text[1:]
+    if len(encoded) > _UNIX_PATH_MAX:
+        raise UsageError(
+            f"invalid {what} '{text}': unix socket paths are at most {_UNIX_PATH_MAX} bytes"
+        )
+    return text

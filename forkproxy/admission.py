@@ -1,0 +1,136 @@
+"""The global connection cap shared by all workers: a SysV semaphore set with SEM_UNDO.
+
+How the cap is exact
+--------------------
+The semaphores' values are the free capacity; they start summing to --connections-max=N.
+Admitting a connection is one semop(-1, IPC_NOWAIT|SEM_UNDO): the kernel decrements
+atomically or fails with EAGAIN, so no interleaving of accepts in any number of workers
+can take more than N (we admit while free > 0, never N+1). Closing is semop(+1, SEM_UNDO).
+
+SEM_UNDO makes the kernel keep, per process, the sum of that process's adjustments and
+apply its inverse when the process exits, however it exits. A SIGKILLed worker's tokens
+therefore return at the instant it dies, with no window between "took a token" and
+"recorded that it did" for a kill to fall into (the flaw of an eventfd counter, or of any
+count kept in user space), and no lock is ever held that a dead process could leave
+locked. fork() does not inherit adjustments, so each worker's are its own.
+
+A semaphore holds at most SEMVMX (32767), so a larger cap is spread over several
+semaphores in one set; a token remembers which one it came from.
+
+The master creates the set before forking and removes it at exit (IPC_RMID). A worker
+that outlives its master removes it too, so only a simultaneous SIGKILL of every process
+can leak it (systemd's RemoveIPC=, implied by DynamicUser=, cleans that up).
+"""
+
+import ctypes
+import errno
+import os
+
+_IPC_PRIVATE = 0
+_IPC_CREAT = 0o1000
+_IPC_NOWAIT = 0o4000
+_IPC_RMID = 0
+_GETVAL = 12
+_SETVAL = 16
+_SEM_UNDO = 0x1000
+SEMVMX = 32767
+
+NO_TOKEN = -1
+
+
+class _SemBuf(ctypes.Structure):
+    _fields_ = (
+        ("sem_num", ctypes.c_ushort),
+        ("sem_op", ctypes.c_short),
+        ("sem_flg", ctypes.c_short),
+    )
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_semget = _libc.semget
+_semget.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
+_semget.restype = ctypes.c_int
+_semop = _libc.semop
+_semop.argtypes = (ctypes.c_int, ctypes.POINTER(_SemBuf), ctypes.c_size_t)
+_semop.restype = ctypes.c_int
+_semctl = _libc.semctl  # variadic: arguments passed as explicit ctypes ints
+_semctl.restype = ctypes.c_int
+
+
+class Admission:
+    """Admits connections while the group holds fewer than `capacity`.
+
+    Created once by the master before forking; every worker uses the same set.
+    """
+
+    __slots__ = ("capacity", "_semid", "_takes", "_gives", "_start")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        count = -(-capacity // SEMVMX)
+        semid = _semget(_IPC_PRIVATE, count, _IPC_CREAT | 0o600)
+        if semid < 0:
+            raise _oserror("semget")
+        self._semid = semid
+        for index in range(count):
+            value = min(SEMVMX, capacity - index * SEMVMX)
+            if _semctl(semid, ctypes.c_int(index), ctypes.c_int(_SETVAL), ctypes.c_int(value)) < 0:
+                error = _oserror("semctl(SETVAL)")
+                self.remove()
+                raise error
+        # Built once: the hot path passes prepared buffers and allocates nothing.
+        self._takes = tuple(
+            ctypes.pointer(_SemBuf(index, -1, _IPC_NOWAIT | _SEM_UNDO)) for index in range(count)
+        )
+        self._gives = tuple(ctypes.pointer(_SemBuf(index, 1, _SEM_UNDO)) for index in range(count))
+        self._start = 0
+
+    def spread_from(self, index: int) -> None:
+        """Start looking for capacity at semaphore `index` (spreads workers over a set)."""
+        self._start = index % len(self._takes)
+
+    def try_acquire(self) -> int:
+        """Take one unit of capacity: return a token for release(), or NO_TOKEN at the cap.
+
+        Guarantee: at no instant do all processes together hold more than `capacity`
+        tokens, and tokens held by a process that dies are returned by the kernel.
+        """
+        takes = self._takes
+        count = len(takes)
+        for step in range(count):
+            index = (self._start + step) % count
+            while _semop(self._semid, takes[index], 1) < 0:
+                code = ctypes.get_errno()
+                if code == errno.EINTR:
+                    continue
+                if code == errno.EAGAIN:
+                    break
+                return NO_TOKEN  # EIDRM/EINVAL: the set was removed, the group is stopping
+            else:
+                return index
+        return NO_TOKEN
+
+    def release(self, token: int) -> None:
+        """Give back the capacity `token` stands for."""
+        while _semop(self._semid, self._gives[token], 1) < 0:
+            if ctypes.get_errno() != errno.EINTR:
+                return  # set removed at shutdown: nothing left to give back to
+
+    def in_use(self) -> int:
+        """Connections admitted and not yet released, across all workers (exact)."""
+        free = 0
+        for index in range(len(self._takes)):
+            value = _semctl(self._semid, ctypes.c_int(index), ctypes.c_int(_GETVAL))
+            if value < 0:
+                return 0
+            free += value
+        return self.capacity - free
+
+    def remove(self) -> None:
+        """Destroy the set; later calls in any process fail as if at the cap."""
+        _semctl(self._semid, ctypes.c_int(0), ctypes.c_int(_IPC_RMID))
+
+
+def _oserror(call: str) -> OSError:
+    code = ctypes.get_errno()
+    return OSError(code, f"{call}: {os.strerror(code)}")

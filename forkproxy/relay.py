@@ -1,0 +1,332 @@
+"""One relayed connection: two spliced directions, half-close, teardown, byte counts.
+
+Bytes go socket -> pipe -> socket with splice(2) and never enter Python. Each direction
+borrows a pipe from its worker's `PipePool` only while it holds bytes in flight, so an
+idle connection costs two descriptors, not six (systemd-socket-proxyd keeps two pipes
+per connection for its whole life).
+
+Per direction, a source socket is read while its pipe has room, and the pipe is flushed
+to the destination at once; only when the destination cannot take everything is a
+writer registered, and only when the pipe is full does reading pause (exact
+backpressure, no busy loop). EOF from a source is passed on as shutdown(SHUT_WR) of the
+destination once the pipe has drained, and the other direction keeps going until it
+ends too. A reset or error on either side closes both. Never accepts, admits or logs
+above debug.
+"""
+
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_splice = os.splice
+
+# How a connection normally dies: the peer went away. Anything else gets a warning.
+PEER_GONE_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENOTCONN,
+    }
+)
+
+
+class Pipe:
+    """A kernel pipe used as a splice buffer; owned by the pool or by one direction."""
+
+    __slots__ = ("read_fd", "write_fd", "capacity")
+
+    def __init__(self, read_fd: int, write_fd: int, capacity: int) -> None:
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.capacity = capacity
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class PipePool:
+    """A worker's empty pipes, created lazily and reused across connections.
+
+    Only empty pipes come back (`release`); a pipe that still holds bytes when its
+    connection dies is closed (`discard`), so no byte can leak into another connection.
+    """
+
+    __slots__ = ("_free", "_size", "_keep")
+
+    def __init__(self, size: int, keep: int) -> None:
+        self._free: list[Pipe] = []
+        self._size = size
+        self._keep = keep
+
+    def acquire(self) -> Pipe:
+        if self._free:
+            return self._free.pop()
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._size:
+            try:
+                fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, self._size)
+            except OSError:
+                pass  # over /proc/sys/fs/pipe-user-pages-soft: keep the default size
+        return Pipe(read_fd, write_fd, fcntl.fcntl(read_fd, fcntl.F_GETPIPE_SZ))
+
+    def release(self, pipe: Pipe) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            pipe.close()
+
+    def close(self) -> None:
+        while self._free:
+            self._free.pop().close()
+
+
+class Direction:
+    """Bytes flowing from one socket of a relay to the other."""
+
+    __slots__ = (
+        "relay",
+        "src_fd",
+        "dst",
+        "dst_fd",
+        "pipe",
+        "pending",
+        "reading",
+        "writing",
+        "eof",
+        "done",
+        "counters",
+        "counter_field",
+        "on_readable",
+        "on_writable",
+        "add_reader",
+        "remove_reader",
+        "add_writer",
+        "remove_writer",
+        "pool",
+    )
+
+    def __init__(
+        self,
+        relay: "Relay",
+        src: socket.socket,
+        dst: socket.socket,
+        counters: memoryview,
+        counter_field: int,
+    ) -> None:
+        loop = relay.loop
+        self.relay = relay
+        self.src_fd = src.fileno()
+        self.dst = dst
+        self.dst_fd = dst.fileno()
+        self.pool = relay.pool
+        self.pipe: Pipe | None = None
+        self.pending = 0  # bytes in self.pipe
+        self.reading = False  # a reader is registered on the source
+        self.writing = False  # a writer is registered on the destination
+        self.eof = False  # the source has sent EOF
+        self.done = False  # EOF passed on; this direction is finished
+        self.counters = counters
+        self.counter_field = counter_field
+        # Bound once: registering interest allocates no new callables.
+        self.on_readable = self._on_readable
+        self.on_writable = self._flush
+        self.add_reader = loop.add_reader
+        self.remove_reader = loop.remove_reader
+        self.add_writer = loop.add_writer
+        self.remove_writer = loop.remove_writer
+
+    def start(self) -> None:
+        self.reading = True
+        self.add_reader(self.src_fd, self.on_readable)
+
+    def _on_readable(self) -> None:
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pipe = self.pool.acquire()
+            except OSError as error:
+                self.relay.fail(error)
+                return
+        try:
+            count = _splice(
+                self.src_fd, pipe.write_fd, pipe.capacity - self.pending, None, None, _SPLICE_FLAGS
+            )
+        except BlockingIOError:
+            # Readable, yet nothing moved: the pipe ran out of slots before bytes (each
+            # skb fragment takes a slot). Wait for the destination to drain it.
+            if self.pending:
+                self._pause_reading()
+            else:
+                self._return_pipe()
+            return
+        except OSError as error:
+            self.relay.fail(error)
+            return
+        if count == 0:
+            self.eof = True
+            self._pause_reading()
+            if not self.pending:
+                self._return_pipe()
+                self._finish()
+            return
+        self.pending += count
+        self._flush()
+
+    def _flush(self) -> None:
+        pipe = self.pipe
+        if pipe is None:  # a stale writable event after teardown began
+            return
+        try:
+            count = _splice(pipe.read_fd, self.dst_fd, self.pending, None, None, _SPLICE_FLAGS)
+        except BlockingIOError:
+            count = 0
+        except OSError as error:
+            self.relay.fail(error)
+            return
+        if count:
+            self.pending -= count
+            self.counters[self.counter_field] += count
+        if self.pending:
+            if not self.writing:
+                self.writing = True
+                self.add_writer(self.dst_fd, self.on_writable)
+            if self.reading and self.pending >= pipe.capacity:
+                self._pause_reading()
+            return
+        self._return_pipe()
+        if self.writing:
+            self.writing = False
+            self.remove_writer(self.dst_fd)
+        if self.eof:
+            self._finish()
+        elif not self.reading:
+            self.reading = True
+            self.add_reader(self.src_fd, self.on_readable)
+
+    def _pause_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.remove_reader(self.src_fd)
+
+    def _return_pipe(self) -> None:
+        pipe = self.pipe
+        if pipe is not None:
+            self.pipe = None
+            self.pool.release(pipe)
+
+    def _finish(self) -> None:
+        """EOF read and every byte delivered: pass the EOF on (half-close)."""
+        self.done = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            if error.errno not in PEER_GONE_ERRNOS:
+                self.relay.fail(error)
+                return
+        self.relay.on_direction_done()
+
+    def stop(self) -> None:
+        """Drop interest and the pipe; the relay closes the sockets."""
+        if self.reading:
+            self.reading = False
+            self.remove_reader(self.src_fd)
+        if self.writing:
+            self.writing = False
+            self.remove_writer(self.dst_fd)
+        pipe = self.pipe
+        if pipe is not None:
+            self.pipe = None
+            if self.pending:
+                pipe.close()  # holds bytes nobody will read
+            else:
+                self.pool.release(pipe)
+            self.pending = 0
+
+
+class Relay:
+    """A connected client and upstream, relayed both ways until both ends are done.
+
+    Owns both sockets from `start()` and closes them exactly once, then calls
+    `on_close(relay)` so the worker can release the connection's admission.
+    """
+
+    __slots__ = (
+        "loop",
+        "pool",
+        "client",
+        "upstream",
+        "client_to_upstream",
+        "upstream_to_client",
+        "on_close",
+        "closed",
+        "token",
+        "started",
+        "peer",
+        "error",
+    )
+
+    def __init__(
+        self,
+        loop: "EventLoop",
+        pool: PipePool,
+        client: socket.socket,
+        upstream: socket.socket,
+        counters: memoryview,
+        to_upstream_field: int,
+        to_client_field: int,
+        on_close: Callable[["Relay"], None],
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.client = client
+        self.upstream = upstream
+        self.on_close = on_close
+        self.closed = False
+        self.token = -1  # the admission this connection holds; set by the worker
+        self.started = 0.0  # when the client was accepted; set by the worker
+        self.peer: object = None  # the client's address, for logs; set by the worker
+        self.error: OSError | None = None  # what ended the connection, if not a clean EOF
+        self.client_to_upstream = Direction(self, client, upstream, counters, to_upstream_field)
+        self.upstream_to_client = Direction(self, upstream, client, counters, to_client_field)
+
+    def start(self) -> None:
+        self.client_to_upstream.start()
+        self.upstream_to_client.start()
+
+    def on_direction_done(self) -> None:
+        if self.client_to_upstream.done and self.upstream_to_client.done:
+            self.close()
+
+    def fail(self, error: OSError) -> None:
+        """An error on either side ends the whole connection; `on_close` sees it."""
+        if self.error is None:
+            self.error = error
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.client_to_upstream.stop()
+        self.upstream_to_client.stop()
+        self.client.close()
+        self.upstream.close()
+        self.on_close(self)
+
+
+class EventLoop(Protocol):
+    """The part of an asyncio loop a relay uses (uvloop's in production)."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> object: ...
+    def remove_reader(self, fd: int) -> object: ...
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> object: ...
+    def remove_writer(self, fd: int) -> object: ...

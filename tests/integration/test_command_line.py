@@ -1,0 +1,83 @@
+"""Bad input: one clear line on stderr, a non-zero exit (1, as systemd-socket-proxyd), no traceback."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.proxy import FORKPROXY, REPO, run_cli
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "missing target"),
+        (["a:1", "b:2"], "too many targets"),
+        (["--bogus", "x:1"], "unrecognized arguments: --bogus"),
+        (["-c", "0", "x:1"], "--connections-max= must be at least 1"),
+        (["-c", "abc", "x:1"], "invalid --connections-max= value 'abc'"),
+        (["-c"], "option '--connections-max': expected one argument"),
+        (["--exit-idle-time=5 minutess", "x:1"], "unknown unit 'minutess'"),
+        (["--exit-idle-time=-1", "x:1"], "negative"),
+        (["-w", "0", "x:1"], "--workers= must be in 1-128"),
+        (["--graceful-timeout=soon", "x:1"], "invalid --graceful-timeout= value 'soon'"),
+        (["::1:80"], "write IPv6 addresses in brackets"),
+        (["127.0.0.1:99999"], "port 99999 is not in 1-65535"),
+        (["127.0.0.1:nosuchservice"], "neither a port number nor a known service"),
+        (["/" + "x" * 200], "unix socket paths are at most 107 bytes"),
+        (["--listen=localhost:80", "x:1"], "is not an IP address"),
+        (["--socket-mode=999", "--listen=/tmp/x.sock", "x:1"], "expected octal"),
+        (["127.0.0.1:80"], "no sockets passed in by systemd (LISTEN_FDS) and no --listen"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(args: list[str], message: str) -> None:
+    result = run_cli(args, env={"LISTEN_PID": "", "LISTEN_FDS": ""})
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("forkproxy: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_passed_fd_that_is_not_a_listening_socket(tmp_path: Path) -> None:
+    """A connected socket (or any non-listener) as fd 3 is refused with a clear line."""
+    left, right = socket.socketpair()
+    with left, right:
+        result = subprocess.run(
+            [sys.executable, "-m", "tests.support.activate", str(left.fileno()), "--",
+             FORKPROXY, "127.0.0.1:9"],
+            cwd=REPO, capture_output=True, text=True, timeout=10, pass_fds=[left.fileno()],
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "forkproxy: fd 3 from systemd is not a listening stream socket"
+
+
+def test_passed_fd_that_is_not_a_socket(tmp_path: Path) -> None:
+    with open(tmp_path / "file", "w") as plain:
+        result = subprocess.run(
+            [sys.executable, "-m", "tests.support.activate", str(plain.fileno()), "--",
+             FORKPROXY, "127.0.0.1:9"],
+            cwd=REPO, capture_output=True, text=True, timeout=10, pass_fds=[plain.fileno()],
+        )
+    assert result.returncode == 1
+    assert result.stderr.startswith("forkproxy: fd 3 from systemd is not a socket")
+
+
+def test_help_and_version_exit_0() -> None:
+    help_result = run_cli(["--help"])
+    assert help_result.returncode == 0
+    for option in ("--connections-max", "--exit-idle-time", "--workers", "--listen", "--version"):
+        assert option in help_result.stdout
+    version = run_cli(["--version"])
+    assert version.returncode == 0
+    assert version.stdout.startswith("forkproxy ")
+
+
+def test_python_dash_m_runs_the_same_program() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "forkproxy", "--version"], capture_output=True, text=True, timeout=10
+    )
+    assert result.returncode == 0 and result.stdout.startswith("forkproxy ")
