@@ -61,6 +61,7 @@ def parse_upstream(text: str) -> UpstreamAddress:
     """Parse a target as systemd-socket-proxyd accepts it; raise UsageError if invalid."""
     if not text:
         raise UsageError("empty target: give HOST:PORT or a unix socket path")
+    _refuse_nul(text, "target")
     if text[0] in "/@":
         path = _unix_sockaddr(text, "target")
         return UpstreamAddress(text, socket.AF_UNIX, "", 0, path)
@@ -79,6 +80,7 @@ def parse_upstream(text: str) -> UpstreamAddress:
 
 def parse_listen(text: str) -> ListenAddress:
     """Parse a --listen value (ListenStream= syntax, optionally NAME=ADDR)."""
+    _refuse_nul(text, "listen address")
     name, address = _split_name(text)
     if not address:
         raise UsageError(f"invalid listen address '{text}': empty address")
@@ -116,6 +118,11 @@ def format_sockaddr(family: int, sockaddr: object) -> str:
             return "@" + sockaddr[1:]
         return sockaddr or "unix-client"
     return str(sockaddr)
+
+
+def _refuse_nul(text: str, what: str) -> None:
+    if "\0" in text:
+        raise UsageError(f"invalid {what} {text!r}: contains a NUL character")
 
 
 def _split_name(text: str) -> tuple[str, str]:

@@ -146,5 +146,8 @@ class Scoreboard:
         return cumulative, self.total(first_bucket + len(bounds) + 1)
 
     def close(self) -> None:
-        self._words.release()
-        self._memory.close()
+        try:
+            self._words.release()
+            self._memory.close()
+        except BufferError:
+            pass  # a slot view is still referenced; the mapping goes when it does

@@ -73,7 +73,9 @@ PIPE_POOL_KEEP = 64  # empty pipes a worker keeps for reuse
 PIPE_SIZE = 0  # 0: the kernel's default pipe size
 
 _PR_SET_PDEATHSIG = 1
-_FAILPOINT = "FORKPROXY_FAILPOINT"  # test hook: "worker-abort" makes every worker crash at start
+# Fault injection for tests: FORKPROXY_FAILPOINT=worker-crash makes every worker crash at
+# start, as a bug would (uncaught exception, exit status 70).
+_FAILPOINT = "FORKPROXY_FAILPOINT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +95,8 @@ class WorkerSpec:
 
 def run_worker(spec: WorkerSpec) -> int:
     """The whole life of a worker process; returns its exit status."""
-    if os.environ.get(_FAILPOINT) == "worker-abort":
-        os.abort()
+    if os.environ.get(_FAILPOINT) == "worker-crash":
+        raise RuntimeError("crashing at start, as FORKPROXY_FAILPOINT=worker-crash asks")
     logs.set_process_tag(f"worker {spec.slot}: ")
     setproctitle(f"forkproxy: worker {spec.slot}")
     try:

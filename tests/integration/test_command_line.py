@@ -1,4 +1,4 @@
-"""Bad input: one clear line on stderr, a non-zero exit (1, as systemd-socket-proxyd), no traceback."""
+"""Bad input: one clear line on stderr, exit status 1 (as systemd-socket-proxyd), no traceback."""
 
 import socket
 import subprocess
@@ -47,9 +47,20 @@ def test_passed_fd_that_is_not_a_listening_socket(tmp_path: Path) -> None:
     left, right = socket.socketpair()
     with left, right:
         result = subprocess.run(
-            [sys.executable, "-m", "tests.support.activate", str(left.fileno()), "--",
-             FORKPROXY, "127.0.0.1:9"],
-            cwd=REPO, capture_output=True, text=True, timeout=10, pass_fds=[left.fileno()],
+            [
+                sys.executable,
+                "-m",
+                "tests.support.activate",
+                str(left.fileno()),
+                "--",
+                FORKPROXY,
+                "127.0.0.1:9",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            pass_fds=[left.fileno()],
         )
     assert result.returncode == 1
     assert result.stderr.strip() == "forkproxy: fd 3 from systemd is not a listening stream socket"
@@ -58,9 +69,20 @@ def test_passed_fd_that_is_not_a_listening_socket(tmp_path: Path) -> None:
 def test_passed_fd_that_is_not_a_socket(tmp_path: Path) -> None:
     with open(tmp_path / "file", "w") as plain:
         result = subprocess.run(
-            [sys.executable, "-m", "tests.support.activate", str(plain.fileno()), "--",
-             FORKPROXY, "127.0.0.1:9"],
-            cwd=REPO, capture_output=True, text=True, timeout=10, pass_fds=[plain.fileno()],
+            [
+                sys.executable,
+                "-m",
+                "tests.support.activate",
+                str(plain.fileno()),
+                "--",
+                FORKPROXY,
+                "127.0.0.1:9",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            pass_fds=[plain.fileno()],
         )
     assert result.returncode == 1
     assert result.stderr.startswith("forkproxy: fd 3 from systemd is not a socket")

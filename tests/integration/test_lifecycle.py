@@ -41,16 +41,18 @@ def test_titles_and_exactly_the_asked_number_of_workers(workdir: Path) -> None:
         assert _cmdline(proxy.pid).startswith("forkproxy: master")
         titles = sorted(_cmdline(pid) for pid in workers)
         assert titles == ["forkproxy: worker 0", "forkproxy: worker 1", "forkproxy: worker 2"]
-        ps = subprocess.run(["ps", "-o", "args=", "-p", str(workers[0])], capture_output=True,
-                            text=True, check=True)
+        ps = subprocess.run(
+            ["ps", "-o", "args=", "-p", str(workers[0])], capture_output=True, text=True, check=True
+        )
         assert ps.stdout.startswith("forkproxy: worker")
 
 
 def test_sigterm_lets_a_transfer_finish_then_exits_0(workdir: Path) -> None:
     size = 64 << 20
-    with run_backend(f"source:{size}") as backend, run_proxy(
-        ["-w", "1", backend.target], workdir
-    ) as proxy:
+    with (
+        run_backend(f"source:{size}") as backend,
+        run_proxy(["-w", "1", backend.target], workdir) as proxy,
+    ):
         with proxy.connect(timeout=60) as client:
             first = client.recv(65536)  # the transfer is under way ...
             assert first
@@ -99,10 +101,19 @@ def test_listen_option_binds_and_relays(workdir: Path) -> None:
     notify = Notifications(workdir)
     with run_backend("echo") as backend:
         process = subprocess.Popen(
-            [FORKPROXY, "-w", "2", "--listen", str(path), "--listen", f"127.0.0.1:{port}",
-             backend.target],
+            [
+                FORKPROXY,
+                "-w",
+                "2",
+                "--listen",
+                str(path),
+                "--listen",
+                f"127.0.0.1:{port}",
+                backend.target,
+            ],
             env={**os.environ, "NOTIFY_SOCKET": notify.path},
-            stderr=subprocess.DEVNULL, start_new_session=True,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             notify.wait_for("READY=1")
@@ -132,6 +143,21 @@ def _refused(proxy) -> bool:
             return True
 
 
+def _connect_when_listening(port: int) -> socket.socket:
+    """Connect once systemd-socket-activate has bound the port (it does so at start)."""
+    connected: list[socket.socket] = []
+
+    def attempt() -> bool:
+        try:
+            connected.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    wait_until(attempt, 10, f"a listener on port {port}")
+    return connected[0]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -145,20 +171,15 @@ def test_under_systemd_socket_activate(workdir: Path, listener_count: int) -> No
         command = ["systemd-socket-activate"]
         for port in ports:
             command += ["-l", f"127.0.0.1:{port}"]
-        log = open(workdir / "activate.log", "wb")
-        process = subprocess.Popen([*command, FORKPROXY, "--log-level=debug", "-w", "2",
-                                    backend.target], stderr=log, start_new_session=True)
-        log.close()
+        with open(workdir / "activate.log", "wb") as log:
+            process = subprocess.Popen(
+                [*command, FORKPROXY, "-w", "2", backend.target],
+                stderr=log,
+                start_new_session=True,
+            )
         try:
             for port in ports:
-                def connect() -> socket.socket | None:
-                    try:
-                        return socket.create_connection(("127.0.0.1", port), timeout=10)
-                    except ConnectionRefusedError:
-                        return None
-                wait_until(lambda: (s := connect()) is not None and (s.close() or True), 10,
-                           "systemd-socket-activate to listen")
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                with _connect_when_listening(port) as client:
                     assert send_all_then_read(client, b"port %d" % port) == b"port %d" % port
             wait_until(lambda: len(children_of(process.pid)) == 2, 10, "two workers")
             process.send_signal(signal.SIGTERM)
@@ -173,8 +194,11 @@ def test_a_worker_killed_is_replaced(workdir: Path) -> None:
     with run_backend("echo") as backend, run_proxy(["-w", "2", backend.target], workdir) as proxy:
         victim = proxy.workers()[0]
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: victim not in proxy.workers() and len(proxy.workers()) == 2, 10,
-                   "a replacement worker")
+        wait_until(
+            lambda: victim not in proxy.workers() and len(proxy.workers()) == 2,
+            10,
+            "a replacement worker",
+        )
         with proxy.connect() as client:
             assert send_all_then_read(client, b"still serving") == b"still serving"
 
@@ -193,8 +217,10 @@ def test_connections_in_flight_survive_a_concurrent_stop(workdir: Path) -> None:
             assert client.recv(1) == b"a"
         proxy.signal(signal.SIGTERM)
         results = []
-        threads = [threading.Thread(target=lambda c=c: results.append(
-            send_all_then_read(c, b"bcd"))) for c in clients]
+        threads = [
+            threading.Thread(target=lambda c=c: results.append(send_all_then_read(c, b"bcd")))
+            for c in clients
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -24,9 +24,10 @@ from tests.support.proxy import run_backend, run_proxy, send_all_then_read
 )
 def test_every_target_kind_relays(workdir: Path, backend_address: str, target_of) -> None:
     address = backend_address.format(dir=workdir, pid=os.getpid())
-    with run_backend("echo", address) as backend, run_proxy(
-        ["-w", "2", target_of(backend)], workdir
-    ) as proxy:
+    with (
+        run_backend("echo", address) as backend,
+        run_proxy(["-w", "2", target_of(backend)], workdir) as proxy,
+    ):
         payload = os.urandom(100_000)
         with proxy.connect() as client:
             assert send_all_then_read(client, payload) == payload
@@ -34,9 +35,11 @@ def test_every_target_kind_relays(workdir: Path, backend_address: str, target_of
 
 @pytest.mark.parametrize("listener", ["tcp", "tcp6", "unix", "abstract"])
 def test_every_listener_kind_relays(workdir: Path, listener: str) -> None:
-    with run_backend("echo") as backend, run_proxy(
-        ["-w", "1", backend.target], workdir, listeners=[listener]
-    ) as proxy, proxy.connect() as client:
+    with (
+        run_backend("echo") as backend,
+        run_proxy(["-w", "1", backend.target], workdir, listeners=[listener]) as proxy,
+        proxy.connect() as client,
+    ):
         assert send_all_then_read(client, b"hello through " + listener.encode()) == (
             b"hello through " + listener.encode()
         )
@@ -90,9 +93,11 @@ def test_backend_eof_reaches_the_client_after_all_bytes(workdir: Path) -> None:
     from tests.support.backend import pseudo_random
 
     size = 5_000_000
-    with run_backend(f"source:{size}") as backend, run_proxy(
-        ["-w", "1", backend.target], workdir
-    ) as proxy, proxy.connect() as client:
+    with (
+        run_backend(f"source:{size}") as backend,
+        run_proxy(["-w", "1", backend.target], workdir) as proxy,
+        proxy.connect() as client,
+    ):
         received = bytearray()
         while chunk := client.recv(1 << 20):
             received += chunk

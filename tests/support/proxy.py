@@ -261,9 +261,9 @@ def send_all_then_read(sock: socket.socket, payload: bytes, half_close: bool = T
     return bytes(received)
 
 
-def run_cli(args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 10) -> (
-    subprocess.CompletedProcess[str]
-):
+def run_cli(
+    args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 10
+) -> subprocess.CompletedProcess[str]:
     """Run forkproxy to completion (for argument errors): exit status, stdout, stderr."""
     return subprocess.run(
         [FORKPROXY, *args],

@@ -1,0 +1,172 @@
+"""The splice relay on real socketpairs and a real uvloop loop."""
+
+import os
+import socket
+import threading
+
+import pytest
+import uvloop
+
+from forkproxy.relay import PipePool, Relay
+
+
+class Harness:
+    """client_app <-> [client | relay | upstream] <-> upstream_app."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.client_app, client = socket.socketpair()
+        upstream, self.upstream_app = socket.socketpair()
+        client.setblocking(False)
+        upstream.setblocking(False)
+        self.counters = memoryview(bytearray(16 * 8)).cast("q")
+        self.pool = PipePool(0, 4)
+        self.closed: list[Relay] = []
+        self.relay = Relay(
+            self.loop, self.pool, client, upstream, self.counters, 0, 1, self.closed.append
+        )
+        self.relay.start()
+
+    def run_until(self, condition, timeout: float = 10.0) -> None:
+        deadline = self.loop.time() + timeout
+
+        def check() -> None:
+            if condition() or self.loop.time() > deadline:
+                self.loop.stop()
+            else:
+                self.loop.call_later(0.005, check)
+
+        self.loop.call_soon(check)
+        self.loop.run_forever()
+        assert condition(), "timed out"
+
+    def close(self) -> None:
+        self.relay.close()
+        self.pool.close()
+        self.loop.close()
+        self.client_app.close()
+        self.upstream_app.close()
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+def _read_all(sock: socket.socket, into: bytearray) -> threading.Thread:
+    def run() -> None:
+        while chunk := sock.recv(1 << 16):
+            into.extend(chunk)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_both_directions_and_byte_counts(harness: Harness) -> None:
+    harness.client_app.sendall(b"request")
+    harness.upstream_app.sendall(b"response!")
+    harness.run_until(lambda: harness.counters[0] == 7 and harness.counters[1] == 9)
+    assert harness.upstream_app.recv(100) == b"request"
+    assert harness.client_app.recv(100) == b"response!"
+
+
+def test_half_close_then_reply(harness: Harness) -> None:
+    harness.client_app.sendall(b"question")
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: harness.relay.client_to_upstream.done)
+    assert harness.upstream_app.recv(100) == b"question"
+    assert harness.upstream_app.recv(100) == b""  # the EOF was passed on
+    assert not harness.relay.closed  # the other direction is still open
+    harness.upstream_app.sendall(b"answer")
+    harness.upstream_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: harness.relay.closed)
+    assert harness.client_app.recv(100) == b"answer"
+    assert harness.closed == [harness.relay]
+
+
+def _sender(sock: socket.socket, payload: bytes) -> threading.Thread:
+    def run() -> None:
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the relay was closed on purpose
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_backpressure_pauses_reading_without_spinning(harness: Harness) -> None:
+    direction = harness.relay.client_to_upstream
+    calls = 0
+
+    def counting() -> None:
+        nonlocal calls
+        calls += 1
+        original_on_readable()
+
+    original_on_readable = direction.on_readable
+    direction.on_readable = counting
+    direction.remove_reader(direction.src_fd)
+    direction.add_reader(direction.src_fd, counting)
+
+    payload = os.urandom(8 << 20)
+    sender = _sender(harness.client_app, payload)
+    # Nobody reads upstream: the relay fills the socket buffers and its pipe, then stops.
+    harness.run_until(lambda: not direction.reading)
+    calls_when_paused = calls
+    harness.loop.call_later(0.3, harness.loop.stop)
+    harness.loop.run_forever()
+    assert calls == calls_when_paused  # no wakeups while the destination is full
+    received = bytearray()
+    reader = _read_all(harness.upstream_app, received)
+    harness.run_until(lambda: harness.counters[0] == len(payload), timeout=30)
+    sender.join()
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: direction.done)
+    reader.join()
+    assert bytes(received) == payload
+
+
+def test_reset_closes_both_sides_once(harness: Harness) -> None:
+    harness.upstream_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    harness.client_app.sendall(b"x" * 1000)
+    harness.run_until(lambda: harness.counters[0] == 1000)
+    harness.upstream_app.close()  # with unread data and linger 0: a reset
+    harness.run_until(lambda: harness.relay.closed)
+    assert harness.closed == [harness.relay]
+    assert harness.client_app.recv(10) == b""
+
+
+def test_pipes_return_to_the_pool_empty(harness: Harness) -> None:
+    received = bytearray()
+    reader = _read_all(harness.upstream_app, received)
+    sender = _sender(harness.client_app, b"a" * 1_000_000)
+    harness.run_until(lambda: harness.counters[0] == 1_000_000)
+    sender.join()
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.upstream_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: harness.relay.closed)
+    reader.join()
+    assert len(received) == 1_000_000
+    assert harness.relay.client_to_upstream.pipe is None
+    assert 1 <= len(harness.pool._free) <= 2
+    for pipe in harness.pool._free:
+        with pytest.raises(BlockingIOError):
+            os.read(pipe.read_fd, 1)  # empty
+
+
+def test_a_pipe_with_bytes_in_flight_is_not_reused(harness: Harness) -> None:
+    direction = harness.relay.client_to_upstream
+    sender = _sender(harness.client_app, os.urandom(8 << 20))
+    harness.run_until(lambda: not direction.reading)  # upstream is full, pipe holds bytes
+    pipe = direction.pipe
+    assert pipe is not None and direction.pending > 0
+    harness.relay.close()
+    sender.join()  # the relay's close ends its sendall
+    assert pipe not in harness.pool._free
+    with pytest.raises(OSError):
+        os.fstat(pipe.read_fd)
