@@ -75,21 +75,20 @@ def passed_fds(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[
 
 def adopt_listener(fd: int, name: str) -> Listener:
     """The passed `fd` as a non-blocking listening socket; ForkproxyError if it is not one."""
+    what = "standard input (--inetd)" if fd == 0 else f"fd {fd} from systemd"
     try:
         sock = socket.socket(fileno=fd)
     except OSError as error:
-        raise ForkproxyError(f"fd {fd} from systemd is not a socket: {error.strerror}") from None
+        raise ForkproxyError(f"{what} is not a socket: {error.strerror}") from None
     try:
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     except OSError as error:
         sock.detach()
-        raise ForkproxyError(
-            f"fd {fd} from systemd cannot be inspected: {error.strerror}"
-        ) from None
+        raise ForkproxyError(f"{what} cannot be inspected: {error.strerror}") from None
     if kind != socket.SOCK_STREAM or not listening:
         sock.detach()  # not ours to close
-        raise ForkproxyError(f"fd {fd} from systemd is not a listening stream socket")
+        raise ForkproxyError(f"{what} is not a listening stream socket")
     sock.setblocking(False)
     try:
         where = format_sockaddr(sock.family, sock.getsockname())

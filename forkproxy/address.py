@@ -1,8 +1,11 @@
 """Address syntax: the upstream target and `--listen` addresses, to frozen values.
 
 Upstream (systemd-socket-proxyd's syntax): `HOST:PORT`, `HOST` (port 80), `[IPV6]:PORT`,
-`/unix/path`, `@abstract`. Listen (ListenStream= syntax, systemd.socket(5)): `PORT`,
-`IPV4:PORT`, `[IPV6]:PORT`, `/path`, `@abstract`, optionally named `NAME=ADDR`.
+`/unix/path`, `@abstract`, and `vsock:CID:PORT` (AF_VSOCK, issue 6). Listen
+(ListenStream= syntax, systemd.socket(5)): `PORT`, `IPV4:PORT`, `[IPV6]:PORT`, `/path`,
+`@abstract`, optionally named `NAME=ADDR`.
+Metrics (`--metrics`): the same without a bare `PORT` or a name.
+Routes (`--route`, issue 6): `NAME=TARGET`, NAME as in `--listen NAME=ADDR`.
 Never resolves host names and never opens sockets; service names ("http") are looked
 up in the local services database only.
 """
@@ -24,7 +27,12 @@ _HOSTNAME = re.compile(
 # FileDescriptorName=: printable, no ':' (it separates names in LISTEN_FDNAMES).
 _LISTENER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 
-SockAddr = tuple[str, int] | tuple[str, int, int, int] | str
+SockAddr = tuple[str, int] | tuple[str, int, int, int] | str | tuple[int, int]
+
+# vsock(7): a 32-bit CID and port; the all-ones values are the "any" wildcards, which
+# cannot be connected to.
+_VSOCK_PREFIX = "vsock:"
+_VSOCK_MAX = 0xFFFFFFFE
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,8 @@ def parse_upstream(text: str) -> UpstreamAddress:
     if text[0] in "/@":
         path = _unix_sockaddr(text, "target")
         return UpstreamAddress(text, socket.AF_UNIX, "", 0, path)
+    if text.startswith(_VSOCK_PREFIX):
+        return _parse_vsock(text)
 
     host, port_text = _split_host_port(text, "target", default_port="80")
     port = _parse_port(port_text, text, "target")
@@ -76,6 +86,37 @@ def parse_upstream(text: str) -> UpstreamAddress:
     if not _HOSTNAME.match(host):
         raise UsageError(f"invalid target '{text}': '{host}' is not a host name or address")
     return UpstreamAddress(text, 0, host, port, None)
+
+
+def parse_route(text: str) -> tuple[str, UpstreamAddress]:
+    """Parse a --route value, NAME=TARGET: connections from listener NAME go to TARGET."""
+    name, equals, target = text.partition("=")
+    if not equals:
+        raise UsageError(f"invalid route '{text}': expected NAME=TARGET")
+    if not _LISTENER_NAME.match(name):
+        raise UsageError(
+            f"invalid route '{text}': name '{name}' may only contain "
+            "letters, digits, '_', '.' and '-'"
+        )
+    return name, parse_upstream(target)
+
+
+def _parse_vsock(text: str) -> UpstreamAddress:
+    cid_text, colon, port_text = text[len(_VSOCK_PREFIX) :].partition(":")
+    if not colon:
+        raise UsageError(f"invalid target '{text}': expected vsock:CID:PORT")
+    values = []
+    for what, number in (("CID", cid_text), ("port", port_text)):
+        if not number:
+            raise UsageError(f"invalid target '{text}': missing {what} (vsock:CID:PORT)")
+        if not (number.isascii() and number.isdigit()):
+            raise UsageError(f"invalid target '{text}': {what} '{number}' is not a number")
+        value = int(number)
+        if value > _VSOCK_MAX:
+            raise UsageError(f"invalid target '{text}': {what} {number} is not in 0-{_VSOCK_MAX}")
+        values.append(value)
+    cid, port = values
+    return UpstreamAddress(text, socket.AF_VSOCK, cid_text, port, (cid, port))
 
 
 def parse_listen(text: str) -> ListenAddress:
@@ -105,12 +146,43 @@ def parse_listen(text: str) -> ListenAddress:
     )
 
 
+def parse_metrics(text: str) -> ListenAddress:
+    """Parse a --metrics value: IPV4:PORT, [IPV6]:PORT, /path or @name.
+
+    Unlike --listen, no bare PORT (it would listen on every interface) and no NAME=.
+    """
+    _refuse_nul(text, "metrics address")
+    if not text:
+        raise UsageError("invalid metrics address '': empty address")
+    if text[0] in "/@":
+        path = _unix_sockaddr(text, "metrics address")
+        return ListenAddress(text, "metrics", socket.AF_UNIX, path, False)
+    if text.isdigit():
+        raise UsageError(
+            f"invalid metrics address '{text}': give the address to listen on too, "
+            f"as in 127.0.0.1:{text} (a bare port would listen on every interface)"
+        )
+    host, port_text = _split_host_port(text, "metrics address", default_port=None)
+    port = _parse_port(port_text, text, "metrics address")
+    if host.startswith("["):
+        ipv6 = _parse_ipv6_literal(host, text, "metrics address")
+        return ListenAddress(text, "metrics", socket.AF_INET6, (ipv6, port, 0, 0), False)
+    if _is_ipv4(host):
+        return ListenAddress(text, "metrics", socket.AF_INET, (host, port), False)
+    raise UsageError(
+        f"invalid metrics address '{text}': '{host}' is not an IP address "
+        "(write IPV4:PORT, [IPV6]:PORT, /path or @name)"
+    )
+
+
 def format_sockaddr(family: int, sockaddr: object) -> str:
     """A peer or local address as an operator reads it: 1.2.3.4:80, [::1]:80, /path, @name."""
     if family == socket.AF_INET and isinstance(sockaddr, tuple):
         return f"{sockaddr[0]}:{sockaddr[1]}"
     if family == socket.AF_INET6 and isinstance(sockaddr, tuple):
         return f"[{sockaddr[0]}]:{sockaddr[1]}"
+    if family == socket.AF_VSOCK and isinstance(sockaddr, tuple):
+        return f"vsock:{sockaddr[0]}:{sockaddr[1]}"
     if isinstance(sockaddr, bytes):
         sockaddr = sockaddr.decode("utf-8", "backslashreplace")
     if isinstance(sockaddr, str):

@@ -36,6 +36,7 @@ _SEM_UNDO = 0x1000
 SEMVMX = 32767
 
 NO_TOKEN = -1
+GONE = -2  # wait_acquire: the set was removed (the group is stopping)
 
 
 class _SemBuf(ctypes.Structure):
@@ -46,6 +47,10 @@ class _SemBuf(ctypes.Structure):
     )
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _semget = _libc.semget
 _semget.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
@@ -54,6 +59,14 @@ _semop = _libc.semop
 _semop.argtypes = (ctypes.c_int, ctypes.POINTER(_SemBuf), ctypes.c_size_t)
 _semop.restype = ctypes.c_int
 _semctl = _libc.semctl  # variadic: arguments passed as explicit ctypes ints
+_semtimedop = _libc.semtimedop
+_semtimedop.argtypes = (
+    ctypes.c_int,
+    ctypes.POINTER(_SemBuf),
+    ctypes.c_size_t,
+    ctypes.POINTER(_Timespec),
+)
+_semtimedop.restype = ctypes.c_int
 _semctl.restype = ctypes.c_int
 
 
@@ -109,6 +122,26 @@ class Admission:
             else:
                 return index
         return NO_TOKEN
+
+    def wait_acquire(self, timeout: float) -> int:
+        """Block up to `timeout` seconds for a unit (--on-limit=queue's helper thread):
+        a token, NO_TOKEN when the time ran out, or GONE once the set is removed.
+
+        Waits on this process's own semaphore (see `spread_from`); on a timeout it also
+        looks once at every other one, so capacity freed anywhere is found. ctypes
+        releases the GIL for the wait. The same guarantee as `try_acquire`.
+        """
+        index = self._start
+        take = _SemBuf(index, -1, _SEM_UNDO)
+        limit = _Timespec(int(timeout), int(timeout % 1 * 1e9))
+        while _semtimedop(self._semid, ctypes.byref(take), 1, ctypes.byref(limit)) < 0:
+            code = ctypes.get_errno()
+            if code == errno.EINTR:
+                continue
+            if code == errno.EAGAIN:
+                return self.try_acquire()
+            return GONE
+        return index
 
     def release(self, token: int) -> None:
         """Give back the capacity `token` stands for."""

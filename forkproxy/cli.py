@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn
 
 from forkproxy import __version__
-from forkproxy.address import parse_listen, parse_upstream
+from forkproxy.address import parse_listen, parse_metrics, parse_upstream
 from forkproxy.config import (
     DEFAULT_CONNECTIONS_MAX,
     DEFAULT_GRACEFUL_TIMEOUT,
@@ -22,12 +22,14 @@ from forkproxy.config import (
     default_workers,
 )
 from forkproxy.errors import ForkproxyError, UsageError
+from forkproxy.relay_args import add_relay_arguments, attach_optional_values, relay_settings
 from forkproxy.timespan import format_timespan, parse_timespan
 
 EXIT_FAILURE = 1
 
 _USAGE = """forkproxy [OPTIONS...] HOST:PORT
-       forkproxy [OPTIONS...] UNIX-DOMAIN-SOCKET-PATH"""
+       forkproxy [OPTIONS...] UNIX-DOMAIN-SOCKET-PATH
+       forkproxy [OPTIONS...] TARGET TARGET...   (round-robin, skipping failed ones)"""
 _DESCRIPTION = "Bidirectionally proxy local sockets to another (possibly remote) socket."
 _EPILOG = f"""\
 Sockets come from systemd (sd_listen_fds(3): LISTEN_FDS, LISTEN_FDNAMES) or, when none
@@ -93,7 +95,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket-mode",
         metavar="MODE",
-        help="file mode of unix sockets created by --listen (octal, default 0666)",
+        help="file mode of unix sockets created by --listen and --metrics (octal, default 0666)",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics and a health check at http://ADDR/metrics and "
+        "/healthz (IPV4:PORT, [IPV6]:PORT, /path, @name; keep it on loopback); a passed "
+        "socket named 'metrics' is used instead",
     )
     parser.add_argument(
         "--graceful-timeout",
@@ -111,17 +120,22 @@ def _build_parser() -> argparse.ArgumentParser:
         default="info",
         help="least important messages to log (default info)",
     )
+    parser.add_argument(
+        "--inetd",
+        action="store_true",
+        help="relay the one connection on standard input (StandardInput=socket), then exit",
+    )
+    add_relay_arguments(parser)  # issue 6
     parser.add_argument("--version", action="version", version=f"forkproxy {__version__}")
     return parser
 
 
 def parse_args(argv: list[str]) -> Config:
     """Turn argv (without the program name) into a Config; raise UsageError if bad."""
-    args = _build_parser().parse_intermixed_args(argv)
+    parser = _build_parser()
+    args = parser.parse_intermixed_args(attach_optional_values(argv, parser))
     if not args.targets:
         raise UsageError("missing target: give HOST:PORT or a unix socket path (see --help)")
-    if len(args.targets) > 1:
-        raise UsageError(f"too many targets: {' '.join(args.targets)} (give exactly one)")
     return Config(
         targets=tuple(parse_upstream(text) for text in args.targets),
         connections_max=_count(args.connections_max, "--connections-max", DEFAULT_CONNECTIONS_MAX),
@@ -134,6 +148,9 @@ def parse_args(argv: list[str]) -> Config:
         ),
         worker_timeout=_span(args.worker_timeout, "--worker-timeout", DEFAULT_WORKER_TIMEOUT),
         log_level=args.log_level,
+        inetd=args.inetd,
+        metrics=None if args.metrics is None else parse_metrics(args.metrics),
+        **relay_settings(args),  # issue 6
     )
 
 

@@ -28,7 +28,11 @@ from forkproxy.admission import Admission
 from forkproxy.config import MAX_WORKERS, Config
 from forkproxy.errors import ForkproxyError
 from forkproxy.listeners import bind_listener, close_listeners
+from forkproxy.metrics import METRICS_FD_NAME, MetricsEndpoint, open_metrics
 from forkproxy.notify import Notifier, watchdog_interval
+from forkproxy.oneshot import INETD_FD, is_connection, relay_connection
+from forkproxy.per_source import SourceLimit, entries_for
+from forkproxy.relay import check_pipe_size
 from forkproxy.scoreboard import (
     HEARTBEAT_NS,
     LAST_ACTIVITY_NS,
@@ -38,6 +42,7 @@ from forkproxy.scoreboard import (
     Scoreboard,
     SlotState,
 )
+from forkproxy.targets import check_routes
 from forkproxy.timespan import format_timespan
 from forkproxy.worker import (
     EVENT_FORMAT,
@@ -99,9 +104,19 @@ class WorkerProcess:
 
 
 def run(config: Config) -> int:
-    """Run the master until it stops; return the process exit status."""
+    """Run forkproxy until it stops; return the process exit status."""
     logs.setup(config.log_level)
-    master = Master(config)
+    if config.inetd:
+        # StandardInput=socket: a connection (Accept=yes) or a listener (Accept=no).
+        if is_connection(INETD_FD):
+            return relay_connection(config, INETD_FD, "standard input (--inetd)")
+        passed = [(INETD_FD, "unknown")]
+    else:
+        passed = passed_fds()
+    if len(passed) == 1 and is_connection(passed[0][0]):
+        # Accept=yes: systemd accepted the client and passed the connection itself.
+        return relay_connection(config, passed[0][0], f"fd {passed[0][0]} from systemd")
+    master = Master(config, passed)
     try:
         return master.run()
     finally:
@@ -109,8 +124,9 @@ def run(config: Config) -> int:
 
 
 class Master:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, passed: list[tuple[int, str]]) -> None:
         self.config = config
+        self.passed = passed  # (fd, name) from systemd, see activation.passed_fds
         self.listeners: list[Listener] = []
         self.workers: dict[int, WorkerProcess] = {}  # by pid
         self.respawn_at: dict[int, float] = {}  # slot -> when to start its replacement
@@ -131,8 +147,12 @@ class Master:
         self.selector: selectors.BaseSelector | None = None
         self.scoreboard: Scoreboard | None = None
         self.admission: Admission | None = None
+        self.per_source: SourceLimit | None = None  # issue 6: --max-connections-per-source
         self.wakeup: tuple[socket.socket, socket.socket] | None = None
         self.events: tuple[int, int] | None = None
+        # Issue 4: metrics sockets (the master's own: workers close them) and their responder.
+        self.metrics_listeners: list[Listener] = []
+        self.metrics: MetricsEndpoint | None = None
         self.notifier = Notifier()
         self.watchdog_interval = watchdog_interval()
         self.heartbeat_interval = config.heartbeat_interval
@@ -153,6 +173,11 @@ class Master:
     def _setup(self) -> None:
         fd_limit = _raise_fd_limit()
         self.listeners = self._open_listeners()
+        # Issue 4: --metrics is bound only if systemd passed no socket named "metrics".
+        if self.config.metrics is not None and self.metrics_listeners:
+            log.info("systemd passed a '%s' socket: ignoring --metrics", METRICS_FD_NAME)
+        elif self.config.metrics is not None:
+            self.metrics_listeners = [bind_listener(self.config.metrics, self.config.socket_mode)]
         needed = 2 * self.config.connections_max + FD_RESERVE
         if needed > fd_limit:
             log.warning(
@@ -165,6 +190,13 @@ class Master:
             )
         self.scoreboard = Scoreboard(2 * MAX_WORKERS)
         self.admission = Admission(self.config.connections_max)
+        # Issue 6: what can only be checked with the listeners and the kernel at hand.
+        check_routes(self.config.routes, self.listeners)
+        check_pipe_size(self.config.pipe_size)
+        if self.config.max_connections_per_source:
+            self.per_source = SourceLimit(
+                self.config.max_connections_per_source, entries_for(self.config.connections_max)
+            )
         self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = socket.socketpair()
         for end in self.wakeup:
@@ -172,13 +204,22 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup[0], selectors.EVENT_READ, self._on_wakeup)
         self.selector.register(self.events[0], selectors.EVENT_READ, self._on_worker_events)
+        # Issue 4: metrics are served from this loop (None without a metrics socket).
+        self.metrics = open_metrics(
+            self.metrics_listeners, self.selector, self, self.scoreboard, self.admission
+        )
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:
             signal.signal(signum, _ignore_signal)
         setproctitle(f"forkproxy: master {self.config.target.text}")
 
     def _open_listeners(self) -> list[Listener]:
-        passed = passed_fds()
+        passed = self.passed
+        # Issue 4: a passed socket named "metrics" serves metrics and is never proxied.
+        self.metrics_listeners = [
+            adopt_listener(fd, name) for fd, name in passed if name == METRICS_FD_NAME
+        ]
+        passed = [(fd, name) for fd, name in passed if name != METRICS_FD_NAME]
         if passed:
             if self.config.listen:
                 log.info("systemd passed %d sockets: ignoring --listen", len(passed))
@@ -204,7 +245,7 @@ class Master:
         log.info(
             "relaying %s to %s with %d workers, at most %d connections",
             ", ".join(listener.label for listener in self.listeners),
-            self.config.target.text,
+            ", ".join(target.text for target in self.config.targets),
             self.target_workers,
             self.config.connections_max,
         )
@@ -232,8 +273,14 @@ class Master:
             for fd in self.events:
                 os.close(fd)
         close_listeners(self.listeners)
+        if self.metrics is not None:  # issue 4: its clients, then the metrics listeners
+            self.metrics.close()
+        close_listeners(self.metrics_listeners)
         if self.admission is not None:
             self.admission.remove()
+        if self.per_source is not None:  # issue 6
+            self.per_source.remove()
+            self.per_source.close()
         if self.scoreboard is not None:
             self.scoreboard.close()
         self.notifier.close()
@@ -276,10 +323,14 @@ class Master:
             deadlines.append(self.next_watchdog)
         if self.notifier.enabled:
             deadlines.append(self.next_status)
+        if self.metrics is not None:  # issue 4: metrics clients' deadlines
+            deadlines.append(self.metrics.next_deadline())
         return min(deadlines)
 
     def _run_deadlines(self) -> None:
         now = time.monotonic()
+        if self.metrics is not None:  # issue 4: drop metrics clients past their deadline
+            self.metrics.run_deadlines(now)
         if now >= self.shutdown_deadline:
             self._kill_all("graceful timeout passed")
             self.shutdown_deadline = math.inf
@@ -333,6 +384,7 @@ class Master:
             events_fd=self.events[1],
             master_pid=os.getpid(),
             heartbeat_interval=self.heartbeat_interval,
+            per_source=self.per_source,
         )
         # Signals stay blocked across fork: a signal for the new worker must neither run
         # the master's handler in it (which would report it on the master's wakeup fd) nor
@@ -368,6 +420,10 @@ class Master:
             end.close()
         os.close(self.events[0])
         self.notifier.close()
+        if self.metrics is not None:  # issue 4: the metrics sockets are the master's
+            self.metrics.close()
+        for listener in self.metrics_listeners:
+            listener.sock.close()  # our copy only: never unlink the master's socket file
 
     def reap(self) -> None:
         while True:

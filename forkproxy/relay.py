@@ -10,8 +10,10 @@ to the destination at once; only when the destination cannot take everything is 
 writer registered, and only when the pipe is full does reading pause (exact
 backpressure, no busy loop). EOF from a source is passed on as shutdown(SHUT_WR) of the
 destination once the pipe has drained, and the other direction keeps going until it
-ends too. A reset or error on either side closes both. Never accepts, admits or logs
-above debug.
+ends too. A reset or error on either side closes both. With --idle-timeout the
+directions are `IdleDirection`s, which flag the relay `active` on every read for the
+worker's sweep to see; without it nothing is done per event for it. Never accepts, admits
+or logs above debug.
 """
 
 import errno
@@ -20,6 +22,8 @@ import os
 import socket
 from collections.abc import Callable
 from typing import Protocol
+
+from forkproxy.errors import ForkproxyError
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
@@ -252,6 +256,16 @@ class Direction:
             self.pending = 0
 
 
+class IdleDirection(Direction):
+    """A Direction that marks its relay active on each read (--idle-timeout)."""
+
+    __slots__ = ()
+
+    def _on_readable(self) -> None:
+        self.relay.active = True
+        Direction._on_readable(self)
+
+
 class Relay:
     """A connected client and upstream, relayed both ways until both ends are done.
 
@@ -272,6 +286,9 @@ class Relay:
         "started",
         "peer",
         "error",
+        "source_token",
+        "active",
+        "quiet_since",
     )
 
     def __init__(
@@ -284,6 +301,7 @@ class Relay:
         to_upstream_field: int,
         to_client_field: int,
         on_close: Callable[["Relay"], None],
+        direction: type[Direction] = Direction,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -295,8 +313,13 @@ class Relay:
         self.started = 0.0  # when the client was accepted; set by the worker
         self.peer: object = None  # the client's address, for logs; set by the worker
         self.error: OSError | None = None  # what ended the connection, if not a clean EOF
-        self.client_to_upstream = Direction(self, client, upstream, counters, to_upstream_field)
-        self.upstream_to_client = Direction(self, upstream, client, counters, to_client_field)
+        self.source_token = -1  # the per-source admission held, if any; set by the worker
+        # --idle-timeout: an IdleDirection sets `active` on a read; the worker's sweep
+        # clears it and keeps `quiet_since`, when it last found the relay inactive.
+        self.active = False
+        self.quiet_since = 0.0
+        self.client_to_upstream = direction(self, client, upstream, counters, to_upstream_field)
+        self.upstream_to_client = direction(self, upstream, client, counters, to_client_field)
 
     def start(self) -> None:
         self.client_to_upstream.start()
@@ -330,3 +353,18 @@ class EventLoop(Protocol):
     def remove_reader(self, fd: int) -> object: ...
     def add_writer(self, fd: int, callback: Callable[[], None]) -> object: ...
     def remove_writer(self, fd: int) -> object: ...
+
+
+def check_pipe_size(size: int) -> None:
+    """ForkproxyError if this process cannot make pipes of `size` bytes (--pipe-size)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError as error:
+        raise ForkproxyError(
+            f"cannot make pipes of --pipe-size={size}: {error.strerror} (without "
+            "CAP_SYS_RESOURCE the most is /proc/sys/fs/pipe-max-size)"
+        ) from None
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)

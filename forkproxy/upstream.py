@@ -2,19 +2,46 @@
 
 A numeric target is connected at once; a host name is resolved off the loop (the
 loop's getaddrinfo) on every connection, as systemd-socket-proxyd does, and each address
-it yields is tried in turn until one connects. Never relays and never logs: the outcome
+it yields is tried in turn until one connects. Each address gets --connect-timeout, which
+the worker's sweep enforces through `expire` (no timer per connection), and TCP sockets
+get their options before connect(). Never relays and never logs: the outcome
 goes to the caller's `on_connected(sock)` or `on_failed(error)`, exactly one of them.
 """
 
 import asyncio
 import errno
+import math
 import socket
+import time
 from collections.abc import Callable
 from os import strerror
 
 from forkproxy.address import SockAddr, UpstreamAddress
 
 _CONNECTING_ERRNOS = frozenset({errno.EINPROGRESS})
+TCP_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
+_monotonic = time.monotonic
+
+SocketOptions = tuple[tuple[int, int, int], ...]  # (level, option, value) for setsockopt(2)
+
+
+def set_socket_options(sock: socket.socket, options: SocketOptions) -> None:
+    """Apply `options` to a TCP socket; OSError if the kernel refuses one."""
+    setsockopt = sock.setsockopt
+    for level, option, value in options:
+        setsockopt(level, option, value)
+
+
+def send_proxy_header(upstream: socket.socket, header: bytes) -> None:
+    """Send a PROXY protocol header in one send(2), before any relayed byte.
+
+    nginx reads the header from its first read and rejects one split across segments,
+    so a short send is an error, not something to finish later. A new connection's
+    send buffer is empty, so it takes the whole header (at most 232 bytes) at once.
+    """
+    sent = upstream.send(header)
+    if sent != len(header):
+        raise OSError(errno.EMSGSIZE, f"sent {sent} of {len(header)} bytes")
 
 
 class UpstreamConnect:
@@ -31,6 +58,9 @@ class UpstreamConnect:
         "_error",
         "_task",
         "_finished",
+        "_timeout",
+        "_options",
+        "deadline",
     )
 
     def __init__(
@@ -39,6 +69,8 @@ class UpstreamConnect:
         target: UpstreamAddress,
         on_connected: Callable[[socket.socket], None],
         on_failed: Callable[[OSError], None],
+        timeout: float = math.inf,
+        options: SocketOptions = (),
     ) -> None:
         self._loop = loop
         self._target = target
@@ -50,10 +82,14 @@ class UpstreamConnect:
         self._error: OSError | None = None
         self._task: asyncio.Task[None] | None = None
         self._finished = False
+        self._timeout = timeout  # per address tried, resolving included
+        self._options = options  # for TCP sockets only
+        self.deadline = math.inf  # when the step under way (resolve, connect) times out
 
     def start(self) -> None:
         target = self._target
         if target.needs_resolving:
+            self.deadline = _monotonic() + self._timeout
             self._task = self._loop.create_task(self._resolve())
         else:
             assert target.sockaddr is not None
@@ -66,6 +102,24 @@ class UpstreamConnect:
         if self._task is not None:
             self._task.cancel()
         self._drop_socket()
+
+    def expire(self, now: float) -> bool:
+        """Past the deadline: give up the step under way as timed out (ETIMEDOUT) and go
+        on with the next address, or fail. Returns whether the deadline had passed."""
+        if self._finished or now < self.deadline:
+            return False
+        self.deadline = math.inf
+        error = OSError(errno.ETIMEDOUT, strerror(errno.ETIMEDOUT))
+        task = self._task
+        if task is not None:  # still resolving
+            self._task = None
+            task.cancel()
+            self._fail(error)
+            return True
+        self._drop_socket()
+        self._error = error
+        self._try_next()
+        return True
 
     async def _resolve(self) -> None:
         target = self._target
@@ -93,12 +147,20 @@ class UpstreamConnect:
             except OSError as error:
                 self._error = error
                 continue
+            if self._options and family in TCP_FAMILIES:
+                try:
+                    set_socket_options(sock, self._options)
+                except OSError as error:
+                    sock.close()
+                    self._error = error
+                    continue
             code = sock.connect_ex(sockaddr)
             if code == 0:
                 self._succeed(sock)
                 return
             if code in _CONNECTING_ERRNOS:
                 self._sock = sock
+                self.deadline = _monotonic() + self._timeout
                 self._loop.add_writer(sock.fileno(), self._on_writable)
                 return
             sock.close()

@@ -5,18 +5,21 @@ bounded batches from the listeners it inherited, admits each client through the 
 `Admission` (or refuses it: accepted and closed at once, nothing sent upstream), opens
 the upstream connection and hands both sockets to a `Relay`. On SIGTERM it stops
 accepting and lets open connections finish until the graceful timeout. It exits by
-itself if its master dies. Never forks.
+itself if its master dies. Never forks. The relay options (issue 6) cost nothing per
+connection while off: their per-worker parts are built once in `_setup_relay_options`.
 """
 
 import ctypes
 import errno
 import logging
+import math
 import os
 import signal
 import socket
 import struct
 import time
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import uvloop
@@ -24,10 +27,14 @@ from setproctitle import setproctitle
 
 from forkproxy import logs
 from forkproxy.activation import Listener
-from forkproxy.address import format_sockaddr
+from forkproxy.address import UpstreamAddress, format_sockaddr
 from forkproxy.admission import NO_TOKEN, Admission
+from forkproxy.capacity_wait import CapacityWaiter
 from forkproxy.config import Config
-from forkproxy.relay import PEER_GONE_ERRNOS, PipePool, Relay
+from forkproxy.options import ON_LIMIT_QUEUE, tcp_socket_options
+from forkproxy.per_source import BUSY, SourceLimit, source_key
+from forkproxy.proxy_protocol import HeaderEncoder, header_encoder
+from forkproxy.relay import PEER_GONE_ERRNOS, Direction, IdleDirection, PipePool, Relay
 from forkproxy.scoreboard import (
     ACCEPTED,
     ACTIVE,
@@ -49,7 +56,15 @@ from forkproxy.scoreboard import (
     Scoreboard,
     SlotState,
 )
-from forkproxy.upstream import UpstreamConnect
+from forkproxy.targets import COOLDOWN, FailoverConnect, TargetGroup, route_groups
+from forkproxy.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
+from forkproxy.upstream import (
+    TCP_FAMILIES,
+    SocketOptions,
+    UpstreamConnect,
+    send_proxy_header,
+    set_socket_options,
+)
 
 log = logging.getLogger("forkproxy")
 
@@ -70,7 +85,6 @@ MASTER_DEATH_SIGNAL = signal.SIGUSR2
 ACCEPT_BATCH = 32  # accepts per wakeup: bounded, so one busy listener cannot starve the rest
 ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
 PIPE_POOL_KEEP = 64  # empty pipes a worker keeps for reuse
-PIPE_SIZE = 0  # 0: the kernel's default pipe size
 
 _PR_SET_PDEATHSIG = 1
 # Fault injection for tests: FORKPROXY_FAILPOINT=worker-crash makes every worker crash at
@@ -91,6 +105,7 @@ class WorkerSpec:
     events_fd: int
     master_pid: int
     heartbeat_interval: float
+    per_source: SourceLimit | None = None  # --max-connections-per-source; the master's
 
 
 def run_worker(spec: WorkerSpec) -> int:
@@ -107,18 +122,42 @@ def run_worker(spec: WorkerSpec) -> int:
     return worker.run()
 
 
+class _ListenerPlan:
+    """What a worker does with the clients of one listener, worked out once."""
+
+    __slots__ = ("listener", "family", "group", "client_options")
+
+    def __init__(
+        self, listener: Listener, group: TargetGroup, client_options: SocketOptions
+    ) -> None:
+        self.listener = listener
+        self.family = listener.sock.family
+        self.group = group  # where its clients go (--route, else the positional targets)
+        self.client_options = client_options  # setsockopt(2) on each client: TCP only
+
+
 class _PendingClient:
     """An admitted client while its upstream connection is being opened."""
 
-    __slots__ = ("worker", "client", "token", "started", "peer", "connect")
+    __slots__ = ("worker", "client", "token", "started", "peer", "connect", "group", "source_token")
 
-    def __init__(self, worker: "Worker", client: socket.socket, token: int, peer: object) -> None:
+    def __init__(
+        self,
+        worker: "Worker",
+        client: socket.socket,
+        token: int,
+        peer: object,
+        group: TargetGroup,
+        source_token: int,
+    ) -> None:
         self.worker = worker
         self.client = client
         self.token = token
         self.started = time.monotonic()
         self.peer = peer
-        self.connect: UpstreamConnect | None = None
+        self.connect: UpstreamConnect | FailoverConnect | None = None
+        self.group = group
+        self.source_token = source_token  # the per-source unit held, or -1
 
     def on_connected(self, upstream: socket.socket) -> None:
         self.worker.on_upstream_connected(self, upstream)
@@ -136,7 +175,7 @@ class Worker:
         self.admission.spread_from(spec.slot)
         self.slot = spec.scoreboard.slot(spec.slot)
         self.listeners = spec.listeners
-        self.pool = PipePool(PIPE_SIZE, PIPE_POOL_KEEP)
+        self.pool = PipePool(spec.config.pipe_size, PIPE_POOL_KEEP)
         self.pending: set[_PendingClient] = set()
         self.relays: set[Relay] = set()
         self.draining = False
@@ -151,6 +190,49 @@ class Worker:
         self.loop = uvloop.new_event_loop()
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
+        self._setup_relay_options(spec)
+
+    def _setup_relay_options(self, spec: WorkerSpec) -> None:
+        """Issue 6: each relay option's per-worker part; None or empty while it is off."""
+        config = spec.config
+        tcp_options = tcp_socket_options(config.nodelay, config.keepalive)
+        self.target_failures = logs.RateLimitedLog(log, logging.WARNING)
+
+        def make_group(targets: Sequence[UpstreamAddress]) -> TargetGroup:
+            return TargetGroup(targets, config.connect_timeout, tcp_options, self._on_target_failed)
+
+        groups = route_groups(self.listeners, config.targets, config.routes, make_group)
+        self.plans = {
+            listener.fd: _ListenerPlan(
+                listener,
+                groups[listener.fd],
+                tcp_options if listener.sock.family in TCP_FAMILIES else (),
+            )
+            for listener in self.listeners
+        }
+        self.proxy_header: HeaderEncoder | None = None
+        if config.proxy_protocol:
+            self.proxy_header = header_encoder(1 if config.proxy_protocol == 1 else 2)
+        self.per_source = spec.per_source
+        self.source_refusals = logs.RateLimitedLog(log, logging.WARNING)
+        self.direction: type[Direction] = Direction
+        self.idle_sweep: LazySweep | None = None
+        if config.idle_timeout != math.inf:
+            self.direction = IdleDirection
+            self.idle_sweep = LazySweep(
+                self.loop, sweep_interval(config.idle_timeout), self.relays, self._sweep_idle
+            )
+        self.connect_sweep: LazySweep | None = None
+        if config.connect_timeout != math.inf:
+            self.connect_sweep = LazySweep(
+                self.loop,
+                sweep_interval(config.connect_timeout),
+                self.pending,
+                self._sweep_connects,
+            )
+        self.queue_on_limit = config.on_limit == ON_LIMIT_QUEUE
+        self.held: tuple[int, object, _ListenerPlan] | None = None  # queue: fd, peer, plan
+        self.waiter: CapacityWaiter | None = None  # queue: started when first needed
 
     @staticmethod
     def _reset_signals() -> None:
@@ -196,6 +278,7 @@ class Worker:
     def on_listener_readable(self, listener: Listener) -> None:
         accept = listener.sock._accept  # type: ignore[attr-defined]  # fd, no socket object
         family = listener.sock.family
+        plan = self.plans[listener.fd]
         admission = self.admission
         slot = self.slot
         for _ in range(ACCEPT_BATCH):
@@ -209,20 +292,87 @@ class Worker:
                 self._on_accept_error(error, listener)
                 return
             token = admission.try_acquire()
+            if token == NO_TOKEN and self.queue_on_limit:
+                self._hold(fd, peer, plan)
+                return
             if token == NO_TOKEN:
+                slot[REFUSED] += 1  # before the close: a kill between them must not hide it
                 os.close(fd)
-                slot[REFUSED] += 1
                 self.refusals.log(
                     "connection cap %d reached, refusing connection from %s",
                     self.config.connections_max,
                     format_sockaddr(family, peer),
                 )
                 continue
-            slot[ACCEPTED] += 1
-            slot[ACTIVE] += 1
-            client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            client.setblocking(False)
-            self._connect(client, token, peer)
+            self._admit(fd, peer, plan, token)
+
+    def _admit(self, fd: int, peer: object, plan: _ListenerPlan, token: int) -> None:
+        """A client holding a global token: check its source, then connect it upstream."""
+        family = plan.family
+        source_token = -1
+        per_source = self.per_source
+        if per_source is not None:
+            key = source_key(family, peer)
+            if key is not None:
+                source_token = per_source.try_acquire(key)
+                if source_token < 0:
+                    self._refuse_source(fd, family, peer, token, source_token)
+                    return
+        slot = self.slot
+        slot[ACCEPTED] += 1
+        slot[ACTIVE] += 1
+        client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        client.setblocking(False)
+        if plan.client_options:
+            try:
+                set_socket_options(client, plan.client_options)
+            except OSError:
+                pass  # the client is gone already: its relay will find out
+        self._connect(client, token, peer, plan.group, source_token)
+
+    def _refuse_source(self, fd: int, family: int, peer: object, token: int, why: int) -> None:
+        self.slot[REFUSED] += 1
+        os.close(fd)
+        self.admission.release(token)
+        assert self.per_source is not None
+        if why == BUSY:
+            self.source_refusals.log(
+                "per-source connection table busy, refusing connection from %s",
+                format_sockaddr(family, peer),
+            )
+        else:
+            self.source_refusals.log(
+                "connection limit %d per source reached, refusing connection from %s",
+                self.per_source.per_source,
+                format_sockaddr(family, peer),
+            )
+
+    # -- --on-limit=queue ----------------------------------------------------------------
+
+    def _hold(self, fd: int, peer: object, plan: _ListenerPlan) -> None:
+        """At the cap in queue mode: keep this client, stop accepting so the next ones wait
+        in the listen backlog, and wait for capacity (why a thread: capacity_wait.py)."""
+        if self.held is not None:  # not reached: accepting stops while a client is held
+            self.slot[REFUSED] += 1
+            os.close(fd)
+            return
+        self.held = (fd, peer, plan)
+        self._stop_accepting()
+        if self.waiter is None:
+            self.waiter = CapacityWaiter(self.admission, self.loop, self.on_capacity)
+        self.waiter.request()
+
+    def on_capacity(self, token: int) -> None:
+        """The helper thread took a unit of capacity for us: serve the held client."""
+        held = self.held
+        if held is None:  # closed by the graceful timeout meanwhile
+            self.admission.release(token)
+            return
+        self.held = None
+        fd, peer, plan = held
+        self._admit(fd, peer, plan, token)
+        if not self.draining:
+            self._start_accepting()
 
     def _on_accept_error(self, error: OSError, listener: Listener) -> None:
         if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -234,23 +384,49 @@ class Worker:
                 error.strerror,
                 ACCEPT_PAUSE,
             )
-            self._stop_accepting()
-            self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+            self._pause_accepting()
         elif error.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
             self.accept_failures.log("cannot accept on %s: %s, ignoring", listener.label, error)
 
+    def _pause_accepting(self) -> None:
+        """Leave clients in the backlog for ACCEPT_PAUSE (one timer however often asked)."""
+        if self.accepting:
+            self._stop_accepting()
+            self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
     def _resume_accepting(self) -> None:
-        if not self.draining and not self.accepting:
+        if not self.draining and not self.accepting and self.held is None:
             self._start_accepting()
 
     # -- connecting ----------------------------------------------------------------------
 
-    def _connect(self, client: socket.socket, token: int, peer: object) -> None:
-        pending = _PendingClient(self, client, token, peer)
-        connect = UpstreamConnect(self.loop, self.target, pending.on_connected, pending.on_failed)
-        pending.connect = connect
+    def _connect(
+        self,
+        client: socket.socket,
+        token: int,
+        peer: object,
+        group: TargetGroup,
+        source_token: int,
+    ) -> None:
+        pending = _PendingClient(self, client, token, peer, group, source_token)
         self.pending.add(pending)
-        connect.start()
+        pending.connect = group.connect(self.loop, pending.on_connected, pending.on_failed)
+        sweep = self.connect_sweep
+        if sweep is not None and not sweep.armed:
+            sweep.arm()
+
+    def _sweep_connects(self, now: float) -> None:
+        sweep_connects([p.connect for p in self.pending if p.connect is not None], now)
+
+    def _on_target_failed(self, target: UpstreamAddress, error: OSError, newly: bool) -> None:
+        if newly:
+            self.target_failures.log(
+                "cannot connect to upstream '%s': %s; trying the other targets, and it only "
+                "after them for %gs",
+                target.text,
+                error.strerror or error,
+                COOLDOWN,
+            )
 
     def on_upstream_connected(self, pending: _PendingClient, upstream: socket.socket) -> None:
         self.pending.discard(pending)
@@ -262,6 +438,8 @@ class Worker:
             CONNECT_DURATION_SUM_NS,
             time.monotonic() - pending.started,
         )
+        if self.proxy_header is not None and not self._send_proxy_header(pending, upstream):
+            return
         relay = Relay(
             self.loop,
             self.pool,
@@ -271,24 +449,66 @@ class Worker:
             BYTES_TO_UPSTREAM,
             BYTES_TO_CLIENT,
             self.on_relay_closed,
+            self.direction,
         )
         relay.token = pending.token
+        relay.source_token = pending.source_token
         relay.started = pending.started
         relay.peer = pending.peer
         self.relays.add(relay)
+        idle_sweep = self.idle_sweep
+        if idle_sweep is not None:
+            relay.quiet_since = time.monotonic()
+            idle_sweep.arm()
         relay.start()
 
+    def _send_proxy_header(self, pending: _PendingClient, upstream: socket.socket) -> bool:
+        """--proxy-protocol: the header first, in one send(2); False if that failed."""
+        assert self.proxy_header is not None
+        client = pending.client
+        family = client.family
+        try:
+            local = client.getsockname() if family in TCP_FAMILIES else None
+            send_proxy_header(upstream, self.proxy_header(pending.peer, local, family))
+        except OSError as error:
+            upstream.close()
+            reason = f"sending the PROXY protocol header: {error.strerror or error}"
+            self.on_upstream_failed(pending, OSError(error.errno, reason))
+            return False
+        return True
+
+    def _sweep_idle(self, now: float) -> None:
+        sweep_idle(self.relays, now, self.config.idle_timeout)
+
     def on_upstream_failed(self, pending: _PendingClient, error: OSError) -> None:
+        if error.errno in (errno.EMFILE, errno.ENFILE) and not self.draining:
+            # Issue 8: socket() found no free descriptor. Closing this client and going on
+            # accepting would drop every client in the backlog at full speed; keep it, leave
+            # the rest in the backlog, and try again once descriptors may be free.
+            self.accept_failures.log(
+                "cannot open a connection to upstream %s: %s; pausing accepts for %gs",
+                pending.group.label,
+                error.strerror or error,
+                ACCEPT_PAUSE,
+            )
+            self._pause_accepting()
+            self.loop.call_later(ACCEPT_PAUSE, self._retry_connect, pending)
+            return
         self.pending.discard(pending)
         self.slot[CONNECT_ERRORS] += 1
         self.connect_failures.log(
-            "cannot connect to upstream '%s' for %s: %s, closing connection",
-            self.target.text,
+            "cannot connect to upstream %s for %s: %s, closing connection",
+            pending.group.label,
             format_sockaddr(pending.client.family, pending.peer),
             error.strerror or error,
         )
         pending.client.close()
-        self._connection_ended(pending.token)
+        self._connection_ended(pending.token, pending.source_token)
+
+    def _retry_connect(self, pending: _PendingClient) -> None:
+        if pending not in self.pending:
+            return  # closed meanwhile by the graceful timeout
+        pending.connect = pending.group.connect(self.loop, pending.on_connected, pending.on_failed)
 
     # -- closing -------------------------------------------------------------------------
 
@@ -308,17 +528,19 @@ class Worker:
             CONNECTION_DURATION_SUM_NS,
             time.monotonic() - relay.started,
         )
-        self._connection_ended(relay.token)
+        self._connection_ended(relay.token, relay.source_token)
 
-    def _connection_ended(self, token: int) -> None:
+    def _connection_ended(self, token: int, source_token: int = -1) -> None:
         self.admission.release(token)
+        if source_token >= 0 and self.per_source is not None:
+            self.per_source.release(source_token)
         slot = self.slot
         slot[ACTIVE] -= 1
         slot[CLOSED] += 1
         slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
         if self.report_idle and slot[ACTIVE] == 0:
             self._send_event(EVENT_IDLE)
-        if self.draining and not self.relays and not self.pending:
+        if self.draining and not self.relays and not self.pending and self.held is None:
             self.loop.stop()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -334,6 +556,8 @@ class Worker:
             return
         log.warning("master process %d is gone, exiting", self.spec.master_pid)
         self.admission.remove()
+        if self.per_source is not None:
+            self.per_source.remove()
         os._exit(EXIT_MASTER_GONE)
 
     def on_sigterm(self) -> None:
@@ -345,7 +569,7 @@ class Worker:
         self._stop_accepting()
         for listener in self.listeners:
             listener.sock.close()  # our copy only: the master and systemd keep theirs
-        if not self.relays and not self.pending:
+        if not self.relays and not self.pending and self.held is None:
             self.loop.stop()
             return
         log.info(
@@ -360,12 +584,16 @@ class Worker:
         log.warning(
             "graceful timeout: closing %d open connections", len(self.relays) + len(self.pending)
         )
+        if self.held is not None:  # queue mode: a client still waiting for capacity
+            self.slot[REFUSED] += 1
+            os.close(self.held[0])
+            self.held = None
         for pending in list(self.pending):
             if pending.connect is not None:
                 pending.connect.cancel()
             pending.client.close()
             self.pending.discard(pending)
-            self._connection_ended(pending.token)
+            self._connection_ended(pending.token, pending.source_token)
         for relay in list(self.relays):
             relay.close()
         self.loop.stop()

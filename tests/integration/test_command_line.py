@@ -14,7 +14,19 @@ from tests.support.proxy import FORKPROXY, REPO, run_cli
     ("args", "message"),
     [
         ([], "missing target"),
-        (["a:1", "b:2"], "too many targets"),
+        (["a:1", "--route=web"], "invalid route 'web': expected NAME=TARGET"),  # issue 6
+        (["--pipe-size=12Q", "x:1"], "invalid --pipe-size= value '12Q'"),
+        (["--pipe-size=2G", "x:1"], "invalid --pipe-size= value '2G'"),
+        (["--on-limit=wait", "x:1"], "invalid --on-limit= value 'wait': expected refuse or queue"),
+        (["--proxy-protocol=v3", "x:1"], "expected v1 or v2"),
+        (["--keepalive=1,2", "x:1"], "expected IDLE,INTERVAL,PROBES"),
+        (["--connect-timeout=0", "x:1"], "--connect-timeout= must be longer than 0"),
+        (["--max-connections-per-source=-1", "x:1"], "expected a whole number"),
+        (["vsock:1", "--listen=127.0.0.1:0"], "expected vsock:CID:PORT"),
+        (
+            ["--listen=web=@forkproxy-test-route-names", "--route=api=x:1", "x:1"],
+            "--route=api=...: no listening socket is named 'api' (named: 'web'",
+        ),
         (["--bogus", "x:1"], "unrecognized arguments: --bogus"),
         (["-c", "0", "x:1"], "--connections-max= must be at least 1"),
         (["-c", "abc", "x:1"], "invalid --connections-max= value 'abc'"),
@@ -43,14 +55,19 @@ def test_bad_input_is_one_line_and_exit_1(args: list[str], message: str) -> None
 
 
 def test_passed_fd_that_is_not_a_listening_socket(tmp_path: Path) -> None:
-    """A connected socket (or any non-listener) as fd 3 is refused with a clear line."""
+    """Among several passed fds, a connected socket is refused with a clear line.
+
+    (One connected socket alone is Accept=yes, see test_accept_inetd.py.)
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
     left, right = socket.socketpair()
-    with left, right:
+    with listener, left, right:
         result = subprocess.run(
             [
                 sys.executable,
                 "-m",
                 "tests.support.activate",
+                str(listener.fileno()),
                 str(left.fileno()),
                 "--",
                 FORKPROXY,
@@ -60,10 +77,10 @@ def test_passed_fd_that_is_not_a_listening_socket(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=10,
-            pass_fds=[left.fileno()],
+            pass_fds=[listener.fileno(), left.fileno()],
         )
     assert result.returncode == 1
-    assert result.stderr.strip() == "forkproxy: fd 3 from systemd is not a listening stream socket"
+    assert result.stderr.strip() == "forkproxy: fd 4 from systemd is not a listening stream socket"
 
 
 def test_passed_fd_that_is_not_a_socket(tmp_path: Path) -> None:

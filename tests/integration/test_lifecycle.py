@@ -15,6 +15,8 @@ from tests.support.proxy import (
     FORKPROXY,
     Notifications,
     children_of,
+    connect_when_listening,
+    free_port,
     run_backend,
     run_proxy,
     send_all_then_read,
@@ -97,7 +99,7 @@ def test_a_target_with_nothing_listening_closes_the_client_and_recovers(workdir:
 
 def test_listen_option_binds_and_relays(workdir: Path) -> None:
     path = workdir / "front.sock"
-    port = _free_port()
+    port = free_port()
     notify = Notifications(workdir)
     with run_backend("echo") as backend:
         process = subprocess.Popen(
@@ -143,30 +145,9 @@ def _refused(proxy) -> bool:
             return True
 
 
-def _connect_when_listening(port: int) -> socket.socket:
-    """Connect once systemd-socket-activate has bound the port (it does so at start)."""
-    connected: list[socket.socket] = []
-
-    def attempt() -> bool:
-        try:
-            connected.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-        except ConnectionRefusedError:
-            return False
-        return True
-
-    wait_until(attempt, 10, f"a listener on port {port}")
-    return connected[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("listener_count", [1, 2])
 def test_under_systemd_socket_activate(workdir: Path, listener_count: int) -> None:
-    ports = [_free_port() for _ in range(listener_count)]
+    ports = [free_port() for _ in range(listener_count)]
     with run_backend("echo") as backend:
         command = ["systemd-socket-activate"]
         for port in ports:
@@ -179,7 +160,7 @@ def test_under_systemd_socket_activate(workdir: Path, listener_count: int) -> No
             )
         try:
             for port in ports:
-                with _connect_when_listening(port) as client:
+                with connect_when_listening(port) as client:
                     assert send_all_then_read(client, b"port %d" % port) == b"port %d" % port
             wait_until(lambda: len(children_of(process.pid)) == 2, 10, "two workers")
             process.send_signal(signal.SIGTERM)

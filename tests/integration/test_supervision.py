@@ -12,6 +12,7 @@ from pathlib import Path
 from tests.support.proxy import (
     FORKPROXY,
     Notifications,
+    free_port,
     process_state,
     run_backend,
     run_proxy,
@@ -143,9 +144,7 @@ def test_workers_do_not_outlive_a_killed_master(workdir: Path) -> None:
 
 
 def test_port_is_free_for_a_new_instance_after_the_master_is_killed(workdir: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with run_backend("echo") as backend:
         for attempt in range(2):
             notify = Notifications(workdir)

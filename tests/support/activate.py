@@ -25,6 +25,10 @@ def main() -> None:
         names.append(name or "unknown")
     for index, fd in enumerate(sources):
         os.dup2(fd, 3 + index, inheritable=True)
+    for spec in specs:  # as systemd: only 3 .. 3+n-1 reach the command, no stray copies
+        fd = int(spec.partition(":")[0])
+        if fd >= 3 + len(specs):
+            os.close(fd)
     os.environ["LISTEN_PID"] = str(os.getpid())
     os.environ["LISTEN_FDS"] = str(len(sources))
     os.environ["LISTEN_FDNAMES"] = ":".join(names)

@@ -148,6 +148,28 @@ class Proxy:
             self.process.wait(5)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now, for programs that bind by number themselves."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def connect_when_listening(port: int, timeout: float = 10.0) -> socket.socket:
+    """Connect to 127.0.0.1:port as soon as something listens there."""
+    connected: list[socket.socket] = []
+
+    def attempt() -> bool:
+        try:
+            connected.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    wait_until(attempt, timeout, f"a listener on port {port}")
+    return connected[0]
+
+
 def children_of(pid: int) -> list[int]:
     """Live child pids of `pid`, from /proc."""
     children = []

@@ -1,0 +1,144 @@
+"""One connection systemd already accepted: relay it to the target, then exit.
+
+Two ways to get here: Accept=yes, where the only socket passed (LISTEN_FDS=1) is a
+connected stream socket rather than a listener; and --inetd (StandardInput=socket), where
+the connection is standard input. No workers, no scoreboard: one uvloop loop in this
+process runs the same upstream connect and splice relay as a worker does. Exit status 0
+when the connection ends, 1 if the target cannot be reached.
+"""
+
+import logging
+import signal
+import socket
+
+import uvloop
+
+from forkproxy.address import format_sockaddr
+from forkproxy.config import Config
+from forkproxy.errors import ForkproxyError
+from forkproxy.notify import Notifier
+from forkproxy.relay import PipePool, Relay
+from forkproxy.scoreboard import BYTES_TO_CLIENT, BYTES_TO_UPSTREAM, SLOT_WORDS
+from forkproxy.upstream import UpstreamConnect
+
+log = logging.getLogger("forkproxy")
+
+INETD_FD = 0  # StandardInput=socket: the connection is standard input
+
+
+def is_connection(fd: int) -> bool:
+    """Whether `fd` is a connected stream socket (what Accept=yes passes), not a listener."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM
+            and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        )
+    except OSError:
+        return False
+    finally:
+        sock.detach()  # only looked at it
+
+
+def relay_connection(config: Config, fd: int, what: str) -> int:
+    """Relay the connected socket on `fd` to the target; return the exit status."""
+    if not is_connection(fd):
+        raise ForkproxyError(f"{what} is not a connected stream socket")
+    client = socket.socket(fileno=fd)
+    client.setblocking(False)
+    try:
+        peer = format_sockaddr(client.family, client.getpeername())
+    except OSError:
+        peer = "?"
+    loop = uvloop.new_event_loop()
+    notifier = Notifier()
+    connection = _Connection(config, loop, client, peer, notifier)
+    loop.add_signal_handler(signal.SIGTERM, connection.on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, connection.on_sigterm)
+    connection.start()
+    try:
+        loop.run_forever()
+    finally:
+        connection.pool.close()
+        loop.close()
+        notifier.close()
+    return connection.status
+
+
+class _Connection:
+    def __init__(
+        self,
+        config: Config,
+        loop: uvloop.Loop,
+        client: socket.socket,
+        peer: str,
+        notifier: Notifier,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.client = client
+        self.peer = peer
+        self.notifier = notifier
+        self.pool = PipePool(0, 2)
+        self.counters = memoryview(bytearray(SLOT_WORDS * 8)).cast("q")  # not shared
+        self.relay: Relay | None = None
+        self.status = 0
+        self.stopping = False
+
+    def start(self) -> None:
+        UpstreamConnect(self.loop, self.config.target, self.on_connected, self.on_failed).start()
+
+    def on_connected(self, upstream: socket.socket) -> None:
+        self.relay = Relay(
+            self.loop,
+            self.pool,
+            self.client,
+            upstream,
+            self.counters,
+            BYTES_TO_UPSTREAM,
+            BYTES_TO_CLIENT,
+            self.on_closed,
+        )
+        self.relay.start()
+        self.notifier.ready(f"relaying {self.peer} to {self.config.target.text}")
+
+    def on_failed(self, error: OSError) -> None:
+        log.error(
+            "cannot connect to upstream '%s' for %s: %s",
+            self.config.target.text,
+            self.peer,
+            error.strerror or error,
+        )
+        self.client.close()
+        self.status = 1
+        self.loop.stop()
+
+    def on_closed(self, relay: Relay) -> None:
+        log.debug(
+            "connection from %s done: %d bytes to upstream, %d to client",
+            self.peer,
+            self.counters[BYTES_TO_UPSTREAM],
+            self.counters[BYTES_TO_CLIENT],
+        )
+        self.notifier.stopping("connection closed")
+        self.loop.stop()
+
+    def on_sigterm(self) -> None:
+        """First stop: let the connection finish (bounded); a second: close it now."""
+        if self.stopping or self.relay is None:
+            self._close_now()
+            return
+        self.stopping = True
+        self.notifier.stopping("asked to stop")
+        if self.config.graceful_timeout != float("inf"):
+            self.loop.call_later(self.config.graceful_timeout, self._close_now)
+
+    def _close_now(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+        else:
+            self.client.close()
+        self.loop.stop()
