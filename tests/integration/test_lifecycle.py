@@ -220,3 +220,31 @@ def test_sigterm_while_workers_start_is_not_lost(workdir: Path) -> None:
                 wait_until(lambda: len(proxy.workers()) == 2, 10, "two workers forked")
                 proxy.signal(signal.SIGTERM)
                 assert proxy.wait(10) == 0
+
+
+def test_journald_lines_carry_priorities_and_no_timestamps(workdir: Path) -> None:
+    """Under journald ($JOURNAL_STREAM names stderr) lines start with sd-daemon(3) <N>."""
+    stderr_path = workdir / "journal.log"
+    stderr_path.touch()
+    st = os.stat(stderr_path)
+    with run_proxy(
+        ["-w", "1", "127.0.0.1:9"],
+        workdir,
+        env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        stderr_path=stderr_path,
+    ) as proxy:
+        with proxy.connect() as client:
+            assert client.recv(1) == b""  # nothing listens on the target: a warning
+        wait_until(lambda: "cannot connect" in proxy.stderr(), 10, "the warning")
+        assert proxy.stop() == 0
+    lines = proxy.stderr().splitlines()
+    assert lines and all(line[:3] in ("<6>", "<4>", "<3>", "<7>") for line in lines), lines
+    assert any(line.startswith("<6>ready: ") for line in lines)
+    assert any(line.startswith("<4>worker 0: cannot connect to upstream") for line in lines)
+
+
+def test_terminal_lines_carry_time_and_level(workdir: Path) -> None:
+    with run_backend("echo") as backend, run_proxy(["-w", "1", backend.target], workdir) as proxy:
+        assert proxy.stop() == 0
+    first = proxy.stderr().splitlines()[0]
+    assert first[2] == ":" and " INFO " in first

@@ -218,18 +218,20 @@ def run_proxy(
     names: Sequence[str] = (),
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
+    stderr_path: Path | None = None,
 ) -> Iterator[Proxy]:
     """The installed forkproxy with listening sockets passed as in socket activation."""
     sockets = [make_listener(spec, directory) for spec in listeners]
     notifications = Notifications(directory)
-    stderr_path = directory / f"forkproxy-{time.monotonic_ns()}.log"
+    if stderr_path is None:
+        stderr_path = directory / f"forkproxy-{time.monotonic_ns()}.log"
     fd_specs = [
         f"{sock.fileno()}:{names[i]}" if i < len(names) else str(sock.fileno())
         for i, sock in enumerate(sockets)
     ]
     command = [sys.executable, "-m", "tests.support.activate", *fd_specs, "--", FORKPROXY, *args]
     process_env = {**os.environ, "NOTIFY_SOCKET": notifications.path, **(env or {})}
-    with open(stderr_path, "wb") as stderr:
+    with open(stderr_path, "ab") as stderr:  # append: the file's inode may be $JOURNAL_STREAM
         process = subprocess.Popen(
             command,
             cwd=REPO,
