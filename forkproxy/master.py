@@ -194,9 +194,15 @@ class Master:
         check_routes(self.config.routes, self.listeners)
         check_pipe_size(self.config.pipe_size)
         if self.config.max_connections_per_source:
-            self.per_source = SourceLimit(
-                self.config.max_connections_per_source, entries_for(self.config.connections_max)
-            )
+            try:
+                self.per_source = SourceLimit(
+                    self.config.max_connections_per_source,
+                    entries_for(self.config.connections_max),
+                )
+            except OSError as error:
+                raise ForkproxyError(
+                    f"cannot set up --max-connections-per-source: {error.strerror or error}"
+                ) from None
         self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = socket.socketpair()
         for end in self.wakeup:

@@ -676,6 +676,16 @@ _USER_HARDENING = [
 def _network(r: UnitRequest) -> list[str]:
     """Address families and IP access for the target only; passed sockets are exempt."""
     upstream = parse_upstream(r.target)
+    if upstream.family == socket.AF_VSOCK:  # issue 6: vsock:CID:PORT targets
+        lines = [
+            "# Network: AF_UNIX for sd_notify(3), AF_VSOCK for the target; no IP at all.",
+            "RestrictAddressFamilies=AF_UNIX AF_VSOCK",
+        ]
+        if not r.user:
+            lines.append("IPAddressDeny=any")
+        if r.share_namespace:
+            lines += [f"# {r.upstream_unit} needs PrivateNetwork=yes too.", "PrivateNetwork=yes"]
+        return lines
     lines = ["# Network: AF_UNIX for sd_notify(3); AF_VSOCK is left out (no vsock targets)."]
     if upstream.family == 0:
         lines += [

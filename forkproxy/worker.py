@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import struct
@@ -84,6 +85,10 @@ MASTER_DEATH_SIGNAL = signal.SIGUSR2
 
 ACCEPT_BATCH = 32  # accepts per wakeup: bounded, so one busy listener cannot starve the rest
 ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
+# Issue 8: descriptors kept free for the pipes of open connections. Accepting pauses once
+# new clients would leave fewer (at most a quarter of those free at start), so a flood of
+# clients cannot take the pipes connections already relaying need, and waits in the backlog.
+FD_HEADROOM = 32
 PIPE_POOL_KEEP = 64  # empty pipes a worker keeps for reuse
 
 _PR_SET_PDEATHSIG = 1
@@ -191,6 +196,7 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
         self._setup_relay_options(spec)
+        self.fd_ceiling = _fd_ceiling(spec.events_fd)  # issue 8: FD_HEADROOM
 
     def _setup_relay_options(self, spec: WorkerSpec) -> None:
         """Issue 6: each relay option's per-worker part; None or empty while it is off."""
@@ -282,6 +288,8 @@ class Worker:
         admission = self.admission
         slot = self.slot
         for _ in range(ACCEPT_BATCH):
+            if not self.accepting:  # paused by the client before: short of descriptors
+                return
             try:
                 fd, peer = accept()
             except BlockingIOError:
@@ -291,6 +299,17 @@ class Worker:
             except OSError as error:
                 self._on_accept_error(error, listener)
                 return
+            if fd >= self.fd_ceiling:
+                # The kernel gives the lowest free descriptor: all below this one are taken.
+                # Serve this client from the headroom; the next ones wait in the backlog.
+                self.accept_failures.log(
+                    "fewer than %d file descriptors left (RLIMIT_NOFILE %d): pausing accepts "
+                    "for %gs to keep them for open connections",
+                    FD_HEADROOM,
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    ACCEPT_PAUSE,
+                )
+                self._pause_accepting()
             token = admission.try_acquire()
             if token == NO_TOKEN and self.queue_on_limit:
                 self._hold(fd, peer, plan)
@@ -396,6 +415,9 @@ class Worker:
 
     def _resume_accepting(self) -> None:
         if not self.draining and not self.accepting and self.held is None:
+            if _lowest_free_fd(self.spec.events_fd) >= self.fd_ceiling:
+                self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)  # still short
+                return
             self._start_accepting()
 
     # -- connecting ----------------------------------------------------------------------
@@ -610,6 +632,23 @@ def _observe(
 ) -> None:
     slot[first_bucket + bisect_left(bounds, seconds)] += 1
     slot[sum_field] += int(seconds * 1e9)
+
+
+def _lowest_free_fd(any_fd: int) -> int:
+    """The descriptor the next socket would get (RLIMIT_NOFILE's soft limit if none)."""
+    try:
+        probe = os.dup(any_fd)
+    except OSError:
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    os.close(probe)
+    return probe
+
+
+def _fd_ceiling(any_fd: int) -> int:
+    """The descriptor number from which accepting pauses: FD_HEADROOM below the limit, or
+    a quarter of what was free at start if that is less (so an idle worker accepts)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return limit - min(FD_HEADROOM, (limit - _lowest_free_fd(any_fd)) // 4)
 
 
 def _set_parent_death_signal(signum: int) -> None:

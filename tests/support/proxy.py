@@ -219,8 +219,13 @@ def run_proxy(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
     stderr_path: Path | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[Proxy]:
-    """The installed forkproxy with listening sockets passed as in socket activation."""
+    """The installed forkproxy with listening sockets passed as in socket activation.
+
+    `wrapper` is a command that execs forkproxy in its own place, keeping the pid
+    (`prlimit --nofile=64:64`).
+    """
     sockets = [make_listener(spec, directory) for spec in listeners]
     notifications = Notifications(directory)
     if stderr_path is None:
@@ -229,7 +234,10 @@ def run_proxy(
         f"{sock.fileno()}:{names[i]}" if i < len(names) else str(sock.fileno())
         for i, sock in enumerate(sockets)
     ]
-    command = [sys.executable, "-m", "tests.support.activate", *fd_specs, "--", FORKPROXY, *args]
+    command = [
+        *(sys.executable, "-m", "tests.support.activate", *fd_specs, "--"),
+        *(*wrapper, FORKPROXY, *args),
+    ]
     process_env = {**os.environ, "NOTIFY_SOCKET": notifications.path, **(env or {})}
     with open(stderr_path, "ab") as stderr:  # append: the file's inode may be $JOURNAL_STREAM
         process = subprocess.Popen(

@@ -176,6 +176,11 @@ NETWORK = [
         [],
     ),
     ("@app", ["RestrictAddressFamilies=AF_UNIX", "IPAddressDeny=any"], ["PrivateNetwork=yes"]),
+    (  # issue 6
+        "vsock:3:1024",
+        ["RestrictAddressFamilies=AF_UNIX AF_VSOCK", "IPAddressDeny=any"],
+        ["PrivateNetwork=yes", "RestrictAddressFamilies=AF_UNIX"],
+    ),
 ]
 
 
