@@ -146,7 +146,7 @@ class ScoreboardCollector(Collector):
         )
         yield CounterMetricFamily(
             "forkproxy_connections_refused",
-            "Connections closed at once, unanswered, because the cap was reached.",
+            "Connections closed at once, unanswered, because a connection cap was reached.",
             value=board.total(REFUSED),
         )
         yield CounterMetricFamily(

@@ -3,13 +3,17 @@
 Two ways to get here: Accept=yes, where the only socket passed (LISTEN_FDS=1) is a
 connected stream socket rather than a listener; and --inetd (StandardInput=socket), where
 the connection is standard input. No workers, no scoreboard: one uvloop loop in this
-process runs the same upstream connect and splice relay as a worker does. Exit status 0
-when the connection ends, 1 if the target cannot be reached.
+process runs the same upstream connect and splice relay as a worker does, with the same
+relay options (several targets, timeouts, socket options, PROXY header, pipe size);
+--route does not apply, there being no listener. Exit status 0 when the connection ends,
+1 if no target can be reached.
 """
 
 import logging
+import math
 import signal
 import socket
+import time
 
 import uvloop
 
@@ -17,9 +21,18 @@ from forkproxy.address import format_sockaddr
 from forkproxy.config import Config
 from forkproxy.errors import ForkproxyError
 from forkproxy.notify import Notifier
-from forkproxy.relay import PipePool, Relay
+from forkproxy.options import tcp_socket_options
+from forkproxy.proxy_protocol import header_encoder
+from forkproxy.relay import Direction, IdleDirection, PipePool, Relay
 from forkproxy.scoreboard import BYTES_TO_CLIENT, BYTES_TO_UPSTREAM, SLOT_WORDS
-from forkproxy.upstream import UpstreamConnect
+from forkproxy.targets import FailoverConnect, TargetGroup
+from forkproxy.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
+from forkproxy.upstream import (
+    TCP_FAMILIES,
+    UpstreamConnect,
+    send_proxy_header,
+    set_socket_options,
+)
 
 log = logging.getLogger("forkproxy")
 
@@ -33,10 +46,9 @@ def is_connection(fd: int) -> bool:
     except OSError:
         return False
     try:
-        return (
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM
-            and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        )
+        return sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_TYPE
+        ) == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     except OSError:
         return False
     finally:
@@ -82,16 +94,46 @@ class _Connection:
         self.client = client
         self.peer = peer
         self.notifier = notifier
-        self.pool = PipePool(0, 2)
+        self.options = tcp_socket_options(config.nodelay, config.keepalive)
+        self.pool = PipePool(config.pipe_size, 2)
         self.counters = memoryview(bytearray(SLOT_WORDS * 8)).cast("q")  # not shared
+        self.connecting: list[UpstreamConnect | FailoverConnect] = []  # for the connect timeout
         self.relay: Relay | None = None
+        self.relays: set[Relay] = set()  # what the idle sweep watches: this one relay
         self.status = 0
         self.stopping = False
 
     def start(self) -> None:
-        UpstreamConnect(self.loop, self.config.target, self.on_connected, self.on_failed).start()
+        if self.client.family in TCP_FAMILIES:
+            set_socket_options(self.client, self.options)
+        group = TargetGroup(self.config.targets, self.config.connect_timeout, self.options)
+        attempt = group.connect(self.loop, self.on_connected, self.on_failed)
+        still_connecting = self.relay is None and self.status == 0
+        if still_connecting and self.config.connect_timeout != math.inf:
+            self.connecting.append(attempt)
+            interval = sweep_interval(self.config.connect_timeout)
+            LazySweep(self.loop, interval, self.connecting, self._sweep_connect).arm()
+
+    def _sweep_connect(self, now: float) -> None:
+        sweep_connects(self.connecting, now)
+
+    def _sweep_idle(self, now: float) -> None:
+        sweep_idle(self.relays, now, self.config.idle_timeout)
 
     def on_connected(self, upstream: socket.socket) -> None:
+        self.connecting.clear()
+        config = self.config
+        if config.proxy_protocol:
+            family = self.client.family
+            try:
+                local = self.client.getsockname() if family in TCP_FAMILIES else None
+                encode = header_encoder(1 if config.proxy_protocol == 1 else 2)
+                send_proxy_header(upstream, encode(self.client.getpeername(), local, family))
+            except OSError as error:
+                upstream.close()
+                self.on_failed(error)
+                return
+        idle = config.idle_timeout != math.inf
         self.relay = Relay(
             self.loop,
             self.pool,
@@ -101,14 +143,21 @@ class _Connection:
             BYTES_TO_UPSTREAM,
             BYTES_TO_CLIENT,
             self.on_closed,
+            IdleDirection if idle else Direction,
         )
+        if idle:
+            self.relay.quiet_since = time.monotonic()
+            self.relays.add(self.relay)
+            interval = sweep_interval(config.idle_timeout)
+            LazySweep(self.loop, interval, self.relays, self._sweep_idle).arm()
         self.relay.start()
-        self.notifier.ready(f"relaying {self.peer} to {self.config.target.text}")
+        self.notifier.ready(f"relaying {self.peer} to {upstream.getpeername()}")
 
     def on_failed(self, error: OSError) -> None:
+        self.connecting.clear()
         log.error(
-            "cannot connect to upstream '%s' for %s: %s",
-            self.config.target.text,
+            "cannot connect to upstream %s for %s: %s",
+            " or ".join(f"'{target.text}'" for target in self.config.targets),
             self.peer,
             error.strerror or error,
         )
@@ -117,6 +166,7 @@ class _Connection:
         self.loop.stop()
 
     def on_closed(self, relay: Relay) -> None:
+        self.relays.discard(relay)
         log.debug(
             "connection from %s done: %d bytes to upstream, %d to client",
             self.peer,

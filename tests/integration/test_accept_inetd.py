@@ -150,3 +150,46 @@ def test_inetd_with_a_listener_on_stdin_serves_as_usual(workdir: Path) -> None:
             if activator.poll() is None:
                 os.killpg(activator.pid, signal.SIGKILL)
             activator.wait()
+
+
+def test_accept_instance_uses_the_relay_options(workdir: Path) -> None:
+    """Accept=yes honours --proxy-protocol and several targets (the first one down)."""
+    import hashlib
+    import sys
+
+    from tests.support.proxy import REPO
+
+    down = free_port()  # nothing listens there
+    with run_backend("digest") as backend:
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname())
+        connection, _ = listener.accept()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.support.activate",
+                f"{connection.fileno()}:connection",
+                "--",
+                FORKPROXY,
+                "--proxy-protocol=v1",
+                f"127.0.0.1:{down}",
+                backend.target,
+            ],
+            cwd=REPO,
+            pass_fds=[connection.fileno()],
+            stderr=subprocess.PIPE,
+        )
+        connection.close()
+        reply = send_all_then_read(client, b"hello")
+        client_ip, client_port = client.getsockname()
+        proxy_ip, proxy_port = listener.getsockname()
+        client.close()
+        _, stderr = process.communicate(timeout=10)
+        listener.close()
+    header = f"PROXY TCP4 {client_ip} {proxy_ip} {client_port} {proxy_port}\r\n".encode()
+    assert reply.decode().split() == [
+        hashlib.sha256(header + b"hello").hexdigest(),
+        str(len(header) + 5),
+    ]
+    assert process.returncode == 0, stderr

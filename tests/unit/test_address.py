@@ -1,12 +1,13 @@
 """Target and --listen syntax, with the exact error an operator reads."""
 
+import ipaddress
 import socket
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forkproxy.address import format_sockaddr, parse_listen, parse_upstream
+from forkproxy.address import format_sockaddr, parse_listen, parse_metrics, parse_upstream
 from forkproxy.errors import UsageError
 
 
@@ -129,3 +130,65 @@ def test_any_listen_address_parses_or_raises_usage_error(text: str) -> None:
         parse_listen(text)
     except UsageError:
         pass
+
+
+# -- round trips (issue 8) ---------------------------------------------------------------
+
+ports = st.integers(min_value=1, max_value=65535)
+ipv4s = st.ip_addresses(v=4).map(str)
+ipv6s = st.ip_addresses(v=6)
+# What sun_path takes: at most 107 bytes and no NUL (the kernel's limit, with its NUL).
+path_names = st.text(
+    st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1
+).filter(lambda name: len(name.encode()) <= 106)
+
+
+@given(ipv4s, ports)
+def test_ipv4_round_trips_through_every_parser(host: str, port: int) -> None:
+    text = f"{host}:{port}"
+    for parse in (parse_upstream, parse_listen, parse_metrics):
+        address = parse(text)
+        assert (address.family, address.sockaddr) == (socket.AF_INET, (host, port))
+        assert format_sockaddr(address.family, address.sockaddr) == text
+
+
+@given(ipv6s, ports)
+def test_ipv6_round_trips_through_every_parser(host: ipaddress.IPv6Address, port: int) -> None:
+    text = f"[{host}]:{port}"
+    for parse in (parse_upstream, parse_listen, parse_metrics):
+        address = parse(text)
+        assert address.family == socket.AF_INET6
+        assert isinstance(address.sockaddr, tuple)
+        assert ipaddress.IPv6Address(address.sockaddr[0]) == host
+        assert address.sockaddr[1:] == (port, 0, 0)
+        assert format_sockaddr(address.family, address.sockaddr) == text
+
+
+@given(path_names)
+def test_unix_paths_round_trip(name: str) -> None:
+    for text, sockaddr in ((f"/{name}", f"/{name}"), (f"@{name}", f"\0{name}")):
+        if len(text.encode()) > 107:
+            continue
+        for parse in (parse_upstream, parse_listen, parse_metrics):
+            if parse is parse_listen and "=" in text:
+                continue  # NAME=ADDR: tested below
+            address = parse(text)
+            assert (address.family, address.sockaddr) == (socket.AF_UNIX, sockaddr)
+            assert format_sockaddr(address.family, address.sockaddr) == text
+
+
+@given(st.from_regex(r"\A[A-Za-z0-9_.-]{1,30}\Z"), ipv4s, ports)
+def test_named_listen_addresses_keep_their_name(name: str, host: str, port: int) -> None:
+    address = parse_listen(f"{name}={host}:{port}")
+    assert (address.name, address.sockaddr) == (name, (host, port))
+
+
+@given(st.text(max_size=60))
+def test_any_metrics_address_parses_or_raises_usage_error(text: str) -> None:
+    try:
+        address = parse_metrics(text)
+    except UsageError as error:
+        assert "\n" not in str(error).replace(text, "")
+        return
+    assert not text.isdigit()  # never a bare port: that would listen on every interface
+    assert address.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forkproxy.cli import parse_args
-from forkproxy.errors import UsageError
+from forkproxy.cli import _build_parser, parse_args
+from forkproxy.errors import ForkproxyError, UsageError
 
 
 def test_defaults_match_systemd_socket_proxyd() -> None:
@@ -101,3 +101,63 @@ def test_no_argv_escapes_as_anything_but_a_usage_error(argv: list[str]) -> None:
         assert str(error)
     except SystemExit as exit_:  # --help / --version
         assert exit_.code == 0
+
+
+# Issue 8: every option the parser knows, so options added later are covered too.
+_OPTIONS = sorted(
+    option
+    for action in _build_parser()._actions
+    for option in action.option_strings
+    if option not in ("-h", "--help", "--version")
+)
+_VALUES = st.sampled_from(
+    [
+        "0",
+        "1",
+        "-1",
+        "65536",
+        "99999999999999999999",
+        "5min",
+        "infinity",
+        "1.5",
+        "x",
+        "",
+        "=",
+        ",",
+        "30,5,3",
+        "64K",
+        "1M",
+        "v1",
+        "v2",
+        "queue",
+        "refuse",
+        "web=h:1",
+        "web=127.0.0.1:80",
+        "127.0.0.1:0",
+        "[::1]:80",
+        "/p",
+        "@a",
+        "debug",
+        "0777",
+        "\udcff",
+    ]
+)
+_ARGUMENTS = st.one_of(
+    st.sampled_from(_OPTIONS),
+    st.tuples(st.sampled_from(_OPTIONS), _VALUES).map(lambda pair: "=".join(pair)),
+    _VALUES,
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(_ARGUMENTS, max_size=8), st.sampled_from([[], ["h:1"], ["/run/app.sock"]]))
+def test_no_combination_of_options_escapes_as_anything_but_one_error(
+    argv: list[str], target: list[str]
+) -> None:
+    try:
+        parse_args(argv + target)
+    except ForkproxyError as error:  # UsageError among them: cli prints it on one line
+        assert str(error)
+        if not any(char in arg for arg in argv for char in "\r\n"):  # unless quoted input has one
+            assert "\n" not in str(error)

@@ -149,3 +149,29 @@ def test_any_text_parses_or_raises_usage_error(text: str) -> None:
         parse_timespan(text)
     except UsageError as error:
         assert "\n" not in str(error).replace(text, "")
+
+
+# -- round trips (issue 8) ---------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=10**15))
+def test_any_span_formats_and_parses_back_to_the_microsecond(usec: int) -> None:
+    text = format_timespan(usec / 1_000_000)
+    assert round(parse_timespan(text) * 1_000_000) == usec, text
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=10**6),
+            st.sampled_from([("us", 1e-6), ("ms", 1e-3), ("s", 1.0), ("min", 60.0), ("h", 3600.0)]),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.sampled_from([" ", "", "  "]),
+)
+def test_parts_add_up(parts: list[tuple[int, tuple[str, float]]], separator: str) -> None:
+    text = separator.join(f"{count}{unit}" for count, (unit, _) in parts)
+    expected = sum(count * size for count, (_, size) in parts)
+    assert parse_timespan(text) == pytest.approx(expected, rel=1e-12, abs=1e-6)
