@@ -85,6 +85,8 @@ def parse_upstream(text: str) -> UpstreamAddress:
         return UpstreamAddress(text, socket.AF_INET, host, port, (host, port))
     if not _HOSTNAME.match(host):
         raise UsageError(f"invalid target '{text}': '{host}' is not a host name or address")
+    if host.isdigit():  # e.g. "-p 2" meant as "-p v2"; no real host name is a bare number
+        raise UsageError(f"invalid target '{text}': a host name cannot be a bare number")
     return UpstreamAddress(text, 0, host, port, None)
 
 

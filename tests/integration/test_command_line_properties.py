@@ -17,7 +17,7 @@ OPTIONS = sorted(
 WORDS = st.one_of(
     st.sampled_from(OPTIONS),
     st.sampled_from(["0", "-1", "5min", "x", "", "v3", "h:1", "[::1]", "/p", "@", "1,2"]),
-    st.text(st.characters(blacklist_characters="\0\r\n", blacklist_categories=("Cs",)), max_size=8),
+    st.text(st.characters(codec="utf-8", blacklist_characters="\0\r\n"), max_size=8),
 )
 
 

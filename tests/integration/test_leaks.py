@@ -2,6 +2,7 @@
 forkproxy process holds the descriptors it held before and its memory has stayed flat."""
 
 import socket
+from functools import partial
 from pathlib import Path
 
 from forkproxy.worker import PIPE_POOL_KEEP
@@ -33,7 +34,11 @@ def request(address: tuple[str, int], index: int) -> None:
 def settled(pids: list[int], sockets: dict[int, int]) -> None:
     """Wait for every process to have closed the sockets of the connections just ended."""
     for pid in pids:
-        wait_until(lambda pid=pid: fd_kinds(pid)["socket"] == sockets[pid], 10, f"{pid}'s sockets")
+        wait_until(partial(_sockets_are, pid, sockets[pid]), 10, f"{pid}'s sockets")
+
+
+def _sockets_are(pid: int, count: int) -> bool:
+    return fd_kinds(pid)["socket"] == count
 
 
 def test_20000_sequential_connections_leak_no_fd_and_no_memory(workdir: Path) -> None:
@@ -41,6 +46,7 @@ def test_20000_sequential_connections_leak_no_fd_and_no_memory(workdir: Path) ->
         pids = [proxy.pid, *proxy.workers()]
         idle_sockets = {pid: fd_kinds(pid)["socket"] for pid in pids}
         address = proxy.address()
+        assert isinstance(address, tuple)
         for index in range(WARM_UP):
             request(address, index)
         settled(pids, idle_sockets)

@@ -296,7 +296,7 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
                 [*traced("inetd"), FORKPROXY, "--inetd", "--log-level", "debug", backend.target],
                 env={**os.environ, **env},
                 cwd=cwd,
-                stdin=connection,
+                stdin=connection.fileno(),
                 stderr=subprocess.PIPE,
             )
             connection.close()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,7 +96,7 @@ class SlowClients:
                 self.selector.unregister(client)
                 self.closed.add(client)
 
-    def pump_until(self, condition, timeout: float = 30.0) -> None:
+    def pump_until(self, condition: Callable[[], object], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert time.monotonic() < deadline, "slow clients: timed out"

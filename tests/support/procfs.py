@@ -87,23 +87,42 @@ def _ss_address(text: str) -> tuple[str, int]:
     return ("*" if host in ("*", "0.0.0.0", "::") else host), (0 if port == "*" else int(port))
 
 
-def tcp_sockets(state: str) -> list[TcpSocket]:
-    """TCP sockets, IPv4 and IPv6, in `state`: "established" or "listening".
+# ss(8) state names and their st column in /proc/net/tcp.
+_STATES = {
+    "established": "01",
+    "syn-sent": "02",
+    "syn-recv": "03",
+    "fin-wait-1": "04",
+    "fin-wait-2": "05",
+    "close-wait": "08",
+    "last-ack": "09",
+    "listening": "0A",
+    "closing": "0B",
+}
+# What a process can hold: every state but TIME_WAIT and CLOSE (no inode) and LISTEN.
+OPEN_STATES = tuple(state for state in _STATES if state != "listening")
+
+
+def tcp_sockets(*states: str) -> list[TcpSocket]:
+    """TCP sockets, IPv4 and IPv6, in any of `states` (ss(8) names, "listening" ...).
 
     Asks the kernel through ss(8) (sock_diag, filtered by state in the kernel): on a busy
     machine /proc/net/tcp lists every TIME_WAIT socket and takes seconds to read.
     """
     if shutil.which("ss") is not None:
-        output = subprocess.run(
-            ["ss", "-tnHe", "state", state], capture_output=True, text=True, check=True
-        ).stdout
+        command = ["ss", "-tnHe"]
+        for state in states:
+            command += ["state", state]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         found = []
         for line in output.splitlines():
             fields = line.split()
+            if len(states) > 1:
+                fields = fields[1:]  # a State column comes first
             inode = next((int(f[4:]) for f in fields if f.startswith("ino:")), 0)
             found.append(TcpSocket(_ss_address(fields[2]), _ss_address(fields[3]), inode))
         return found
-    wanted = {"established": "01", "listening": "0A"}[state]
+    wanted = {_STATES[state] for state in states}
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -111,7 +130,7 @@ def tcp_sockets(state: str) -> list[TcpSocket]:
                 next(lines)
                 for line in lines:
                     fields = line.split()
-                    if fields[3] == wanted:
+                    if fields[3] in wanted:
                         local, remote = _proc_address(fields[1]), _proc_address(fields[2])
                         if local[0] in ("0.0.0.0", "::"):
                             local = ("*", local[1])

@@ -161,3 +161,5 @@ def test_no_combination_of_options_escapes_as_anything_but_one_error(
         assert str(error)
         if not any(char in arg for arg in argv for char in "\r\n"):  # unless quoted input has one
             assert "\n" not in str(error)
+    except SystemExit as exit_:  # --help / --version print and exit 0
+        assert exit_.code == 0

@@ -51,3 +51,23 @@ def test_watchdog_interval() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}) == 2.0
     assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "junk"}) is None
+
+
+def test_a_manager_that_stopped_reading_never_blocks_the_master(tmp_path: Path) -> None:
+    """Issue 8: once the manager's queue is full (net.unix.max_dgram_qlen, 10 by default
+    without systemd's sysctl), a blocking sendto() would hang the master for good: no
+    reaping, no SIGTERM, no metrics. Messages are dropped instead."""
+    import threading
+
+    path = str(tmp_path / "notify")
+    with _receiver(path):  # never read
+        notifier = Notifier({"NOTIFY_SOCKET": path})
+        sender = threading.Thread(
+            target=lambda: [notifier.status(f"{n} active") for n in range(1000)], daemon=True
+        )
+        sender.start()
+        sender.join(10)
+        blocked = sender.is_alive()
+    sender.join(10)  # the receiver is gone: a blocked sendto() fails now
+    notifier.close()
+    assert not blocked, "Notifier.status() blocked on a full $NOTIFY_SOCKET queue"

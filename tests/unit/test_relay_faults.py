@@ -9,6 +9,7 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import uvloop
 
@@ -52,7 +53,7 @@ class Pair:
         self.upstream_app.close()
 
 
-def _run_until(loop: uvloop.Loop, condition, timeout: float = 10.0) -> None:
+def _run_until(loop: uvloop.Loop, condition: Callable[[], object], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
 
     def check() -> None:
