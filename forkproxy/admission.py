@@ -24,50 +24,25 @@ can leak it (systemd's RemoveIPC=, implied by DynamicUser=, cleans that up).
 
 import ctypes
 import errno
-import os
 
-_IPC_PRIVATE = 0
-_IPC_CREAT = 0o1000
-_IPC_NOWAIT = 0o4000
-_IPC_RMID = 0
-_GETVAL = 12
-_SETVAL = 16
-_SEM_UNDO = 0x1000
-SEMVMX = 32767
+from forkproxy.sysv import GETVAL as _GETVAL
+from forkproxy.sysv import IPC_CREAT as _IPC_CREAT
+from forkproxy.sysv import IPC_NOWAIT as _IPC_NOWAIT
+from forkproxy.sysv import IPC_PRIVATE as _IPC_PRIVATE
+from forkproxy.sysv import IPC_RMID as _IPC_RMID
+from forkproxy.sysv import SEM_UNDO as _SEM_UNDO
+from forkproxy.sysv import SEMVMX
+from forkproxy.sysv import SETVAL as _SETVAL
+from forkproxy.sysv import SemBuf as _SemBuf
+from forkproxy.sysv import Timespec as _Timespec
+from forkproxy.sysv import last_error as _oserror
+from forkproxy.sysv import semctl as _semctl
+from forkproxy.sysv import semget as _semget
+from forkproxy.sysv import semop as _semop
+from forkproxy.sysv import semtimedop as _semtimedop
 
 NO_TOKEN = -1
 GONE = -2  # wait_acquire: the set was removed (the group is stopping)
-
-
-class _SemBuf(ctypes.Structure):
-    _fields_ = (
-        ("sem_num", ctypes.c_ushort),
-        ("sem_op", ctypes.c_short),
-        ("sem_flg", ctypes.c_short),
-    )
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_semget = _libc.semget
-_semget.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
-_semget.restype = ctypes.c_int
-_semop = _libc.semop
-_semop.argtypes = (ctypes.c_int, ctypes.POINTER(_SemBuf), ctypes.c_size_t)
-_semop.restype = ctypes.c_int
-_semctl = _libc.semctl  # variadic: arguments passed as explicit ctypes ints
-_semtimedop = _libc.semtimedop
-_semtimedop.argtypes = (
-    ctypes.c_int,
-    ctypes.POINTER(_SemBuf),
-    ctypes.c_size_t,
-    ctypes.POINTER(_Timespec),
-)
-_semtimedop.restype = ctypes.c_int
-_semctl.restype = ctypes.c_int
 
 
 class Admission:
@@ -162,8 +137,3 @@ class Admission:
     def remove(self) -> None:
         """Destroy the set; later calls in any process fail as if at the cap."""
         _semctl(self._semid, ctypes.c_int(0), ctypes.c_int(_IPC_RMID))
-
-
-def _oserror(call: str) -> OSError:
-    code = ctypes.get_errno()
-    return OSError(code, f"{call}: {os.strerror(code)}")

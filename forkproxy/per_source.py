@@ -42,10 +42,24 @@ Clients without an IP address (unix sockets, vsock) are not limited. Never logs.
 import ctypes
 import errno
 import mmap
-import os
 import socket
 
 from forkproxy.admission import NO_TOKEN, SEMVMX
+from forkproxy.sysv import GETALL as _GETALL
+from forkproxy.sysv import GETVAL as _GETVAL
+from forkproxy.sysv import IPC_CREAT as _IPC_CREAT
+from forkproxy.sysv import IPC_NOWAIT as _IPC_NOWAIT
+from forkproxy.sysv import IPC_PRIVATE as _IPC_PRIVATE
+from forkproxy.sysv import IPC_RMID as _IPC_RMID
+from forkproxy.sysv import SEM_UNDO as _SEM_UNDO
+from forkproxy.sysv import SETALL as _SETALL
+from forkproxy.sysv import SemBuf as _SemBuf
+from forkproxy.sysv import Timespec as _Timespec
+from forkproxy.sysv import last_error as _oserror
+from forkproxy.sysv import semctl as _semctl
+from forkproxy.sysv import semget as _semget
+from forkproxy.sysv import semop as _semop
+from forkproxy.sysv import semtimedop as _semtimedop
 
 BUSY = -2  # the table's lock could not be had in LOCK_TIMEOUT: refuse, do not block
 
@@ -56,46 +70,6 @@ EMPTY_KEY = bytes(KEY_SIZE)
 CLEARED_KEY = b"\xff" * KEY_SIZE  # ff00::/8 is multicast: never a TCP client
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 _SEMMSL_DEFAULT = 32000
-
-_IPC_PRIVATE = 0
-_IPC_CREAT = 0o1000
-_IPC_NOWAIT = 0o4000
-_IPC_RMID = 0
-_GETVAL = 12
-_GETALL = 13
-_SETALL = 17
-_SEM_UNDO = 0x1000
-
-
-class _SemBuf(ctypes.Structure):
-    _fields_ = (
-        ("sem_num", ctypes.c_ushort),
-        ("sem_op", ctypes.c_short),
-        ("sem_flg", ctypes.c_short),
-    )
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_semget = _libc.semget
-_semget.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
-_semget.restype = ctypes.c_int
-_semop = _libc.semop
-_semop.argtypes = (ctypes.c_int, ctypes.POINTER(_SemBuf), ctypes.c_size_t)
-_semop.restype = ctypes.c_int
-_semtimedop = _libc.semtimedop
-_semtimedop.argtypes = (
-    ctypes.c_int,
-    ctypes.POINTER(_SemBuf),
-    ctypes.c_size_t,
-    ctypes.POINTER(_Timespec),
-)
-_semtimedop.restype = ctypes.c_int
-_semctl = _libc.semctl  # variadic: arguments passed as explicit ctypes values
-_semctl.restype = ctypes.c_int
 
 
 def source_key(family: int, peer: object) -> bytes | None:
@@ -265,8 +239,3 @@ def _semmsl() -> int:
             return int(limits.read().split()[0])
     except (OSError, ValueError, IndexError):
         return _SEMMSL_DEFAULT
-
-
-def _oserror(call: str) -> OSError:
-    code = ctypes.get_errno()
-    return OSError(code, f"{call}: {os.strerror(code)}")
