@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from forkproxy.address import format_sockaddr
 from forkproxy.errors import ForkproxyError
 
+INETD_FD = 0  # --inetd, StandardInput=socket: the socket is standard input
+# FileDescriptorName= of a passed socket that serves metrics instead of being proxied.
+METRICS_FD_NAME = "metrics"
+
 SD_LISTEN_FDS_START = 3
 _VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
@@ -96,3 +100,19 @@ def adopt_listener(fd: int, name: str) -> Listener:
         where = "?"
     label = f"fd {fd} ({where})" if name in ("", "unknown") else f"fd {fd} '{name}' ({where})"
     return Listener(sock, "" if name == "unknown" else name, label)
+
+
+def is_connection(fd: int) -> bool:
+    """Whether `fd` is a connected stream socket (what Accept=yes passes), not a listener."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_TYPE
+        ) == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        return False
+    finally:
+        sock.detach()  # only looked at it

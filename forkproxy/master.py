@@ -19,18 +19,24 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from setproctitle import setproctitle
 
 from forkproxy import logs
-from forkproxy.activation import Listener, adopt_listener, passed_fds
+from forkproxy.activation import (
+    INETD_FD,
+    METRICS_FD_NAME,
+    Listener,
+    adopt_listener,
+    is_connection,
+    passed_fds,
+)
 from forkproxy.admission import Admission
 from forkproxy.config import MAX_WORKERS, Config
 from forkproxy.errors import ForkproxyError
 from forkproxy.listeners import bind_listener, close_listeners
-from forkproxy.metrics import METRICS_FD_NAME, MetricsEndpoint, open_metrics
 from forkproxy.notify import Notifier, watchdog_interval
-from forkproxy.oneshot import INETD_FD, is_connection, relay_connection
 from forkproxy.per_source import SourceLimit, entries_for
 from forkproxy.relay import check_pipe_size
 from forkproxy.scoreboard import (
@@ -44,7 +50,7 @@ from forkproxy.scoreboard import (
 )
 from forkproxy.targets import check_routes
 from forkproxy.timespan import format_timespan
-from forkproxy.worker import (
+from forkproxy.workerspec import (
     EVENT_FORMAT,
     EVENT_IDLE,
     EVENT_READY,
@@ -52,8 +58,10 @@ from forkproxy.worker import (
     EXIT_CANNOT_START,
     PIPE_POOL_KEEP,
     WorkerSpec,
-    run_worker,
 )
+
+if TYPE_CHECKING:
+    from forkproxy.metrics import MetricsEndpoint
 
 log = logging.getLogger("forkproxy")
 
@@ -109,18 +117,26 @@ def run(config: Config) -> int:
     if config.inetd:
         # StandardInput=socket: a connection (Accept=yes) or a listener (Accept=no).
         if is_connection(INETD_FD):
-            return relay_connection(config, INETD_FD, "standard input (--inetd)")
+            return _relay_connection(config, INETD_FD, "standard input (--inetd)")
         passed = [(INETD_FD, "unknown")]
     else:
         passed = passed_fds()
     if len(passed) == 1 and is_connection(passed[0][0]):
         # Accept=yes: systemd accepted the client and passed the connection itself.
-        return relay_connection(config, passed[0][0], f"fd {passed[0][0]} from systemd")
+        return _relay_connection(config, passed[0][0], f"fd {passed[0][0]} from systemd")
     master = Master(config, passed)
     try:
         return master.run()
     finally:
         master.close()
+
+
+def _relay_connection(config: Config, fd: int, what: str) -> int:
+    # Imported here: the one-shot relay needs uvloop, which a master never loads (the
+    # workers it forks load their own, so they do not start with a copy of it).
+    from forkproxy.oneshot import relay_connection
+
+    return relay_connection(config, fd, what)
 
 
 class Master:
@@ -210,10 +226,14 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup[0], selectors.EVENT_READ, self._on_wakeup)
         self.selector.register(self.events[0], selectors.EVENT_READ, self._on_worker_events)
-        # Issue 4: metrics are served from this loop (None without a metrics socket).
-        self.metrics = open_metrics(
-            self.metrics_listeners, self.selector, self, self.scoreboard, self.admission
-        )
+        # Issue 4: metrics are served from this loop. prometheus_client is loaded only
+        # when there is a metrics socket: every worker forked later starts with a copy.
+        if self.metrics_listeners:
+            from forkproxy.metrics import open_metrics
+
+            self.metrics = open_metrics(
+                self.metrics_listeners, self.selector, self, self.scoreboard, self.admission
+            )
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:
             signal.signal(signum, _ignore_signal)
@@ -409,6 +429,9 @@ class Master:
             status = 70  # EX_SOFTWARE: a bug escaped the worker
             try:
                 self._drop_master_resources()
+                # Imported after fork: the master never loads uvloop (see workerspec.py).
+                from forkproxy.worker import run_worker
+
                 status = run_worker(spec)
             except BaseException:
                 log.exception("worker %d crashed", slot)

@@ -56,8 +56,6 @@ from forkproxy.scoreboard import (
 
 log = logging.getLogger("forkproxy")
 
-# FileDescriptorName= of a passed socket that serves metrics instead of being proxied.
-METRICS_FD_NAME = "metrics"
 
 CLIENT_TIMEOUT = 10.0  # one client's whole exchange: request, response, close
 MAX_REQUEST_SIZE = 8192  # request line and headers; more gets 431

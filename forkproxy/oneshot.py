@@ -17,11 +17,13 @@ import time
 
 import uvloop
 
+from forkproxy.activation import is_connection
 from forkproxy.address import format_sockaddr
 from forkproxy.config import Config
 from forkproxy.errors import ForkproxyError
 from forkproxy.notify import Notifier
 from forkproxy.options import tcp_socket_options
+from forkproxy.poller import Poller
 from forkproxy.proxy_protocol import header_encoder
 from forkproxy.relay import Direction, IdleDirection, PipePool, Relay
 from forkproxy.scoreboard import BYTES_TO_CLIENT, BYTES_TO_UPSTREAM, SLOT_WORDS
@@ -35,24 +37,6 @@ from forkproxy.upstream import (
 )
 
 log = logging.getLogger("forkproxy")
-
-INETD_FD = 0  # StandardInput=socket: the connection is standard input
-
-
-def is_connection(fd: int) -> bool:
-    """Whether `fd` is a connected stream socket (what Accept=yes passes), not a listener."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return False
-    try:
-        return sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_TYPE
-        ) == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError:
-        return False
-    finally:
-        sock.detach()  # only looked at it
 
 
 def relay_connection(config: Config, fd: int, what: str) -> int:
@@ -74,6 +58,7 @@ def relay_connection(config: Config, fd: int, what: str) -> int:
     try:
         loop.run_forever()
     finally:
+        connection.poller.close()
         connection.pool.close()
         loop.close()
         notifier.close()
@@ -96,6 +81,7 @@ class _Connection:
         self.notifier = notifier
         self.options = tcp_socket_options(config.nodelay, config.keepalive)
         self.pool = PipePool(config.pipe_size, 2)
+        self.poller = Poller(loop)
         self.counters = memoryview(bytearray(SLOT_WORDS * 8)).cast("q")  # not shared
         self.connecting: list[UpstreamConnect | FailoverConnect] = []  # for the connect timeout
         self.relay: Relay | None = None
@@ -107,7 +93,7 @@ class _Connection:
         if self.client.family in TCP_FAMILIES:
             set_socket_options(self.client, self.options)
         group = TargetGroup(self.config.targets, self.config.connect_timeout, self.options)
-        attempt = group.connect(self.loop, self.on_connected, self.on_failed)
+        attempt = group.connect(self.loop, self.poller, self.on_connected, self.on_failed)
         still_connecting = self.relay is None and self.status == 0
         if still_connecting and self.config.connect_timeout != math.inf:
             self.connecting.append(attempt)
@@ -135,7 +121,7 @@ class _Connection:
                 return
         idle = config.idle_timeout != math.inf
         self.relay = Relay(
-            self.loop,
+            self.poller,
             self.pool,
             self.client,
             upstream,

@@ -8,12 +8,17 @@ per connection for its whole life).
 Per direction, a source socket is read while its pipe has room, and the pipe is flushed
 to the destination at once; only when the destination cannot take everything is a
 writer registered, and only when the pipe is full does reading pause (exact
-backpressure, no busy loop). EOF from a source is passed on as shutdown(SHUT_WR) of the
-destination once the pipe has drained, and the other direction keeps going until it
-ends too. A reset or error on either side closes both. With --idle-timeout the
-directions are `IdleDirection`s, which flag the relay `active` on every read for the
-worker's sweep to see; without it nothing is done per event for it. Never accepts, admits
-or logs above debug.
+backpressure, no busy loop). A read that filled the pipe which the destination then took
+whole is tried again, up to READS_PER_WAKEUP times, so a bulk stream moves several pipes
+per wakeup. Interest is registered with the worker's `Poller` (poller.py).
+
+EOF from a source is passed on as shutdown(SHUT_WR) of the destination once the pipe has
+drained, and the other direction keeps going until it ends too. A reset or error on
+either side closes both. With --idle-timeout the directions are `IdleDirection`s, which
+flag the relay `active` on every read for the worker's sweep to see; without it nothing
+is done per event for it. Never accepts, admits or logs above debug. Closing breaks
+every reference cycle of a connection, so its objects are freed at once by reference
+counting, not by the cyclic garbage collector.
 """
 
 import errno
@@ -27,6 +32,8 @@ from forkproxy.errors import ForkproxyError
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
+READS_PER_WAKEUP = 4  # full pipes a direction moves per readable event, at most
+_READ_ROUNDS = (None,) * READS_PER_WAKEUP
 
 # How a connection normally dies: the peer went away. Anything else gets a warning.
 PEER_GONE_ERRNOS = frozenset(
@@ -98,6 +105,8 @@ class Direction:
 
     __slots__ = (
         "relay",
+        "io",
+        "pool",
         "src_fd",
         "dst",
         "dst_fd",
@@ -111,11 +120,6 @@ class Direction:
         "counter_field",
         "on_readable",
         "on_writable",
-        "add_reader",
-        "remove_reader",
-        "add_writer",
-        "remove_writer",
-        "pool",
     )
 
     def __init__(
@@ -126,12 +130,12 @@ class Direction:
         counters: memoryview,
         counter_field: int,
     ) -> None:
-        loop = relay.loop
-        self.relay = relay
+        self.relay: Relay | None = relay  # None once closed: no reference cycle outlives it
+        self.io = relay.io
+        self.pool = relay.pool
         self.src_fd = src.fileno()
         self.dst = dst
         self.dst_fd = dst.fileno()
-        self.pool = relay.pool
         self.pipe: Pipe | None = None
         self.pending = 0  # bytes in self.pipe
         self.reading = False  # a reader is registered on the source
@@ -141,60 +145,64 @@ class Direction:
         self.counters = counters
         self.counter_field = counter_field
         # Bound once: registering interest allocates no new callables.
-        self.on_readable = self._on_readable
-        self.on_writable = self._flush
-        self.add_reader = loop.add_reader
-        self.remove_reader = loop.remove_reader
-        self.add_writer = loop.add_writer
-        self.remove_writer = loop.remove_writer
+        self.on_readable: Callable[[], None] | None = self._on_readable
+        self.on_writable: Callable[[], None] | None = self._on_writable
 
     def start(self) -> None:
         self.reading = True
-        self.add_reader(self.src_fd, self.on_readable)
+        self.io.add_reader(self.src_fd, self.on_readable)  # type: ignore[arg-type]
 
     def _on_readable(self) -> None:
-        pipe = self.pipe
-        if pipe is None:
+        # Move up to READS_PER_WAKEUP full pipes before giving other connections a turn:
+        # a bulk stream costs one trip through the loop per that many bytes, not per pipe.
+        for _ in _READ_ROUNDS:
+            pipe = self.pipe
+            if pipe is None:
+                try:
+                    pipe = self.pipe = self.pool.acquire()
+                except OSError as error:
+                    self._fail(error)
+                    return
+            room = pipe.capacity - self.pending
             try:
-                pipe = self.pipe = self.pool.acquire()
-            except OSError as error:
-                self.relay.fail(error)
+                count = _splice(self.src_fd, pipe.write_fd, room, None, None, _SPLICE_FLAGS)
+            except BlockingIOError:
+                # Nothing moved: a read of a later round found the socket empty, or the
+                # pipe ran out of slots before bytes (each skb fragment takes a slot).
+                if self.pending:
+                    self._pause_reading()
+                else:
+                    self._return_pipe()
                 return
-        try:
-            count = _splice(
-                self.src_fd, pipe.write_fd, pipe.capacity - self.pending, None, None, _SPLICE_FLAGS
-            )
-        except BlockingIOError:
-            # Readable, yet nothing moved: the pipe ran out of slots before bytes (each
-            # skb fragment takes a slot). Wait for the destination to drain it.
-            if self.pending:
-                self._pause_reading()
-            else:
-                self._return_pipe()
-            return
-        except OSError as error:
-            self.relay.fail(error)
-            return
-        if count == 0:
-            self.eof = True
-            self._pause_reading()
-            if not self.pending:
-                self._return_pipe()
-                self._finish()
-            return
-        self.pending += count
-        self._flush()
+            except OSError as error:
+                self._fail(error)
+                return
+            if count == 0:
+                self.eof = True
+                if not self.pending:
+                    self._return_pipe()
+                    self._finish()  # may close the relay, which forgets both sockets
+                self._pause_reading()  # else EOF would stay readable; nothing if closed
+                return
+            self.pending += count
+            self._flush()
+            # Read again only if this read filled the pipe and the destination took it all.
+            if count < room or self.pipe is not None or not self.reading:
+                return
+
+    def _on_writable(self) -> None:
+        if self.pipe is not None:  # else a stale event after teardown began
+            self._flush()
 
     def _flush(self) -> None:
         pipe = self.pipe
-        if pipe is None:  # a stale writable event after teardown began
-            return
+        assert pipe is not None
         try:
             count = _splice(pipe.read_fd, self.dst_fd, self.pending, None, None, _SPLICE_FLAGS)
         except BlockingIOError:
             count = 0
         except OSError as error:
-            self.relay.fail(error)
+            self._fail(error)
             return
         if count:
             self.pending -= count
@@ -202,30 +210,35 @@ class Direction:
         if self.pending:
             if not self.writing:
                 self.writing = True
-                self.add_writer(self.dst_fd, self.on_writable)
+                self.io.add_writer(self.dst_fd, self.on_writable)  # type: ignore[arg-type]
             if self.reading and self.pending >= pipe.capacity:
                 self._pause_reading()
             return
         self._return_pipe()
         if self.writing:
             self.writing = False
-            self.remove_writer(self.dst_fd)
+            self.io.remove_writer(self.dst_fd)
         if self.eof:
             self._finish()
         elif not self.reading:
             self.reading = True
-            self.add_reader(self.src_fd, self.on_readable)
+            self.io.add_reader(self.src_fd, self.on_readable)  # type: ignore[arg-type]
 
     def _pause_reading(self) -> None:
         if self.reading:
             self.reading = False
-            self.remove_reader(self.src_fd)
+            self.io.remove_reader(self.src_fd)
 
     def _return_pipe(self) -> None:
         pipe = self.pipe
         if pipe is not None:
             self.pipe = None
             self.pool.release(pipe)
+
+    def _fail(self, error: OSError) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.fail(error)
 
     def _finish(self) -> None:
         """EOF read and every byte delivered: pass the EOF on (half-close)."""
@@ -234,18 +247,18 @@ class Direction:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as error:
             if error.errno not in PEER_GONE_ERRNOS:
-                self.relay.fail(error)
+                self._fail(error)
                 return
-        self.relay.on_direction_done()
+        relay = self.relay
+        if relay is not None:
+            relay.on_direction_done()
 
     def stop(self) -> None:
-        """Drop interest and the pipe; the relay closes the sockets."""
-        if self.reading:
-            self.reading = False
-            self.remove_reader(self.src_fd)
-        if self.writing:
-            self.writing = False
-            self.remove_writer(self.dst_fd)
+        """Drop the pipe and every reference back to the relay; the relay has made the
+        poller forget both sockets and closes them."""
+        self.reading = self.writing = False
+        self.relay = None
+        self.on_readable = self.on_writable = None
         pipe = self.pipe
         if pipe is not None:
             self.pipe = None
@@ -262,7 +275,9 @@ class IdleDirection(Direction):
     __slots__ = ()
 
     def _on_readable(self) -> None:
-        self.relay.active = True
+        relay = self.relay
+        if relay is not None:
+            relay.active = True
         Direction._on_readable(self)
 
 
@@ -274,7 +289,7 @@ class Relay:
     """
 
     __slots__ = (
-        "loop",
+        "io",
         "pool",
         "client",
         "upstream",
@@ -293,7 +308,7 @@ class Relay:
 
     def __init__(
         self,
-        loop: "EventLoop",
+        io: "Readiness",
         pool: PipePool,
         client: socket.socket,
         upstream: socket.socket,
@@ -303,7 +318,7 @@ class Relay:
         on_close: Callable[["Relay"], None],
         direction: type[Direction] = Direction,
     ) -> None:
-        self.loop = loop
+        self.io = io
         self.pool = pool
         self.client = client
         self.upstream = upstream
@@ -339,20 +354,26 @@ class Relay:
         if self.closed:
             return
         self.closed = True
+        io = self.io
+        client = self.client
+        upstream = self.upstream
+        io.forget(client.fileno())
+        io.forget(upstream.fileno())
         self.client_to_upstream.stop()
         self.upstream_to_client.stop()
-        self.client.close()
-        self.upstream.close()
+        client.close()
+        upstream.close()
         self.on_close(self)
 
 
-class EventLoop(Protocol):
-    """The part of an asyncio loop a relay uses (uvloop's in production)."""
+class Readiness(Protocol):
+    """Where a relay registers interest in its sockets (a `poller.Poller`)."""
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> object: ...
     def remove_reader(self, fd: int) -> object: ...
     def add_writer(self, fd: int, callback: Callable[[], None]) -> object: ...
     def remove_writer(self, fd: int) -> object: ...
+    def forget(self, fd: int) -> object: ...
 
 
 def check_pipe_size(size: int) -> None:

@@ -9,18 +9,22 @@ failure by meeting it, which needs no shared memory. Never logs; the worker pass
 `on_target_failed` to report failures.
 """
 
-import asyncio
 import errno
 import math
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from forkproxy.activation import Listener
 from forkproxy.address import UpstreamAddress
 from forkproxy.errors import ForkproxyError
 from forkproxy.options import Route
+from forkproxy.relay import Readiness
 from forkproxy.upstream import SocketOptions, UpstreamConnect
+
+if TYPE_CHECKING:
+    import asyncio
 
 COOLDOWN = 5.0  # seconds a target that failed to connect is tried only if all others fail
 # Failures of this machine, not of a target: no cool-down, and no other target is tried.
@@ -63,15 +67,19 @@ class TargetGroup:
         self._clock = clock
 
     def connect(
-        self, loop: asyncio.AbstractEventLoop, on_connected: OnConnected, on_failed: OnFailed
+        self,
+        loop: "asyncio.AbstractEventLoop",
+        io: Readiness,
+        on_connected: OnConnected,
+        on_failed: OnFailed,
     ) -> "UpstreamConnect | FailoverConnect":
         """Start connecting one client; exactly one of the callbacks will run."""
         if len(self.targets) == 1:
             attempt: UpstreamConnect | FailoverConnect = UpstreamConnect(
-                loop, self.targets[0], on_connected, on_failed, self.timeout, self.options
+                loop, io, self.targets[0], on_connected, on_failed, self.timeout, self.options
             )
         else:
-            attempt = FailoverConnect(self, loop, on_connected, on_failed)
+            attempt = FailoverConnect(self, loop, io, on_connected, on_failed)
         attempt.start()
         return attempt
 
@@ -104,17 +112,19 @@ class TargetGroup:
 class FailoverConnect:
     """One client's connection: each target of a group in `order()` until one connects."""
 
-    __slots__ = ("group", "loop", "on_connected", "on_failed", "order", "step", "current")
+    __slots__ = ("group", "loop", "io", "on_connected", "on_failed", "order", "step", "current")
 
     def __init__(
         self,
         group: TargetGroup,
-        loop: asyncio.AbstractEventLoop,
+        loop: "asyncio.AbstractEventLoop",
+        io: Readiness,
         on_connected: OnConnected,
         on_failed: OnFailed,
     ) -> None:
         self.group = group
         self.loop = loop
+        self.io = io
         self.on_connected = on_connected
         self.on_failed = on_failed
         self.order = group.order()
@@ -135,6 +145,7 @@ class FailoverConnect:
         group = self.group
         self.current = UpstreamConnect(
             self.loop,
+            self.io,
             group.targets[index],
             self._on_connected,
             self._on_target_failed,

@@ -8,15 +8,19 @@ get their options before connect(). Never relays and never logs: the outcome
 goes to the caller's `on_connected(sock)` or `on_failed(error)`, exactly one of them.
 """
 
-import asyncio
 import errno
 import math
 import socket
 import time
 from collections.abc import Callable
 from os import strerror
+from typing import TYPE_CHECKING
 
 from forkproxy.address import SockAddr, UpstreamAddress
+from forkproxy.relay import Readiness
+
+if TYPE_CHECKING:
+    import asyncio
 
 _CONNECTING_ERRNOS = frozenset({errno.EINPROGRESS})
 TCP_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
@@ -49,6 +53,7 @@ class UpstreamConnect:
 
     __slots__ = (
         "_loop",
+        "_io",
         "_target",
         "_on_connected",
         "_on_failed",
@@ -65,14 +70,16 @@ class UpstreamConnect:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        loop: "asyncio.AbstractEventLoop",
+        io: Readiness,
         target: UpstreamAddress,
         on_connected: Callable[[socket.socket], None],
         on_failed: Callable[[OSError], None],
         timeout: float = math.inf,
         options: SocketOptions = (),
     ) -> None:
-        self._loop = loop
+        self._loop = loop  # resolves host names
+        self._io = io  # watches the connecting socket
         self._target = target
         self._on_connected = on_connected
         self._on_failed = on_failed
@@ -155,13 +162,22 @@ class UpstreamConnect:
                     self._error = error
                     continue
             code = sock.connect_ex(sockaddr)
+            if code == errno.EINPROGRESS:
+                # On loopback the handshake usually completes inside connect(2), which
+                # still says EINPROGRESS: asking again costs one call and answers 0, where
+                # waiting costs a registration, a trip through the loop and SO_ERROR.
+                again = sock.connect_ex(sockaddr)
+                if again in (0, errno.EISCONN):
+                    code = 0
+                elif again not in (errno.EALREADY, errno.EINPROGRESS):
+                    code = again  # refused meanwhile
             if code == 0:
                 self._succeed(sock)
                 return
             if code in _CONNECTING_ERRNOS:
                 self._sock = sock
                 self.deadline = _monotonic() + self._timeout
-                self._loop.add_writer(sock.fileno(), self._on_writable)
+                self._io.add_writer(sock.fileno(), self._on_writable)
                 return
             sock.close()
             self._error = OSError(code, strerror(code))
@@ -171,7 +187,7 @@ class UpstreamConnect:
         sock = self._sock
         if sock is None:
             return
-        self._loop.remove_writer(sock.fileno())
+        self._io.remove_writer(sock.fileno())
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code == 0:
             self._sock = None
@@ -185,7 +201,7 @@ class UpstreamConnect:
         sock = self._sock
         if sock is not None:
             self._sock = None
-            self._loop.remove_writer(sock.fileno())
+            self._io.remove_writer(sock.fileno())
             sock.close()
 
     def _succeed(self, sock: socket.socket) -> None:

@@ -11,6 +11,7 @@ connection while off: their per-worker parts are built once in `_setup_relay_opt
 
 import ctypes
 import errno
+import gc
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import struct
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import partial
 
 import uvloop
 from setproctitle import setproctitle
@@ -29,11 +30,11 @@ from setproctitle import setproctitle
 from forkproxy import logs
 from forkproxy.activation import Listener
 from forkproxy.address import UpstreamAddress, format_sockaddr
-from forkproxy.admission import NO_TOKEN, Admission
+from forkproxy.admission import NO_TOKEN
 from forkproxy.capacity_wait import CapacityWaiter
-from forkproxy.config import Config
 from forkproxy.options import ON_LIMIT_QUEUE, tcp_socket_options
-from forkproxy.per_source import BUSY, SourceLimit, source_key
+from forkproxy.per_source import BUSY, source_key
+from forkproxy.poller import Poller
 from forkproxy.proxy_protocol import HeaderEncoder, header_encoder
 from forkproxy.relay import PEER_GONE_ERRNOS, Direction, IdleDirection, PipePool, Relay
 from forkproxy.scoreboard import (
@@ -54,7 +55,6 @@ from forkproxy.scoreboard import (
     PID,
     REFUSED,
     STATE,
-    Scoreboard,
     SlotState,
 )
 from forkproxy.targets import COOLDOWN, FailoverConnect, TargetGroup, route_groups
@@ -66,22 +66,19 @@ from forkproxy.upstream import (
     send_proxy_header,
     set_socket_options,
 )
+from forkproxy.workerspec import (
+    EVENT_FORMAT,
+    EVENT_IDLE,
+    EVENT_READY,
+    EXIT_CANNOT_START,
+    EXIT_MASTER_GONE,
+    EXIT_OK,
+    MASTER_DEATH_SIGNAL,
+    PIPE_POOL_KEEP,
+    WorkerSpec,
+)
 
 log = logging.getLogger("forkproxy")
-
-# Exit statuses: the protocol between a worker and its master.
-EXIT_OK = 0
-EXIT_CANNOT_START = 3  # setup failed: respawning would fail the same way
-EXIT_MASTER_GONE = 4
-
-# Messages on the event pipe to the master: struct EVENT_FORMAT (slot, event).
-EVENT_FORMAT = "=HH"
-EVENT_SIZE = struct.calcsize(EVENT_FORMAT)
-EVENT_READY = 1  # the worker is accepting
-EVENT_IDLE = 2  # the worker's last connection closed (sent only with --exit-idle-time)
-
-# The signal the kernel sends a worker when its master dies (PR_SET_PDEATHSIG).
-MASTER_DEATH_SIGNAL = signal.SIGUSR2
 
 ACCEPT_BATCH = 32  # accepts per wakeup: bounded, so one busy listener cannot starve the rest
 ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
@@ -89,28 +86,11 @@ ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
 # new clients would leave fewer (at most a quarter of those free at start), so a flood of
 # clients cannot take the pipes connections already relaying need, and waits in the backlog.
 FD_HEADROOM = 32
-PIPE_POOL_KEEP = 64  # empty pipes a worker keeps for reuse
 
 _PR_SET_PDEATHSIG = 1
 # Fault injection for tests: FORKPROXY_FAILPOINT=worker-crash makes every worker crash at
 # start, as a bug would (uncaught exception, exit status 70).
 _FAILPOINT = "FORKPROXY_FAILPOINT"
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """What the master hands a new worker."""
-
-    config: Config
-    slot: int
-    generation: int
-    listeners: tuple[Listener, ...]
-    scoreboard: Scoreboard
-    admission: Admission
-    events_fd: int
-    master_pid: int
-    heartbeat_interval: float
-    per_source: SourceLimit | None = None  # --max-connections-per-source; the master's
 
 
 def run_worker(spec: WorkerSpec) -> int:
@@ -193,6 +173,11 @@ class Worker:
         self._reset_signals()
         _set_parent_death_signal(MASTER_DEATH_SIGNAL)
         self.loop = uvloop.new_event_loop()
+        # Connection sockets are watched through this epoll, which the loop sees as one fd.
+        self.poller = Poller(self.loop)
+        self.accept_callbacks = {
+            listener.fd: partial(self.on_listener_readable, listener) for listener in self.listeners
+        }
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
         self._setup_relay_options(spec)
@@ -262,24 +247,30 @@ class Worker:
         # once run_forever() has installed its wakeup fd, so unblock from inside the loop:
         # a SIGTERM that arrived during start-up is handled now rather than lost.
         self.loop.call_soon(signal.pthread_sigmask, signal.SIG_SETMASK, set())
+        # Everything built so far lives as long as the worker: keep it out of the cyclic
+        # collector's work (a connection's objects are freed by reference counting).
+        gc.freeze()
         try:
             self.loop.run_forever()
         finally:
+            self.poller.close()
             self.pool.close()
         return EXIT_OK
 
     # -- accepting ---------------------------------------------------------------------
 
     def _start_accepting(self) -> None:
+        # In our poller too: a wakeup that finds new clients and ready connections
+        # serves both in one dispatch.
         self.accepting = True
         for listener in self.listeners:
-            self.loop.add_reader(listener.fd, self.on_listener_readable, listener)
+            self.poller.add_reader(listener.fd, self.accept_callbacks[listener.fd])
 
     def _stop_accepting(self) -> None:
         if self.accepting:
             self.accepting = False
             for listener in self.listeners:
-                self.loop.remove_reader(listener.fd)
+                self.poller.remove_reader(listener.fd)
 
     def on_listener_readable(self, listener: Listener) -> None:
         accept = listener.sock._accept  # type: ignore[attr-defined]  # fd, no socket object
@@ -432,9 +423,12 @@ class Worker:
     ) -> None:
         pending = _PendingClient(self, client, token, peer, group, source_token)
         self.pending.add(pending)
-        pending.connect = group.connect(self.loop, pending.on_connected, pending.on_failed)
+        pending.connect = group.connect(
+            self.loop, self.poller, pending.on_connected, pending.on_failed
+        )
+        # On loopback the connect usually completed (or failed) inside group.connect().
         sweep = self.connect_sweep
-        if sweep is not None and not sweep.armed:
+        if sweep is not None and not sweep.armed and pending in self.pending:
             sweep.arm()
 
     def _sweep_connects(self, now: float) -> None:
@@ -463,7 +457,7 @@ class Worker:
         if self.proxy_header is not None and not self._send_proxy_header(pending, upstream):
             return
         relay = Relay(
-            self.loop,
+            self.poller,
             self.pool,
             pending.client,
             upstream,
@@ -530,7 +524,9 @@ class Worker:
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:
             return  # closed meanwhile by the graceful timeout
-        pending.connect = pending.group.connect(self.loop, pending.on_connected, pending.on_failed)
+        pending.connect = pending.group.connect(
+            self.loop, self.poller, pending.on_connected, pending.on_failed
+        )
 
     # -- closing -------------------------------------------------------------------------
 

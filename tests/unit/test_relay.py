@@ -7,6 +7,7 @@ import threading
 import pytest
 import uvloop
 
+from forkproxy.poller import Poller
 from forkproxy.relay import PipePool, Relay
 
 
@@ -23,7 +24,7 @@ class Harness:
         self.pool = PipePool(0, 4)
         self.closed: list[Relay] = []
         self.relay = Relay(
-            self.loop, self.pool, client, upstream, self.counters, 0, 1, self.closed.append
+            Poller(self.loop), self.pool, client, upstream, self.counters, 0, 1, self.closed.append
         )
         self.relay.start()
 
@@ -110,8 +111,8 @@ def test_backpressure_pauses_reading_without_spinning(harness: Harness) -> None:
 
     original_on_readable = direction.on_readable
     direction.on_readable = counting
-    direction.remove_reader(direction.src_fd)
-    direction.add_reader(direction.src_fd, counting)
+    direction.io.remove_reader(direction.src_fd)
+    direction.io.add_reader(direction.src_fd, counting)
 
     payload = os.urandom(8 << 20)
     sender = _sender(harness.client_app, payload)

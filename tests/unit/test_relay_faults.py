@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import uvloop
 
+from forkproxy.poller import Poller
 from forkproxy.relay import Pipe, PipePool, Relay
 
 
@@ -44,7 +45,7 @@ class Pair:
         client.setblocking(False)
         upstream.setblocking(False)
         self.counters = memoryview(bytearray(16 * 8)).cast("q")
-        self.relay = Relay(loop, pool, client, upstream, self.counters, 0, 1, closed.append)
+        self.relay = Relay(Poller(loop), pool, client, upstream, self.counters, 0, 1, closed.append)
         self.relay.start()
 
     def close(self) -> None:

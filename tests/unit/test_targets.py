@@ -12,6 +12,7 @@ from forkproxy.activation import Listener
 from forkproxy.address import UpstreamAddress, parse_upstream
 from forkproxy.errors import ForkproxyError
 from forkproxy.options import Route
+from forkproxy.poller import Poller
 from forkproxy.targets import COOLDOWN, TargetGroup, check_routes, route_groups
 
 
@@ -40,7 +41,7 @@ def _connect(
     group: TargetGroup, loop: asyncio.AbstractEventLoop
 ) -> "asyncio.Future[socket.socket]":
     future: asyncio.Future[socket.socket] = loop.create_future()
-    group.connect(loop, future.set_result, future.set_exception)
+    group.connect(loop, Poller(loop), future.set_result, future.set_exception)
     return future
 
 

@@ -13,6 +13,7 @@ import pytest
 import uvloop
 
 from forkproxy.address import parse_upstream
+from forkproxy.poller import Poller
 from forkproxy.relay import Direction, IdleDirection, PipePool, Relay
 from forkproxy.timeouts import (
     SWEEP_INTERVAL_MAX,
@@ -47,7 +48,7 @@ def _relay(
         sock.setblocking(False)
     closed: list[Relay] = []
     counters = memoryview(bytearray(8 * 16)).cast("q")
-    relay = Relay(loop, pool, client, upstream, counters, 0, 1, closed.append, direction)
+    relay = Relay(Poller(loop), pool, client, upstream, counters, 0, 1, closed.append, direction)
     return relay, client_far, upstream_far, closed
 
 
@@ -135,7 +136,12 @@ def test_connect_expires_at_its_deadline(
     host, port = never_accepting
     failures: list[OSError] = []
     connect = UpstreamConnect(
-        loop, parse_upstream(f"{host}:{port}"), lambda s: s.close(), failures.append, 5.0
+        loop,
+        Poller(loop),
+        parse_upstream(f"{host}:{port}"),
+        lambda s: s.close(),
+        failures.append,
+        5.0,
     )
     connect.start()
     deadline = connect.deadline
@@ -151,7 +157,7 @@ def test_no_timeout_means_no_deadline(loop: asyncio.AbstractEventLoop) -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         target = parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")
         connected: list[socket.socket] = []
-        connect = UpstreamConnect(loop, target, connected.append, lambda e: None)
+        connect = UpstreamConnect(loop, Poller(loop), target, connected.append, lambda e: None)
         connect.start()
         assert math.isinf(connect.deadline)
         assert not connect.expire(1e18)

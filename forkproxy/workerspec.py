@@ -1,0 +1,48 @@
+"""What a master hands a new worker, and the messages and exit statuses between them.
+
+Kept apart from worker.py so the master can fork workers without importing the worker's
+event loop: uvloop and asyncio are loaded by each worker after fork, not by the master,
+whose memory every worker would otherwise start with (issue 7's idle-memory target).
+"""
+
+import signal
+import struct
+from dataclasses import dataclass
+
+from forkproxy.activation import Listener
+from forkproxy.admission import Admission
+from forkproxy.config import Config
+from forkproxy.per_source import SourceLimit
+from forkproxy.scoreboard import Scoreboard
+
+# Exit statuses of a worker.
+EXIT_OK = 0
+EXIT_CANNOT_START = 3  # setup failed: respawning would fail the same way
+EXIT_MASTER_GONE = 4
+
+# Messages on the event pipe to the master: struct EVENT_FORMAT (slot, event).
+EVENT_FORMAT = "=HH"
+EVENT_SIZE = struct.calcsize(EVENT_FORMAT)
+EVENT_READY = 1  # the worker is accepting
+EVENT_IDLE = 2  # the worker's last connection closed (sent only with --exit-idle-time)
+
+# The signal the kernel sends a worker when its master dies (PR_SET_PDEATHSIG).
+MASTER_DEATH_SIGNAL = signal.SIGUSR2
+
+PIPE_POOL_KEEP = 64  # empty pipes a worker keeps for reuse
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What the master hands a new worker."""
+
+    config: Config
+    slot: int
+    generation: int
+    listeners: tuple[Listener, ...]
+    scoreboard: Scoreboard
+    admission: Admission
+    events_fd: int
+    master_pid: int
+    heartbeat_interval: float
+    per_source: SourceLimit | None = None  # --max-connections-per-source; the master's
