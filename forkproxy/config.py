@@ -19,7 +19,7 @@ MAX_WORKERS = 128
 # Issue 6 defaults; docs/relay-options.md gives the measurements behind the last two.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_NODELAY = True
-DEFAULT_PIPE_SIZE = 64 * 1024
+DEFAULT_PIPE_SIZE = 256 * 1024  # systemd-socket-proxyd's too; measured in docs/relay-options.md
 PIPE_SIZE_MIN = 4096  # one page: the smallest pipe F_SETPIPE_SZ makes
 PIPE_SIZE_MAX = 1 << 30
 MAX_CONNECTIONS_PER_SOURCE = 32767  # SEMVMX: the most a SysV semaphore counts

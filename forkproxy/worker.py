@@ -74,8 +74,8 @@ from forkproxy.workerspec import (
     EXIT_MASTER_GONE,
     EXIT_OK,
     MASTER_DEATH_SIGNAL,
-    PIPE_POOL_KEEP,
     WorkerSpec,
+    pipe_pool_keep,
 )
 
 log = logging.getLogger("forkproxy")
@@ -160,7 +160,7 @@ class Worker:
         self.admission.spread_from(spec.slot)
         self.slot = spec.scoreboard.slot(spec.slot)
         self.listeners = spec.listeners
-        self.pool = PipePool(spec.config.pipe_size, PIPE_POOL_KEEP)
+        self.pool = PipePool(spec.config.pipe_size, pipe_pool_keep(spec.config.pipe_size))
         self.pending: set[_PendingClient] = set()
         self.relays: set[Relay] = set()
         self.draining = False

@@ -29,7 +29,15 @@ EVENT_IDLE = 2  # the worker's last connection closed (sent only with --exit-idl
 # The signal the kernel sends a worker when its master dies (PR_SET_PDEATHSIG).
 MASTER_DEATH_SIGNAL = signal.SIGUSR2
 
-PIPE_POOL_KEEP = 64  # empty pipes a worker keeps for reuse
+PIPE_POOL_KEEP = 64  # empty pipes a worker keeps for reuse, at most
+# ... and at most this much pipe capacity: the kernel counts an empty pipe's size against
+# the user's pipe limit (/proc/sys/fs/pipe-user-pages-soft) as if it were full.
+PIPE_POOL_BYTES = 4 << 20
+
+
+def pipe_pool_keep(pipe_size: int) -> int:
+    """How many empty pipes of `pipe_size` bytes a worker keeps for reuse."""
+    return max(4, min(PIPE_POOL_KEEP, PIPE_POOL_BYTES // pipe_size))
 
 
 @dataclass(frozen=True, slots=True)

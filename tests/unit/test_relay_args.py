@@ -69,7 +69,7 @@ def test_every_option() -> None:
             "--idle-timeout=5min",
             "--keepalive=1min,10,6",
             "--no-nodelay",
-            "--pipe-size=256K",
+            "--pipe-size=128K",
             "--on-limit=queue",
             "--max-connections-per-source=8",
             "--route=web=/run/web.sock",
@@ -84,7 +84,7 @@ def test_every_option() -> None:
     assert (config.connect_timeout, config.idle_timeout) == (2.5, 300.0)
     assert config.keepalive == KeepAlive(60, 10, 6)
     assert config.nodelay is False
-    assert config.pipe_size == 256 * 1024
+    assert config.pipe_size == 128 * 1024
     assert config.on_limit == "queue"
     assert config.max_connections_per_source == 8
     assert [target.text for target in config.targets] == ["a:1", "vsock:3:1024"]
