@@ -16,7 +16,10 @@ import select
 from collections.abc import Callable
 from typing import Protocol
 
-_IN = select.EPOLLIN
+# EPOLLRDHUP with the read interest: a wakeup also tells whether the peer has sent its
+# FIN, so a reader can take the data and the EOF behind it in one go (`peer_closed`).
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_RDHUP = select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 # An error or hang-up wakes whichever side is registered, as it does in libuv.
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
@@ -38,7 +41,7 @@ class Loop(Protocol):
 class Poller:
     """add_reader/add_writer for connection sockets; dispatches their events itself."""
 
-    __slots__ = ("_epoll", "_watches", "_gone", "_loop")
+    __slots__ = ("_epoll", "_watches", "_gone", "_loop", "peer_closed")
 
     def __init__(self, loop: Loop) -> None:
         self._epoll = select.epoll()
@@ -48,6 +51,9 @@ class Poller:
         # batch belongs to the closed socket, not to a new one that got the same number.
         self._gone: set[int] = set()
         self._loop = loop
+        # While a reader runs: non-zero if its socket's peer has shut down writing, so
+        # everything left to read ends in EOF. Zero outside the dispatch of an event.
+        self.peer_closed = 0
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -109,7 +115,9 @@ class Poller:
             if events & _READ_EVENTS:
                 reader = watch[1]
                 if reader is not None:
+                    self.peer_closed = events & _RDHUP
                     reader()
+                    self.peer_closed = 0
                     if fd in gone:  # the reader closed it
                         continue
             if events & _WRITE_EVENTS:

@@ -6,11 +6,12 @@ idle connection costs two descriptors, not six (systemd-socket-proxyd keeps two 
 per connection for its whole life).
 
 Per direction, a source socket is read while its pipe has room, and the pipe is flushed
-to the destination at once; only when the destination cannot take everything is a
-writer registered, and only when the pipe is full does reading pause (exact
-backpressure, no busy loop). A read that filled the pipe which the destination then took
-whole is tried again, up to READS_PER_WAKEUP times, so a bulk stream moves several pipes
-per wakeup. Interest is registered with the worker's `Poller` (poller.py).
+to the destination at once; only when the destination cannot take everything is a writer
+registered, and only when the pipe is full does reading pause (exact backpressure, no
+busy loop). A read that filled the pipe which the destination then took whole is tried
+again, up to READS_PER_WAKEUP times, so a bulk stream moves several pipes per wakeup; so
+is one whose peer has sent its FIN, so the EOF costs no wakeup of its own. Interest is
+registered with the worker's `Poller` (poller.py).
 
 EOF from a source is passed on as shutdown(SHUT_WR) of the destination once the pipe has
 drained, and the other direction keeps going until it ends too. A reset or error on
@@ -186,8 +187,11 @@ class Direction:
                 return
             self.pending += count
             self._flush()
-            # Read again only if this read filled the pipe and the destination took it all.
-            if count < room or self.pipe is not None or not self.reading:
+            if self.pipe is not None or not self.reading:
+                return  # the destination did not take it all: wait for it
+            # Read again if this read filled the pipe, or if the peer has sent its FIN:
+            # then the EOF is read now, not on a wakeup of its own.
+            if count < room and not self.io.peer_closed:
                 return
 
     def _on_writable(self) -> None:
@@ -374,6 +378,9 @@ class Readiness(Protocol):
     def add_writer(self, fd: int, callback: Callable[[], None]) -> object: ...
     def remove_writer(self, fd: int) -> object: ...
     def forget(self, fd: int) -> object: ...
+
+    @property
+    def peer_closed(self) -> int: ...
 
 
 def check_pipe_size(size: int) -> None:

@@ -171,3 +171,27 @@ def test_a_pipe_with_bytes_in_flight_is_not_reused(harness: Harness) -> None:
     assert pipe not in harness.pool._free
     with pytest.raises(OSError):
         os.fstat(pipe.read_fd)
+
+
+def test_data_and_the_eof_behind_it_take_one_wakeup(harness: Harness) -> None:
+    """A peer that wrote and shut down: its data and its EOF are read in one go, not on
+    two wakeups (the poller reports EPOLLRDHUP with the data)."""
+    direction = harness.relay.client_to_upstream
+    calls = 0
+
+    def counting() -> None:
+        nonlocal calls
+        calls += 1
+        original_on_readable()
+
+    original_on_readable = direction.on_readable
+    assert original_on_readable is not None
+    direction.on_readable = counting
+    direction.io.remove_reader(direction.src_fd)
+    direction.io.add_reader(direction.src_fd, counting)
+    harness.client_app.sendall(b"last words")
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: direction.done)
+    assert calls == 1
+    assert harness.upstream_app.recv(100) == b"last words"
+    assert harness.upstream_app.recv(100) == b""  # the EOF was passed on
