@@ -26,16 +26,24 @@ GIB = 1 << 30
 SOCKET_PROXYD = "/lib/systemd/systemd-socket-proxyd"
 
 
-def _wait_listening(port: int, timeout: float = 10.0) -> None:
+def _wait_served(port: int, timeout: float = 10.0) -> None:
+    """Connect until the proxy listens, then wait until it has dealt with that probe: it
+    closes it once the upstream refuses. (Starting iperf3 sooner, the probe could reach
+    it and be taken for the one test a one-off server runs.)"""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            probe = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            break
         except ConnectionRefusedError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)  # no readiness signal to wait on from outside the proxy
+    with probe:
+        try:
+            probe.recv(1)  # EOF or a reset: the proxy closed it
+        except ConnectionResetError:
+            pass
 
 
 def _one_stream(proxy_argv: list[str], gib: int) -> tuple[float, float]:
@@ -52,10 +60,10 @@ def _one_stream(proxy_argv: list[str], gib: int) -> tuple[float, float]:
     )
     server: subprocess.Popen[str] | None = None
     try:
-        # Before iperf3 listens: the probe is relayed to a closed port, not taken for a test.
-        _wait_listening(listen_port)
+        _wait_served(listen_port)
         server = subprocess.Popen(
-            ["iperf3", "--server", "--one-off", "--bind", "127.0.0.1", "--port", str(target_port)],
+            ["iperf3", "--server", "--one-off", "--forceflush"]
+            + ["--bind", "127.0.0.1", "--port", str(target_port)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -76,6 +84,8 @@ def _one_stream(proxy_argv: list[str], gib: int) -> tuple[float, float]:
         )
         after = tree_usage(proxy.pid).cpu_seconds
         report = json.loads(result.stdout)
+        if "error" in report:
+            raise RuntimeError(f"iperf3: {report['error']}")
         return (after - before) / gib, report["end"]["sum_received"]["bits_per_second"] / 1e9
     finally:
         os.killpg(proxy.pid, signal.SIGTERM)
