@@ -50,6 +50,7 @@ from forkproxy.scoreboard import (
 )
 from forkproxy.targets import check_routes
 from forkproxy.timespan import format_timespan
+from forkproxy.worker import run_worker
 from forkproxy.workerspec import (
     EVENT_FORMAT,
     EVENT_IDLE,
@@ -429,9 +430,6 @@ class Master:
             status = 70  # EX_SOFTWARE: a bug escaped the worker
             try:
                 self._drop_master_resources()
-                # Imported after fork: the master never loads uvloop (see workerspec.py).
-                from forkproxy.worker import run_worker
-
                 status = run_worker(spec)
             except BaseException:
                 log.exception("worker %d crashed", slot)

@@ -54,8 +54,8 @@ def relay_connection(config: Config, fd: int, what: str) -> int:
     connection = _Connection(config, loop, client, peer, notifier)
     loop.add_signal_handler(signal.SIGTERM, connection.on_sigterm)
     loop.add_signal_handler(signal.SIGINT, connection.on_sigterm)
-    connection.start()
     try:
+        connection.start()  # on loopback the relay may start (or the connect fail) in here
         loop.run_forever()
     finally:
         connection.poller.close()
@@ -91,7 +91,10 @@ class _Connection:
 
     def start(self) -> None:
         if self.client.family in TCP_FAMILIES:
-            set_socket_options(self.client, self.options)
+            try:
+                set_socket_options(self.client, self.options)
+            except OSError:
+                pass  # the client is gone already: its relay will find out
         group = TargetGroup(self.config.targets, self.config.connect_timeout, self.options)
         attempt = group.connect(self.loop, self.poller, self.on_connected, self.on_failed)
         still_connecting = self.relay is None and self.status == 0

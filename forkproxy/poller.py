@@ -116,8 +116,10 @@ class Poller:
                 reader = watch[1]
                 if reader is not None:
                     self.peer_closed = events & _RDHUP
-                    reader()
-                    self.peer_closed = 0
+                    try:
+                        reader()
+                    finally:
+                        self.peer_closed = 0
                     if fd in gone:  # the reader closed it
                         continue
             if events & _WRITE_EVENTS:

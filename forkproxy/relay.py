@@ -1,6 +1,7 @@
 """One relayed connection: two spliced directions, half-close, teardown, byte counts.
 
-Bytes go socket -> pipe -> socket with splice(2) and never enter Python. Each direction
+Bytes go socket -> pipe -> socket with splice(2) and never enter Python (but for the
+bytes at a TCP urgent mark, where splice cannot go on: `_read_urgent_inline`). Each direction
 borrows a pipe from its worker's `PipePool` only while it holds bytes in flight, so an
 idle connection costs two descriptors, not six (systemd-socket-proxyd keeps two pipes
 per connection for its whole life).
@@ -34,6 +35,9 @@ from forkproxy.errors import ForkproxyError
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
 READS_PER_WAKEUP = 4  # full pipes a direction moves per readable event, at most
+_SIOCATMARK = 0x8905  # ioctl: at the TCP urgent mark? (linux/sockios.h)
+_INT_ZERO = bytes(4)
+_URGENT_READ = 4096  # bytes read through Python at an urgent mark, at most
 _READ_ROUNDS = (None,) * READS_PER_WAKEUP
 
 # How a connection normally dies: the peer went away. Anything else gets a warning.
@@ -48,6 +52,33 @@ PEER_GONE_ERRNOS = frozenset(
         errno.ENOTCONN,
     }
 )
+
+
+def _at_urgent_mark(fd: int) -> bool:
+    """Whether the next byte to read from the TCP socket `fd` is urgent data (SIOCATMARK)."""
+    try:
+        return fcntl.ioctl(fd, _SIOCATMARK, _INT_ZERO) != _INT_ZERO
+    except OSError:
+        return False  # not a TCP socket: it has no urgent data
+
+
+def _read_urgent_inline(src_fd: int, pipe_fd: int, room: int) -> int:
+    """Move the bytes at the urgent mark into the pipe through a plain read, the urgent
+    byte in its place in the stream (SO_OOBINLINE), so splice can go on after it.
+
+    The one place bytes pass through Python, and only when a peer sends urgent data.
+    """
+    sock = socket.socket(fileno=os.dup(src_fd))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        sock.setblocking(False)
+        try:
+            data = sock.recv(min(room, _URGENT_READ))
+        except BlockingIOError:
+            return 0
+    finally:
+        sock.close()
+    return os.write(pipe_fd, data)  # an empty pipe takes it whole: room >= len(data)
 
 
 class Pipe:
@@ -91,7 +122,9 @@ class PipePool:
         return Pipe(read_fd, write_fd, fcntl.fcntl(read_fd, fcntl.F_GETPIPE_SZ))
 
     def release(self, pipe: Pipe) -> None:
-        if len(self._free) < self._keep:
+        # A pipe the kernel made smaller (the per-user pipe limit was reached) is not
+        # kept: the next one may get the full size once the user's pipes are fewer.
+        if len(self._free) < self._keep and pipe.capacity >= self._size:
             self._free.append(pipe)
         else:
             pipe.close()
@@ -172,9 +205,20 @@ class Direction:
                 # pipe ran out of slots before bytes (each skb fragment takes a slot).
                 if self.pending:
                     self._pause_reading()
-                else:
+                    return
+                if not _at_urgent_mark(self.src_fd):
                     self._return_pipe()
-                return
+                    return
+                # TCP urgent data: splice(2) stops at its mark for good while the socket
+                # stays readable (a busy loop). Read past it once, the urgent byte inline.
+                try:
+                    count = _read_urgent_inline(self.src_fd, pipe.write_fd, room)
+                except OSError as error:
+                    self._fail(error)
+                    return
+                if count == 0:  # nothing to read after all
+                    self._return_pipe()
+                    return
             except OSError as error:
                 self._fail(error)
                 return

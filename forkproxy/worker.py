@@ -24,7 +24,6 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from functools import partial
 
-import uvloop
 from setproctitle import setproctitle
 
 from forkproxy import logs
@@ -172,6 +171,10 @@ class Worker:
         self.relay_failures = logs.RateLimitedLog(log, logging.WARNING)
         self._reset_signals()
         _set_parent_death_signal(MASTER_DEATH_SIGNAL)
+        # Imported here, in the worker after fork: a master that loaded uvloop (and asyncio)
+        # would hand a copy to every worker it forks (see workerspec.py).
+        import uvloop
+
         self.loop = uvloop.new_event_loop()
         # Connection sockets are watched through this epoll, which the loop sees as one fd.
         self.poller = Poller(self.loop)
@@ -423,9 +426,9 @@ class Worker:
     ) -> None:
         pending = _PendingClient(self, client, token, peer, group, source_token)
         self.pending.add(pending)
-        pending.connect = group.connect(
-            self.loop, self.poller, pending.on_connected, pending.on_failed
-        )
+        attempt = group.connect(self.loop, self.poller, pending.on_connected, pending.on_failed)
+        if pending in self.pending:  # else it connected or failed inside group.connect()
+            pending.connect = attempt
         # On loopback the connect usually completed (or failed) inside group.connect().
         sweep = self.connect_sweep
         if sweep is not None and not sweep.armed and pending in self.pending:
@@ -446,6 +449,7 @@ class Worker:
 
     def on_upstream_connected(self, pending: _PendingClient, upstream: socket.socket) -> None:
         self.pending.discard(pending)
+        pending.connect = None  # it holds our bound methods: no cycle left to the collector
         slot = self.slot
         _observe(
             slot,
@@ -497,6 +501,7 @@ class Worker:
         sweep_idle(self.relays, now, self.config.idle_timeout)
 
     def on_upstream_failed(self, pending: _PendingClient, error: OSError) -> None:
+        pending.connect = None
         if error.errno in (errno.EMFILE, errno.ENFILE) and not self.draining:
             # Issue 8: socket() found no free descriptor. Closing this client and going on
             # accepting would drop every client in the backlog at full speed; keep it, leave
@@ -524,9 +529,11 @@ class Worker:
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:
             return  # closed meanwhile by the graceful timeout
-        pending.connect = pending.group.connect(
+        attempt = pending.group.connect(
             self.loop, self.poller, pending.on_connected, pending.on_failed
         )
+        if pending in self.pending and pending.connect is None:
+            pending.connect = attempt
 
     # -- closing -------------------------------------------------------------------------
 

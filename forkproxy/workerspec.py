@@ -1,8 +1,9 @@
 """What a master hands a new worker, and the messages and exit statuses between them.
 
-Kept apart from worker.py so the master can fork workers without importing the worker's
-event loop: uvloop and asyncio are loaded by each worker after fork, not by the master,
-whose memory every worker would otherwise start with (issue 7's idle-memory target).
+The protocol between the two processes, apart from the worker's code. The master imports
+worker.py at start (so every worker runs the code the master started with), but uvloop and
+asyncio only load in each worker after fork, never in the master, whose memory every worker
+would otherwise start with (issue 7's idle-memory target).
 """
 
 import signal
@@ -37,7 +38,8 @@ PIPE_POOL_BYTES = 4 << 20
 
 def pipe_pool_keep(pipe_size: int) -> int:
     """How many empty pipes of `pipe_size` bytes a worker keeps for reuse."""
-    return max(4, min(PIPE_POOL_KEEP, PIPE_POOL_BYTES // pipe_size))
+    actual = 1 << (max(pipe_size, 4096) - 1).bit_length()  # the kernel's power of two
+    return max(4, min(PIPE_POOL_KEEP, PIPE_POOL_BYTES // actual))
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,3 +195,66 @@ def test_data_and_the_eof_behind_it_take_one_wakeup(harness: Harness) -> None:
     assert calls == 1
     assert harness.upstream_app.recv(100) == b"last words"
     assert harness.upstream_app.recv(100) == b""  # the EOF was passed on
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
+def test_urgent_data_is_relayed_inline_without_spinning() -> None:
+    """TCP urgent data stops splice(2) at its mark while the socket stays readable: the
+    relay must get past it (the urgent byte in its place) instead of spinning."""
+    loop = uvloop.new_event_loop()
+    client_app, client = _tcp_pair()
+    upstream, upstream_app = _tcp_pair()
+    for sock in (client, upstream):
+        sock.setblocking(False)
+    counters = memoryview(bytearray(16 * 8)).cast("q")
+    closed: list[Relay] = []
+    poller = Poller(loop)
+    pool = PipePool(0, 4)
+    relay = Relay(poller, pool, client, upstream, counters, 0, 1, closed.append)
+    direction = relay.client_to_upstream
+    calls = 0
+    original_on_readable = direction.on_readable
+    assert original_on_readable is not None
+
+    def counting() -> None:
+        nonlocal calls
+        calls += 1
+        original_on_readable()
+
+    direction.on_readable = counting
+    relay.start()
+    poller.remove_reader(direction.src_fd)
+    poller.add_reader(direction.src_fd, counting)
+    try:
+        client_app.sendall(b"hello")
+        client_app.send(b"!", socket.MSG_OOB)
+        client_app.sendall(b"world")
+        deadline = loop.time() + 10
+
+        def check() -> None:
+            if counters[0] >= 11 or loop.time() > deadline or calls > 1000:
+                loop.stop()
+            else:
+                loop.call_later(0.005, check)
+
+        loop.call_soon(check)
+        loop.run_forever()
+        assert calls <= 1000, "the relay spun on the urgent mark"
+        upstream_app.settimeout(5)
+        received = b""
+        while len(received) < 11:
+            received += upstream_app.recv(100)
+        assert received == b"hello!world"
+    finally:
+        relay.close()
+        poller.close()
+        pool.close()
+        loop.close()
+        client_app.close()
+        upstream_app.close()
