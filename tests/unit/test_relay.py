@@ -3,12 +3,13 @@
 import os
 import socket
 import threading
+from collections.abc import Callable
 
 import pytest
 import uvloop
 
 from forkproxy.poller import Poller
-from forkproxy.relay import PipePool, Relay
+from forkproxy.relay import Direction, PipePool, Relay
 
 
 class Harness:
@@ -66,6 +67,23 @@ def _read_all(sock: socket.socket, into: bytearray) -> threading.Thread:
     return thread
 
 
+def _count_reads(direction: Direction) -> Callable[[], int]:
+    """Route a started direction's readable events through a counter; returns its reader."""
+    calls = 0
+    original = direction.on_readable
+    assert original is not None
+
+    def counting() -> None:
+        nonlocal calls
+        calls += 1
+        original()
+
+    direction.on_readable = counting
+    direction.io.remove_reader(direction.src_fd)
+    direction.io.add_reader(direction.src_fd, counting)
+    return lambda: calls
+
+
 def test_both_directions_and_byte_counts(harness: Harness) -> None:
     harness.client_app.sendall(b"request")
     harness.upstream_app.sendall(b"response!")
@@ -102,26 +120,16 @@ def _sender(sock: socket.socket, payload: bytes) -> threading.Thread:
 
 def test_backpressure_pauses_reading_without_spinning(harness: Harness) -> None:
     direction = harness.relay.client_to_upstream
-    calls = 0
-
-    def counting() -> None:
-        nonlocal calls
-        calls += 1
-        original_on_readable()
-
-    original_on_readable = direction.on_readable
-    direction.on_readable = counting
-    direction.io.remove_reader(direction.src_fd)
-    direction.io.add_reader(direction.src_fd, counting)
+    calls = _count_reads(direction)
 
     payload = os.urandom(8 << 20)
     sender = _sender(harness.client_app, payload)
     # Nobody reads upstream: the relay fills the socket buffers and its pipe, then stops.
     harness.run_until(lambda: not direction.reading)
-    calls_when_paused = calls
+    calls_when_paused = calls()
     harness.loop.call_later(0.3, harness.loop.stop)
     harness.loop.run_forever()
-    assert calls == calls_when_paused  # no wakeups while the destination is full
+    assert calls() == calls_when_paused  # no wakeups while the destination is full
     received = bytearray()
     reader = _read_all(harness.upstream_app, received)
     harness.run_until(lambda: harness.counters[0] == len(payload), timeout=30)
@@ -177,22 +185,11 @@ def test_data_and_the_eof_behind_it_take_one_wakeup(harness: Harness) -> None:
     """A peer that wrote and shut down: its data and its EOF are read in one go, not on
     two wakeups (the poller reports EPOLLRDHUP with the data)."""
     direction = harness.relay.client_to_upstream
-    calls = 0
-
-    def counting() -> None:
-        nonlocal calls
-        calls += 1
-        original_on_readable()
-
-    original_on_readable = direction.on_readable
-    assert original_on_readable is not None
-    direction.on_readable = counting
-    direction.io.remove_reader(direction.src_fd)
-    direction.io.add_reader(direction.src_fd, counting)
+    calls = _count_reads(direction)
     harness.client_app.sendall(b"last words")
     harness.client_app.shutdown(socket.SHUT_WR)
     harness.run_until(lambda: direction.done)
-    assert calls == 1
+    assert calls() == 1
     assert harness.upstream_app.recv(100) == b"last words"
     assert harness.upstream_app.recv(100) == b""  # the EOF was passed on
 
@@ -217,20 +214,8 @@ def test_urgent_data_is_relayed_inline_without_spinning() -> None:
     poller = Poller(loop)
     pool = PipePool(0, 4)
     relay = Relay(poller, pool, client, upstream, counters, 0, 1, closed.append)
-    direction = relay.client_to_upstream
-    calls = 0
-    original_on_readable = direction.on_readable
-    assert original_on_readable is not None
-
-    def counting() -> None:
-        nonlocal calls
-        calls += 1
-        original_on_readable()
-
-    direction.on_readable = counting
     relay.start()
-    poller.remove_reader(direction.src_fd)
-    poller.add_reader(direction.src_fd, counting)
+    calls = _count_reads(relay.client_to_upstream)
     try:
         client_app.sendall(b"hello")
         client_app.send(b"!", socket.MSG_OOB)
@@ -238,14 +223,14 @@ def test_urgent_data_is_relayed_inline_without_spinning() -> None:
         deadline = loop.time() + 10
 
         def check() -> None:
-            if counters[0] >= 11 or loop.time() > deadline or calls > 1000:
+            if counters[0] >= 11 or loop.time() > deadline or calls() > 1000:
                 loop.stop()
             else:
                 loop.call_later(0.005, check)
 
         loop.call_soon(check)
         loop.run_forever()
-        assert calls <= 1000, "the relay spun on the urgent mark"
+        assert calls() <= 1000, "the relay spun on the urgent mark"
         upstream_app.settimeout(5)
         received = b""
         while len(received) < 11:
