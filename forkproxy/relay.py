@@ -1,10 +1,10 @@
 """One relayed connection: two spliced directions, half-close, teardown, byte counts.
 
-Bytes go socket -> pipe -> socket with splice(2) and never enter Python (but for the
-bytes at a TCP urgent mark, where splice cannot go on: `_read_urgent_inline`). Each direction
-borrows a pipe from its worker's `PipePool` only while it holds bytes in flight, so an
-idle connection costs two descriptors, not six (systemd-socket-proxyd keeps two pipes
-per connection for its whole life).
+Bytes go socket -> pipe -> socket with splice(2) and never enter Python, but for the
+bytes at a TCP urgent mark, where splice cannot go on (`_read_urgent_inline`). Each
+direction borrows a pipe from its worker's `PipePool` only while it holds bytes in
+flight, so an idle connection costs two descriptors, not six (systemd-socket-proxyd
+keeps two pipes per connection for its whole life).
 
 Per direction, a source socket is read while its pipe has room, and the pipe is flushed
 to the destination at once; only when the destination cannot take everything is a writer
@@ -38,7 +38,8 @@ READS_PER_WAKEUP = 4  # full pipes a direction moves per readable event, at most
 _SIOCATMARK = 0x8905  # ioctl: at the TCP urgent mark? (linux/sockios.h)
 _INT_ZERO = bytes(4)
 _URGENT_READ = 4096  # bytes read through Python at an urgent mark, at most
-_READ_ROUNDS = (None,) * READS_PER_WAKEUP
+# One item per read; true for the first, the one the readiness event was about.
+_READ_ROUNDS = (True,) + (False,) * (READS_PER_WAKEUP - 1)
 
 # How a connection normally dies: the peer went away. Anything else gets a warning.
 PEER_GONE_ERRNOS = frozenset(
@@ -62,22 +63,17 @@ def _at_urgent_mark(fd: int) -> bool:
         return False  # not a TCP socket: it has no urgent data
 
 
-def _read_urgent_inline(src_fd: int, pipe_fd: int, room: int) -> int:
+def _read_urgent_inline(src: socket.socket, pipe_fd: int, room: int) -> int:
     """Move the bytes at the urgent mark into the pipe through a plain read, the urgent
     byte in its place in the stream (SO_OOBINLINE), so splice can go on after it.
 
     The one place bytes pass through Python, and only when a peer sends urgent data.
     """
-    sock = socket.socket(fileno=os.dup(src_fd))
+    src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-        sock.setblocking(False)
-        try:
-            data = sock.recv(min(room, _URGENT_READ))
-        except BlockingIOError:
-            return 0
-    finally:
-        sock.close()
+        data = src.recv(min(room, _URGENT_READ))
+    except BlockingIOError:
+        return 0
     return os.write(pipe_fd, data)  # an empty pipe takes it whole: room >= len(data)
 
 
@@ -141,6 +137,7 @@ class Direction:
         "relay",
         "io",
         "pool",
+        "src",
         "src_fd",
         "dst",
         "dst_fd",
@@ -167,6 +164,7 @@ class Direction:
         self.relay: Relay | None = relay  # None once closed: no reference cycle outlives it
         self.io = relay.io
         self.pool = relay.pool
+        self.src = src
         self.src_fd = src.fileno()
         self.dst = dst
         self.dst_fd = dst.fileno()
@@ -189,7 +187,7 @@ class Direction:
     def _on_readable(self) -> None:
         # Move up to READS_PER_WAKEUP full pipes before giving other connections a turn:
         # a bulk stream costs one trip through the loop per that many bytes, not per pipe.
-        for _ in _READ_ROUNDS:
+        for first in _READ_ROUNDS:
             pipe = self.pipe
             if pipe is None:
                 try:
@@ -206,13 +204,15 @@ class Direction:
                 if self.pending:
                     self._pause_reading()
                     return
-                if not _at_urgent_mark(self.src_fd):
+                # Or, reported readable yet empty: TCP urgent data, at whose mark splice(2)
+                # stops for good while the socket stays readable (a busy loop). Read past
+                # it once, the urgent byte inline. (A later round's EAGAIN needs no look:
+                # a mark left there is met by the next wakeup's first read.)
+                if not first or not _at_urgent_mark(self.src_fd):
                     self._return_pipe()
                     return
-                # TCP urgent data: splice(2) stops at its mark for good while the socket
-                # stays readable (a busy loop). Read past it once, the urgent byte inline.
                 try:
-                    count = _read_urgent_inline(self.src_fd, pipe.write_fd, room)
+                    count = _read_urgent_inline(self.src, pipe.write_fd, room)
                 except OSError as error:
                     self._fail(error)
                     return

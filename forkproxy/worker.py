@@ -426,13 +426,19 @@ class Worker:
     ) -> None:
         pending = _PendingClient(self, client, token, peer, group, source_token)
         self.pending.add(pending)
-        attempt = group.connect(self.loop, self.poller, pending.on_connected, pending.on_failed)
-        if pending in self.pending:  # else it connected or failed inside group.connect()
+        self._start_connect(pending)
+
+    def _start_connect(self, pending: _PendingClient) -> None:
+        attempt = pending.group.connect(
+            self.loop, self.poller, pending.on_connected, pending.on_failed
+        )
+        # On loopback the connect usually ended (on_upstream_connected or _failed ran)
+        # inside group.connect(): only an attempt still under way is kept and timed.
+        if pending in self.pending and pending.connect is None:
             pending.connect = attempt
-        # On loopback the connect usually completed (or failed) inside group.connect().
-        sweep = self.connect_sweep
-        if sweep is not None and not sweep.armed and pending in self.pending:
-            sweep.arm()
+            sweep = self.connect_sweep
+            if sweep is not None and not sweep.armed:
+                sweep.arm()
 
     def _sweep_connects(self, now: float) -> None:
         sweep_connects([p.connect for p in self.pending if p.connect is not None], now)
@@ -529,11 +535,7 @@ class Worker:
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:
             return  # closed meanwhile by the graceful timeout
-        attempt = pending.group.connect(
-            self.loop, self.poller, pending.on_connected, pending.on_failed
-        )
-        if pending in self.pending and pending.connect is None:
-            pending.connect = attempt
+        self._start_connect(pending)
 
     # -- closing -------------------------------------------------------------------------
 

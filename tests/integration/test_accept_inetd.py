@@ -1,15 +1,18 @@
 """Accept=yes and inetd: systemd accepts, forkproxy relays that one connection and exits 0."""
 
+import hashlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.proxy import (
     FORKPROXY,
+    REPO,
     children_of,
     connect_when_listening,
     free_port,
@@ -53,8 +56,6 @@ def test_each_client_gets_its_own_forkproxy_that_exits_0(workdir: Path, inetd: b
                     (instance,) = set(children_of(activator.pid)) - seen
                     seen.add(instance)
                     reply = send_all_then_read(client, request)
-                import hashlib
-
                 assert reply.decode().split() == [
                     hashlib.sha256(request).hexdigest(),
                     str(len(request)),
@@ -72,31 +73,34 @@ def test_each_client_gets_its_own_forkproxy_that_exits_0(workdir: Path, inetd: b
     assert "failed" not in log_text.lower()
 
 
+def _accept_instance(connection: socket.socket, *args: str) -> subprocess.Popen[bytes]:
+    """forkproxy as an Accept=yes instance: `connection` passed as fd 3, as systemd does.
+    Closes our copy of `connection`, so the instance holds the only one."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.activate",
+            f"{connection.fileno()}:connection",
+            "--",
+            FORKPROXY,
+            *args,
+        ],
+        cwd=REPO,
+        pass_fds=[connection.fileno()],
+        stderr=subprocess.PIPE,
+    )
+    connection.close()
+    return process
+
+
 def test_accept_instance_exit_status_is_0(workdir: Path) -> None:
     """Run one Accept=yes instance directly with the connection as fd 3 and read its status."""
-    import sys
-
-    from tests.support.proxy import REPO
-
     with run_backend("echo") as backend:
         listener = socket.create_server(("127.0.0.1", 0))
         client = socket.create_connection(listener.getsockname())
         connection, _ = listener.accept()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.support.activate",
-                f"{connection.fileno()}:connection",
-                "--",
-                FORKPROXY,
-                backend.target,
-            ],
-            cwd=REPO,
-            pass_fds=[connection.fileno()],
-            stderr=subprocess.PIPE,
-        )
-        connection.close()
+        process = _accept_instance(connection, backend.target)
         assert send_all_then_read(client, b"one connection") == b"one connection"
         client.close()
         _, stderr = process.communicate(timeout=10)
@@ -154,33 +158,14 @@ def test_inetd_with_a_listener_on_stdin_serves_as_usual(workdir: Path) -> None:
 
 def test_accept_instance_uses_the_relay_options(workdir: Path) -> None:
     """Accept=yes honours --proxy-protocol and several targets (the first one down)."""
-    import hashlib
-    import sys
-
-    from tests.support.proxy import REPO
-
     down = free_port()  # nothing listens there
     with run_backend("digest") as backend:
         listener = socket.create_server(("127.0.0.1", 0))
         client = socket.create_connection(listener.getsockname())
         connection, _ = listener.accept()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.support.activate",
-                f"{connection.fileno()}:connection",
-                "--",
-                FORKPROXY,
-                "--proxy-protocol=v1",
-                f"127.0.0.1:{down}",
-                backend.target,
-            ],
-            cwd=REPO,
-            pass_fds=[connection.fileno()],
-            stderr=subprocess.PIPE,
+        process = _accept_instance(
+            connection, "--proxy-protocol=v1", f"127.0.0.1:{down}", backend.target
         )
-        connection.close()
         reply = send_all_then_read(client, b"hello")
         client_ip, client_port = client.getsockname()
         proxy_ip, proxy_port = listener.getsockname()

@@ -80,27 +80,6 @@ def header_backend() -> Iterator[HeaderBackend]:
         backend.close()
 
 
-class ClosingCountingBackend(CountingBackend):
-    """A CountingBackend that counts a connection gone before it closes it, not after.
-
-    The proxy frees a unit of the cap only once the backend's close reaches it, so with
-    --on-limit=queue the next client can arrive at the backend before CountingBackend's
-    thread has counted the previous one gone; this count never lags like that.
-    """
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.sendall(b"+")
-            while conn.recv(65536):
-                pass
-        except OSError:
-            pass
-        finally:
-            with self.lock:
-                self.current -= 1
-            conn.close()
-
-
 def _has_metrics() -> bool:
     return "--metrics" in run_cli(["--help"]).stdout
 
@@ -306,7 +285,7 @@ def test_idle_connection_is_closed_and_an_active_one_is_not(workdir: Path) -> No
 
 def test_queue_serves_every_client_in_turn_and_never_exceeds_the_cap(workdir: Path) -> None:
     with (
-        ClosingCountingBackend() as backend,
+        CountingBackend() as backend,
         run_proxy(["-w", "2", "-c", "2", "--on-limit=queue", backend.target], workdir) as proxy,
     ):
         clients = [proxy.connect(timeout=10) for _ in range(6)]

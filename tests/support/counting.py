@@ -41,9 +41,12 @@ class CountingBackend:
         except OSError:
             pass
         finally:
-            conn.close()
+            # Counted gone before the close: the proxy frees a unit of the cap only once
+            # this close reaches it, so the next client it admits can never be counted
+            # while this one still is (the peak never lags behind the cap).
             with self.lock:
                 self.current -= 1
+            conn.close()
 
     def close(self) -> None:
         self.closed.set()
