@@ -22,13 +22,13 @@ import pytest
 import uvloop
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from forkproxy.address import parse_upstream
-from forkproxy.config import DEFAULT_PIPE_SIZE
-from forkproxy.options import tcp_socket_options
-from forkproxy.poller import Poller
-from forkproxy.relay import PipePool, Relay
-from forkproxy.targets import TargetGroup
-from forkproxy.upstream import set_socket_options
+from forkproxy.relay.poller import Poller
+from forkproxy.relay.splice import PipePool, Relay
+from forkproxy.relay.target_connect import set_socket_options
+from forkproxy.relay.targets import TargetGroup
+from forkproxy.settings.address import parse_upstream
+from forkproxy.settings.config import DEFAULT_PIPE_SIZE
+from forkproxy.settings.options import tcp_socket_options
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -11,8 +11,9 @@ import sys
 from typing import NoReturn
 
 from forkproxy import __version__
-from forkproxy.address import parse_listen, parse_metrics, parse_upstream
-from forkproxy.config import (
+from forkproxy.errors import ForkproxyError, UsageError
+from forkproxy.settings.address import parse_listen, parse_metrics, parse_upstream
+from forkproxy.settings.config import (
     DEFAULT_CONNECTIONS_MAX,
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_SOCKET_MODE,
@@ -21,9 +22,12 @@ from forkproxy.config import (
     Config,
     default_workers,
 )
-from forkproxy.errors import ForkproxyError, UsageError
-from forkproxy.relay_args import add_relay_arguments, attach_optional_values, relay_settings
-from forkproxy.timespan import format_timespan, parse_timespan
+from forkproxy.settings.relay_arguments import (
+    add_relay_arguments,
+    attach_optional_values,
+    relay_settings,
+)
+from forkproxy.settings.timespan import format_timespan, parse_timespan
 
 EXIT_FAILURE = 1
 
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: run forkproxy and exit with its status."""
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
-        from forkproxy.master import run  # after parsing: --help stays fast
+        from forkproxy.supervisor.master import run  # after parsing: --help stays fast
 
         status = run(config)
     except ForkproxyError as error:

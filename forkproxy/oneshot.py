@@ -17,24 +17,24 @@ import time
 
 import uvloop
 
-from forkproxy.activation import is_connection
-from forkproxy.address import format_sockaddr
-from forkproxy.config import Config
 from forkproxy.errors import ForkproxyError
-from forkproxy.notify import Notifier
-from forkproxy.options import tcp_socket_options
-from forkproxy.poller import Poller
-from forkproxy.proxy_protocol import header_encoder
-from forkproxy.relay import Direction, IdleDirection, PipePool, Relay
-from forkproxy.scoreboard import BYTES_TO_CLIENT, BYTES_TO_UPSTREAM, SLOT_WORDS
-from forkproxy.targets import FailoverConnect, TargetGroup
-from forkproxy.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
-from forkproxy.upstream import (
+from forkproxy.relay.poller import Poller
+from forkproxy.relay.proxy_protocol import header_encoder
+from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay
+from forkproxy.relay.target_connect import (
     TCP_FAMILIES,
     UpstreamConnect,
     send_proxy_header,
     set_socket_options,
 )
+from forkproxy.relay.targets import FailoverConnect, TargetGroup
+from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
+from forkproxy.settings.address import format_sockaddr
+from forkproxy.settings.config import Config
+from forkproxy.settings.options import tcp_socket_options
+from forkproxy.shared.scoreboard import BYTES_TO_CLIENT, BYTES_TO_UPSTREAM, SLOT_WORDS
+from forkproxy.supervisor.activation import is_connection
+from forkproxy.supervisor.notify import Notifier
 
 log = logging.getLogger("forkproxy")
 

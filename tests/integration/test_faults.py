@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from forkproxy.workerspec import PIPE_POOL_KEEP
+from forkproxy.shared.protocol import PIPE_POOL_KEEP
 from tests.support.procfs import cpu_seconds, fd_kinds, owners_of_clients
 from tests.support.proxy import Proxy, run_backend, run_proxy, wait_until
 from tests.support.scripted import (

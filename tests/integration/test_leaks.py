@@ -5,7 +5,7 @@ import socket
 from functools import partial
 from pathlib import Path
 
-from forkproxy.workerspec import PIPE_POOL_KEEP
+from forkproxy.shared.protocol import PIPE_POOL_KEEP
 from tests.support.procfs import fd_kinds, rss_kib
 from tests.support.proxy import run_backend, run_proxy, wait_until
 

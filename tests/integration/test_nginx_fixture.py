@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from forkproxy.proxy_protocol import encode_v1, encode_v2
+from forkproxy.relay.proxy_protocol import encode_v1, encode_v2
 from tests.support import nginx as nginx_support
 from tests.support.nginx import Nginx, NginxError, NginxFactory, run_nginx
 
