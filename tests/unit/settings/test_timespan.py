@@ -116,7 +116,7 @@ _SPAN_PIECES = st.lists(
 
 def _systemd_usec(text: str) -> int | None:
     result = subprocess.run(
-        ["systemd-analyze", "timespan", text], capture_output=True, text=True, timeout=10
+        ["systemd-analyze", "timespan", "--", text], capture_output=True, text=True, timeout=10
     )
     if result.returncode != 0:
         return None
