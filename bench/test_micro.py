@@ -258,7 +258,7 @@ def test_relay_throughput(
 
 
 class _PendingClient:
-    """An accepted client while its upstream connection opens (as in worker.py)."""
+    """An accepted client while its upstream connection opens (as in relay/connecting.py)."""
 
     __slots__ = ("churn", "client")
 

@@ -14,6 +14,7 @@ import math
 import signal
 import socket
 import time
+from typing import Protocol
 
 import uvloop
 
@@ -32,14 +33,22 @@ from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, swee
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.config import Config
 from forkproxy.settings.options import tcp_socket_options
+from forkproxy.shared.listener import is_connection
 from forkproxy.shared.scoreboard import BYTES_TO_CLIENT, BYTES_TO_UPSTREAM, SLOT_WORDS
-from forkproxy.supervisor.activation import is_connection
-from forkproxy.supervisor.notify import Notifier
 
 log = logging.getLogger("forkproxy")
 
 
-def relay_connection(config: Config, fd: int, what: str) -> int:
+class Notifier(Protocol):
+    """The sd_notify(3) messages a one-shot relay sends; the caller owns the socket
+    (`supervisor.notify.Notifier`, a no-op without $NOTIFY_SOCKET)."""
+
+    def ready(self, status: str) -> None: ...
+
+    def stopping(self, status: str) -> None: ...
+
+
+def relay_connection(config: Config, fd: int, what: str, notifier: Notifier) -> int:
     """Relay the connected socket on `fd` to the target; return the exit status."""
     if not is_connection(fd):
         raise ForkproxyError(f"{what} is not a connected stream socket")
@@ -50,7 +59,6 @@ def relay_connection(config: Config, fd: int, what: str) -> int:
     except OSError:
         peer = "?"
     loop = uvloop.new_event_loop()
-    notifier = Notifier()
     connection = _Connection(config, loop, client, peer, notifier)
     loop.add_signal_handler(signal.SIGTERM, connection.on_sigterm)
     loop.add_signal_handler(signal.SIGINT, connection.on_sigterm)
@@ -61,7 +69,6 @@ def relay_connection(config: Config, fd: int, what: str) -> int:
         connection.poller.close()
         connection.pool.close()
         loop.close()
-        notifier.close()
     return connection.status
 
 

@@ -21,7 +21,7 @@ from forkproxy.relay.splice import Readiness
 from forkproxy.relay.target_connect import SocketOptions, UpstreamConnect
 from forkproxy.settings.address import UpstreamAddress
 from forkproxy.settings.options import Route
-from forkproxy.supervisor.activation import Listener
+from forkproxy.shared.listener import Listener
 
 if TYPE_CHECKING:
     import asyncio

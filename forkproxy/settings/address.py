@@ -1,11 +1,11 @@
 """Address syntax: the upstream target and `--listen` addresses, to frozen values.
 
 Upstream (systemd-socket-proxyd's syntax): `HOST:PORT`, `HOST` (port 80), `[IPV6]:PORT`,
-`/unix/path`, `@abstract`, and `vsock:CID:PORT` (AF_VSOCK, issue 6). Listen
+`/unix/path`, `@abstract`, and `vsock:CID:PORT` (AF_VSOCK, vsock(7)). Listen
 (ListenStream= syntax, systemd.socket(5)): `PORT`, `IPV4:PORT`, `[IPV6]:PORT`, `/path`,
 `@abstract`, optionally named `NAME=ADDR`.
 Metrics (`--metrics`): the same without a bare `PORT` or a name.
-Routes (`--route`, issue 6): `NAME=TARGET`, NAME as in `--listen NAME=ADDR`.
+Routes (`--route`): `NAME=TARGET`, NAME as in `--listen NAME=ADDR`.
 Never resolves host names and never opens sockets; service names ("http") are looked
 up in the local services database only.
 """

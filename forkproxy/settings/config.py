@@ -22,7 +22,7 @@ DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_WORKER_TIMEOUT = 30.0
 DEFAULT_SOCKET_MODE = 0o666  # SocketMode= default in systemd.socket(5)
 MAX_WORKERS = 128
-# Issue 6 defaults; docs/relay-options.md gives the measurements behind the last two.
+# Relay option defaults; docs/relay-options.md gives the measurements behind the last two.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_NODELAY = True
 DEFAULT_PIPE_SIZE = 256 * 1024  # systemd-socket-proxyd's too; measured in docs/relay-options.md
@@ -44,7 +44,7 @@ class Config:
     log_level: str = "info"
     inetd: bool = False  # relay the one connection on standard input, then exit
     metrics: ListenAddress | None = None  # --metrics; a passed socket named "metrics" wins
-    # Issue 6: relay options.
+    # Relay options (relay_arguments.py).
     proxy_protocol: int = 0  # PROXY protocol version sent upstream; 0: none
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float = math.inf
@@ -79,7 +79,7 @@ class Config:
         self._check_relay_options()
 
     def _check_relay_options(self) -> None:
-        """Issue 6: ranges of the relay options, and routes naming distinct listeners."""
+        """Ranges of the relay options, and routes naming distinct listeners."""
         if self.proxy_protocol not in (0, 1, 2):
             raise UsageError(f"--proxy-protocol= must be v1 or v2, got {self.proxy_protocol}")
         if self.connect_timeout <= 0:

@@ -1,4 +1,4 @@
-"""Value syntax of the relay options (issue 6), from command-line text to typed values.
+"""Value syntax of the relay options, from command-line text to typed values.
 
 `--pipe-size=BYTES` (K and M suffixes, base 1024), `--keepalive=IDLE,INTERVAL,PROBES`,
 `--proxy-protocol=v1|v2` and `--on-limit=refuse|queue`. Each parser quotes what the user

@@ -1,8 +1,8 @@
-"""The relay options' part of the command line (issue 6), for `cli`.
+"""The relay options' part of the command line, for `arguments`.
 
 Their argparse definitions with help text, the getopt-style optional values of
 `-p/--proxy-protocol[=v1|v2]` and `--keepalive[=IDLE,INTERVAL,PROBES]`, and the `Config`
-fields the parsed values fill. Part of `cli`: never touches sockets or processes.
+fields the parsed values fill. Part of `arguments`: never touches sockets or processes.
 """
 
 import argparse

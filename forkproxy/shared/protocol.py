@@ -1,9 +1,9 @@
 """What a master hands a new worker, and the messages and exit statuses between them.
 
 The protocol between the two processes, apart from the worker's code. The master imports
-worker.py at start (so every worker runs the code the master started with), but uvloop and
-asyncio only load in each worker after fork, never in the master, whose memory every worker
-would otherwise start with (issue 7's idle-memory target).
+relay/worker.py at start (so every worker runs the code the master started with), but
+uvloop and asyncio only load in each worker after fork, never in the master, whose memory
+every worker would otherwise start with (a copy per worker of what only workers need).
 """
 
 import signal
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from forkproxy.settings.config import Config
 from forkproxy.shared.admission import Admission
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.per_source import SourceLimit
 from forkproxy.shared.scoreboard import Scoreboard
-from forkproxy.supervisor.activation import Listener
 
 # Exit statuses of a worker.
 EXIT_OK = 0

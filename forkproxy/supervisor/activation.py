@@ -9,10 +9,10 @@ unlinks a passed socket, and leaves alone the options its .socket unit owns.
 import fcntl
 import os
 import socket
-from dataclasses import dataclass
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.address import format_sockaddr
+from forkproxy.shared.listener import Listener
 
 INETD_FD = 0  # --inetd, StandardInput=socket: the socket is standard input
 # FileDescriptorName= of a passed socket that serves metrics instead of being proxied.
@@ -20,25 +20,6 @@ METRICS_FD_NAME = "metrics"
 
 SD_LISTEN_FDS_START = 3
 _VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-
-
-@dataclass(frozen=True, slots=True)
-class Listener:
-    """A listening stream socket the workers accept on.
-
-    `unlink_path` is set only for a unix socket file forkproxy created itself (--listen),
-    which it removes at exit; passed sockets belong to systemd.
-    """
-
-    sock: socket.socket
-    name: str
-    label: str
-    unlink_path: str | None = None
-    unlink_inode: int = 0  # the file we created, so we never remove a successor's
-
-    @property
-    def fd(self) -> int:
-        return self.sock.fileno()
 
 
 def passed_fds(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[tuple[int, str]]:
@@ -100,19 +81,3 @@ def adopt_listener(fd: int, name: str) -> Listener:
         where = "?"
     label = f"fd {fd} ({where})" if name in ("", "unknown") else f"fd {fd} '{name}' ({where})"
     return Listener(sock, "" if name == "unknown" else name, label)
-
-
-def is_connection(fd: int) -> bool:
-    """Whether `fd` is a connected stream socket (what Accept=yes passes), not a listener."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return False
-    try:
-        return sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_TYPE
-        ) == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError:
-        return False
-    finally:
-        sock.detach()  # only looked at it

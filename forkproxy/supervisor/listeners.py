@@ -13,7 +13,7 @@ import stat
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.address import ListenAddress, format_sockaddr
-from forkproxy.supervisor.activation import Listener
+from forkproxy.shared.listener import Listener
 
 BACKLOG = 4096  # Backlog= default in systemd.socket(5): SOMAXCONN
 

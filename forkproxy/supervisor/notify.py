@@ -24,7 +24,7 @@ class Notifier:
             address = "\0" + address[1:]
         if address.startswith(("/", "\0")):
             self._address = address
-            # Non-blocking (issue 8): with the manager's queue full, a blocking sendto()
+            # Non-blocking: with the manager's queue full, a blocking sendto()
             # would hang the master for good; a message that does not fit is dropped.
             self._socket = socket.socket(
                 socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK

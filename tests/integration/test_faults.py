@@ -1,4 +1,4 @@
-"""Faults from the network and from the machine (issue 8): resets on either side, file
+"""Faults from the network and from the machine: resets on either side, file
 descriptors running out, a worker SIGKILLed under load. Each failure stays in the
 connections it hits; everything else arrives intact, and nothing leaks."""
 

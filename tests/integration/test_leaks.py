@@ -1,4 +1,4 @@
-"""No leak over many connections (issue 8): after 20,000 sequential connections every
+"""No leak over many connections: after 20,000 sequential connections every
 forkproxy process holds the descriptors it held before and its memory has stayed flat."""
 
 import socket

@@ -1,6 +1,6 @@
 """The relay when a pipe cannot be had (EMFILE): that connection ends, its neighbours don't.
 
-Failing the one connection is the choice (issue 8): it frees its two descriptors for the
+Failing the one connection is the choice: it frees its two descriptors for the
 others, where waiting for a pipe could leave every connection of a full worker waiting on
 the others for ever. The worker keeps headroom so that this stays rare.
 """

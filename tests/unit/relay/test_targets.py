@@ -13,7 +13,7 @@ from forkproxy.relay.poller import Poller
 from forkproxy.relay.targets import COOLDOWN, TargetGroup, check_routes, route_groups
 from forkproxy.settings.address import UpstreamAddress, parse_upstream
 from forkproxy.settings.options import Route
-from forkproxy.supervisor.activation import Listener
+from forkproxy.shared.listener import Listener
 
 
 class Clock:

@@ -133,7 +133,7 @@ def test_any_listen_address_parses_or_raises_usage_error(text: str) -> None:
         pass
 
 
-# -- round trips (issue 8) ---------------------------------------------------------------
+# -- round trips -------------------------------------------------------------------------
 
 ports = st.integers(min_value=1, max_value=65535)
 ipv4s = st.ip_addresses(v=4).map(str)

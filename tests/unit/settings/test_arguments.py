@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forkproxy.cli import _build_parser, parse_args
 from forkproxy.errors import ForkproxyError, UsageError
+from forkproxy.settings.arguments import _build_parser, parse_args
 
 
 def test_defaults_match_systemd_socket_proxyd() -> None:
@@ -103,7 +103,7 @@ def test_no_argv_escapes_as_anything_but_a_usage_error(argv: list[str]) -> None:
         assert exit_.code == 0
 
 
-# Issue 8: every option the parser knows, so options added later are covered too.
+# Every option the parser knows, so options added later are covered too.
 _OPTIONS = sorted(
     option
     for action in _build_parser()._actions

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from forkproxy.cli import parse_args
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import parse_upstream
+from forkproxy.settings.arguments import parse_args
 from forkproxy.settings.config import DEFAULT_NODELAY, DEFAULT_PIPE_SIZE, Config
 from forkproxy.settings.options import KeepAlive, Route
 

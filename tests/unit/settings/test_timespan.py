@@ -151,7 +151,7 @@ def test_any_text_parses_or_raises_usage_error(text: str) -> None:
         assert "\n" not in str(error).replace(text, "")
 
 
-# -- round trips (issue 8) ---------------------------------------------------------------
+# -- round trips -------------------------------------------------------------------------
 
 
 @given(st.integers(min_value=0, max_value=10**15))

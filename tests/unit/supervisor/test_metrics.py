@@ -18,10 +18,11 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forkproxy import __version__
-from forkproxy.cli import parse_args
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import parse_metrics
+from forkproxy.settings.arguments import parse_args
 from forkproxy.shared.admission import Admission
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import (
     ACCEPTED,
     ACTIVE,
@@ -39,14 +40,9 @@ from forkproxy.shared.scoreboard import (
     Scoreboard,
     SlotState,
 )
-from forkproxy.supervisor.activation import Listener
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
-from forkproxy.supervisor.metrics.collector import (
-    MAX_REQUEST_SIZE,
-    MetricsEndpoint,
-    ScoreboardCollector,
-    make_registry,
-)
+from forkproxy.supervisor.metrics.collector import ScoreboardCollector, make_registry
+from forkproxy.supervisor.metrics.endpoint import MAX_REQUEST_SIZE, MetricsEndpoint
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -61,7 +57,7 @@ class FakeWorker:
 
 @dataclass
 class FakeMaster:
-    """The supervision state the collector reads; the real one is `master.Master`."""
+    """The supervision state the collector reads; the real one is `workers.WorkerPool`."""
 
     workers: dict[int, FakeWorker] = field(default_factory=dict)
     generation: int = 0

@@ -54,7 +54,7 @@ def test_watchdog_interval() -> None:
 
 
 def test_a_manager_that_stopped_reading_never_blocks_the_master(tmp_path: Path) -> None:
-    """Issue 8: once the manager's queue is full (net.unix.max_dgram_qlen, 10 by default
+    """Once the manager's queue is full (net.unix.max_dgram_qlen, 10 by default
     without systemd's sysctl), a blocking sendto() would hang the master for good: no
     reaping, no SIGTERM, no metrics. Messages are dropped instead."""
     import threading

@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 
 from forkproxy.errors import ForkproxyError
-from forkproxy.units import (
-    FDS_SPARE,
-    USAGE,
-    canonical_args,
-    forkproxy_config,
-    limit_nofile,
-    parse_args,
-    quote_exec_arg,
-    render,
-    run,
-)
+from forkproxy.units import run
+from forkproxy.units.arguments import USAGE, canonical_args, parse_args
+from forkproxy.units.checks import forkproxy_config
+from forkproxy.units.render import FDS_SPARE, limit_nofile, quote_exec_arg, render
 from tests.support.systemd_regenerate import SHIPPED, split_shipped
 
 
@@ -174,7 +167,7 @@ NETWORK = [
         [],
     ),
     ("@app", ["RestrictAddressFamilies=AF_UNIX", "IPAddressDeny=any"], ["PrivateNetwork=yes"]),
-    (  # issue 6
+    (
         "vsock:3:1024",
         ["RestrictAddressFamilies=AF_UNIX AF_VSOCK", "IPAddressDeny=any"],
         ["PrivateNetwork=yes", "RestrictAddressFamilies=AF_UNIX"],
@@ -242,7 +235,7 @@ def test_limit_nofile_covers_the_connection_cap(options: str, limit: int) -> Non
 
 
 def test_fd_spare_covers_what_the_master_reserves() -> None:
-    from forkproxy.supervisor.master import FD_RESERVE
+    from forkproxy.supervisor.limits import FD_RESERVE
 
     assert FDS_SPARE >= FD_RESERVE
 
@@ -796,7 +789,7 @@ def shipped_units() -> list[Path]:
 @pytest.mark.parametrize("path", shipped_units(), ids=lambda p: p.name)
 def test_shipped_unit_is_generated(path: Path) -> None:
     """A shipped unit is a comment saying what it is for, then exactly what its recorded
-    forkproxy-units command prints: the hardening is defined once, in forkproxy/units.py.
+    forkproxy-units command prints: the hardening is defined once, in forkproxy/units/render.py.
     After changing that, run `python -m tests.support.systemd_regenerate`."""
     text = path.read_text()
     comment, args = split_shipped(text)
