@@ -3,7 +3,7 @@
 Two ways to get here: Accept=yes, where the only socket passed (LISTEN_FDS=1) is a
 connected stream socket rather than a listener; and --inetd (StandardInput=socket), where
 the connection is standard input. No workers, no scoreboard: one uvloop loop in this
-process runs the same upstream connect and splice relay as a worker does, with the same
+process runs the same target connect and splice relay as a worker does, with the same
 relay options (several targets, timeouts, socket options, PROXY header, pipe size);
 --route does not apply, there being no listener. Exit status 0 when the connection ends,
 1 if no target can be reached.
@@ -24,7 +24,7 @@ from forkproxy.relay.proxy_protocol import header_encoder
 from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay
 from forkproxy.relay.target_connect import (
     TCP_FAMILIES,
-    UpstreamConnect,
+    TargetConnect,
     send_proxy_header,
     set_socket_options,
 )
@@ -34,7 +34,7 @@ from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.config import Config
 from forkproxy.settings.options import tcp_socket_options
 from forkproxy.shared.listener import is_connection
-from forkproxy.shared.scoreboard import BYTES_TO_CLIENT, BYTES_TO_UPSTREAM, SLOT_WORDS
+from forkproxy.shared.scoreboard import BYTES_TO_CLIENT, BYTES_TO_TARGET, SLOT_WORDS
 
 log = logging.getLogger("forkproxy")
 
@@ -90,7 +90,7 @@ class _Connection:
         self.pool = PipePool(config.pipe_size, 2)
         self.poller = Poller(loop)
         self.counters = memoryview(bytearray(SLOT_WORDS * 8)).cast("q")  # not shared
-        self.connecting: list[UpstreamConnect | FailoverConnect] = []  # for the connect timeout
+        self.connecting: list[TargetConnect | FailoverConnect] = []  # for the connect timeout
         self.relay: Relay | None = None
         self.relays: set[Relay] = set()  # what the idle sweep watches: this one relay
         self.status = 0
@@ -116,7 +116,7 @@ class _Connection:
     def _sweep_idle(self, now: float) -> None:
         sweep_idle(self.relays, now, self.config.idle_timeout)
 
-    def on_connected(self, upstream: socket.socket) -> None:
+    def on_connected(self, target: socket.socket) -> None:
         self.connecting.clear()
         config = self.config
         if config.proxy_protocol:
@@ -124,9 +124,9 @@ class _Connection:
             try:
                 local = self.client.getsockname() if family in TCP_FAMILIES else None
                 encode = header_encoder(1 if config.proxy_protocol == 1 else 2)
-                send_proxy_header(upstream, encode(self.client.getpeername(), local, family))
+                send_proxy_header(target, encode(self.client.getpeername(), local, family))
             except OSError as error:
-                upstream.close()
+                target.close()
                 self.on_failed(error)
                 return
         idle = config.idle_timeout != math.inf
@@ -134,9 +134,9 @@ class _Connection:
             self.poller,
             self.pool,
             self.client,
-            upstream,
+            target,
             self.counters,
-            BYTES_TO_UPSTREAM,
+            BYTES_TO_TARGET,
             BYTES_TO_CLIENT,
             self.on_closed,
             IdleDirection if idle else Direction,
@@ -147,7 +147,7 @@ class _Connection:
             interval = sweep_interval(config.idle_timeout)
             LazySweep(self.loop, interval, self.relays, self._sweep_idle).arm()
         self.relay.start()
-        self.notifier.ready(f"relaying {self.peer} to {upstream.getpeername()}")
+        self.notifier.ready(f"relaying {self.peer} to {target.getpeername()}")
 
     def on_failed(self, error: OSError) -> None:
         self.connecting.clear()
@@ -166,7 +166,7 @@ class _Connection:
         log.debug(
             "connection from %s done: %d bytes to upstream, %d to client",
             self.peer,
-            self.counters[BYTES_TO_UPSTREAM],
+            self.counters[BYTES_TO_TARGET],
             self.counters[BYTES_TO_CLIENT],
         )
         self.notifier.stopping("connection closed")

@@ -25,15 +25,15 @@ from forkproxy.relay.splice import PEER_GONE_ERRNOS, Direction, IdleDirection, R
 from forkproxy.relay.target_connect import (
     TCP_FAMILIES,
     SocketOptions,
-    UpstreamConnect,
+    TargetConnect,
     send_proxy_header,
 )
 from forkproxy.relay.targets import COOLDOWN, FailoverConnect, TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
-from forkproxy.settings.address import UpstreamAddress, format_sockaddr
+from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.shared.scoreboard import (
     BYTES_TO_CLIENT,
-    BYTES_TO_UPSTREAM,
+    BYTES_TO_TARGET,
     CONNECT_DURATION_BOUNDS,
     CONNECT_DURATION_BUCKETS,
     CONNECT_DURATION_SUM_NS,
@@ -53,7 +53,7 @@ _RETRY_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE)
 
 
 class _PendingClient:
-    """An admitted client while its upstream connection is being opened."""
+    """An admitted client while its connection to a target is being opened."""
 
     __slots__ = (
         "connector",
@@ -80,15 +80,15 @@ class _PendingClient:
         self.token = token
         self.started = time.monotonic()
         self.peer = peer
-        self.connect: UpstreamConnect | FailoverConnect | None = None
+        self.connect: TargetConnect | FailoverConnect | None = None
         self.group = group
         self.source_token = source_token  # the per-source unit held, or -1
 
-    def on_connected(self, upstream: socket.socket) -> None:
-        self.connector.on_upstream_connected(self, upstream)
+    def on_connected(self, target: socket.socket) -> None:
+        self.connector.on_target_connected(self, target)
 
     def on_failed(self, error: OSError) -> None:
-        self.connector.on_upstream_failed(self, error)
+        self.connector.on_connect_failed(self, error)
 
 
 class Connector:
@@ -127,7 +127,7 @@ class Connector:
                 self._sweep_connects,
             )
 
-    def make_group(self, targets: Sequence[UpstreamAddress]) -> TargetGroup:
+    def make_group(self, targets: Sequence[TargetAddress]) -> TargetGroup:
         return TargetGroup(
             targets, self.config.connect_timeout, self.tcp_options, self._on_target_failed
         )
@@ -154,7 +154,7 @@ class Connector:
         attempt = pending.group.connect(
             self.loop, self.poller, pending.on_connected, pending.on_failed
         )
-        # On loopback the connect usually ended (on_upstream_connected or _failed ran)
+        # On loopback the connect usually ended (on_target_connected or on_connect_failed ran)
         # inside group.connect(): only an attempt still under way is kept and timed.
         if pending in self.pending and pending.connect is None:
             pending.connect = attempt
@@ -165,7 +165,7 @@ class Connector:
     def _sweep_connects(self, now: float) -> None:
         sweep_connects([p.connect for p in self.pending if p.connect is not None], now)
 
-    def _on_target_failed(self, target: UpstreamAddress, error: OSError, newly: bool) -> None:
+    def _on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
         if newly:
             self.target_failures.log(
                 "cannot connect to upstream '%s': %s; trying the other targets, and it only "
@@ -175,7 +175,7 @@ class Connector:
                 COOLDOWN,
             )
 
-    def on_upstream_connected(self, pending: _PendingClient, upstream: socket.socket) -> None:
+    def on_target_connected(self, pending: _PendingClient, target: socket.socket) -> None:
         self.pending.discard(pending)
         pending.connect = None  # it holds our bound methods: no cycle left to the collector
         slot = self.slot
@@ -186,15 +186,15 @@ class Connector:
             CONNECT_DURATION_SUM_NS,
             time.monotonic() - pending.started,
         )
-        if self.proxy_header is not None and not self._send_proxy_header(pending, upstream):
+        if self.proxy_header is not None and not self._send_proxy_header(pending, target):
             return
         relay = Relay(
             self.poller,
             self.pool,
             pending.client,
-            upstream,
+            target,
             slot,
-            BYTES_TO_UPSTREAM,
+            BYTES_TO_TARGET,
             BYTES_TO_CLIENT,
             self.on_relay_closed,
             self.direction,
@@ -210,22 +210,22 @@ class Connector:
             idle_sweep.arm()
         relay.start()
 
-    def _send_proxy_header(self, pending: _PendingClient, upstream: socket.socket) -> bool:
+    def _send_proxy_header(self, pending: _PendingClient, target: socket.socket) -> bool:
         """--proxy-protocol: the header first, in one send(2); False if that failed."""
         assert self.proxy_header is not None
         client = pending.client
         family = client.family
         try:
             local = client.getsockname() if family in TCP_FAMILIES else None
-            send_proxy_header(upstream, self.proxy_header(pending.peer, local, family))
+            send_proxy_header(target, self.proxy_header(pending.peer, local, family))
         except OSError as error:
-            upstream.close()
+            target.close()
             reason = f"sending the PROXY protocol header: {error.strerror or error}"
-            self.on_upstream_failed(pending, OSError(error.errno, reason))
+            self.on_connect_failed(pending, OSError(error.errno, reason))
             return False
         return True
 
-    def on_upstream_failed(self, pending: _PendingClient, error: OSError) -> None:
+    def on_connect_failed(self, pending: _PendingClient, error: OSError) -> None:
         pending.connect = None
         if error.errno in _RETRY_PAUSE_ERRNOS and not self.worker.draining:
             # socket() found no free descriptor. Closing this client and going on

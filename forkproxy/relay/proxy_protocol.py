@@ -1,4 +1,4 @@
-"""Encode the HAProxy PROXY protocol header that opens each upstream connection.
+"""Encode the HAProxy PROXY protocol header that opens each target connection.
 
 This module only turns a client connection's two endpoints into header bytes (v1 text or
 v2 binary, as in HAProxy's proxy-protocol.txt); it never touches a socket, logs, or reads
@@ -31,7 +31,7 @@ anything else      ``PROXY UNKNOWN\\r\\n``                      LOCAL, UNSPEC, l
   text is RFC 5952 form in hex groups only (never a dotted IPv4 tail), at most 104 bytes.
 - No TLVs are sent.
 
-The caller must send the header with one ``send()``, first on the upstream connection:
+The caller must send the header with one ``send()``, first on the target connection:
 nginx (1.22) parses it from its first read and resets the connection as a "broken
 header" when it arrives in two segments.
 

@@ -330,7 +330,7 @@ class IdleDirection(Direction):
 
 
 class Relay:
-    """A connected client and upstream, relayed both ways until both ends are done.
+    """A connected client and target, relayed both ways until both ends are done.
 
     Owns both sockets from `start()` and closes them exactly once, then calls
     `on_close(relay)` so the worker can release the connection's admission.
@@ -340,9 +340,9 @@ class Relay:
         "io",
         "pool",
         "client",
-        "upstream",
-        "client_to_upstream",
-        "upstream_to_client",
+        "target",
+        "client_to_target",
+        "target_to_client",
         "on_close",
         "closed",
         "token",
@@ -359,9 +359,9 @@ class Relay:
         io: "Readiness",
         pool: PipePool,
         client: socket.socket,
-        upstream: socket.socket,
+        target: socket.socket,
         counters: memoryview,
-        to_upstream_field: int,
+        to_target_field: int,
         to_client_field: int,
         on_close: Callable[["Relay"], None],
         direction: type[Direction] = Direction,
@@ -369,7 +369,7 @@ class Relay:
         self.io = io
         self.pool = pool
         self.client = client
-        self.upstream = upstream
+        self.target = target
         self.on_close = on_close
         self.closed = False
         self.token = -1  # the admission this connection holds; set by the worker
@@ -381,15 +381,15 @@ class Relay:
         # clears it and keeps `quiet_since`, when it last found the relay inactive.
         self.active = False
         self.quiet_since = 0.0
-        self.client_to_upstream = direction(self, client, upstream, counters, to_upstream_field)
-        self.upstream_to_client = direction(self, upstream, client, counters, to_client_field)
+        self.client_to_target = direction(self, client, target, counters, to_target_field)
+        self.target_to_client = direction(self, target, client, counters, to_client_field)
 
     def start(self) -> None:
-        self.client_to_upstream.start()
-        self.upstream_to_client.start()
+        self.client_to_target.start()
+        self.target_to_client.start()
 
     def on_direction_done(self) -> None:
-        if self.client_to_upstream.done and self.upstream_to_client.done:
+        if self.client_to_target.done and self.target_to_client.done:
             self.close()
 
     def fail(self, error: OSError) -> None:
@@ -404,13 +404,13 @@ class Relay:
         self.closed = True
         io = self.io
         client = self.client
-        upstream = self.upstream
+        target = self.target
         io.forget(client.fileno())
-        io.forget(upstream.fileno())
-        self.client_to_upstream.stop()
-        self.upstream_to_client.stop()
+        io.forget(target.fileno())
+        self.client_to_target.stop()
+        self.target_to_client.stop()
         client.close()
-        upstream.close()
+        target.close()
         self.on_close(self)
 
 

@@ -1,4 +1,4 @@
-"""Opening one client's connection to the upstream target without blocking the loop.
+"""Opening one client's connection to its target without blocking the loop.
 
 A numeric target is connected at once; a host name is resolved off the loop (the
 loop's getaddrinfo) on every connection, as systemd-socket-proxyd does, and each address
@@ -17,7 +17,7 @@ from os import strerror
 from typing import TYPE_CHECKING
 
 from forkproxy.relay.splice import Readiness
-from forkproxy.settings.address import SockAddr, UpstreamAddress
+from forkproxy.settings.address import SockAddr, TargetAddress
 
 if TYPE_CHECKING:
     import asyncio
@@ -36,19 +36,19 @@ def set_socket_options(sock: socket.socket, options: SocketOptions) -> None:
         setsockopt(level, option, value)
 
 
-def send_proxy_header(upstream: socket.socket, header: bytes) -> None:
+def send_proxy_header(target: socket.socket, header: bytes) -> None:
     """Send a PROXY protocol header in one send(2), before any relayed byte.
 
     nginx reads the header from its first read and rejects one split across segments,
     so a short send is an error, not something to finish later. A new connection's
     send buffer is empty, so it takes the whole header (at most 232 bytes) at once.
     """
-    sent = upstream.send(header)
+    sent = target.send(header)
     if sent != len(header):
         raise OSError(errno.EMSGSIZE, f"sent {sent} of {len(header)} bytes")
 
 
-class UpstreamConnect:
+class TargetConnect:
     """One connection attempt: every address of the target in turn, then give up."""
 
     __slots__ = (
@@ -72,7 +72,7 @@ class UpstreamConnect:
         self,
         loop: "asyncio.AbstractEventLoop",
         io: Readiness,
-        target: UpstreamAddress,
+        target: TargetAddress,
         on_connected: Callable[[socket.socket], None],
         on_failed: Callable[[OSError], None],
         timeout: float = math.inf,

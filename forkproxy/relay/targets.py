@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.relay.splice import Readiness
-from forkproxy.relay.target_connect import SocketOptions, UpstreamConnect
-from forkproxy.settings.address import UpstreamAddress
+from forkproxy.relay.target_connect import SocketOptions, TargetConnect
+from forkproxy.settings.address import TargetAddress
 from forkproxy.settings.options import Route
 from forkproxy.shared.listener import Listener
 
@@ -32,7 +32,7 @@ LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 
 OnConnected = Callable[[socket.socket], None]
 OnFailed = Callable[[OSError], None]
-OnTargetFailed = Callable[[UpstreamAddress, OSError, bool], None]
+OnTargetFailed = Callable[[TargetAddress, OSError, bool], None]
 
 
 class TargetGroup:
@@ -51,7 +51,7 @@ class TargetGroup:
 
     def __init__(
         self,
-        targets: Sequence[UpstreamAddress],
+        targets: Sequence[TargetAddress],
         timeout: float = math.inf,
         options: SocketOptions = (),
         on_target_failed: OnTargetFailed | None = None,
@@ -72,10 +72,10 @@ class TargetGroup:
         io: Readiness,
         on_connected: OnConnected,
         on_failed: OnFailed,
-    ) -> "UpstreamConnect | FailoverConnect":
+    ) -> "TargetConnect | FailoverConnect":
         """Start connecting one client; exactly one of the callbacks will run."""
         if len(self.targets) == 1:
-            attempt: UpstreamConnect | FailoverConnect = UpstreamConnect(
+            attempt: TargetConnect | FailoverConnect = TargetConnect(
                 loop, io, self.targets[0], on_connected, on_failed, self.timeout, self.options
             )
         else:
@@ -129,7 +129,7 @@ class FailoverConnect:
         self.on_failed = on_failed
         self.order = group.order()
         self.step = 0
-        self.current: UpstreamConnect | None = None
+        self.current: TargetConnect | None = None
 
     def start(self) -> None:
         self._try_next(None)
@@ -143,7 +143,7 @@ class FailoverConnect:
         index = self.order[self.step]
         self.step += 1
         group = self.group
-        self.current = UpstreamConnect(
+        self.current = TargetConnect(
             self.loop,
             self.io,
             group.targets[index],
@@ -180,16 +180,16 @@ class FailoverConnect:
 
 def route_groups(
     listeners: Iterable[Listener],
-    default: Sequence[UpstreamAddress],
+    default: Sequence[TargetAddress],
     routes: Sequence[Route],
-    make_group: Callable[[Sequence[UpstreamAddress]], TargetGroup],
+    make_group: Callable[[Sequence[TargetAddress]], TargetGroup],
 ) -> dict[int, TargetGroup]:
     """Each listener's group, by fd: its route's targets, else the default targets.
 
     Listeners that share targets share one group (and so one round-robin and cool-down).
     """
     by_name = {route.name: route.targets for route in routes}
-    groups: dict[tuple[UpstreamAddress, ...], TargetGroup] = {}
+    groups: dict[tuple[TargetAddress, ...], TargetGroup] = {}
     result: dict[int, TargetGroup] = {}
     for listener in listeners:
         targets = tuple(by_name.get(listener.name, default))

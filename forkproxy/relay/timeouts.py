@@ -29,7 +29,7 @@ class Loop(Protocol):
 
 
 class Expiring(Protocol):
-    """A connection attempt with a deadline (`UpstreamConnect`, `FailoverConnect`)."""
+    """A connection attempt with a deadline (`TargetConnect`, `FailoverConnect`)."""
 
     def expire(self, now: float) -> bool: ...
 

@@ -1,6 +1,6 @@
-"""Address syntax: the upstream target and `--listen` addresses, to frozen values.
+"""Address syntax: targets and `--listen` addresses, to frozen values.
 
-Upstream (systemd-socket-proxyd's syntax): `HOST:PORT`, `HOST` (port 80), `[IPV6]:PORT`,
+Target (systemd-socket-proxyd's syntax): `HOST:PORT`, `HOST` (port 80), `[IPV6]:PORT`,
 `/unix/path`, `@abstract`, and `vsock:CID:PORT` (AF_VSOCK, vsock(7)). Listen
 (ListenStream= syntax, systemd.socket(5)): `PORT`, `IPV4:PORT`, `[IPV6]:PORT`, `/path`,
 `@abstract`, optionally named `NAME=ADDR`.
@@ -36,7 +36,7 @@ _VSOCK_MAX = 0xFFFFFFFE
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamAddress:
+class TargetAddress:
     """Where connections are relayed to.
 
     `family` is 0 for a host name that must be resolved at connect time; otherwise
@@ -65,14 +65,14 @@ class ListenAddress:
     dual_stack: bool  # bare PORT: IPv6 any-address that also takes IPv4, as systemd does
 
 
-def parse_upstream(text: str) -> UpstreamAddress:
+def parse_target(text: str) -> TargetAddress:
     """Parse a target as systemd-socket-proxyd accepts it; raise UsageError if invalid."""
     if not text:
         raise UsageError("empty target: give HOST:PORT or a unix socket path")
     _refuse_nul(text, "target")
     if text[0] in "/@":
         path = _unix_sockaddr(text, "target")
-        return UpstreamAddress(text, socket.AF_UNIX, "", 0, path)
+        return TargetAddress(text, socket.AF_UNIX, "", 0, path)
     if text.startswith(_VSOCK_PREFIX):
         return _parse_vsock(text)
 
@@ -80,17 +80,17 @@ def parse_upstream(text: str) -> UpstreamAddress:
     port = _parse_port(port_text, text, "target")
     if host.startswith("["):
         address = _parse_ipv6_literal(host, text, "target")
-        return UpstreamAddress(text, socket.AF_INET6, address, port, (address, port, 0, 0))
+        return TargetAddress(text, socket.AF_INET6, address, port, (address, port, 0, 0))
     if _is_ipv4(host):
-        return UpstreamAddress(text, socket.AF_INET, host, port, (host, port))
+        return TargetAddress(text, socket.AF_INET, host, port, (host, port))
     if not _HOSTNAME.match(host):
         raise UsageError(f"invalid target '{text}': '{host}' is not a host name or address")
     if host.isdigit():  # e.g. "-p 2" meant as "-p v2"; no real host name is a bare number
         raise UsageError(f"invalid target '{text}': a host name cannot be a bare number")
-    return UpstreamAddress(text, 0, host, port, None)
+    return TargetAddress(text, 0, host, port, None)
 
 
-def parse_route(text: str) -> tuple[str, UpstreamAddress]:
+def parse_route(text: str) -> tuple[str, TargetAddress]:
     """Parse a --route value, NAME=TARGET: connections from listener NAME go to TARGET."""
     name, equals, target = text.partition("=")
     if not equals:
@@ -100,10 +100,10 @@ def parse_route(text: str) -> tuple[str, UpstreamAddress]:
             f"invalid route '{text}': name '{name}' may only contain "
             "letters, digits, '_', '.' and '-'"
         )
-    return name, parse_upstream(target)
+    return name, parse_target(target)
 
 
-def _parse_vsock(text: str) -> UpstreamAddress:
+def _parse_vsock(text: str) -> TargetAddress:
     cid_text, colon, port_text = text[len(_VSOCK_PREFIX) :].partition(":")
     if not colon:
         raise UsageError(f"invalid target '{text}': expected vsock:CID:PORT")
@@ -118,7 +118,7 @@ def _parse_vsock(text: str) -> UpstreamAddress:
             raise UsageError(f"invalid target '{text}': {what} {number} is not in 0-{_VSOCK_MAX}")
         values.append(value)
     cid, port = values
-    return UpstreamAddress(text, socket.AF_VSOCK, cid_text, port, (cid, port))
+    return TargetAddress(text, socket.AF_VSOCK, cid_text, port, (cid, port))
 
 
 def parse_listen(text: str) -> ListenAddress:

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from forkproxy import __version__
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import parse_listen, parse_metrics, parse_upstream
+from forkproxy.settings.address import parse_listen, parse_metrics, parse_target
 from forkproxy.settings.config import (
     DEFAULT_CONNECTIONS_MAX,
     DEFAULT_GRACEFUL_TIMEOUT,
@@ -139,7 +139,7 @@ def parse_args(argv: list[str]) -> Config:
     if not args.targets:
         raise UsageError("missing target: give HOST:PORT or a unix socket path (see --help)")
     return Config(
-        targets=tuple(parse_upstream(text) for text in args.targets),
+        targets=tuple(parse_target(text) for text in args.targets),
         connections_max=_count(args.connections_max, "--connections-max", DEFAULT_CONNECTIONS_MAX),
         exit_idle_time=_span(args.exit_idle_time, "--exit-idle-time", float("inf")),
         workers=_count(args.workers, "--workers", default_workers()),

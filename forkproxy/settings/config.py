@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import ListenAddress, UpstreamAddress
+from forkproxy.settings.address import ListenAddress, TargetAddress
 from forkproxy.settings.options import (
     ON_LIMIT_MODES,
     ON_LIMIT_REFUSE,
@@ -33,7 +33,7 @@ MAX_CONNECTIONS_PER_SOURCE = 32767  # SEMVMX: the most a SysV semaphore counts
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    targets: tuple[UpstreamAddress, ...]
+    targets: tuple[TargetAddress, ...]
     connections_max: int = DEFAULT_CONNECTIONS_MAX
     exit_idle_time: float = math.inf
     workers: int = 1
@@ -45,7 +45,7 @@ class Config:
     inetd: bool = False  # relay the one connection on standard input, then exit
     metrics: ListenAddress | None = None  # --metrics; a passed socket named "metrics" wins
     # Relay options (relay_arguments.py).
-    proxy_protocol: int = 0  # PROXY protocol version sent upstream; 0: none
+    proxy_protocol: int = 0  # PROXY protocol version sent to the target; 0: none
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float = math.inf
     keepalive: KeepAlive | None = None
@@ -105,7 +105,7 @@ class Config:
             raise UsageError("--route= needs a target")
 
     @property
-    def target(self) -> UpstreamAddress:
+    def target(self) -> TargetAddress:
         return self.targets[0]
 
     @property

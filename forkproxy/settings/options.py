@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass
 
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import UpstreamAddress
+from forkproxy.settings.address import TargetAddress
 from forkproxy.settings.timespan import parse_timespan
 
 ON_LIMIT_REFUSE = "refuse"
@@ -40,7 +40,7 @@ class Route:
     """Connections accepted on the listener named `name` go to `targets`."""
 
     name: str
-    targets: tuple[UpstreamAddress, ...]
+    targets: tuple[TargetAddress, ...]
 
 
 def parse_size(text: str, option: str) -> int:

@@ -9,7 +9,7 @@ import argparse
 from typing import Any
 
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import UpstreamAddress, parse_route
+from forkproxy.settings.address import TargetAddress, parse_route
 from forkproxy.settings.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_NODELAY,
@@ -192,7 +192,7 @@ def relay_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _routes(texts: list[str]) -> tuple[Route, ...]:
     """Repeated names add targets to one route, in the order given."""
-    targets: dict[str, list[UpstreamAddress]] = {}
+    targets: dict[str, list[TargetAddress]] = {}
     for text in texts:
         name, target = parse_route(text)
         targets.setdefault(name, []).append(target)

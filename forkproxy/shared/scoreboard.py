@@ -18,7 +18,7 @@ Slot layout (index: field, unit, writer):
   6  ACTIVE              connections open now         worker
   7- counters (from FIRST_COUNTER): monotonic totals, folded into the master's retired
      totals when the worker dies, so what the master reports never goes backwards:
-     ACCEPTED, REFUSED, CONNECT_ERRORS, BYTES_TO_UPSTREAM, BYTES_TO_CLIENT, CLOSED,
+     ACCEPTED, REFUSED, CONNECT_ERRORS, BYTES_TO_TARGET, BYTES_TO_CLIENT, CLOSED,
      then two histograms, each as per-bucket counts (bucket i counts observations
      <= bounds[i], the last bucket +Inf) followed by the sum of observations in ns.
 """
@@ -39,11 +39,11 @@ FIRST_COUNTER = 7
 ACCEPTED = 7
 REFUSED = 8
 CONNECT_ERRORS = 9
-BYTES_TO_UPSTREAM = 10
+BYTES_TO_TARGET = 10
 BYTES_TO_CLIENT = 11
 CLOSED = 12
 
-# Seconds to connect to the upstream, and lifetime of relayed connections.
+# Seconds to connect to the target, and lifetime of relayed connections.
 CONNECT_DURATION_BOUNDS: tuple[float, ...] = (
     0.0005,
     0.001,

@@ -11,7 +11,7 @@ import ipaddress
 import re
 
 from forkproxy.errors import ForkproxyError
-from forkproxy.settings.address import parse_upstream
+from forkproxy.settings.address import parse_target
 from forkproxy.settings.arguments import parse_args as parse_forkproxy_args
 from forkproxy.settings.config import Config
 from forkproxy.units.request import PROG, UnitRequest
@@ -55,7 +55,7 @@ def check_name(name: str) -> str:
 def check_target(target: str) -> str:
     if CONTROL.search(target):
         raise ForkproxyError(f"invalid target {target!r}: control characters are not allowed")
-    parse_upstream(target)  # raises UsageError, a ForkproxyError, with the reason
+    parse_target(target)  # raises UsageError, a ForkproxyError, with the reason
     return target
 
 
@@ -136,7 +136,7 @@ def parse_count(text: str, flag: str, maximum: int) -> int:
     return int(text)
 
 
-def check_upstream_unit(unit: str | None) -> str | None:
+def check_target_unit(unit: str | None) -> str | None:
     if unit is not None and not (_UNIT_NAME.fullmatch(unit) and len(unit) <= _UNIT_NAME_MAX):
         raise ForkproxyError(
             f"invalid --upstream-unit '{unit}': expected a unit name such as nginx.service"
@@ -213,7 +213,7 @@ def check_combinations(r: UnitRequest) -> None:
             "forkproxy option --connections-max has no effect with --accept "
             "(one connection per instance): use --max-connections"
         )
-    if r.share_namespace and r.upstream_unit is None:
+    if r.share_namespace and r.target_unit is None:
         raise ForkproxyError("--share-namespace needs --upstream-unit: whose namespace to join")
     if r.user:
         if r.socket_user is not None or r.socket_group is not None:

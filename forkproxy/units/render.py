@@ -10,13 +10,13 @@ import re
 import shlex
 import socket
 
-from forkproxy.settings.address import parse_upstream
+from forkproxy.settings.address import parse_target
 from forkproxy.settings.config import Config
 from forkproxy.units.arguments import canonical_args
 from forkproxy.units.checks import CONTROL, forkproxy_config
 from forkproxy.units.request import PROG, SYSTEM_EXECUTABLE, USER_EXECUTABLE, UnitRequest
 
-# A relayed connection holds up to 6 fds (client, upstream, two splice pipes in flight);
+# A relayed connection holds up to 6 fds (client, target, two splice pipes in flight);
 # the spare is the master's FD_RESERVE: 64 pooled pipes, listeners, the event loop.
 FDS_PER_CONNECTION = 6
 FDS_SPARE = 160
@@ -142,10 +142,10 @@ def _service_unit(r: UnitRequest) -> str:
         lines.append(f"Description={_description(r)}")
         for name in r.socket_names:
             lines += [f"Requires={name}", f"After={name}"]
-    if r.upstream_unit is not None:
-        lines += [f"Requires={r.upstream_unit}", f"After={r.upstream_unit}"]
+    if r.target_unit is not None:
+        lines += [f"Requires={r.target_unit}", f"After={r.target_unit}"]
     if r.share_namespace:
-        lines.append(f"JoinsNamespaceOf={r.upstream_unit}")
+        lines.append(f"JoinsNamespaceOf={r.target_unit}")
     lines += ["", "[Service]"]
     if r.accept:
         lines += [
@@ -223,8 +223,8 @@ _USER_HARDENING = [
 
 def _network(r: UnitRequest) -> list[str]:
     """Address families and IP access for the target only; passed sockets are exempt."""
-    upstream = parse_upstream(r.target)
-    if upstream.family == socket.AF_VSOCK:  # vsock:CID:PORT targets
+    target = parse_target(r.target)
+    if target.family == socket.AF_VSOCK:  # vsock:CID:PORT targets
         lines = [
             "# Network: AF_UNIX for sd_notify(3), AF_VSOCK for the target; no IP at all.",
             "RestrictAddressFamilies=AF_UNIX AF_VSOCK",
@@ -232,19 +232,19 @@ def _network(r: UnitRequest) -> list[str]:
         if not r.user:
             lines.append("IPAddressDeny=any")
         if r.share_namespace:
-            lines += [f"# {r.upstream_unit} needs PrivateNetwork=yes too.", "PrivateNetwork=yes"]
+            lines += [f"# {r.target_unit} needs PrivateNetwork=yes too.", "PrivateNetwork=yes"]
         return lines
     lines = ["# Network: AF_UNIX for sd_notify(3); AF_VSOCK is left out (no vsock targets)."]
-    if upstream.family == 0:
+    if target.family == 0:
         lines += [
             f"# {r.target} is resolved at connect time, so any IP address may be reached.",
             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         ]
-    elif upstream.family in (socket.AF_INET, socket.AF_INET6):
-        family = "AF_INET" if upstream.family == socket.AF_INET else "AF_INET6"
+    elif target.family in (socket.AF_INET, socket.AF_INET6):
+        family = "AF_INET" if target.family == socket.AF_INET else "AF_INET6"
         lines.append(f"RestrictAddressFamilies=AF_UNIX {family}")
         if not r.user:
-            address = upstream.host.partition("%")[0]
+            address = target.host.partition("%")[0]
             lines += [
                 f"# IP traffic to and from {address} only; change it with the target.",
                 "IPAddressDeny=any",
@@ -261,7 +261,7 @@ def _network(r: UnitRequest) -> list[str]:
                     "PrivateNetwork=yes",
                 ]
     if r.share_namespace:
-        lines += [f"# {r.upstream_unit} needs PrivateNetwork=yes too.", "PrivateNetwork=yes"]
+        lines += [f"# {r.target_unit} needs PrivateNetwork=yes too.", "PrivateNetwork=yes"]
     return lines
 
 

@@ -27,7 +27,7 @@ class UnitRequest:
     accept: bool = False
     max_connections: int | None = None
     metrics: str | None = None
-    upstream_unit: str | None = None
+    target_unit: str | None = None
     share_namespace: bool = False
     description: str | None = None
     executable: str | None = None

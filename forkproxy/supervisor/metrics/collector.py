@@ -26,7 +26,7 @@ from forkproxy.shared.scoreboard import (
     ACCEPTED,
     ACTIVE,
     BYTES_TO_CLIENT,
-    BYTES_TO_UPSTREAM,
+    BYTES_TO_TARGET,
     CONNECT_DURATION_BOUNDS,
     CONNECT_DURATION_BUCKETS,
     CONNECT_ERRORS,
@@ -119,7 +119,7 @@ class ScoreboardCollector(Collector):
             "Bytes relayed: to_backend from clients, to_client from the backend.",
             labels=["direction"],
         )
-        relayed.add_metric(["to_backend"], board.total(BYTES_TO_UPSTREAM))
+        relayed.add_metric(["to_backend"], board.total(BYTES_TO_TARGET))
         relayed.add_metric(["to_client"], board.total(BYTES_TO_CLIENT))
         yield relayed
         yield _histogram(
@@ -178,7 +178,7 @@ class ScoreboardCollector(Collector):
                 continue
             worker = str(slot)
             accepted.add_metric([worker], count)
-            relayed.add_metric([worker, "to_backend"], board.counter(slot, BYTES_TO_UPSTREAM))
+            relayed.add_metric([worker, "to_backend"], board.counter(slot, BYTES_TO_TARGET))
             relayed.add_metric([worker, "to_client"], board.counter(slot, BYTES_TO_CLIENT))
             if slot in live:
                 active.add_metric([worker], board.get(slot, ACTIVE))

@@ -37,21 +37,21 @@ class ExhaustiblePool(PipePool):
 
 
 class Pair:
-    """client_app <-> [client | relay | upstream] <-> upstream_app on a shared loop and pool."""
+    """client_app <-> [client | relay | target] <-> target_app on a shared loop and pool."""
 
     def __init__(self, loop: uvloop.Loop, pool: PipePool, closed: list[Relay]) -> None:
         self.client_app, client = socket.socketpair()
-        upstream, self.upstream_app = socket.socketpair()
+        target, self.target_app = socket.socketpair()
         client.setblocking(False)
-        upstream.setblocking(False)
+        target.setblocking(False)
         self.counters = memoryview(bytearray(16 * 8)).cast("q")
-        self.relay = Relay(Poller(loop), pool, client, upstream, self.counters, 0, 1, closed.append)
+        self.relay = Relay(Poller(loop), pool, client, target, self.counters, 0, 1, closed.append)
         self.relay.start()
 
     def close(self) -> None:
         self.relay.close()
         self.client_app.close()
-        self.upstream_app.close()
+        self.target_app.close()
 
 
 def _run_until(loop: uvloop.Loop, condition: Callable[[], object], timeout: float = 10.0) -> None:
@@ -77,7 +77,7 @@ def test_no_pipe_ends_that_connection_only() -> None:
     try:
         healthy.client_app.sendall(b"before")
         _run_until(loop, lambda: healthy.counters[0] == 6)
-        assert healthy.upstream_app.recv(100) == b"before"
+        assert healthy.target_app.recv(100) == b"before"
 
         pool.exhausted = True
         victim.client_app.sendall(b"no pipe for this")
@@ -86,19 +86,19 @@ def test_no_pipe_ends_that_connection_only() -> None:
         assert victim.relay.error is not None and victim.relay.error.errno == errno.EMFILE
         # Both of its ends are closed: its peers see the end, nothing hangs.
         victim.client_app.settimeout(5)
-        victim.upstream_app.settimeout(5)
-        assert victim.upstream_app.recv(100) == b""
+        victim.target_app.settimeout(5)
+        assert victim.target_app.recv(100) == b""
         try:
             assert victim.client_app.recv(100) == b""
         except ConnectionResetError:
             pass  # it had unread bytes in flight: a reset is the honest end
-        assert victim.relay.client.fileno() == -1 and victim.relay.upstream.fileno() == -1
+        assert victim.relay.client.fileno() == -1 and victim.relay.target.fileno() == -1
 
         pool.exhausted = False
         healthy.client_app.sendall(b"after")
-        healthy.upstream_app.sendall(b"reply")
+        healthy.target_app.sendall(b"reply")
         _run_until(loop, lambda: healthy.counters[0] == 11 and healthy.counters[1] == 5)
-        assert healthy.upstream_app.recv(100) == b"after"
+        assert healthy.target_app.recv(100) == b"after"
         assert healthy.client_app.recv(100) == b"reply"
         assert closed == [victim.relay]
         assert pool.lent == 0  # every pipe lent out came back

@@ -11,7 +11,7 @@ import uvloop
 from forkproxy.errors import ForkproxyError
 from forkproxy.relay.poller import Poller
 from forkproxy.relay.targets import COOLDOWN, TargetGroup, check_routes, route_groups
-from forkproxy.settings.address import UpstreamAddress, parse_upstream
+from forkproxy.settings.address import TargetAddress, parse_target
 from forkproxy.settings.options import Route
 from forkproxy.shared.listener import Listener
 
@@ -31,10 +31,10 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def _dead_target() -> UpstreamAddress:
+def _dead_target() -> TargetAddress:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return parse_upstream(f"127.0.0.1:{probe.getsockname()[1]}")
+        return parse_target(f"127.0.0.1:{probe.getsockname()[1]}")
 
 
 def _connect(
@@ -48,7 +48,7 @@ def _connect(
 def test_round_robin_and_cooldown() -> None:
     clock = Clock()
     failures: list[tuple[str, bool]] = []
-    targets = [parse_upstream(f"10.0.0.{n}:80") for n in (1, 2, 3)]
+    targets = [parse_target(f"10.0.0.{n}:80") for n in (1, 2, 3)]
 
     def group() -> TargetGroup:
         return TargetGroup(
@@ -82,7 +82,7 @@ def test_round_robin_and_cooldown() -> None:
 
 def test_failover_skips_a_dead_target(loop: asyncio.AbstractEventLoop) -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
-        live = parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")
+        live = parse_target(f"127.0.0.1:{server.getsockname()[1]}")
         dead = _dead_target()
         failed: list[str] = []
         group = TargetGroup([dead, live], on_target_failed=lambda t, e, n: failed.append(t.text))
@@ -101,7 +101,7 @@ def test_every_target_down_fails_with_the_last_error(loop: asyncio.AbstractEvent
 
 def test_one_target_connects_directly(loop: asyncio.AbstractEventLoop) -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
-        target = parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")
+        target = parse_target(f"127.0.0.1:{server.getsockname()[1]}")
         nodelay = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
         group = TargetGroup([target], options=nodelay)
         with loop.run_until_complete(asyncio.wait_for(_connect(group, loop), 10)) as sock:
@@ -115,10 +115,10 @@ def _listener(name: str) -> Listener:
 
 def test_route_groups() -> None:
     listeners = [_listener("web"), _listener("api"), _listener(""), _listener("other")]
-    default = (parse_upstream("d:1"),)
+    default = (parse_target("d:1"),)
     routes = (
-        Route("web", (parse_upstream("w:1"), parse_upstream("w:2"))),
-        Route("api", (parse_upstream("a:1"),)),
+        Route("web", (parse_target("w:1"), parse_target("w:2"))),
+        Route("api", (parse_target("a:1"),)),
     )
     try:
         groups = route_groups(listeners, default, routes, TargetGroup)

@@ -14,7 +14,7 @@ import uvloop
 
 from forkproxy.relay.poller import Poller
 from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay
-from forkproxy.relay.target_connect import UpstreamConnect
+from forkproxy.relay.target_connect import TargetConnect
 from forkproxy.relay.timeouts import (
     SWEEP_INTERVAL_MAX,
     SWEEP_INTERVAL_MIN,
@@ -22,7 +22,7 @@ from forkproxy.relay.timeouts import (
     sweep_idle,
     sweep_interval,
 )
-from forkproxy.settings.address import parse_upstream
+from forkproxy.settings.address import parse_target
 
 
 @pytest.fixture
@@ -43,13 +43,13 @@ def _relay(
     loop: asyncio.AbstractEventLoop, pool: PipePool, direction: type[Direction]
 ) -> tuple[Relay, socket.socket, socket.socket, list[Relay]]:
     client, client_far = socket.socketpair()
-    upstream, upstream_far = socket.socketpair()
-    for sock in (client, upstream):
+    target, target_far = socket.socketpair()
+    for sock in (client, target):
         sock.setblocking(False)
     closed: list[Relay] = []
     counters = memoryview(bytearray(8 * 16)).cast("q")
-    relay = Relay(Poller(loop), pool, client, upstream, counters, 0, 1, closed.append, direction)
-    return relay, client_far, upstream_far, closed
+    relay = Relay(Poller(loop), pool, client, target, counters, 0, 1, closed.append, direction)
+    return relay, client_far, target_far, closed
 
 
 def test_sweep_interval() -> None:
@@ -61,20 +61,20 @@ def test_sweep_interval() -> None:
 def test_idle_direction_marks_the_relay_active(
     loop: asyncio.AbstractEventLoop, pool: PipePool
 ) -> None:
-    relay, client_far, upstream_far, _ = _relay(loop, pool, IdleDirection)
-    with client_far, upstream_far:
+    relay, client_far, target_far, _ = _relay(loop, pool, IdleDirection)
+    with client_far, target_far:
         relay.start()
         client_far.sendall(b"ping")
         loop.run_until_complete(asyncio.sleep(0))  # one loop turn: the read happens
-        assert upstream_far.recv(4) == b"ping"
+        assert target_far.recv(4) == b"ping"
         assert relay.active
         relay.close()
-    plain, client_far, upstream_far, _ = _relay(loop, pool, Direction)
-    with client_far, upstream_far:
+    plain, client_far, target_far, _ = _relay(loop, pool, Direction)
+    with client_far, target_far:
         plain.start()
         client_far.sendall(b"ping")
         loop.run_until_complete(asyncio.sleep(0))
-        assert upstream_far.recv(4) == b"ping"
+        assert target_far.recv(4) == b"ping"
         assert not plain.active  # without --idle-timeout nothing is recorded
         plain.close()
 
@@ -135,10 +135,10 @@ def test_connect_expires_at_its_deadline(
 ) -> None:
     host, port = never_accepting
     failures: list[OSError] = []
-    connect = UpstreamConnect(
+    connect = TargetConnect(
         loop,
         Poller(loop),
-        parse_upstream(f"{host}:{port}"),
+        parse_target(f"{host}:{port}"),
         lambda s: s.close(),
         failures.append,
         5.0,
@@ -155,9 +155,9 @@ def test_connect_expires_at_its_deadline(
 
 def test_no_timeout_means_no_deadline(loop: asyncio.AbstractEventLoop) -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
-        target = parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")
+        target = parse_target(f"127.0.0.1:{server.getsockname()[1]}")
         connected: list[socket.socket] = []
-        connect = UpstreamConnect(loop, Poller(loop), target, connected.append, lambda e: None)
+        connect = TargetConnect(loop, Poller(loop), target, connected.append, lambda e: None)
         connect.start()
         assert math.isinf(connect.deadline)
         assert not connect.expire(1e18)

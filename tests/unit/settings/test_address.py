@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import format_sockaddr, parse_listen, parse_metrics, parse_upstream
+from forkproxy.settings.address import format_sockaddr, parse_listen, parse_metrics, parse_target
 
 
 @pytest.mark.parametrize(
@@ -26,8 +26,8 @@ from forkproxy.settings.address import format_sockaddr, parse_listen, parse_metr
         ("@nginx", socket.AF_UNIX, "", 0, "\0nginx"),
     ],
 )
-def test_upstream(text: str, family: int, host: str, port: int, sockaddr: object) -> None:
-    address = parse_upstream(text)
+def test_target(text: str, family: int, host: str, port: int, sockaddr: object) -> None:
+    address = parse_target(text)
     assert (address.family, address.host, address.port, address.sockaddr) == (
         family,
         host,
@@ -65,9 +65,9 @@ def test_upstream(text: str, family: int, host: str, port: int, sockaddr: object
         ("2", "invalid target '2': a host name cannot be a bare number"),
     ],
 )
-def test_upstream_errors(text: str, error: str) -> None:
+def test_target_errors(text: str, error: str) -> None:
     with pytest.raises(UsageError) as raised:
-        parse_upstream(text)
+        parse_target(text)
     assert str(raised.value) == error
 
 
@@ -120,7 +120,7 @@ def test_format_sockaddr() -> None:
 @given(st.text(max_size=60))
 def test_any_target_parses_or_raises_usage_error(text: str) -> None:
     try:
-        parse_upstream(text)
+        parse_target(text)
     except UsageError:
         pass
 
@@ -147,7 +147,7 @@ path_names = st.text(st.characters(codec="utf-8", blacklist_characters="\0"), mi
 @given(ipv4s, ports)
 def test_ipv4_round_trips_through_every_parser(host: str, port: int) -> None:
     text = f"{host}:{port}"
-    for parse in (parse_upstream, parse_listen, parse_metrics):
+    for parse in (parse_target, parse_listen, parse_metrics):
         address = parse(text)
         assert (address.family, address.sockaddr) == (socket.AF_INET, (host, port))
         assert format_sockaddr(address.family, address.sockaddr) == text
@@ -156,7 +156,7 @@ def test_ipv4_round_trips_through_every_parser(host: str, port: int) -> None:
 @given(ipv6s, ports)
 def test_ipv6_round_trips_through_every_parser(host: ipaddress.IPv6Address, port: int) -> None:
     text = f"[{host}]:{port}"
-    for parse in (parse_upstream, parse_listen, parse_metrics):
+    for parse in (parse_target, parse_listen, parse_metrics):
         address = parse(text)
         assert address.family == socket.AF_INET6
         assert isinstance(address.sockaddr, tuple)
@@ -170,7 +170,7 @@ def test_unix_paths_round_trip(name: str) -> None:
     for text, sockaddr in ((f"/{name}", f"/{name}"), (f"@{name}", f"\0{name}")):
         if len(text.encode()) > 107:
             continue
-        for parse in (parse_upstream, parse_listen, parse_metrics):
+        for parse in (parse_target, parse_listen, parse_metrics):
             if parse is parse_listen and "=" in text:
                 continue  # NAME=ADDR: tested below
             address = parse(text)

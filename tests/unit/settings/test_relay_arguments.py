@@ -5,7 +5,7 @@ import math
 import pytest
 
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import parse_upstream
+from forkproxy.settings.address import parse_target
 from forkproxy.settings.arguments import parse_args
 from forkproxy.settings.config import DEFAULT_NODELAY, DEFAULT_PIPE_SIZE, Config
 from forkproxy.settings.options import KeepAlive, Route
@@ -137,7 +137,7 @@ def test_errors(argv: list[str], error: str) -> None:
 
 
 def test_config_checks_routes() -> None:
-    target = parse_upstream("h:1")
+    target = parse_target("h:1")
     with pytest.raises(UsageError, match="--route= names must be unique"):
         Config(targets=(target,), routes=(Route("a", (target,)), Route("a", (target,))))
     with pytest.raises(UsageError, match="--route= needs a target"):

@@ -27,7 +27,7 @@ from forkproxy.shared.scoreboard import (
     ACCEPTED,
     ACTIVE,
     BYTES_TO_CLIENT,
-    BYTES_TO_UPSTREAM,
+    BYTES_TO_TARGET,
     CONNECT_DURATION_BOUNDS,
     CONNECT_DURATION_BUCKETS,
     CONNECT_DURATION_SUM_NS,
@@ -115,7 +115,7 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     zero[ACCEPTED], one[ACCEPTED] = 5, 7
     zero[REFUSED], one[REFUSED] = 2, 1
     zero[CONNECT_ERRORS] = 4
-    zero[BYTES_TO_UPSTREAM], one[BYTES_TO_UPSTREAM] = 1000, 1 << 40
+    zero[BYTES_TO_TARGET], one[BYTES_TO_TARGET] = 1000, 1 << 40
     zero[BYTES_TO_CLIENT], one[BYTES_TO_CLIENT] = 3, 9
     zero[ACTIVE], one[ACTIVE] = 1, 2
     tokens = [admission.try_acquire() for _ in range(3)]
