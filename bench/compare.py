@@ -90,6 +90,12 @@ def parse(argv: list[str]) -> tuple[Settings, argparse.Namespace]:
         help="nginx backend worker_processes (default %(default)s)",
     )
     parser.add_argument(
+        "--syscall-connections",
+        type=int,
+        default=defaults.syscall_connections,
+        help="connections counted under strace in the syscalls load (default %(default)s)",
+    )
+    parser.add_argument(
         "--keep-temp", action="store_true", help="keep the per-measurement configs and logs"
     )
     args = parser.parse_args(argv)
@@ -107,6 +113,7 @@ def parse(argv: list[str]) -> tuple[Settings, argparse.Namespace]:
         wrk_connections=args.wrk_connections,
         backend_workers=args.backend_workers,
         haproxy_splice=args.haproxy_splice,
+        syscall_connections=args.syscall_connections,
     )
     if args.duration is not None:
         settings = replace(settings, duration=args.duration)
@@ -118,8 +125,10 @@ def parse(argv: list[str]) -> tuple[Settings, argparse.Namespace]:
         settings = replace(settings, loads=loads)
     if contenders is not None:
         settings = replace(settings, contenders=contenders)
-    if settings.rounds < 1 or settings.duration <= 0:
-        parser.error("--rounds must be at least 1 and --duration positive")
+    if settings.rounds < 1 or settings.duration <= 0 or settings.syscall_connections < 1:
+        parser.error(
+            "--rounds and --syscall-connections must be at least 1 and --duration positive"
+        )
     return settings, args
 
 
@@ -215,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if samples:
         print(report.render_matrix(doc), end="\n\n")
         print(report.render_long(doc))
+        if syscalls := report.render_syscalls(doc):
+            print("\n" + syscalls)
     print(f"\nresults: {output}")
     failed = report.failures(doc)
     for line in failed:
