@@ -97,12 +97,12 @@ class SyscallCount(Load):
         quiet_sockets = _settled_sockets(pids)
         with _Trace(target, pids, "idle") as idle:
             time.sleep(settings.syscall_idle_seconds)  # what the tree does on its own
-        started = time.monotonic()
         with _Trace(target, pids, "connections") as traced:
+            started = time.monotonic()
             for _ in range(settings.syscall_connections):
                 _one_connection(target.port, settings.small_file_bytes)
                 _wait_quiet(pids, quiet_sockets)
-        traced_seconds = time.monotonic() - started
+            traced_seconds = time.monotonic() - started
         count = settings.syscall_connections
         summary, idle_summary = traced.summary, idle.summary
         if summary.total == 0:
