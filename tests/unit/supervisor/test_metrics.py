@@ -35,6 +35,7 @@ from forkproxy.shared.scoreboard import (
     CONNECTION_DURATION_BOUNDS,
     CONNECTION_DURATION_BUCKETS,
     CONNECTION_DURATION_SUM_NS,
+    HEARTBEAT_NS,
     REFUSED,
     STATE,
     Scoreboard,
@@ -64,6 +65,7 @@ class FakeMaster:
     target_workers: int = 2
     restarts: int = 0
     stopping: bool = False
+    heartbeat_interval: float = 1.0
 
 
 def _samples(text: str) -> Samples:
@@ -241,6 +243,20 @@ def _one_killed(board: Scoreboard, master: FakeMaster) -> None:
     master.workers[1001].killed = True
 
 
+def _one_frozen(board: Scoreboard, master: FakeMaster) -> None:
+    """SIGSTOPped, or its loop stuck: its last heartbeat is 3 intervals and a bit old."""
+    board.slot(1)[HEARTBEAT_NS] = time.monotonic_ns() - 3_100_000_000
+
+
+def _one_late_by_less_than_three_beats(board: Scoreboard, master: FakeMaster) -> None:
+    board.slot(1)[HEARTBEAT_NS] = time.monotonic_ns() - 2_000_000_000
+
+
+def _all_frozen(board: Scoreboard, master: FakeMaster) -> None:
+    for slot in (0, 1):
+        board.slot(slot)[HEARTBEAT_NS] = time.monotonic_ns() - 10_000_000_000
+
+
 def _new_generation_starting(board: Scoreboard, master: FakeMaster) -> None:
     """SIGHUP: the old generation still serves but is no longer current."""
     master.generation = 1
@@ -264,6 +280,9 @@ def _new_generation_serving(board: Scoreboard, master: FakeMaster) -> None:
         (_stopping, False, "stopping"),
         (_one_fewer_wanted, True, "1 of 1 workers serving"),
         (_one_killed, False, "1 of 2 workers serving"),
+        (_one_frozen, False, "1 of 2 workers serving, 1 not responding"),
+        (_one_late_by_less_than_three_beats, True, "2 of 2 workers serving"),
+        (_all_frozen, False, "0 of 2 workers serving, 2 not responding"),
         (_new_generation_starting, False, "1 of 2 workers serving"),
         (_new_generation_serving, True, "2 of 2 workers serving"),
     ],
