@@ -5,17 +5,20 @@ printed as `forkproxy: <message>` with exit status 1, as systemd-socket-proxyd's
 are; anything else is a bug and keeps its traceback.
 """
 
+import signal
 import sys
 from typing import NoReturn
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.arguments import parse_args
+from forkproxy.supervisor.signals import MASTER_SIGNALS
 
 EXIT_FAILURE = 1
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: run forkproxy and exit with its status."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see supervisor/signals.py
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         from forkproxy.supervisor.run import run  # after parsing: --help stays fast

@@ -38,6 +38,7 @@ from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
 from forkproxy.supervisor.readiness import Readiness
+from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
 from forkproxy.supervisor.workers import KILL_MARGIN, WorkerPool
 
 if TYPE_CHECKING:
@@ -47,23 +48,6 @@ log = logging.getLogger("forkproxy")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-
-# Signals an admin may send that have no use here yet. Their default action would end the
-# master (SIGWINCH's and SIGURG's: nothing), so the master takes them and logs each once.
-UNUSED_SIGNALS = (
-    signal.SIGALRM,
-    signal.SIGVTALRM,
-    signal.SIGPROF,
-    signal.SIGIO,  # also SIGPOLL
-    signal.SIGPWR,
-    signal.SIGWINCH,
-    signal.SIGURG,
-)
-# When one wakeup brings several signals, stops are handled first and SIGCHLD last. A
-# SIGTERM to the whole process group also stops idle workers at once; the kernel runs the
-# handler of the higher-numbered of two pending signals first, so the workers' SIGCHLD can
-# come before the SIGTERM, and their exits would read as deaths to replace.
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 
 
 class Master:
@@ -106,6 +90,7 @@ class Master:
         for signum in UNUSED_SIGNALS:
             self.on_signal[signum] = partial(self.on_unused_signal, signum)
         self.unused_logged: set[int] = set()
+        assert set(self.on_signal) == MASTER_SIGNALS
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -371,7 +356,7 @@ def _source_limit(config: Config) -> SourceLimit | None:
 
 def _dispatch_rank(signum: int) -> int:
     """Order of handling within one wakeup: stops, then the rest, then SIGCHLD."""
-    if signum in _STOP_SIGNALS:
+    if signum in STOP_SIGNALS:
         return 0
     return 2 if signum == signal.SIGCHLD else 1
 
