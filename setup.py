@@ -1,0 +1,72 @@
+"""Builds the compiled relay engine (forkproxy.relay._engine) when it can.
+
+Everything else is in pyproject.toml. The extension is optional: without a C compiler or
+Python's headers, or with FORKPROXY_NO_EXTENSION=1, forkproxy installs as pure Python and
+runs its Python engine. The engine is built with -Wall -Wextra -Werror; CFLAGS and LDFLAGS
+from the environment are added after them (a sanitizer build sets them).
+"""
+
+import os
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+SOURCES = [
+    "csrc/module.c",
+    "csrc/loop.c",
+    "csrc/admission.c",
+    "csrc/accept.c",
+    "csrc/connect.c",
+    "csrc/relay.c",
+    "csrc/proxy_header.c",
+]
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that warns and goes on when the extension cannot be compiled."""
+
+    def run(self) -> None:
+        # An in-place (editable) build copies into the package directory, which may not
+        # exist yet: the engine is its only file on a tree without its Python side.
+        for ext in self.extensions:
+            os.makedirs(os.path.join(*ext.name.split(".")[:-1]), exist_ok=True)
+        try:
+            super().run()
+        except Exception as error:  # noqa: BLE001  (distutils raises several kinds)
+            self._skip(error)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as error:  # noqa: BLE001
+            self._skip(error)
+
+    @staticmethod
+    def _skip(error: Exception) -> None:
+        print(
+            f"warning: not building the compiled engine ({error}); "
+            "forkproxy will run its Python engine",
+            file=sys.stderr,
+        )
+
+
+def extensions() -> list[Extension]:
+    if os.environ.get("FORKPROXY_NO_EXTENSION") == "1" or not sys.platform.startswith("linux"):
+        return []
+    include = sysconfig.get_paths().get("include") or ""
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        print("warning: Python.h not found; forkproxy will run its Python engine", file=sys.stderr)
+        return []
+    return [
+        Extension(
+            "forkproxy.relay._engine",
+            sources=SOURCES,
+            depends=["csrc/engine.h"],
+            extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Werror"],
+        )
+    ]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
