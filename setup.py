@@ -27,6 +27,13 @@ SOURCES = [
 class OptionalBuildExt(build_ext):
     """build_ext that warns and goes on when the extension cannot be compiled."""
 
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        # A wheel is always compiled afresh: an up-to-date object left in build/ by another
+        # compiler or flags (a sanitizer build, say) is never what gets installed.
+        if not self.inplace:
+            self.force = True
+
     def run(self) -> None:
         # An in-place (editable) build copies into the package directory, which may not
         # exist yet: the engine is its only file on a tree without its Python side.
@@ -41,6 +48,10 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as error:  # noqa: BLE001
+            # Never install what an earlier build left in build/ (a sanitizer build, say).
+            stale = self.get_ext_fullpath(ext.name)
+            if os.path.exists(stale):
+                os.remove(stale)
             self._skip(error)
 
     @staticmethod
