@@ -53,6 +53,9 @@ int setup_listener_options(engine *e, struct listener *l)
     l->nclient_options = 0;
     if (l->family != AF_INET && l->family != AF_INET6)
         return 0;
+    int inline_ = 0;
+    socklen_t inline_len = sizeof inline_;
+    l->oobinline = getsockopt(l->fd, SOL_SOCKET, SO_OOBINLINE, &inline_, &inline_len) == 0 && inline_;
     for (int i = 0; i < e->ntarget_options; i++) {
         int value = 0;
         socklen_t len = sizeof value;
@@ -125,6 +128,11 @@ static void admitted(engine *e, struct listener *l, int fd, const struct sockadd
     for (int i = 0; i < l->nclient_options; i++) {
         const int *opt = l->client_options[i];
         setsockopt(fd, opt[0], opt[1], &opt[2], sizeof opt[2]); /* a gone client: found later */
+    }
+    c->cs.oobinline = l->oobinline;
+    if (e->copy_size && !l->oobinline && (l->family == AF_INET || l->family == AF_INET6)) {
+        int one = 1; /* recv must never skip an urgent byte (relay.c, copy_small) */
+        c->cs.oobinline = setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one) == 0;
     }
     /* Watched from the start: data it sends meanwhile is seen, a reset ends the attempt. */
     if (epoll_add(e, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET, &c->wclient) < 0) {

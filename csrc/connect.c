@@ -199,6 +199,12 @@ static int try_address(engine *e, conn *c, const struct sockaddr *sa, socklen_t 
     if (fd < 0)
         return errno;
     if (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) {
+        int one = 1; /* recv must never skip an urgent byte (relay.c, copy_small) */
+        if (e->copy_size && setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one) < 0) {
+            int error = errno;
+            close(fd);
+            return error;
+        }
         for (int i = 0; i < e->ntarget_options; i++) {
             const int *opt = e->target_options[i];
             if (setsockopt(fd, opt[0], opt[1], &opt[2], sizeof opt[2]) < 0) {
@@ -220,6 +226,7 @@ static int try_address(engine *e, conn *c, const struct sockaddr *sa, socklen_t 
         return error;
     }
     c->target_fd = fd;
+    c->ts.oobinline = e->copy_size && (sa->sa_family == AF_INET || sa->sa_family == AF_INET6);
     return rc == 0 ? 0 : 1;
 }
 

@@ -119,6 +119,7 @@ struct listener {
     struct watch watch;
     int fd, family, index, route;
     bool registered;
+    bool oobinline;            /* set on the listener: accepted sockets inherit it */
     int nclient_options;       /* setsockopt(2) on each client: those not inherited */
     int client_options[8][3];
 };
@@ -140,6 +141,7 @@ struct direction {
     uint32_t pending;          /* bytes in the pipe */
     bool eof;                  /* the source has sent EOF */
     bool done;                 /* EOF passed on: finished */
+    bool bulk;                 /* a read filled the copy buffer: splice from now on */
     size_t counter;            /* slot-relative offset of its byte counter */
 };
 
@@ -185,6 +187,8 @@ typedef struct conn {
 } conn;
 
 #define PIPE_POOL_MAX 64
+#define COPY_SIZE_DEFAULT 0
+#define COPY_SIZE_MAX (1 << 20)
 
 typedef struct engine {
     PyObject_HEAD
@@ -208,6 +212,8 @@ typedef struct engine {
     int target_options[8][3];
     int ntarget_options;
     int pipe_size, pipe_keep;
+    int copy_size;             /* small reads through copybuf (0: always splice) */
+    char *copybuf;
     int fd_ceiling;
     struct histogram connect_hist, connection_hist;
     /* connections */

@@ -632,6 +632,7 @@ static void engine_dealloc(engine *e)
     }
     PyMem_Free(e->routes);
     PyMem_Free(e->listeners);
+    PyMem_Free(e->copybuf);
     Py_XDECREF(e->hook_resolve);
     Py_XDECREF(e->hook_event);
     Py_XDECREF(e->hook_idle);
@@ -647,18 +648,21 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
 {
     static char *names[] = {"memory", "layout", "slot", "listeners", "routes", "hooks",
                             "connect_timeout", "idle_timeout", "proxy_protocol", "tcp_options",
-                            "pipe_size", "pipe_keep", "fd_ceiling", "queue_on_limit", NULL};
+                            "pipe_size", "pipe_keep", "fd_ceiling", "queue_on_limit", "copy_size",
+                            NULL};
     PyObject *memory, *layout, *listeners, *routes, *hooks, *tcp_options = NULL;
     Py_ssize_t slot;
     double connect_timeout = 0, idle_timeout = 0;
     int proxy_protocol = 0, pipe_size = 0, pipe_keep = 4, fd_ceiling = -1, queue = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOnOOO|$ddiOiiip", names, &memory, &layout,
+    int copy_size = COPY_SIZE_DEFAULT;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOnOOO|$ddiOiiipi", names, &memory, &layout,
                                      &slot, &listeners, &routes, &hooks, &connect_timeout,
                                      &idle_timeout, &proxy_protocol, &tcp_options, &pipe_size,
-                                     &pipe_keep, &fd_ceiling, &queue))
+                                     &pipe_keep, &fd_ceiling, &queue, &copy_size))
         return NULL;
-    if (proxy_protocol < 0 || proxy_protocol > 2 || slot < 0 || pipe_size < 0) {
-        PyErr_SetString(PyExc_ValueError, "invalid proxy_protocol, slot or pipe_size");
+    if (proxy_protocol < 0 || proxy_protocol > 2 || slot < 0 || pipe_size < 0 || copy_size < 0 ||
+        copy_size > COPY_SIZE_MAX) {
+        PyErr_SetString(PyExc_ValueError, "invalid proxy_protocol, slot, pipe_size or copy_size");
         return NULL;
     }
     engine *e = (engine *)type->tp_alloc(type, 0);
@@ -678,6 +682,11 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     e->pipe_keep = pipe_keep < 0 ? 0 : pipe_keep > PIPE_POOL_MAX ? PIPE_POOL_MAX : pipe_keep;
     e->fd_ceiling = fd_ceiling < 0 ? INT32_MAX : fd_ceiling;
     e->queue_on_limit = queue != 0;
+    e->copy_size = copy_size;
+    if (copy_size && (e->copybuf = PyMem_Malloc((size_t)copy_size)) == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     e->connect_timeout_ns = timeout_ns(connect_timeout);
     e->idle_timeout_ns = timeout_ns(idle_timeout);
     if (PyObject_GetBuffer(memory, &e->memory, PyBUF_WRITABLE) < 0)

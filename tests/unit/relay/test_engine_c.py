@@ -29,6 +29,8 @@ _engine = h.load_engine()
 pytestmark = pytest.mark.skipif(_engine is None, reason="the compiled engine is not built")
 
 DEADLINE = 10.0
+# Relay tests run with both read paths: always splice, and small reads through a buffer.
+COPY_SIZES = pytest.mark.parametrize("copy_size", [0, 16384], ids=["splice", "copy"])
 
 
 class TargetServer:
@@ -155,7 +157,8 @@ def make(proxies: list[Any], thing: Any) -> Any:
 # -- relaying ----------------------------------------------------------------------------
 
 
-def test_bytes_both_ways_large_random(proxies: list[Any]) -> None:
+@COPY_SIZES
+def test_bytes_both_ways_large_random(proxies: list[Any], copy_size: int) -> None:
     to_target = os.urandom(3 << 20)
     to_client = os.urandom(5 << 20)
     received: dict[str, bytes] = {}
@@ -168,7 +171,9 @@ def test_bytes_both_ways_large_random(proxies: list[Any]) -> None:
         conn.shutdown(socket.SHUT_WR)
 
     target = make(proxies, TargetServer(serve))
-    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], pipe_size=65536))
+    proxy = make(
+        proxies, Proxy([[h.tcp_target(target.port)]], copy_size=copy_size, pipe_size=65536)
+    )
     client = proxy.connect()
     sender = threading.Thread(target=lambda: (client.sendall(to_target), client.shutdown(1)))
     sender.start()
@@ -191,9 +196,10 @@ def test_bytes_both_ways_large_random(proxies: list[Any]) -> None:
     assert not target.errors
 
 
-def test_many_concurrent_connections(proxies: list[Any]) -> None:
+@COPY_SIZES
+def test_many_concurrent_connections(proxies: list[Any], copy_size: int) -> None:
     target = make(proxies, TargetServer(echo))
-    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]]))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], copy_size=copy_size))
     clients = [proxy.connect() for _ in range(50)]
     payloads = [os.urandom(1000 + 37 * i) for i in range(len(clients))]
     for client, payload in zip(clients, payloads, strict=True):
@@ -207,7 +213,8 @@ def test_many_concurrent_connections(proxies: list[Any]) -> None:
     assert proxy.slot(h.CLOSED) == 50
 
 
-def test_half_close_each_way(proxies: list[Any]) -> None:
+@COPY_SIZES
+def test_half_close_each_way(proxies: list[Any], copy_size: int) -> None:
     def serve(conn: socket.socket) -> None:
         request = recv_all(conn)  # the client's FIN arrives as EOF...
         conn.sendall(b"reply to " + request)  # ...while this way stays open
@@ -215,7 +222,7 @@ def test_half_close_each_way(proxies: list[Any]) -> None:
         assert conn.recv(1) == b""
 
     target = make(proxies, TargetServer(serve))
-    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]]))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], copy_size=copy_size))
     client = proxy.connect()
     client.sendall(b"request")
     client.shutdown(socket.SHUT_WR)
@@ -230,14 +237,15 @@ def _abort(sock: socket.socket) -> None:
     sock.close()
 
 
-def test_target_reset_reaches_client_as_reset(proxies: list[Any]) -> None:
+@COPY_SIZES
+def test_target_reset_reaches_client_as_reset(proxies: list[Any], copy_size: int) -> None:
     def serve(conn: socket.socket) -> None:
         conn.recv(100)
         conn.sendall(b"partial")
         _abort(conn)
 
     target = make(proxies, TargetServer(serve))
-    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]]))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], copy_size=copy_size))
     client = proxy.connect()
     client.sendall(b"go")
     with pytest.raises(ConnectionResetError):
@@ -247,7 +255,8 @@ def test_target_reset_reaches_client_as_reset(proxies: list[Any]) -> None:
     wait_until(lambda: proxy.open_connections() == 0, DEADLINE, "the relay to close")
 
 
-def test_client_reset_reaches_target_as_reset(proxies: list[Any]) -> None:
+@COPY_SIZES
+def test_client_reset_reaches_target_as_reset(proxies: list[Any], copy_size: int) -> None:
     outcome: list[object] = []
     got_data = threading.Event()
 
@@ -262,7 +271,7 @@ def test_client_reset_reaches_target_as_reset(proxies: list[Any]) -> None:
             outcome.append("reset")
 
     target = make(proxies, TargetServer(serve))
-    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]]))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], copy_size=copy_size))
     client = proxy.connect()
     client.sendall(b"upload")
     assert got_data.wait(DEADLINE)
@@ -280,7 +289,8 @@ def test_clean_close_stays_a_fin(proxies: list[Any]) -> None:
     assert recv_all(client) == b"x" * 1000  # ends with EOF, no reset
 
 
-def test_urgent_data_is_relayed_inline_without_spinning(proxies: list[Any]) -> None:
+@COPY_SIZES
+def test_urgent_data_is_relayed_inline_without_spinning(proxies: list[Any], copy_size: int) -> None:
     received = bytearray()
 
     def serve(conn: socket.socket) -> None:
@@ -288,7 +298,7 @@ def test_urgent_data_is_relayed_inline_without_spinning(proxies: list[Any]) -> N
             received.extend(data)
 
     target = make(proxies, TargetServer(serve))
-    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]]))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], copy_size=copy_size))
     client = proxy.connect()
     client.sendall(b"before")
     wait_until(lambda: bytes(received) == b"before", DEADLINE, "the first bytes")
