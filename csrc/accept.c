@@ -165,8 +165,8 @@ static void hold(engine *e, struct listener *l, int fd, const struct sockaddr *p
     e->held_peerlen = peerlen;
     listeners_unregister(e);
     e->accepting = false;
-    e->capacity_seq = admission_wait_begin(e);
-    admit_held(e); /* capacity freed since the refusal changed CAPACITY_SEQ or is seen now */
+    admission_wait_begin(e);
+    admit_held(e); /* capacity freed since the refusal is seen now, or changes the word */
 }
 
 /* Queue mode: try the held client again (also what engine.retry_held() does). */
@@ -174,6 +174,9 @@ void admit_held(engine *e)
 {
     if (e->held_fd < 0)
         return;
+    /* Read before the attempt: a release after it changes the word, so a waiter given this
+     * value cannot miss it (futex(2)). */
+    e->capacity_seq = __atomic_load_n((uint32_t *)(e->base + e->lay.capacity_seq), __ATOMIC_SEQ_CST);
     int row;
     enum admit_result r = admission_admit(e, &e->held_peer.sa, e->held_peerlen, &row);
     if (r == REFUSED_CAP) {

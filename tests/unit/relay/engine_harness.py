@@ -165,6 +165,9 @@ class SharedMapping:
     def header(self, offset: int) -> int:
         return int(self.words[offset // WORD])
 
+    def header32(self, offset: int) -> int:
+        return int(memoryview(self.memory)[offset : offset + 4].cast("I")[0])
+
     def slot_word(self, slot: int, word: int) -> int:
         return int(self.words[(SLOTS + slot * SLOT_BYTES) // WORD + word])
 
@@ -217,6 +220,7 @@ class Hooks:
         self.drained = 0
         self.resolves: list[tuple[int, str, int]] = []
         self.resolver: Callable[[int, str, int], None] | None = None
+        self.capacity_waits: list[int] = []
 
     def resolve(self, token: int, host: str, port: int) -> None:
         self.resolves.append((token, host, port))
@@ -233,7 +237,7 @@ class Hooks:
         self.drained += 1
 
     def on_capacity_wait(self, seq: int) -> None:
-        pass
+        self.capacity_waits.append(seq)
 
 
 class EngineRunner:

@@ -675,3 +675,46 @@ def test_layout_that_does_not_fit_is_refused() -> None:
     missing = {k: v for k, v in h.LAYOUT.items() if k != "held"}
     with pytest.raises(KeyError):
         _engine.Engine(mapping.memory, missing, 0, [], [], h.Hooks())
+
+
+def test_queue_mode_holds_a_client_until_capacity_returns(proxies: list[Any]) -> None:
+    target = make(proxies, TargetServer(echo))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], capacity=1, queue_on_limit=True))
+    waits = proxy.hooks.capacity_waits
+    first = proxy.connect()
+    first.sendall(b"1")
+    assert first.recv(1) == b"1"
+    second = proxy.connect()
+    second.sendall(b"2")
+    wait_until(lambda: waits, DEADLINE, "on_capacity_wait")
+    assert proxy.mapping.header32(h.WAITERS) == 1
+    assert proxy.runner.call(proxy.engine.retry_held) is False  # still full
+    seq = proxy.mapping.header32(h.CAPACITY_SEQ)
+    first.close()  # the release sees a waiter: CAPACITY_SEQ moves (and a futex wake)
+    wait_until(lambda: proxy.mapping.header32(h.CAPACITY_SEQ) != seq, DEADLINE, "the wake")
+    assert proxy.runner.call(proxy.engine.retry_held) is True
+    assert second.recv(1) == b"2"
+    assert proxy.mapping.header32(h.WAITERS) == 0
+    assert proxy.slot(h.REFUSED) == 0
+
+
+def test_unix_socket_target(proxies: list[Any], tmp_path: Any) -> None:
+    path = str(tmp_path / "target.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(8)
+    proxies.append(server)
+    unix = h.Target(path, socket.AF_UNIX, "", 0, path)
+    proxy = make(proxies, Proxy([[unix]], proxy_protocol=2))
+    client = proxy.connect()
+    client.sendall(b"over unix")
+    client.shutdown(socket.SHUT_WR)
+    conn, _ = server.accept()
+    proxies.append(conn)
+    conn.settimeout(DEADLINE)
+    header = conn.recv(28)  # v2 TCP4: 16 + 12 bytes
+    assert header[12:14] == b"\x21\x11"
+    assert recv_all(conn) == b"over unix"
+    conn.sendall(b"back")
+    conn.close()
+    assert recv_all(client) == b"back"
