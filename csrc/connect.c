@@ -258,6 +258,7 @@ static void try_addresses(engine *e, conn *c)
             return;
         }
         if (rc == 1) {
+            e->connects_begun = true;
             c->state = CONN_CONNECTING;
             c->deadline_ns = e->now_ns + e->connect_timeout_ns;
             list_del(&c->timed);

@@ -195,6 +195,7 @@ typedef struct engine {
     int epfd, timerfd;
     struct watch timer_watch;
     bool closed, dispatching, accepting, draining, drained_reported, queue_on_limit;
+    bool connects_begun;       /* this batch left a connect in progress */
     /* shared mapping */
     Py_buffer memory;
     bool have_memory;

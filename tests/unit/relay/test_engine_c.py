@@ -334,7 +334,7 @@ def _refused(client: socket.socket) -> bool:
 def test_cap_is_exact_across_two_forked_workers(proxies: list[Any]) -> None:
     assert _engine is not None
     target = make(proxies, TargetServer(echo))
-    mapping = h.SharedMapping(capacity=5, slots=2)
+    mapping = h.SharedMapping(capacity=7, slots=2)
     shared_listener = h.listener()
     children = []
     for slot in range(2):
@@ -358,21 +358,21 @@ def test_cap_is_exact_across_two_forked_workers(proxies: list[Any]) -> None:
         children.append(pid)
     try:
         port = shared_listener.getsockname()[1]
-        clients = []
-        for _ in range(12):
-            client = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-            clients.append(client)
+        # All in the backlog at once: both workers race to accept and admit them.
+        clients = [
+            socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(40)
+        ]
         refused = sorted(_refused(client) for client in clients)
-        assert refused.count(False) == 5
-        assert refused.count(True) == 7
-        assert mapping.held_total() == 5
-        assert mapping.slot_word(0, h.REFUSED) + mapping.slot_word(1, h.REFUSED) == 7
+        assert refused.count(False) == 7
+        assert refused.count(True) == 33
+        assert mapping.held_total() == 7
+        assert mapping.slot_word(0, h.REFUSED) + mapping.slot_word(1, h.REFUSED) == 33
         # Capacity comes back when a relayed client leaves.
         for client in clients:
             client.close()
         wait_until(lambda: mapping.held_total() == 0, DEADLINE, "capacity to come back")
-        again = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(6)]
-        assert sorted(_refused(client) for client in again) == [False] * 5 + [True]
+        again = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(8)]
+        assert sorted(_refused(client) for client in again) == [False] * 7 + [True]
         for client in again:
             client.close()
     finally:
