@@ -99,13 +99,14 @@ class Proxy:
         capacity: int = 100,
         per_source: int = 0,
         entries: int = 0,
+        hooks: h.Hooks | None = None,
         **options: Any,
     ) -> None:
         assert _engine is not None
         self.mapping = h.SharedMapping(capacity, per_source=per_source, entries=entries)
         self.listener = h.listener()
         self.port = self.listener.getsockname()[1]
-        self.hooks = h.Hooks()
+        self.hooks = hooks or h.Hooks()
         self.engine = _engine.Engine(
             self.mapping.memory,
             h.LAYOUT,
@@ -718,3 +719,58 @@ def test_unix_socket_target(proxies: list[Any], tmp_path: Any) -> None:
     conn.sendall(b"back")
     conn.close()
     assert recv_all(client) == b"back"
+
+
+@COPY_SIZES
+def test_a_stalled_reader_stops_the_relay_without_spinning(
+    proxies: list[Any], copy_size: int
+) -> None:
+    payload = os.urandom(48 << 20)
+    sent = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        conn.sendall(payload)
+        sent.set()
+        conn.shutdown(socket.SHUT_WR)
+
+    target = make(proxies, TargetServer(serve))
+    proxy = make(
+        proxies, Proxy([[h.tcp_target(target.port)]], pipe_size=65536, copy_size=copy_size)
+    )
+    client = proxy.connect()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    # The client reads nothing: once the buffers and the one pipe are full, nothing moves.
+    wait_until(
+        lambda: (
+            proxy.slot(h.BYTES_TO_CLIENT) > 0 and proxy.runner.call(proxy.engine.stats)["relaying"]
+        ),
+        DEADLINE,
+        "bytes to flow",
+    )
+    moved = -1
+    while moved != proxy.slot(h.BYTES_TO_CLIENT):
+        moved = proxy.slot(h.BYTES_TO_CLIENT)
+        select.select([], [], [], 0.2)
+    assert not sent.is_set()
+    assert moved < len(payload)
+    stats = proxy.runner.call(proxy.engine.stats)
+    assert stats["pipes_in_use"] <= 1
+    select.select([], [], [], 0.3)
+    assert proxy.runner.call(proxy.engine.stats)["dispatches"] - stats["dispatches"] < 5
+    received = recv_all(client)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_a_raising_on_event_hook_is_raised_after_the_work(proxies: list[Any]) -> None:
+    class Broken(h.Hooks):
+        def on_event(self, code: int, count: int, error: int, detail: tuple[int, object]) -> None:
+            raise ValueError("logging bug")
+
+    target = make(proxies, TargetServer(hold))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], capacity=0, hooks=Broken()))
+    refused = proxy.connect()
+    assert recv_all(refused) == b""
+    wait_until(lambda: proxy.runner.errors, DEADLINE, "the hook's exception")
+    assert isinstance(proxy.runner.errors[0], ValueError)
+    assert proxy.slot(h.REFUSED) == 1
+    assert proxy.open_connections() == 0
