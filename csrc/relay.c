@@ -111,7 +111,7 @@ void relay_start(engine *e, conn *c)
 void relay_on_event(engine *e, conn *c, bool client_side, uint32_t events)
 {
     struct sock_state *s = client_side ? &c->cs : &c->ts;
-    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+    if (events & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
         s->readable = true;
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         s->writable = true;
