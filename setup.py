@@ -15,6 +15,9 @@ from setuptools.command.build_ext import build_ext
 
 SOURCES = [
     "csrc/module.c",
+    "csrc/engine.c",
+    "csrc/config.c",
+    "csrc/hooks.c",
     "csrc/loop.c",
     "csrc/admission.c",
     "csrc/accept.c",

@@ -44,7 +44,7 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static uint64_t source_hash(const uint8_t *key)
+uint64_t source_hash(const uint8_t *key)
 {
     uint64_t lo, hi;
     memcpy(&lo, key, 8);

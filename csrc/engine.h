@@ -5,9 +5,10 @@
  * it never owns the listeners (systemd's or the master's) and never logs: conditions go
  * to hooks.on_event, rate-limited (see module.c). Layout of the shared mapping: README.md.
  *
- * Files: module.c (Python type, hooks), loop.c (epoll, timers, queues), admission.c
- * (the shared mapping's lock, caps), accept.c, connect.c (targets, failover), relay.c
- * (splice), proxy_header.c (PROXY protocol encoding).
+ * Files: module.c (the module), engine.c (the Engine type), config.c (its configuration),
+ * hooks.c (calls to Python, events), loop.c (epoll, timers, queues), admission.c (the
+ * shared mapping's lock, caps), accept.c, connect.c (targets, failover), relay.c (splice),
+ * proxy_header.c (PROXY protocol encoding).
  */
 #ifndef FORKPROXY_ENGINE_H
 #define FORKPROXY_ENGINE_H
@@ -269,6 +270,7 @@ enum admit_result admission_admit(engine *e, const struct sockaddr *peer, sockle
                                   int *source_row);
 void admission_release(engine *e, int source_row);
 uint32_t admission_wait_begin(engine *e);
+uint64_t source_hash(const uint8_t *key);
 void admission_wait_end(engine *e);
 
 /* accept.c */
@@ -303,10 +305,22 @@ int proxy_header_encode(int version, const struct sockaddr *client, const struct
                         char *out, size_t size);
 #define PROXY_HEADER_MAX 232
 
-/* module.c */
+/* config.c */
+int parse_layout(engine *e, PyObject *layout);
+int parse_routes(engine *e, PyObject *routes);
+int parse_listeners(engine *e, PyObject *listeners);
+int parse_options(engine *e, PyObject *options);
+int to_sockaddr(int family, PyObject *obj, struct sockaddr_storage *ss, socklen_t *len);
+int64_t timeout_ns(double seconds);
+
+/* hooks.c */
 void event_report(engine *e, enum event_code code, int error, int index,
                   const struct sockaddr *peer, socklen_t peerlen, PyObject *target);
-void engine_fail_hook(engine *e);
 void observe(engine *e, const struct histogram *h, int64_t ns);
+int engine_enter(engine *e);
+PyObject *engine_leave(engine *e, PyObject *result);
+
+/* engine.c */
+extern PyTypeObject EngineType;
 
 #endif
