@@ -198,7 +198,7 @@ class Latency(Load):
 class Idle(Load):
     """RSS of the whole proxy process tree while it holds N idle, relayed connections.
 
-    RSS counts pages shared by forked workers once per process, as the issue's target does;
+    RSS counts pages shared by forked workers once per process, as the idle-memory target does;
     PSS divides them among the sharers, so it is the memory the tree really costs.
     """
 

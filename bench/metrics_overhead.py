@@ -1,6 +1,6 @@
 """`python -m bench.metrics_overhead`: relay throughput with --metrics against without.
 
-Issue 4 asks that serving metrics cost the relay nothing measurable: workers only store
+Serving metrics must cost the relay nothing measurable: workers only store
 into their own scoreboard slot, and the master answers scrapes from its own loop. This
 runs forkproxy twice per round, one variant after the other (the order alternates, so a
 drift in the machine's speed falls on both alike), under the same bulk load: iperf3

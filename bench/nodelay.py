@@ -1,5 +1,5 @@
 """`python -m bench.nodelay`: round trips whose answer comes in two writes, through forkproxy
-with --nodelay and with --no-nodelay (how the default of issue 6 was chosen).
+with --nodelay and with --no-nodelay (how its default was chosen).
 
 A backend answers each 1-byte request with HEAD bytes, then, after GAP seconds (so the
 proxy has already forwarded the first part), TAIL bytes. With Nagle's algorithm on the

@@ -1,5 +1,5 @@
 """`python -m bench.pipe_cost`: CPU per GiB relayed by --pipe-size, beside
-systemd-socket-proxyd (how issue 7 chose the default pipe size).
+systemd-socket-proxyd (how the default pipe size was chosen).
 
 One iperf3 stream of a fixed size crosses each contender in turn, interleaved, for several
 rounds; for each it reports the proxy's CPU seconds (user + system, all its processes) per

@@ -3,7 +3,7 @@
 Run with `.venv/bin/pytest bench/test_micro.py --benchmark-only` (pytest's testpaths is
 tests/, so the test suite leaves this file out). In-process, on TCP loopback (a socketpair
 is AF_UNIX, whose splice(2) paths are not those of forkproxy's usual TCP case) and one real
-uvloop loop. The relay and the far ends it joins, the client app and the upstream app, all
+uvloop loop. The relay and the far ends it joins, the client app and the target app, all
 run on this one thread: a round's time is the CPU time of everything in it, with no
 scheduler wake-up or GIL hand-off. Each benchmark has a `direct` twin, the same far ends
 connected to each other without forkproxy; the difference is what the proxy costs,
@@ -22,20 +22,20 @@ import pytest
 import uvloop
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from forkproxy.address import parse_upstream
-from forkproxy.config import DEFAULT_PIPE_SIZE
-from forkproxy.options import tcp_socket_options
-from forkproxy.poller import Poller
-from forkproxy.relay import PipePool, Relay
-from forkproxy.targets import TargetGroup
-from forkproxy.upstream import set_socket_options
+from forkproxy.relay.poller import Poller
+from forkproxy.relay.splice import PipePool, Relay
+from forkproxy.relay.target_connect import set_socket_options
+from forkproxy.relay.targets import TargetGroup
+from forkproxy.settings.address import parse_target
+from forkproxy.settings.config import DEFAULT_PIPE_SIZE
+from forkproxy.settings.options import tcp_socket_options
 
 KIB = 1024
 MIB = 1024 * KIB
 PIPE_POOL_KEEP = 4  # a connection holds at most two pipes; the rest wait for the next one
 ROUND_TIMEOUT = 10.0  # seconds; a round this slow has lost bytes
 NODELAY = tcp_socket_options(nodelay=True, keepalive=None)  # forkproxy's default options
-TO_UPSTREAM = 0  # counters fields the relay adds to
+TO_TARGET = 0  # counters fields the relay adds to
 TO_CLIENT = 1
 WINDOW_SHIFTS = 251  # distinct payload windows: a replayed byte cannot match by chance
 
@@ -103,7 +103,7 @@ class LoopBench:
 
 
 class OneWayStream(LoopBench):
-    """Messages from the client app to the upstream app, through one relay or directly.
+    """Messages from the client app to the target app, through one relay or directly.
 
     One message is in flight at a time: the next is sent when the last byte of the one
     before has arrived. Small messages therefore cross the relay one readable event each
@@ -123,7 +123,7 @@ class OneWayStream(LoopBench):
         self.received_view = memoryview(self.received)
         self.rounds = 0
         self.sent = 0  # bytes of this round taken by the client app's socket
-        self.delivered = 0  # bytes of this round read by the upstream app
+        self.delivered = 0  # bytes of this round read by the target app
         self.message_end = 0  # offset in the round where the message in flight ends
         self.sending = False  # a writer is registered on the client app
         self.counters = memoryview(bytearray(16 * 8)).cast("q")
@@ -132,31 +132,31 @@ class OneWayStream(LoopBench):
         self.pool: PipePool | None = None
         if via_relay:
             self.client_app, client = tcp_pair()
-            upstream, self.upstream_app = tcp_pair()
+            target, self.target_app = tcp_pair()
             self.poller = Poller(self.loop)
             self.pool = PipePool(DEFAULT_PIPE_SIZE, PIPE_POOL_KEEP)
-            # The relay owns `client` and `upstream` and closes them.
+            # The relay owns `client` and `target` and closes them.
             self.relay = Relay(
                 self.poller,
                 self.pool,
                 client,
-                upstream,
+                target,
                 self.counters,
-                TO_UPSTREAM,
+                TO_TARGET,
                 TO_CLIENT,
                 self._on_relay_closed,
             )
             self.relay.start()
         else:
-            self.client_app, self.upstream_app = tcp_pair()
-        self.loop.add_reader(self.upstream_app.fileno(), self._on_upstream_app_readable)
+            self.client_app, self.target_app = tcp_pair()
+        self.loop.add_reader(self.target_app.fileno(), self._on_target_app_readable)
 
     def setup(self) -> None:
         self.rounds += 1
         shift = self.rounds % WINDOW_SHIFTS
         self.payload = memoryview(self.source)[shift : shift + self.round_bytes]
         self.sent = self.delivered = self.message_end = 0
-        self.counters[TO_UPSTREAM] = self.counters[TO_CLIENT] = 0
+        self.counters[TO_TARGET] = self.counters[TO_CLIENT] = 0
         self.arm_watchdog()
 
     def run_round(self) -> None:
@@ -168,9 +168,9 @@ class OneWayStream(LoopBench):
         assert self.delivered == self.round_bytes
         # Not `assert a == b`: pytest would diff megabytes on failure.
         same = self.received_view == self.payload
-        assert same, f"round {self.rounds}: the upstream app received other bytes than sent"
+        assert same, f"round {self.rounds}: the target app received other bytes than sent"
         if self.relay is not None:
-            assert self.counters[TO_UPSTREAM] == self.round_bytes
+            assert self.counters[TO_TARGET] == self.round_bytes
             assert self.counters[TO_CLIENT] == 0
 
     def _send_message(self) -> None:
@@ -190,15 +190,13 @@ class OneWayStream(LoopBench):
             self.sending = False
             self.loop.remove_writer(self.client_app.fileno())
 
-    def _on_upstream_app_readable(self) -> None:
+    def _on_target_app_readable(self) -> None:
         try:
-            count = self.upstream_app.recv_into(
-                self.received_view[self.delivered : self.message_end]
-            )
+            count = self.target_app.recv_into(self.received_view[self.delivered : self.message_end])
         except BlockingIOError:
             return
         if count == 0:
-            self.fail(f"the upstream app got EOF after {self.delivered} bytes of a round")
+            self.fail(f"the target app got EOF after {self.delivered} bytes of a round")
             return
         self.delivered += count
         if self.delivered < self.message_end:
@@ -213,7 +211,7 @@ class OneWayStream(LoopBench):
             self.fail(f"the relay closed mid-stream: {relay.error}")
 
     def close(self) -> None:
-        self.loop.remove_reader(self.upstream_app.fileno())
+        self.loop.remove_reader(self.target_app.fileno())
         if self.sending:
             self.loop.remove_writer(self.client_app.fileno())
         self.closing = True
@@ -224,7 +222,7 @@ class OneWayStream(LoopBench):
         if self.pool is not None:
             self.pool.close()
         self.client_app.close()
-        self.upstream_app.close()
+        self.target_app.close()
         self.loop.close()
 
 
@@ -236,7 +234,7 @@ class OneWayStream(LoopBench):
 def test_relay_throughput(
     benchmark: BenchmarkFixture, message_size: int, messages: int, via_relay: bool
 ) -> None:
-    """One round: `messages` messages of `message_size` bytes, client app to upstream app."""
+    """One round: `messages` messages of `message_size` bytes, client app to target app."""
     label = "1 KiB" if message_size == KIB else "1 MiB"
     benchmark.group = f"throughput, {label} messages, {message_size * messages // MIB} MiB a round"
     stream = OneWayStream(message_size, messages, via_relay)
@@ -258,7 +256,7 @@ def test_relay_throughput(
 
 
 class _PendingClient:
-    """An accepted client while its upstream connection opens (as in worker.py)."""
+    """An accepted client while its target connection opens (as in relay/connecting.py)."""
 
     __slots__ = ("churn", "client")
 
@@ -266,21 +264,21 @@ class _PendingClient:
         self.churn = churn
         self.client = client
 
-    def on_connected(self, upstream: socket.socket) -> None:
-        self.churn.on_upstream_connected(self.client, upstream)
+    def on_connected(self, target: socket.socket) -> None:
+        self.churn.on_target_connected(self.client, target)
 
     def on_failed(self, error: OSError) -> None:
         self.client.close()
-        self.churn.fail(f"cannot connect to the upstream app: {error}")
+        self.churn.fail(f"cannot connect to the target app: {error}")
 
 
 class ConnectionChurn(LoopBench):
     """Whole connections, one after another, through forkproxy's parts or directly.
 
-    The client app connects, sends a 128-byte request and reads to EOF; the upstream app
+    The client app connects, sends a 128-byte request and reads to EOF; the target app
     echoes the request and closes, as an HTTP/1.0 server would. Through the proxy, each
     connection is accepted as worker.on_listener_readable does (minus admission and the
-    scoreboard), connected upstream by `TargetGroup.connect`, relayed by a `Relay` and
+    scoreboard), connected to the target by `TargetGroup.connect`, relayed by a `Relay` and
     closed by it once both directions saw EOF. The next connection starts when the client
     app has its reply and the relay has closed.
     """
@@ -296,27 +294,27 @@ class ConnectionChurn(LoopBench):
         self.reply = bytearray()
         self.client_done = False
         self.relay_done = False
-        self.echoes: set[socket.socket] = set()  # upstream app's connections; it closes them
+        self.echoes: set[socket.socket] = set()  # target app's connections; it closes them
         self.relays: set[Relay] = set()
-        self.upstream_listener = listening_socket()
-        self.loop.add_reader(self.upstream_listener.fileno(), self._on_upstream_listener_readable)
+        self.target_listener = listening_socket()
+        self.loop.add_reader(self.target_listener.fileno(), self._on_target_listener_readable)
         self.listener: socket.socket | None = None
         self.poller: Poller | None = None
         self.pool: PipePool | None = None
-        upstream_address = self.upstream_listener.getsockname()
-        self.connect_to = upstream_address
+        target_address = self.target_listener.getsockname()
+        self.connect_to = target_address
         if via_proxy:
             self.listener = listening_socket()
             self.connect_to = self.listener.getsockname()
             self.poller = Poller(self.loop)
             self.pool = PipePool(DEFAULT_PIPE_SIZE, PIPE_POOL_KEEP)
-            target = parse_upstream(f"127.0.0.1:{upstream_address[1]}")
+            target = parse_target(f"127.0.0.1:{target_address[1]}")
             self.group = TargetGroup([target], options=NODELAY)
             self.loop.add_reader(self.listener.fileno(), self._on_listener_readable)
 
     def setup(self) -> None:
         self.opened = 0
-        self.counters[TO_UPSTREAM] = self.counters[TO_CLIENT] = 0
+        self.counters[TO_TARGET] = self.counters[TO_CLIENT] = 0
         self.arm_watchdog()
 
     def run_round(self) -> None:
@@ -330,7 +328,7 @@ class ConnectionChurn(LoopBench):
         assert not self.echoes and not self.relays
         if self.poller is not None:
             expected = self.per_round * REQUEST_SIZE
-            assert self.counters[TO_UPSTREAM] == expected
+            assert self.counters[TO_TARGET] == expected
             assert self.counters[TO_CLIENT] == expected
             assert self.poller.watching() == 0  # every socket forgotten
 
@@ -380,12 +378,12 @@ class ConnectionChurn(LoopBench):
         else:
             self.loop.stop()
 
-    # -- the upstream app: echo one request, then close ---------------------------------
+    # -- the target app: echo one request, then close ---------------------------------
 
-    def _on_upstream_listener_readable(self) -> None:
+    def _on_target_listener_readable(self) -> None:
         while True:
             try:
-                echo, _ = self.upstream_listener.accept()
+                echo, _ = self.target_listener.accept()
             except BlockingIOError:
                 return
             echo.setblocking(False)
@@ -398,7 +396,7 @@ class ConnectionChurn(LoopBench):
         except BlockingIOError:
             return
         if not data:
-            self.fail(f"the upstream app got EOF after {len(request)} bytes of a request")
+            self.fail(f"the target app got EOF after {len(request)} bytes of a request")
             return
         request += data
         if len(request) < REQUEST_SIZE:
@@ -424,22 +422,22 @@ class ConnectionChurn(LoopBench):
             pending = _PendingClient(self, client)
             self.group.connect(self.loop, self.poller, pending.on_connected, pending.on_failed)
 
-    def on_upstream_connected(self, client: socket.socket, upstream: socket.socket) -> None:
+    def on_target_connected(self, client: socket.socket, target: socket.socket) -> None:
         assert self.poller is not None and self.pool is not None
         try:
             relay = Relay(
                 self.poller,
                 self.pool,
                 client,
-                upstream,
+                target,
                 self.counters,
-                TO_UPSTREAM,
+                TO_TARGET,
                 TO_CLIENT,
                 self._on_relay_closed,
             )
         except BaseException:
             client.close()  # nobody owns them yet
-            upstream.close()
+            target.close()
             raise
         self.relays.add(relay)  # from here on the relay owns both sockets
         relay.start()
@@ -464,7 +462,7 @@ class ConnectionChurn(LoopBench):
         if self.client_app is not None:
             self.loop.remove_reader(self.client_app.fileno())
             self.client_app.close()
-        for listener in (self.listener, self.upstream_listener):
+        for listener in (self.listener, self.target_listener):
             if listener is not None:
                 self.loop.remove_reader(listener.fileno())
                 listener.close()

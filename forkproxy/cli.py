@@ -1,191 +1,24 @@
-"""argv to `Config`, and the process exit: a `ForkproxyError` becomes one stderr line.
+"""The `forkproxy` command: argv to settings, then run; an error becomes one stderr line.
 
-The options and their spelling are systemd-socket-proxyd's (getopt_long: unambiguous
-prefixes, `--opt=value` and `--opt value`, options after the target), so a unit file's
-ExecStart= can switch programs and nothing else. Exit status is 1 for every error, as
-systemd-socket-proxyd's is.
+Parsing is `settings.arguments`, running is `supervisor.run`. A `ForkproxyError` is
+printed as `forkproxy: <message>` with exit status 1, as systemd-socket-proxyd's errors
+are; anything else is a bug and keeps its traceback.
 """
 
-import argparse
 import sys
 from typing import NoReturn
 
-from forkproxy import __version__
-from forkproxy.address import parse_listen, parse_metrics, parse_upstream
-from forkproxy.config import (
-    DEFAULT_CONNECTIONS_MAX,
-    DEFAULT_GRACEFUL_TIMEOUT,
-    DEFAULT_SOCKET_MODE,
-    DEFAULT_WORKER_TIMEOUT,
-    MAX_WORKERS,
-    Config,
-    default_workers,
-)
-from forkproxy.errors import ForkproxyError, UsageError
-from forkproxy.relay_args import add_relay_arguments, attach_optional_values, relay_settings
-from forkproxy.timespan import format_timespan, parse_timespan
+from forkproxy.errors import ForkproxyError
+from forkproxy.settings.arguments import parse_args
 
 EXIT_FAILURE = 1
-
-_USAGE = """forkproxy [OPTIONS...] HOST:PORT
-       forkproxy [OPTIONS...] UNIX-DOMAIN-SOCKET-PATH
-       forkproxy [OPTIONS...] TARGET TARGET...   (round-robin, skipping failed ones)"""
-_DESCRIPTION = "Bidirectionally proxy local sockets to another (possibly remote) socket."
-_EPILOG = f"""\
-Sockets come from systemd (sd_listen_fds(3): LISTEN_FDS, LISTEN_FDNAMES) or, when none
-are passed, from --listen. TIME is a systemd.time(7) span: "30", "500ms", "5min 20s",
-"infinity". Connection limits count across all workers.
-
-defaults: --connections-max={DEFAULT_CONNECTIONS_MAX}, --exit-idle-time=infinity,
---workers=<CPUs available>, --graceful-timeout={format_timespan(DEFAULT_GRACEFUL_TIMEOUT)},
---worker-timeout={format_timespan(DEFAULT_WORKER_TIMEOUT)}
-
-See the systemd-socket-proxyd(8) man page and README.md for details."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(_reword(message))
-
-
-def _reword(message: str) -> str:
-    # argparse names options by all their spellings ("argument -c/--connections-max: ...");
-    # one line naming the long option reads better.
-    if message.startswith("argument "):
-        spelled, _, reason = message[len("argument ") :].partition(": ")
-        option = spelled.split("/")[-1]
-        return f"option '{option}': {reason}"
-    return message
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="forkproxy",
-        usage=_USAGE,
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("targets", nargs="*", metavar="TARGET", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "-c",
-        "--connections-max",
-        metavar="N",
-        help="maximum number of simultaneous connections; more are refused",
-    )
-    parser.add_argument(
-        "--exit-idle-time",
-        metavar="TIME",
-        help="exit when without a connection for this duration",
-    )
-    parser.add_argument(
-        "-w", "--workers", metavar="N", help=f"number of worker processes (1-{MAX_WORKERS})"
-    )
-    parser.add_argument(
-        "-l",
-        "--listen",
-        metavar="[NAME=]ADDR",
-        action="append",
-        default=[],
-        help="listen on ADDR (PORT, IPV4:PORT, [IPV6]:PORT, /path, @name) when no sockets "
-        "are passed; repeatable",
-    )
-    parser.add_argument(
-        "--socket-mode",
-        metavar="MODE",
-        help="file mode of unix sockets created by --listen and --metrics (octal, default 0666)",
-    )
-    parser.add_argument(
-        "--metrics",
-        metavar="ADDR",
-        help="serve Prometheus metrics and a health check at http://ADDR/metrics and "
-        "/healthz (IPV4:PORT, [IPV6]:PORT, /path, @name; keep it on loopback); a passed "
-        "socket named 'metrics' is used instead",
-    )
-    parser.add_argument(
-        "--graceful-timeout",
-        metavar="TIME",
-        help="on stop, how long open connections may take to finish",
-    )
-    parser.add_argument(
-        "--worker-timeout",
-        metavar="TIME",
-        help="replace a worker whose event loop has not run for this long",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="least important messages to log (default info)",
-    )
-    parser.add_argument(
-        "--inetd",
-        action="store_true",
-        help="relay the one connection on standard input (StandardInput=socket), then exit",
-    )
-    add_relay_arguments(parser)  # issue 6
-    parser.add_argument("--version", action="version", version=f"forkproxy {__version__}")
-    return parser
-
-
-def parse_args(argv: list[str]) -> Config:
-    """Turn argv (without the program name) into a Config; raise UsageError if bad."""
-    parser = _build_parser()
-    args = parser.parse_intermixed_args(attach_optional_values(argv, parser))
-    if not args.targets:
-        raise UsageError("missing target: give HOST:PORT or a unix socket path (see --help)")
-    return Config(
-        targets=tuple(parse_upstream(text) for text in args.targets),
-        connections_max=_count(args.connections_max, "--connections-max", DEFAULT_CONNECTIONS_MAX),
-        exit_idle_time=_span(args.exit_idle_time, "--exit-idle-time", float("inf")),
-        workers=_count(args.workers, "--workers", default_workers()),
-        listen=tuple(parse_listen(text) for text in args.listen),
-        socket_mode=_mode(args.socket_mode),
-        graceful_timeout=_span(
-            args.graceful_timeout, "--graceful-timeout", DEFAULT_GRACEFUL_TIMEOUT
-        ),
-        worker_timeout=_span(args.worker_timeout, "--worker-timeout", DEFAULT_WORKER_TIMEOUT),
-        log_level=args.log_level,
-        inetd=args.inetd,
-        metrics=None if args.metrics is None else parse_metrics(args.metrics),
-        **relay_settings(args),  # issue 6
-    )
-
-
-def _count(text: str | None, option: str, default: int) -> int:
-    if text is None:
-        return default
-    stripped = text.strip()
-    if not (stripped.isascii() and stripped.isdigit()):
-        raise UsageError(f"invalid {option}= value '{text}': expected a whole number")
-    return int(stripped)
-
-
-def _span(text: str | None, option: str, default: float) -> float:
-    if text is None:
-        return default
-    return parse_timespan(text, f"{option}= value")
-
-
-def _mode(text: str | None) -> int:
-    if text is None:
-        return DEFAULT_SOCKET_MODE
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise UsageError(f"invalid --socket-mode= value '{text}': expected octal 0000-0777")
-    return mode
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: run forkproxy and exit with its status."""
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
-        from forkproxy.master import run  # after parsing: --help stays fast
+        from forkproxy.supervisor.run import run  # after parsing: --help stays fast
 
         status = run(config)
     except ForkproxyError as error:

@@ -3,7 +3,7 @@
 Two ways to get here: Accept=yes, where the only socket passed (LISTEN_FDS=1) is a
 connected stream socket rather than a listener; and --inetd (StandardInput=socket), where
 the connection is standard input. No workers, no scoreboard: one uvloop loop in this
-process runs the same upstream connect and splice relay as a worker does, with the same
+process runs the same target connect and splice relay as a worker does, with the same
 relay options (several targets, timeouts, socket options, PROXY header, pipe size);
 --route does not apply, there being no listener. Exit status 0 when the connection ends,
 1 if no target can be reached.
@@ -14,32 +14,41 @@ import math
 import signal
 import socket
 import time
+from typing import Protocol
 
 import uvloop
 
-from forkproxy.activation import is_connection
-from forkproxy.address import format_sockaddr
-from forkproxy.config import Config
 from forkproxy.errors import ForkproxyError
-from forkproxy.notify import Notifier
-from forkproxy.options import tcp_socket_options
-from forkproxy.poller import Poller
-from forkproxy.proxy_protocol import header_encoder
-from forkproxy.relay import Direction, IdleDirection, PipePool, Relay
-from forkproxy.scoreboard import BYTES_TO_CLIENT, BYTES_TO_UPSTREAM, SLOT_WORDS
-from forkproxy.targets import FailoverConnect, TargetGroup
-from forkproxy.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
-from forkproxy.upstream import (
+from forkproxy.relay.poller import Poller
+from forkproxy.relay.proxy_protocol import header_encoder
+from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay
+from forkproxy.relay.target_connect import (
     TCP_FAMILIES,
-    UpstreamConnect,
+    TargetConnect,
     send_proxy_header,
     set_socket_options,
 )
+from forkproxy.relay.targets import FailoverConnect, TargetGroup
+from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
+from forkproxy.settings.address import format_sockaddr
+from forkproxy.settings.config import Config
+from forkproxy.settings.options import tcp_socket_options
+from forkproxy.shared.listener import is_connection
+from forkproxy.shared.scoreboard import BYTES_TO_CLIENT, BYTES_TO_TARGET, SLOT_WORDS
 
 log = logging.getLogger("forkproxy")
 
 
-def relay_connection(config: Config, fd: int, what: str) -> int:
+class Notifier(Protocol):
+    """The sd_notify(3) messages a one-shot relay sends; the caller owns the socket
+    (`supervisor.notify.Notifier`, a no-op without $NOTIFY_SOCKET)."""
+
+    def ready(self, status: str) -> None: ...
+
+    def stopping(self, status: str) -> None: ...
+
+
+def relay_connection(config: Config, fd: int, what: str, notifier: Notifier) -> int:
     """Relay the connected socket on `fd` to the target; return the exit status."""
     if not is_connection(fd):
         raise ForkproxyError(f"{what} is not a connected stream socket")
@@ -50,7 +59,6 @@ def relay_connection(config: Config, fd: int, what: str) -> int:
     except OSError:
         peer = "?"
     loop = uvloop.new_event_loop()
-    notifier = Notifier()
     connection = _Connection(config, loop, client, peer, notifier)
     loop.add_signal_handler(signal.SIGTERM, connection.on_sigterm)
     loop.add_signal_handler(signal.SIGINT, connection.on_sigterm)
@@ -61,7 +69,6 @@ def relay_connection(config: Config, fd: int, what: str) -> int:
         connection.poller.close()
         connection.pool.close()
         loop.close()
-        notifier.close()
     return connection.status
 
 
@@ -83,7 +90,7 @@ class _Connection:
         self.pool = PipePool(config.pipe_size, 2)
         self.poller = Poller(loop)
         self.counters = memoryview(bytearray(SLOT_WORDS * 8)).cast("q")  # not shared
-        self.connecting: list[UpstreamConnect | FailoverConnect] = []  # for the connect timeout
+        self.connecting: list[TargetConnect | FailoverConnect] = []  # for the connect timeout
         self.relay: Relay | None = None
         self.relays: set[Relay] = set()  # what the idle sweep watches: this one relay
         self.status = 0
@@ -109,7 +116,7 @@ class _Connection:
     def _sweep_idle(self, now: float) -> None:
         sweep_idle(self.relays, now, self.config.idle_timeout)
 
-    def on_connected(self, upstream: socket.socket) -> None:
+    def on_connected(self, target: socket.socket) -> None:
         self.connecting.clear()
         config = self.config
         if config.proxy_protocol:
@@ -117,9 +124,9 @@ class _Connection:
             try:
                 local = self.client.getsockname() if family in TCP_FAMILIES else None
                 encode = header_encoder(1 if config.proxy_protocol == 1 else 2)
-                send_proxy_header(upstream, encode(self.client.getpeername(), local, family))
+                send_proxy_header(target, encode(self.client.getpeername(), local, family))
             except OSError as error:
-                upstream.close()
+                target.close()
                 self.on_failed(error)
                 return
         idle = config.idle_timeout != math.inf
@@ -127,9 +134,9 @@ class _Connection:
             self.poller,
             self.pool,
             self.client,
-            upstream,
+            target,
             self.counters,
-            BYTES_TO_UPSTREAM,
+            BYTES_TO_TARGET,
             BYTES_TO_CLIENT,
             self.on_closed,
             IdleDirection if idle else Direction,
@@ -140,7 +147,7 @@ class _Connection:
             interval = sweep_interval(config.idle_timeout)
             LazySweep(self.loop, interval, self.relays, self._sweep_idle).arm()
         self.relay.start()
-        self.notifier.ready(f"relaying {self.peer} to {upstream.getpeername()}")
+        self.notifier.ready(f"relaying {self.peer} to {target.getpeername()}")
 
     def on_failed(self, error: OSError) -> None:
         self.connecting.clear()
@@ -159,7 +166,7 @@ class _Connection:
         log.debug(
             "connection from %s done: %d bytes to upstream, %d to client",
             self.peer,
-            self.counters[BYTES_TO_UPSTREAM],
+            self.counters[BYTES_TO_TARGET],
             self.counters[BYTES_TO_CLIENT],
         )
         self.notifier.stopping("connection closed")

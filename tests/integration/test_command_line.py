@@ -14,7 +14,7 @@ from tests.support.proxy import FORKPROXY, REPO, run_cli
     ("args", "message"),
     [
         ([], "missing target"),
-        (["a:1", "--route=web"], "invalid route 'web': expected NAME=TARGET"),  # issue 6
+        (["a:1", "--route=web"], "invalid route 'web': expected NAME=TARGET"),
         (["--pipe-size=12Q", "x:1"], "invalid --pipe-size= value '12Q'"),
         (["--pipe-size=2G", "x:1"], "invalid --pipe-size= value '2G'"),
         (["--on-limit=wait", "x:1"], "invalid --on-limit= value 'wait': expected refuse or queue"),

@@ -1,11 +1,11 @@
-"""No command line makes the real forkproxy print a traceback (issue 8): a wrong one gets
+"""No command line makes the real forkproxy print a traceback: a wrong one gets
 one line on stderr and exit status 1, from the installed command, imports and all."""
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from forkproxy.cli import _build_parser, parse_args
 from forkproxy.errors import ForkproxyError
+from forkproxy.settings.arguments import _build_parser, parse_args
 from tests.support.proxy import run_cli
 
 OPTIONS = sorted(

@@ -1,4 +1,4 @@
-"""Faults from the network and from the machine (issue 8): resets on either side, file
+"""Faults from the network and from the machine: resets on either side, file
 descriptors running out, a worker SIGKILLed under load. Each failure stays in the
 connections it hits; everything else arrives intact, and nothing leaks."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from forkproxy.workerspec import PIPE_POOL_KEEP
+from forkproxy.shared.protocol import PIPE_POOL_KEEP
 from tests.support.procfs import cpu_seconds, fd_kinds, owners_of_clients
 from tests.support.proxy import Proxy, run_backend, run_proxy, wait_until
 from tests.support.scripted import (
@@ -147,10 +147,10 @@ def test_a_failing_accept_pauses_instead_of_spinning(
         assert_no_leak(worker, baseline)
 
 
-def test_no_descriptor_for_the_upstream_keeps_the_client_waiting(
+def test_no_descriptor_for_the_target_connection_keeps_the_client_waiting(
     workdir: Path, opened: list[socket.socket]
 ) -> None:
-    """accept() gets the last descriptor and socket() for the upstream fails with EMFILE:
+    """accept() gets the last descriptor and socket() for the target fails with EMFILE:
     the client is kept (not closed), accepting pauses, and it is served once fds free."""
     with run_backend("echo") as backend, run_proxy(["-w", "1", backend.target], workdir) as proxy:
         (worker,) = proxy.workers()
@@ -159,7 +159,7 @@ def test_no_descriptor_for_the_upstream_keeps_the_client_waiting(
             assert echo_exactly(client, b"warm") == b"warm"
         wait_until(lambda: socket_count(worker) == idle_sockets, 10, "the worker to close")
         soft, hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
-        # One descriptor left: the next accept() takes it, the upstream socket() has none.
+        # One descriptor left: the next accept() takes it, the target socket() has none.
         resource.prlimit(worker, resource.RLIMIT_NOFILE, (lowest_free_fd(worker) + 1, hard))
         waiting = {}
         try:
@@ -199,7 +199,7 @@ def test_open_connections_keep_flowing_while_new_clients_exhaust_fds(
         wait_until(
             lambda: socket_count(worker) == idle_sockets + 2 * len(established),
             10,
-            "the upstream connections",
+            "the target connections",
         )
         # Far more than 64 descriptors can hold; they stay quiet (no pipes needed) until the
         # open connections need theirs.

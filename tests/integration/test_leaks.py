@@ -1,11 +1,11 @@
-"""No leak over many connections (issue 8): after 20,000 sequential connections every
+"""No leak over many connections: after 20,000 sequential connections every
 forkproxy process holds the descriptors it held before and its memory has stayed flat."""
 
 import socket
 from functools import partial
 from pathlib import Path
 
-from forkproxy.workerspec import PIPE_POOL_KEEP
+from forkproxy.shared.protocol import PIPE_POOL_KEEP
 from tests.support.procfs import fd_kinds, rss_kib
 from tests.support.proxy import run_backend, run_proxy, wait_until
 

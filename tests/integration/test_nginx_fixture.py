@@ -1,8 +1,8 @@
 """The real-nginx test backend works: it serves, it stops, and with ``proxy_protocol`` it
 logs the client address and port that a PROXY header (from forkproxy's encoder) carried.
 
-The header checks here are issue 6's acceptance check done by hand: the same headers,
-sent on a raw socket instead of by forkproxy.
+The header checks here are --proxy-protocol's end-to-end check done by hand: the same
+headers, sent on a raw socket instead of by forkproxy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from forkproxy.proxy_protocol import encode_v1, encode_v2
+from forkproxy.relay.proxy_protocol import encode_v1, encode_v2
 from tests.support import nginx as nginx_support
 from tests.support.nginx import Nginx, NginxError, NginxFactory, run_nginx
 

@@ -1,4 +1,4 @@
-"""Issue 6's acceptance: the relay options, through the real program.
+"""The relay options, through the real program.
 
 PROXY protocol to a real nginx and to an in-test strict decoder, connect and idle
 timeouts, --on-limit=queue, the per-source cap, routes by listener name under

@@ -1,4 +1,4 @@
-"""What forkproxy exposes and touches (issue 8): it listens exactly where it was asked,
+"""What forkproxy exposes and touches: it listens exactly where it was asked,
 makes unix sockets with the mode it was asked for, and writes nowhere it was not told to.
 What it does not protect against is in docs/security.md."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from forkproxy.cli import _build_parser
+from forkproxy.settings.arguments import _build_parser
 from tests.support.procfs import socket_inodes, tcp_sockets, unix_listeners
 from tests.support.proxy import (
     FORKPROXY,

@@ -1,4 +1,4 @@
-"""Slow clients (slowloris, issue 8): 1,000 clients trickling a byte a second neither
+"""Slow clients (slowloris): 1,000 clients trickling a byte a second neither
 starve the others nor, with --idle-timeout, hold the connection cap for ever."""
 
 import contextlib

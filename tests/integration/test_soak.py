@@ -1,4 +1,4 @@
-"""The soak (issue 8): a minute of mixed load through forkproxy while workers are SIGKILLed,
+"""The soak: a minute of mixed load through forkproxy while workers are SIGKILLed,
 every byte checked and the cap counted at the backend. bench.soak judges; this runs it.
 
 It runs by default, so CI runs it; `pytest -m "not soak"` leaves it out locally."""

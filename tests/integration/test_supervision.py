@@ -139,13 +139,13 @@ def test_workers_do_not_outlive_a_killed_master(workdir: Path) -> None:
         os.kill(proxy.pid, signal.SIGKILL)
         wait_until(
             lambda: all(process_state(pid) in ("", "Z") for pid in workers),
-            2,  # issue 8: within 2 s
+            2,  # PR_SET_PDEATHSIG ends them at once
             "every worker to exit",
         )
 
 
 def test_port_is_free_for_a_new_instance_after_the_master_is_killed(workdir: Path) -> None:
-    """Issue 8: only the master is killed; its workers leave by themselves within 2 s,
+    """Only the master is killed; its workers leave by themselves within 2 s,
     closing their copies of the listener, so a new instance can bind the port at once."""
     port = free_port()
     started: list[subprocess.Popen[bytes]] = []

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from forkproxy.units import parse_args, quote_exec_arg, render
+from forkproxy.units.arguments import parse_args
+from forkproxy.units.render import quote_exec_arg, render
 from tests.support.systemd_analyze import (
     SYSTEMD_ANALYZE,
     security_exposure,

@@ -1,7 +1,7 @@
 """A strict PROXY protocol header decoder, for tests only.
 
 Written from HAProxy's proxy-protocol.txt (versions 1 and 2), independently of
-`forkproxy.proxy_protocol`, so that a test which round-trips through both is checking the
+`forkproxy.relay.proxy_protocol`, so that a test which round-trips through both is checking the
 encoder against the spec rather than against itself. It never imports forkproxy.
 
 Strict means: anything the spec says a receiver must reject is rejected, and where the

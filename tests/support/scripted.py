@@ -8,7 +8,7 @@ pseudo-random bytes of `pattern(NAME, SIZE)` (so the client can check every byte
   hold NAME SIZE    all SIZE bytes, then reads until the proxy closes the connection
 
 `ended[NAME]` records how each connection ended on the backend's side ("closed", "eof",
-"reset", ...), so a test can see that the proxy closed the upstream end. A thread per
+"reset", ...), so a test can see that the proxy closed the target end. A thread per
 connection; used by the fault tests, which need to order events across connections.
 """
 

@@ -1,0 +1,279 @@
+"""A worker's accepting: bounded accept batches, admission, refusal, queue mode.
+
+`Acceptor` takes clients off the listeners a worker inherited, in batches of
+ACCEPT_BATCH per wakeup, admits each through the global `Admission` and the per-source
+table, or refuses it (accepted and closed at once, nothing sent to a target), and hands
+an admitted client to the worker's `Connector`. Accepting pauses while descriptors run
+short, so a flood of clients waits in the listen backlog instead of taking the pipes
+of connections already relaying. With --on-limit=queue it holds the one client that met
+the cap and stops accepting until a helper thread finds capacity (capacity_wait.py).
+Never connects, relays or blocks.
+"""
+
+import errno
+import logging
+import os
+import resource
+import socket
+from collections.abc import Mapping
+from functools import partial
+from typing import TYPE_CHECKING
+
+from forkproxy import logs
+from forkproxy.relay.capacity_wait import CapacityWaiter
+from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions, set_socket_options
+from forkproxy.relay.targets import TargetGroup
+from forkproxy.settings.address import format_sockaddr
+from forkproxy.settings.options import ON_LIMIT_QUEUE
+from forkproxy.shared.admission import NO_TOKEN
+from forkproxy.shared.listener import Listener
+from forkproxy.shared.per_source import BUSY, source_key
+from forkproxy.shared.scoreboard import ACCEPTED, ACTIVE, REFUSED
+
+if TYPE_CHECKING:
+    from forkproxy.relay.worker import Worker
+
+log = logging.getLogger("forkproxy")
+
+ACCEPT_BATCH = 32  # accepts per wakeup: bounded, so one busy listener cannot starve the rest
+ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
+# Descriptors kept free for the pipes of open connections. Accepting pauses once new
+# clients would leave fewer (at most a quarter of those free at start), so a flood of
+# clients cannot take the pipes connections already relaying need, and waits in the backlog.
+FD_HEADROOM = 32
+
+
+class _ListenerPlan:
+    """What a worker does with the clients of one listener, worked out once."""
+
+    __slots__ = ("listener", "family", "group", "client_options")
+
+    def __init__(
+        self, listener: Listener, group: TargetGroup, client_options: SocketOptions
+    ) -> None:
+        self.listener = listener
+        self.family = listener.sock.family
+        self.group = group  # where its clients go (--route, else the positional targets)
+        self.client_options = client_options  # setsockopt(2) on each client: TCP only
+
+
+class Acceptor:
+    """Takes a worker's clients off its listeners and admits or refuses each."""
+
+    def __init__(
+        self, worker: "Worker", groups: Mapping[int, TargetGroup], tcp_options: SocketOptions
+    ) -> None:
+        self.worker = worker  # draining or not
+        self.config = worker.config
+        self.loop = worker.loop
+        self.poller = worker.poller
+        self.listeners = worker.listeners
+        self.admission = worker.admission
+        self.per_source = worker.per_source
+        self.slot = worker.slot
+        self.events_fd = worker.spec.events_fd  # any descriptor of ours, to probe the lowest free
+        self.connect = worker.connector.connect
+        self.accepting = False
+        self.refusals = logs.RateLimitedLog(log, logging.WARNING)
+        self.source_refusals = logs.RateLimitedLog(log, logging.WARNING)
+        # Also the connector's, when a connect found no free descriptor and pauses us.
+        self.failures = logs.RateLimitedLog(log, logging.WARNING)
+        self.accept_callbacks = {
+            listener.fd: partial(self.on_listener_readable, listener) for listener in self.listeners
+        }
+        self.plans = {
+            listener.fd: _ListenerPlan(
+                listener,
+                groups[listener.fd],
+                tcp_options if listener.sock.family in TCP_FAMILIES else (),
+            )
+            for listener in self.listeners
+        }
+        self.queue_on_limit = self.config.on_limit == ON_LIMIT_QUEUE
+        self.held: tuple[int, object, _ListenerPlan] | None = None  # queue: fd, peer, plan
+        self.waiter: CapacityWaiter | None = None  # queue: started when first needed
+        self.fd_ceiling = _fd_ceiling(self.events_fd)
+
+    def start(self) -> None:
+        # In the worker's poller too: a wakeup that finds new clients and ready
+        # connections serves both in one dispatch.
+        self.accepting = True
+        for listener in self.listeners:
+            self.poller.add_reader(listener.fd, self.accept_callbacks[listener.fd])
+
+    def stop(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            for listener in self.listeners:
+                self.poller.remove_reader(listener.fd)
+
+    def close(self) -> None:
+        """The worker drains: accept no more, and close our copies of the listeners."""
+        self.stop()
+        for listener in self.listeners:
+            listener.sock.close()  # our copy only: the master and systemd keep theirs
+
+    def on_listener_readable(self, listener: Listener) -> None:
+        accept = listener.sock._accept  # type: ignore[attr-defined]  # fd, no socket object
+        family = listener.sock.family
+        plan = self.plans[listener.fd]
+        admission = self.admission
+        slot = self.slot
+        for _ in range(ACCEPT_BATCH):
+            if not self.accepting:  # paused by the client before: short of descriptors
+                return
+            try:
+                fd, peer = accept()
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as error:
+                self._on_accept_error(error, listener)
+                return
+            if fd >= self.fd_ceiling:
+                # The kernel gives the lowest free descriptor: all below this one are taken.
+                # Serve this client from the headroom; the next ones wait in the backlog.
+                self.failures.log(
+                    "fewer than %d file descriptors left (RLIMIT_NOFILE %d): pausing accepts "
+                    "for %gs to keep them for open connections",
+                    FD_HEADROOM,
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    ACCEPT_PAUSE,
+                )
+                self.pause()
+            token = admission.try_acquire()
+            if token == NO_TOKEN and self.queue_on_limit:
+                self._hold(fd, peer, plan)
+                return
+            if token == NO_TOKEN:
+                slot[REFUSED] += 1  # before the close: a kill between them must not hide it
+                os.close(fd)
+                self.refusals.log(
+                    "connection cap %d reached, refusing connection from %s",
+                    self.config.connections_max,
+                    format_sockaddr(family, peer),
+                )
+                continue
+            self._admit(fd, peer, plan, token)
+
+    def _admit(self, fd: int, peer: object, plan: _ListenerPlan, token: int) -> None:
+        """A client holding a global token: check its source, then connect it to a target."""
+        family = plan.family
+        source_token = -1
+        per_source = self.per_source
+        if per_source is not None:
+            key = source_key(family, peer)
+            if key is not None:
+                source_token = per_source.try_acquire(key)
+                if source_token < 0:
+                    self._refuse_source(fd, family, peer, token, source_token)
+                    return
+        slot = self.slot
+        slot[ACCEPTED] += 1
+        slot[ACTIVE] += 1
+        client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        client.setblocking(False)
+        if plan.client_options:
+            try:
+                set_socket_options(client, plan.client_options)
+            except OSError:
+                pass  # the client is gone already: its relay will find out
+        self.connect(client, token, peer, plan.group, source_token)
+
+    def _refuse_source(self, fd: int, family: int, peer: object, token: int, why: int) -> None:
+        self.slot[REFUSED] += 1
+        os.close(fd)
+        self.admission.release(token)
+        assert self.per_source is not None
+        if why == BUSY:
+            self.source_refusals.log(
+                "per-source connection table busy, refusing connection from %s",
+                format_sockaddr(family, peer),
+            )
+        else:
+            self.source_refusals.log(
+                "connection limit %d per source reached, refusing connection from %s",
+                self.per_source.per_source,
+                format_sockaddr(family, peer),
+            )
+
+    # -- --on-limit=queue ----------------------------------------------------------------
+
+    def _hold(self, fd: int, peer: object, plan: _ListenerPlan) -> None:
+        """At the cap in queue mode: keep this client, stop accepting so the next ones wait
+        in the listen backlog, and wait for capacity (why a thread: capacity_wait.py)."""
+        if self.held is not None:  # not reached: accepting stops while a client is held
+            self.slot[REFUSED] += 1
+            os.close(fd)
+            return
+        self.held = (fd, peer, plan)
+        self.stop()
+        if self.waiter is None:
+            self.waiter = CapacityWaiter(self.admission, self.loop, self.on_capacity)
+        self.waiter.request()
+
+    def on_capacity(self, token: int) -> None:
+        """The helper thread took a unit of capacity for us: serve the held client."""
+        held = self.held
+        if held is None:  # closed by the graceful timeout meanwhile
+            self.admission.release(token)
+            return
+        self.held = None
+        fd, peer, plan = held
+        self._admit(fd, peer, plan, token)
+        if not self.worker.draining:
+            self.start()
+
+    def drop_held(self) -> None:
+        """The graceful timeout: refuse a client still waiting for capacity (queue mode)."""
+        if self.held is not None:
+            self.slot[REFUSED] += 1
+            os.close(self.held[0])
+            self.held = None
+
+    # -- running short of descriptors ------------------------------------------------------
+
+    def _on_accept_error(self, error: OSError, listener: Listener) -> None:
+        if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            # The client stays in the backlog; stop looking until descriptors may be free,
+            # instead of waking on the same readable listener at 100% CPU.
+            self.failures.log(
+                "cannot accept on %s: %s; pausing accepts for %gs",
+                listener.label,
+                error.strerror,
+                ACCEPT_PAUSE,
+            )
+            self.pause()
+        elif error.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+            self.failures.log("cannot accept on %s: %s, ignoring", listener.label, error)
+
+    def pause(self) -> None:
+        """Leave clients in the backlog for ACCEPT_PAUSE (one timer however often asked)."""
+        if self.accepting:
+            self.stop()
+            self.loop.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        if not self.worker.draining and not self.accepting and self.held is None:
+            if _lowest_free_fd(self.events_fd) >= self.fd_ceiling:
+                self.loop.call_later(ACCEPT_PAUSE, self._resume)  # still short
+                return
+            self.start()
+
+
+def _lowest_free_fd(any_fd: int) -> int:
+    """The descriptor the next socket would get (RLIMIT_NOFILE's soft limit if none)."""
+    try:
+        probe = os.dup(any_fd)
+    except OSError:
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    os.close(probe)
+    return probe
+
+
+def _fd_ceiling(any_fd: int) -> int:
+    """The descriptor number from which accepting pauses: FD_HEADROOM below the limit, or
+    a quarter of what was free at start if that is less (so an idle worker accepts)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return limit - min(FD_HEADROOM, (limit - _lowest_free_fd(any_fd)) // 4)

@@ -1,0 +1,299 @@
+"""A worker's admitted clients on their way to a relay: connect, time out, fail, retry.
+
+`Connector` opens each admitted client's connection to its target group (targets.py,
+target_connect.py) without blocking, keeps the clients whose connect is under way as
+`_PendingClient`s for the --connect-timeout sweep, sends the PROXY header when asked,
+and hands both sockets to a `Relay` (splice.py). A connect that fails closes its client
+with one warning; one that found no free descriptor keeps its client and pauses
+accepting instead. Owns the open relays until they close and the --idle-timeout sweep
+over them. Never accepts or admits.
+"""
+
+import errno
+import logging
+import math
+import socket
+import time
+from bisect import bisect_left
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from forkproxy import logs
+from forkproxy.relay.accepting import ACCEPT_PAUSE
+from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
+from forkproxy.relay.splice import PEER_GONE_ERRNOS, Direction, IdleDirection, Relay
+from forkproxy.relay.target_connect import (
+    TCP_FAMILIES,
+    SocketOptions,
+    TargetConnect,
+    send_proxy_header,
+)
+from forkproxy.relay.targets import COOLDOWN, FailoverConnect, TargetGroup
+from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
+from forkproxy.settings.address import TargetAddress, format_sockaddr
+from forkproxy.shared.scoreboard import (
+    BYTES_TO_CLIENT,
+    BYTES_TO_TARGET,
+    CONNECT_DURATION_BOUNDS,
+    CONNECT_DURATION_BUCKETS,
+    CONNECT_DURATION_SUM_NS,
+    CONNECT_ERRORS,
+    CONNECTION_DURATION_BOUNDS,
+    CONNECTION_DURATION_BUCKETS,
+    CONNECTION_DURATION_SUM_NS,
+)
+
+if TYPE_CHECKING:
+    from forkproxy.relay.worker import Worker
+
+log = logging.getLogger("forkproxy")
+
+# Connects retried after a pause when socket() found no free descriptor (EMFILE, ENFILE).
+_RETRY_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE)
+
+
+class _PendingClient:
+    """An admitted client while its connection to a target is being opened."""
+
+    __slots__ = (
+        "connector",
+        "client",
+        "token",
+        "started",
+        "peer",
+        "connect",
+        "group",
+        "source_token",
+    )
+
+    def __init__(
+        self,
+        connector: "Connector",
+        client: socket.socket,
+        token: int,
+        peer: object,
+        group: TargetGroup,
+        source_token: int,
+    ) -> None:
+        self.connector = connector
+        self.client = client
+        self.token = token
+        self.started = time.monotonic()
+        self.peer = peer
+        self.connect: TargetConnect | FailoverConnect | None = None
+        self.group = group
+        self.source_token = source_token  # the per-source unit held, or -1
+
+    def on_connected(self, target: socket.socket) -> None:
+        self.connector.on_target_connected(self, target)
+
+    def on_failed(self, error: OSError) -> None:
+        self.connector.on_connect_failed(self, error)
+
+
+class Connector:
+    """Connects a worker's admitted clients and keeps their relays until they close."""
+
+    def __init__(self, worker: "Worker", tcp_options: SocketOptions) -> None:
+        self.worker = worker  # draining or not; its acceptor, paused when short of fds
+        config = self.config = worker.config
+        self.loop = worker.loop
+        self.poller = worker.poller
+        self.pool = worker.pool
+        self.slot = worker.slot
+        self.tcp_options = tcp_options
+        self.connection_ended = worker.connection_ended
+        self.pending: set[_PendingClient] = set()
+        self.relays: set[Relay] = set()
+        self.connect_failures = logs.RateLimitedLog(log, logging.WARNING)
+        self.relay_failures = logs.RateLimitedLog(log, logging.WARNING)
+        self.target_failures = logs.RateLimitedLog(log, logging.WARNING)
+        self.proxy_header: HeaderEncoder | None = None
+        if config.proxy_protocol:
+            self.proxy_header = header_encoder(1 if config.proxy_protocol == 1 else 2)
+        self.direction: type[Direction] = Direction
+        self.idle_sweep: LazySweep | None = None
+        if config.idle_timeout != math.inf:
+            self.direction = IdleDirection
+            self.idle_sweep = LazySweep(
+                self.loop, sweep_interval(config.idle_timeout), self.relays, self._sweep_idle
+            )
+        self.connect_sweep: LazySweep | None = None
+        if config.connect_timeout != math.inf:
+            self.connect_sweep = LazySweep(
+                self.loop,
+                sweep_interval(config.connect_timeout),
+                self.pending,
+                self._sweep_connects,
+            )
+
+    def make_group(self, targets: Sequence[TargetAddress]) -> TargetGroup:
+        return TargetGroup(
+            targets, self.config.connect_timeout, self.tcp_options, self._on_target_failed
+        )
+
+    def open_count(self) -> int:
+        """Connections open: relaying, or still connecting."""
+        return len(self.relays) + len(self.pending)
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def connect(
+        self,
+        client: socket.socket,
+        token: int,
+        peer: object,
+        group: TargetGroup,
+        source_token: int,
+    ) -> None:
+        pending = _PendingClient(self, client, token, peer, group, source_token)
+        self.pending.add(pending)
+        self._start_connect(pending)
+
+    def _start_connect(self, pending: _PendingClient) -> None:
+        attempt = pending.group.connect(
+            self.loop, self.poller, pending.on_connected, pending.on_failed
+        )
+        # On loopback the connect usually ended (on_target_connected or on_connect_failed ran)
+        # inside group.connect(): only an attempt still under way is kept and timed.
+        if pending in self.pending and pending.connect is None:
+            pending.connect = attempt
+            sweep = self.connect_sweep
+            if sweep is not None and not sweep.armed:
+                sweep.arm()
+
+    def _sweep_connects(self, now: float) -> None:
+        sweep_connects([p.connect for p in self.pending if p.connect is not None], now)
+
+    def _on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
+        if newly:
+            self.target_failures.log(
+                "cannot connect to upstream '%s': %s; trying the other targets, and it only "
+                "after them for %gs",
+                target.text,
+                error.strerror or error,
+                COOLDOWN,
+            )
+
+    def on_target_connected(self, pending: _PendingClient, target: socket.socket) -> None:
+        self.pending.discard(pending)
+        pending.connect = None  # it holds our bound methods: no cycle left to the collector
+        slot = self.slot
+        _observe(
+            slot,
+            CONNECT_DURATION_BUCKETS,
+            CONNECT_DURATION_BOUNDS,
+            CONNECT_DURATION_SUM_NS,
+            time.monotonic() - pending.started,
+        )
+        if self.proxy_header is not None and not self._send_proxy_header(pending, target):
+            return
+        relay = Relay(
+            self.poller,
+            self.pool,
+            pending.client,
+            target,
+            slot,
+            BYTES_TO_TARGET,
+            BYTES_TO_CLIENT,
+            self.on_relay_closed,
+            self.direction,
+        )
+        relay.token = pending.token
+        relay.source_token = pending.source_token
+        relay.started = pending.started
+        relay.peer = pending.peer
+        self.relays.add(relay)
+        idle_sweep = self.idle_sweep
+        if idle_sweep is not None:
+            relay.quiet_since = time.monotonic()
+            idle_sweep.arm()
+        relay.start()
+
+    def _send_proxy_header(self, pending: _PendingClient, target: socket.socket) -> bool:
+        """--proxy-protocol: the header first, in one send(2); False if that failed."""
+        assert self.proxy_header is not None
+        client = pending.client
+        family = client.family
+        try:
+            local = client.getsockname() if family in TCP_FAMILIES else None
+            send_proxy_header(target, self.proxy_header(pending.peer, local, family))
+        except OSError as error:
+            target.close()
+            reason = f"sending the PROXY protocol header: {error.strerror or error}"
+            self.on_connect_failed(pending, OSError(error.errno, reason))
+            return False
+        return True
+
+    def on_connect_failed(self, pending: _PendingClient, error: OSError) -> None:
+        pending.connect = None
+        if error.errno in _RETRY_PAUSE_ERRNOS and not self.worker.draining:
+            # socket() found no free descriptor. Closing this client and going on
+            # accepting would drop every client in the backlog at full speed; keep it, leave
+            # the rest in the backlog, and try again once descriptors may be free.
+            acceptor = self.worker.acceptor
+            acceptor.failures.log(
+                "cannot open a connection to upstream %s: %s; pausing accepts for %gs",
+                pending.group.label,
+                error.strerror or error,
+                ACCEPT_PAUSE,
+            )
+            acceptor.pause()
+            self.loop.call_later(ACCEPT_PAUSE, self._retry_connect, pending)
+            return
+        self.pending.discard(pending)
+        self.slot[CONNECT_ERRORS] += 1
+        self.connect_failures.log(
+            "cannot connect to upstream %s for %s: %s, closing connection",
+            pending.group.label,
+            format_sockaddr(pending.client.family, pending.peer),
+            error.strerror or error,
+        )
+        pending.client.close()
+        self.connection_ended(pending.token, pending.source_token)
+
+    def _retry_connect(self, pending: _PendingClient) -> None:
+        if pending not in self.pending:
+            return  # closed meanwhile by the graceful timeout
+        self._start_connect(pending)
+
+    # -- relaying and closing ------------------------------------------------------------
+
+    def _sweep_idle(self, now: float) -> None:
+        sweep_idle(self.relays, now, self.config.idle_timeout)
+
+    def on_relay_closed(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        error = relay.error
+        if error is not None and error.errno not in PEER_GONE_ERRNOS:
+            self.relay_failures.log(
+                "connection from %s failed: %s, closing connection",
+                format_sockaddr(relay.client.family, relay.peer),
+                error,
+            )
+        _observe(
+            self.slot,
+            CONNECTION_DURATION_BUCKETS,
+            CONNECTION_DURATION_BOUNDS,
+            CONNECTION_DURATION_SUM_NS,
+            time.monotonic() - relay.started,
+        )
+        self.connection_ended(relay.token, relay.source_token)
+
+    def close_all(self) -> None:
+        """The graceful timeout: close every connection still connecting or relaying."""
+        for pending in list(self.pending):
+            if pending.connect is not None:
+                pending.connect.cancel()
+            pending.client.close()
+            self.pending.discard(pending)
+            self.connection_ended(pending.token, pending.source_token)
+        for relay in list(self.relays):
+            relay.close()
+
+
+def _observe(
+    slot: memoryview, first_bucket: int, bounds: tuple[float, ...], sum_field: int, seconds: float
+) -> None:
+    slot[first_bucket + bisect_left(bounds, seconds)] += 1
+    slot[sum_field] += int(seconds * 1e9)

@@ -1,0 +1,212 @@
+"""Which target a connection goes to: routes by listener name, round-robin, cool-down.
+
+Each listener gets a `TargetGroup`: its `--route NAME=TARGET` targets, or the positional
+targets. A group of one target connects to it directly (nothing extra per connection).
+A group of several spreads connections round-robin over the healthy ones; a target that
+fails to connect is skipped for `COOLDOWN` seconds and the connection tries the next, so
+a client fails only when every target has. The state is per worker: each learns of a
+failure by meeting it, which needs no shared memory. Never logs; the worker passes
+`on_target_failed` to report failures.
+"""
+
+import errno
+import math
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from forkproxy.errors import ForkproxyError
+from forkproxy.relay.splice import Readiness
+from forkproxy.relay.target_connect import SocketOptions, TargetConnect
+from forkproxy.settings.address import TargetAddress
+from forkproxy.settings.options import Route
+from forkproxy.shared.listener import Listener
+
+if TYPE_CHECKING:
+    import asyncio
+
+COOLDOWN = 5.0  # seconds a target that failed to connect is tried only if all others fail
+# Failures of this machine, not of a target: no cool-down, and no other target is tried.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+OnConnected = Callable[[socket.socket], None]
+OnFailed = Callable[[OSError], None]
+OnTargetFailed = Callable[[TargetAddress, OSError, bool], None]
+
+
+class TargetGroup:
+    """The targets of one route, with this worker's view of which are healthy."""
+
+    __slots__ = (
+        "targets",
+        "label",
+        "timeout",
+        "options",
+        "on_target_failed",
+        "_next",
+        "_cooling_until",
+        "_clock",
+    )
+
+    def __init__(
+        self,
+        targets: Sequence[TargetAddress],
+        timeout: float = math.inf,
+        options: SocketOptions = (),
+        on_target_failed: OnTargetFailed | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.targets = tuple(targets)
+        self.label = " or ".join(f"'{target.text}'" for target in self.targets)
+        self.timeout = timeout
+        self.options = options
+        self.on_target_failed = on_target_failed
+        self._next = 0
+        self._cooling_until = [0.0] * len(self.targets)  # by index into targets
+        self._clock = clock
+
+    def connect(
+        self,
+        loop: "asyncio.AbstractEventLoop",
+        io: Readiness,
+        on_connected: OnConnected,
+        on_failed: OnFailed,
+    ) -> "TargetConnect | FailoverConnect":
+        """Start connecting one client; exactly one of the callbacks will run."""
+        if len(self.targets) == 1:
+            attempt: TargetConnect | FailoverConnect = TargetConnect(
+                loop, io, self.targets[0], on_connected, on_failed, self.timeout, self.options
+            )
+        else:
+            attempt = FailoverConnect(self, loop, io, on_connected, on_failed)
+        attempt.start()
+        return attempt
+
+    def order(self) -> list[int]:
+        """Target indexes to try: healthy ones round-robin, then cooling ones, soonest
+        back first (a client fails only when every target has failed it)."""
+        count = len(self.targets)
+        start = self._next
+        self._next = (start + 1) % count
+        now = self._clock()
+        rotation = [(start + step) % count for step in range(count)]
+        healthy = [index for index in rotation if self._cooling_until[index] <= now]
+        cooling = sorted(
+            (index for index in rotation if self._cooling_until[index] > now),
+            key=self._cooling_until.__getitem__,
+        )
+        return healthy + cooling
+
+    def failed(self, index: int, error: OSError) -> None:
+        """Target `index` could not be connected to: cool it down."""
+        newly = self._cooling_until[index] <= self._clock()
+        self._cooling_until[index] = self._clock() + COOLDOWN
+        if self.on_target_failed is not None:
+            self.on_target_failed(self.targets[index], error, newly)
+
+    def succeeded(self, index: int) -> None:
+        self._cooling_until[index] = 0.0
+
+
+class FailoverConnect:
+    """One client's connection: each target of a group in `order()` until one connects."""
+
+    __slots__ = ("group", "loop", "io", "on_connected", "on_failed", "order", "step", "current")
+
+    def __init__(
+        self,
+        group: TargetGroup,
+        loop: "asyncio.AbstractEventLoop",
+        io: Readiness,
+        on_connected: OnConnected,
+        on_failed: OnFailed,
+    ) -> None:
+        self.group = group
+        self.loop = loop
+        self.io = io
+        self.on_connected = on_connected
+        self.on_failed = on_failed
+        self.order = group.order()
+        self.step = 0
+        self.current: TargetConnect | None = None
+
+    def start(self) -> None:
+        self._try_next(None)
+
+    def _try_next(self, error: OSError | None) -> None:
+        if self.step >= len(self.order):
+            self.current = None
+            assert error is not None
+            self.on_failed(error)
+            return
+        index = self.order[self.step]
+        self.step += 1
+        group = self.group
+        self.current = TargetConnect(
+            self.loop,
+            self.io,
+            group.targets[index],
+            self._on_connected,
+            self._on_target_failed,
+            group.timeout,
+            group.options,
+        )
+        self.current.start()
+
+    def _on_connected(self, sock: socket.socket) -> None:
+        self.current = None
+        self.group.succeeded(self.order[self.step - 1])
+        self.on_connected(sock)
+
+    def _on_target_failed(self, error: OSError) -> None:
+        if error.errno in LOCAL_ERRNOS:
+            self.current = None
+            self.on_failed(error)
+            return
+        self.group.failed(self.order[self.step - 1], error)
+        self._try_next(error)
+
+    def expire(self, now: float) -> bool:
+        current = self.current
+        return current is not None and current.expire(now)
+
+    def cancel(self) -> None:
+        current = self.current
+        if current is not None:
+            self.current = None
+            current.cancel()
+
+
+def route_groups(
+    listeners: Iterable[Listener],
+    default: Sequence[TargetAddress],
+    routes: Sequence[Route],
+    make_group: Callable[[Sequence[TargetAddress]], TargetGroup],
+) -> dict[int, TargetGroup]:
+    """Each listener's group, by fd: its route's targets, else the default targets.
+
+    Listeners that share targets share one group (and so one round-robin and cool-down).
+    """
+    by_name = {route.name: route.targets for route in routes}
+    groups: dict[tuple[TargetAddress, ...], TargetGroup] = {}
+    result: dict[int, TargetGroup] = {}
+    for listener in listeners:
+        targets = tuple(by_name.get(listener.name, default))
+        group = groups.get(targets)
+        if group is None:
+            group = groups[targets] = make_group(targets)
+        result[listener.fd] = group
+    return result
+
+
+def check_routes(routes: Sequence[Route], listeners: Sequence[Listener]) -> None:
+    """ForkproxyError if a --route names no listener we have."""
+    names = {listener.name for listener in listeners if listener.name}
+    for route in routes:
+        if route.name not in names:
+            known = ", ".join(f"'{name}'" for name in sorted(names)) or "none"
+            raise ForkproxyError(
+                f"--route={route.name}=...: no listening socket is named '{route.name}' "
+                f"(named: {known}; name them with FileDescriptorName= or --listen NAME=ADDR)"
+            )

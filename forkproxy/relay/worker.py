@@ -1,0 +1,205 @@
+"""One worker process after fork: reset, uvloop loop, heartbeat, drain on stop.
+
+A worker owns its scoreboard slot and writes nothing else that is shared. Its clients
+are taken off the listeners it inherited by its `Acceptor` (accepting.py) and connected
+to their target and relayed by its `Connector` (connecting.py); the worker holds what
+both share: the loop, the poller, its slot, the admission tokens a connection returns
+when it ends. On SIGTERM it stops accepting and lets open connections finish until the
+graceful timeout. It exits by itself if its master dies. Never forks. The relay options
+cost nothing per connection while off: their per-worker parts are built once, here and
+in the two parts' set-up.
+"""
+
+import ctypes
+import gc
+import logging
+import os
+import signal
+import struct
+import time
+
+from setproctitle import setproctitle
+
+from forkproxy import logs
+from forkproxy.relay.accepting import Acceptor
+from forkproxy.relay.connecting import Connector
+from forkproxy.relay.poller import Poller
+from forkproxy.relay.splice import PipePool
+from forkproxy.relay.targets import route_groups
+from forkproxy.settings.options import tcp_socket_options
+from forkproxy.shared.protocol import (
+    EVENT_FORMAT,
+    EVENT_IDLE,
+    EVENT_READY,
+    EXIT_CANNOT_START,
+    EXIT_MASTER_GONE,
+    EXIT_OK,
+    MASTER_DEATH_SIGNAL,
+    WorkerSpec,
+    pipe_pool_keep,
+)
+from forkproxy.shared.scoreboard import (
+    ACTIVE,
+    CLOSED,
+    HEARTBEAT_NS,
+    LAST_ACTIVITY_NS,
+    PID,
+    STATE,
+    SlotState,
+)
+
+log = logging.getLogger("forkproxy")
+
+_PR_SET_PDEATHSIG = 1
+# Fault injection for tests: FORKPROXY_FAILPOINT=worker-crash makes every worker crash at
+# start, as a bug would (uncaught exception, exit status 70).
+_FAILPOINT = "FORKPROXY_FAILPOINT"
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """The whole life of a worker process; returns its exit status."""
+    if os.environ.get(_FAILPOINT) == "worker-crash":
+        raise RuntimeError("crashing at start, as FORKPROXY_FAILPOINT=worker-crash asks")
+    logs.set_process_tag(f"worker {spec.slot}: ")
+    setproctitle(f"forkproxy: worker {spec.slot}")
+    try:
+        worker = Worker(spec)
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return EXIT_CANNOT_START
+    return worker.run()
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.config = config = spec.config
+        self.admission = spec.admission
+        self.admission.spread_from(spec.slot)
+        self.per_source = spec.per_source
+        self.slot = spec.scoreboard.slot(spec.slot)
+        self.listeners = spec.listeners
+        self.pool = PipePool(config.pipe_size, pipe_pool_keep(config.pipe_size))
+        self.draining = False
+        self.report_idle = config.exit_idle_time != float("inf")
+        self._reset_signals()
+        _set_parent_death_signal(MASTER_DEATH_SIGNAL)
+        # Imported here, in the worker after fork: a master that loaded uvloop (and asyncio)
+        # would hand a copy to every worker it forks (see shared/protocol.py).
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        # Connection sockets are watched through this epoll, which the loop sees as one fd.
+        self.poller = Poller(self.loop)
+        self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
+        self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
+        tcp_options = tcp_socket_options(config.nodelay, config.keepalive)
+        self.connector = Connector(self, tcp_options)
+        groups = route_groups(
+            self.listeners, config.targets, config.routes, self.connector.make_group
+        )
+        # Last: it measures the descriptors left once everything above took its own.
+        self.acceptor = Acceptor(self, groups, tcp_options)
+
+    @staticmethod
+    def _reset_signals() -> None:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT, MASTER_DEATH_SIGNAL):
+            signal.signal(signum, signal.SIG_DFL)
+        # A terminal's Ctrl-C and job-control signals reach the whole process group;
+        # the master decides what they mean.
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(signum, signal.SIG_IGN)
+
+    def run(self) -> int:
+        slot = self.slot
+        slot[PID] = os.getpid()
+        self.check_master()
+        self.acceptor.start()
+        slot[STATE] = SlotState.SERVING
+        self._heartbeat()
+        self._send_event(EVENT_READY)
+        # The master forked us with its signals blocked. uvloop dispatches signals only
+        # once run_forever() has installed its wakeup fd, so unblock from inside the loop:
+        # a SIGTERM that arrived during start-up is handled now rather than lost.
+        self.loop.call_soon(signal.pthread_sigmask, signal.SIG_SETMASK, set())
+        # Everything built so far lives as long as the worker: keep it out of the cyclic
+        # collector's work (a connection's objects are freed by reference counting).
+        gc.freeze()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.poller.close()
+            self.pool.close()
+        return EXIT_OK
+
+    def connection_ended(self, token: int, source_token: int = -1) -> None:
+        """An admitted connection is gone: return its admission and count it closed."""
+        self.admission.release(token)
+        if source_token >= 0 and self.per_source is not None:
+            self.per_source.release(source_token)
+        slot = self.slot
+        slot[ACTIVE] -= 1
+        slot[CLOSED] += 1
+        slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
+        if self.report_idle and slot[ACTIVE] == 0:
+            self._send_event(EVENT_IDLE)
+        if self.draining and self._idle():
+            self.loop.stop()
+
+    def _idle(self) -> bool:
+        connector = self.connector
+        return not connector.relays and not connector.pending and self.acceptor.held is None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        self.slot[HEARTBEAT_NS] = time.monotonic_ns()
+        self.check_master()
+        self.loop.call_later(self.spec.heartbeat_interval, self._heartbeat)
+
+    def check_master(self) -> None:
+        """Exit at once if the master is gone: nobody would supervise or stop us."""
+        if os.getppid() == self.spec.master_pid:
+            return
+        log.warning("master process %d is gone, exiting", self.spec.master_pid)
+        self.admission.remove()
+        if self.per_source is not None:
+            self.per_source.remove()
+        os._exit(EXIT_MASTER_GONE)
+
+    def on_sigterm(self) -> None:
+        """Graceful stop: no new connections; open ones finish until the graceful timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        self.slot[STATE] = SlotState.DRAINING
+        self.acceptor.close()
+        if self._idle():
+            self.loop.stop()
+            return
+        log.info(
+            "stopping: waiting up to %gs for %d connections",
+            self.config.graceful_timeout,
+            self.connector.open_count(),
+        )
+        if self.config.graceful_timeout != float("inf"):
+            self.loop.call_later(self.config.graceful_timeout, self._on_graceful_timeout)
+
+    def _on_graceful_timeout(self) -> None:
+        log.warning("graceful timeout: closing %d open connections", self.connector.open_count())
+        self.acceptor.drop_held()  # queue mode: a client still waiting for capacity
+        self.connector.close_all()
+        self.loop.stop()
+
+    def _send_event(self, event: int) -> None:
+        try:
+            os.write(self.spec.events_fd, struct.pack(EVENT_FORMAT, self.spec.slot, event))
+        except OSError as error:
+            log.debug("cannot notify the master: %s", error)
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")

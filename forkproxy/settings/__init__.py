@@ -1,0 +1,1 @@
+"""Settings: the command line to a frozen `Config`. Pure: no I/O, no sockets, no processes."""

@@ -1,0 +1,292 @@
+"""Address syntax: targets and `--listen` addresses, to frozen values.
+
+Target (systemd-socket-proxyd's syntax): `HOST:PORT`, `HOST` (port 80), `[IPV6]:PORT`,
+`/unix/path`, `@abstract`, and `vsock:CID:PORT` (AF_VSOCK, vsock(7)). Listen
+(ListenStream= syntax, systemd.socket(5)): `PORT`, `IPV4:PORT`, `[IPV6]:PORT`, `/path`,
+`@abstract`, optionally named `NAME=ADDR`.
+Metrics (`--metrics`): the same without a bare `PORT` or a name.
+Routes (`--route`): `NAME=TARGET`, NAME as in `--listen NAME=ADDR`.
+Never resolves host names and never opens sockets; service names ("http") are looked
+up in the local services database only.
+"""
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+from forkproxy.errors import UsageError
+
+# sockaddr_un.sun_path is 108 bytes; a file system path needs its terminating NUL,
+# an abstract name uses all of it after the leading NUL.
+_UNIX_PATH_MAX = 107
+_ABSTRACT_NAME_MAX = 107
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
+# FileDescriptorName=: printable, no ':' (it separates names in LISTEN_FDNAMES).
+_LISTENER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
+
+SockAddr = tuple[str, int] | tuple[str, int, int, int] | str | tuple[int, int]
+
+# vsock(7): a 32-bit CID and port; the all-ones values are the "any" wildcards, which
+# cannot be connected to.
+_VSOCK_PREFIX = "vsock:"
+_VSOCK_MAX = 0xFFFFFFFE
+
+
+@dataclass(frozen=True, slots=True)
+class TargetAddress:
+    """Where connections are relayed to.
+
+    `family` is 0 for a host name that must be resolved at connect time; otherwise
+    `sockaddr` is ready for connect().
+    """
+
+    text: str
+    family: int
+    host: str
+    port: int
+    sockaddr: SockAddr | None
+
+    @property
+    def needs_resolving(self) -> bool:
+        return self.family == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A socket forkproxy binds itself when systemd passed none."""
+
+    text: str
+    name: str
+    family: int
+    sockaddr: SockAddr
+    dual_stack: bool  # bare PORT: IPv6 any-address that also takes IPv4, as systemd does
+
+
+def parse_target(text: str) -> TargetAddress:
+    """Parse a target as systemd-socket-proxyd accepts it; raise UsageError if invalid."""
+    if not text:
+        raise UsageError("empty target: give HOST:PORT or a unix socket path")
+    _refuse_nul(text, "target")
+    if text[0] in "/@":
+        path = _unix_sockaddr(text, "target")
+        return TargetAddress(text, socket.AF_UNIX, "", 0, path)
+    if text.startswith(_VSOCK_PREFIX):
+        return _parse_vsock(text)
+
+    host, port_text = _split_host_port(text, "target", default_port="80")
+    port = _parse_port(port_text, text, "target")
+    if host.startswith("["):
+        address = _parse_ipv6_literal(host, text, "target")
+        return TargetAddress(text, socket.AF_INET6, address, port, (address, port, 0, 0))
+    if _is_ipv4(host):
+        return TargetAddress(text, socket.AF_INET, host, port, (host, port))
+    if not _HOSTNAME.match(host):
+        raise UsageError(f"invalid target '{text}': '{host}' is not a host name or address")
+    if host.isdigit():  # e.g. "-p 2" meant as "-p v2"; no real host name is a bare number
+        raise UsageError(f"invalid target '{text}': a host name cannot be a bare number")
+    return TargetAddress(text, 0, host, port, None)
+
+
+def parse_route(text: str) -> tuple[str, TargetAddress]:
+    """Parse a --route value, NAME=TARGET: connections from listener NAME go to TARGET."""
+    name, equals, target = text.partition("=")
+    if not equals:
+        raise UsageError(f"invalid route '{text}': expected NAME=TARGET")
+    if not _LISTENER_NAME.match(name):
+        raise UsageError(
+            f"invalid route '{text}': name '{name}' may only contain "
+            "letters, digits, '_', '.' and '-'"
+        )
+    return name, parse_target(target)
+
+
+def _parse_vsock(text: str) -> TargetAddress:
+    cid_text, colon, port_text = text[len(_VSOCK_PREFIX) :].partition(":")
+    if not colon:
+        raise UsageError(f"invalid target '{text}': expected vsock:CID:PORT")
+    values = []
+    for what, number in (("CID", cid_text), ("port", port_text)):
+        if not number:
+            raise UsageError(f"invalid target '{text}': missing {what} (vsock:CID:PORT)")
+        if not (number.isascii() and number.isdigit()):
+            raise UsageError(f"invalid target '{text}': {what} '{number}' is not a number")
+        value = int(number)
+        if value > _VSOCK_MAX:
+            raise UsageError(f"invalid target '{text}': {what} {number} is not in 0-{_VSOCK_MAX}")
+        values.append(value)
+    cid, port = values
+    return TargetAddress(text, socket.AF_VSOCK, cid_text, port, (cid, port))
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse a --listen value (ListenStream= syntax, optionally NAME=ADDR)."""
+    _refuse_nul(text, "listen address")
+    name, address = _split_name(text)
+    if not address:
+        raise UsageError(f"invalid listen address '{text}': empty address")
+    if address[0] in "/@":
+        return ListenAddress(
+            text, name, socket.AF_UNIX, _unix_sockaddr(address, "listen address"), False
+        )
+    if address.isdigit():
+        port = _parse_port(address, text, "listen address")
+        return ListenAddress(text, name, socket.AF_INET6, ("::", port, 0, 0), True)
+
+    host, port_text = _split_host_port(address, "listen address", default_port=None)
+    port = _parse_port(port_text, text, "listen address")
+    if host.startswith("["):
+        ipv6 = _parse_ipv6_literal(host, text, "listen address")
+        return ListenAddress(text, name, socket.AF_INET6, (ipv6, port, 0, 0), False)
+    if _is_ipv4(host):
+        return ListenAddress(text, name, socket.AF_INET, (host, port), False)
+    raise UsageError(
+        f"invalid listen address '{text}': '{host}' is not an IP address "
+        "(write PORT, IPV4:PORT, [IPV6]:PORT, /path or @name)"
+    )
+
+
+def parse_metrics(text: str) -> ListenAddress:
+    """Parse a --metrics value: IPV4:PORT, [IPV6]:PORT, /path or @name.
+
+    Unlike --listen, no bare PORT (it would listen on every interface) and no NAME=.
+    """
+    _refuse_nul(text, "metrics address")
+    if not text:
+        raise UsageError("invalid metrics address '': empty address")
+    if text[0] in "/@":
+        path = _unix_sockaddr(text, "metrics address")
+        return ListenAddress(text, "metrics", socket.AF_UNIX, path, False)
+    if text.isdigit():
+        raise UsageError(
+            f"invalid metrics address '{text}': give the address to listen on too, "
+            f"as in 127.0.0.1:{text} (a bare port would listen on every interface)"
+        )
+    host, port_text = _split_host_port(text, "metrics address", default_port=None)
+    port = _parse_port(port_text, text, "metrics address")
+    if host.startswith("["):
+        ipv6 = _parse_ipv6_literal(host, text, "metrics address")
+        return ListenAddress(text, "metrics", socket.AF_INET6, (ipv6, port, 0, 0), False)
+    if _is_ipv4(host):
+        return ListenAddress(text, "metrics", socket.AF_INET, (host, port), False)
+    raise UsageError(
+        f"invalid metrics address '{text}': '{host}' is not an IP address "
+        "(write IPV4:PORT, [IPV6]:PORT, /path or @name)"
+    )
+
+
+def format_sockaddr(family: int, sockaddr: object) -> str:
+    """A peer or local address as an operator reads it: 1.2.3.4:80, [::1]:80, /path, @name."""
+    if family == socket.AF_INET and isinstance(sockaddr, tuple):
+        return f"{sockaddr[0]}:{sockaddr[1]}"
+    if family == socket.AF_INET6 and isinstance(sockaddr, tuple):
+        return f"[{sockaddr[0]}]:{sockaddr[1]}"
+    if family == socket.AF_VSOCK and isinstance(sockaddr, tuple):
+        return f"vsock:{sockaddr[0]}:{sockaddr[1]}"
+    if isinstance(sockaddr, bytes):
+        sockaddr = sockaddr.decode("utf-8", "backslashreplace")
+    if isinstance(sockaddr, str):
+        if sockaddr.startswith("\0"):
+            return "@" + sockaddr[1:]
+        return sockaddr or "unix-client"
+    return str(sockaddr)
+
+
+def _refuse_nul(text: str, what: str) -> None:
+    if "\0" in text:
+        raise UsageError(f"invalid {what} {text!r}: contains a NUL character")
+
+
+def _split_name(text: str) -> tuple[str, str]:
+    if text[:1] in ("/", "@", "[") or "=" not in text:
+        return "", text
+    name, address = text.split("=", 1)
+    if not _LISTENER_NAME.match(name):
+        raise UsageError(
+            f"invalid listen address '{text}': name '{name}' may only contain "
+            "letters, digits, '_', '.' and '-'"
+        )
+    return name, address
+
+
+def _split_host_port(text: str, what: str, default_port: str | None) -> tuple[str, str]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise UsageError(f"invalid {what} '{text}': missing ']' after the IPv6 address")
+        host, rest = text[: end + 1], text[end + 1 :]
+        if not rest:
+            if default_port is None:
+                raise UsageError(f"invalid {what} '{text}': missing ':PORT'")
+            return host, default_port
+        if not rest.startswith(":"):
+            raise UsageError(f"invalid {what} '{text}': expected ':PORT' after ']'")
+        return host, rest[1:]
+    if text.count(":") > 1:
+        raise UsageError(
+            f"invalid {what} '{text}': write IPv6 addresses in brackets, as in '[::1]:80'"
+        )
+    if ":" not in text:
+        if default_port is None:
+            raise UsageError(f"invalid {what} '{text}': missing ':PORT'")
+        return text, default_port
+    host, port = text.split(":")
+    if not host:
+        raise UsageError(f"invalid {what} '{text}': missing host before ':'")
+    return host, port
+
+
+def _parse_port(port_text: str, text: str, what: str) -> int:
+    if port_text.isdigit() and port_text.isascii():
+        port = int(port_text)
+        if 1 <= port <= 65535:
+            return port
+        raise UsageError(f"invalid {what} '{text}': port {port_text} is not in 1-65535")
+    if not port_text:
+        raise UsageError(f"invalid {what} '{text}': missing port after ':'")
+    try:
+        return socket.getservbyname(port_text, "tcp")
+    except (OSError, UnicodeError):
+        raise UsageError(
+            f"invalid {what} '{text}': '{port_text}' is neither a port number nor a known service"
+        ) from None
+
+
+def _parse_ipv6_literal(bracketed: str, text: str, what: str) -> str:
+    literal = bracketed[1:-1]
+    address, _, scope = literal.partition("%")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        raise UsageError(f"invalid {what} '{text}': '{literal}' is not an IPv6 address") from None
+    if "%" in literal and not scope:
+        raise UsageError(f"invalid {what} '{text}': empty scope after '%'")
+    return literal
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _unix_sockaddr(text: str, what: str) -> str:
+    encoded = text.encode("utf-8", "surrogateescape")
+    if text[0] == "@":
+        if len(encoded) - 1 > _ABSTRACT_NAME_MAX:
+            raise UsageError(
+                f"invalid {what} '{text}': abstract socket names are at most "
+                f"{_ABSTRACT_NAME_MAX} bytes"
+            )
+        if len(encoded) == 1:
+            raise UsageError(f"invalid {what} '{text}': empty abstract socket name")
+        return "\0" + text[1:]
+    if len(encoded) > _UNIX_PATH_MAX:
+        raise UsageError(
+            f"invalid {what} '{text}': unix socket paths are at most {_UNIX_PATH_MAX} bytes"
+        )
+    return text

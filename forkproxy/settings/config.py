@@ -1,0 +1,119 @@
+"""The frozen `Config` a master and its workers run with, and the checks across fields.
+
+Built by `cli` from argv; never parses argv and never does I/O.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+from forkproxy.errors import UsageError
+from forkproxy.settings.address import ListenAddress, TargetAddress
+from forkproxy.settings.options import (
+    ON_LIMIT_MODES,
+    ON_LIMIT_REFUSE,
+    KeepAlive,
+    Route,
+    format_size,
+)
+
+DEFAULT_CONNECTIONS_MAX = 256  # systemd-socket-proxyd's default
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
+DEFAULT_WORKER_TIMEOUT = 30.0
+DEFAULT_SOCKET_MODE = 0o666  # SocketMode= default in systemd.socket(5)
+MAX_WORKERS = 128
+# Relay option defaults; docs/relay-options.md gives the measurements behind the last two.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_NODELAY = True
+DEFAULT_PIPE_SIZE = 256 * 1024  # systemd-socket-proxyd's too; measured in docs/relay-options.md
+PIPE_SIZE_MIN = 4096  # one page: the smallest pipe F_SETPIPE_SZ makes
+PIPE_SIZE_MAX = 1 << 30
+MAX_CONNECTIONS_PER_SOURCE = 32767  # SEMVMX: the most a SysV semaphore counts
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    targets: tuple[TargetAddress, ...]
+    connections_max: int = DEFAULT_CONNECTIONS_MAX
+    exit_idle_time: float = math.inf
+    workers: int = 1
+    listen: tuple[ListenAddress, ...] = ()
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT
+    log_level: str = "info"
+    inetd: bool = False  # relay the one connection on standard input, then exit
+    metrics: ListenAddress | None = None  # --metrics; a passed socket named "metrics" wins
+    # Relay options (relay_arguments.py).
+    proxy_protocol: int = 0  # PROXY protocol version sent to the target; 0: none
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    idle_timeout: float = math.inf
+    keepalive: KeepAlive | None = None
+    nodelay: bool = DEFAULT_NODELAY
+    pipe_size: int = DEFAULT_PIPE_SIZE
+    on_limit: str = ON_LIMIT_REFUSE
+    max_connections_per_source: int = 0  # 0: no per-source limit
+    routes: tuple[Route, ...] = ()  # per-listener targets; `targets` serve the rest
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise UsageError("missing target: give HOST:PORT or a unix socket path")
+        if self.connections_max < 1:
+            raise UsageError(f"--connections-max= must be at least 1, got {self.connections_max}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise UsageError(f"--workers= must be in 1-{MAX_WORKERS}, got {self.workers}")
+        if self.worker_timeout <= 0:
+            raise UsageError("--worker-timeout= must be longer than 0")
+        names = [listen.name for listen in self.listen if listen.name]
+        if len(names) != len(set(names)):
+            raise UsageError("--listen= names must be unique")
+        if "metrics" in names:
+            raise UsageError(
+                "--listen= name 'metrics' is kept for the metrics socket: use --metrics="
+            )
+        if self.metrics is not None and any(
+            (listen.family, listen.sockaddr) == (self.metrics.family, self.metrics.sockaddr)
+            for listen in self.listen
+        ):
+            raise UsageError(f"--metrics={self.metrics.text} is also a --listen= address")
+        self._check_relay_options()
+
+    def _check_relay_options(self) -> None:
+        """Ranges of the relay options, and routes naming distinct listeners."""
+        if self.proxy_protocol not in (0, 1, 2):
+            raise UsageError(f"--proxy-protocol= must be v1 or v2, got {self.proxy_protocol}")
+        if self.connect_timeout <= 0:
+            raise UsageError("--connect-timeout= must be longer than 0")
+        if self.idle_timeout <= 0:
+            raise UsageError("--idle-timeout= must be longer than 0")
+        if not PIPE_SIZE_MIN <= self.pipe_size <= PIPE_SIZE_MAX:
+            raise UsageError(
+                f"--pipe-size= must be in {format_size(PIPE_SIZE_MIN)}-"
+                f"{format_size(PIPE_SIZE_MAX)}, got {format_size(self.pipe_size)}"
+            )
+        if self.on_limit not in ON_LIMIT_MODES:
+            raise UsageError(f"--on-limit= must be refuse or queue, got '{self.on_limit}'")
+        if not 0 <= self.max_connections_per_source <= MAX_CONNECTIONS_PER_SOURCE:
+            raise UsageError(
+                f"--max-connections-per-source= must be in 0-{MAX_CONNECTIONS_PER_SOURCE}, "
+                f"got {self.max_connections_per_source}"
+            )
+        route_names = [route.name for route in self.routes]
+        if len(route_names) != len(set(route_names)):
+            raise UsageError("--route= names must be unique")
+        if any(not route.targets for route in self.routes):
+            raise UsageError("--route= needs a target")
+
+    @property
+    def target(self) -> TargetAddress:
+        return self.targets[0]
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a worker proves its loop runs: often enough for the worker timeout."""
+        return min(1.0, self.worker_timeout / 4)
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))

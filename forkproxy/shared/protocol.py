@@ -1,0 +1,58 @@
+"""What a master hands a new worker, and the messages and exit statuses between them.
+
+The protocol between the two processes, apart from the worker's code. The master imports
+relay/worker.py at start (so every worker runs the code the master started with), but
+uvloop and asyncio only load in each worker after fork, never in the master, whose memory
+every worker would otherwise start with (a copy per worker of what only workers need).
+"""
+
+import signal
+import struct
+from dataclasses import dataclass
+
+from forkproxy.settings.config import Config
+from forkproxy.shared.admission import Admission
+from forkproxy.shared.listener import Listener
+from forkproxy.shared.per_source import SourceLimit
+from forkproxy.shared.scoreboard import Scoreboard
+
+# Exit statuses of a worker.
+EXIT_OK = 0
+EXIT_CANNOT_START = 3  # setup failed: respawning would fail the same way
+EXIT_MASTER_GONE = 4
+
+# Messages on the event pipe to the master: struct EVENT_FORMAT (slot, event).
+EVENT_FORMAT = "=HH"
+EVENT_SIZE = struct.calcsize(EVENT_FORMAT)
+EVENT_READY = 1  # the worker is accepting
+EVENT_IDLE = 2  # the worker's last connection closed (sent only with --exit-idle-time)
+
+# The signal the kernel sends a worker when its master dies (PR_SET_PDEATHSIG).
+MASTER_DEATH_SIGNAL = signal.SIGUSR2
+
+PIPE_POOL_KEEP = 64  # empty pipes a worker keeps for reuse, at most
+# ... and at most this much pipe capacity: the kernel counts an empty pipe's size against
+# the user's pipe limit (/proc/sys/fs/pipe-user-pages-soft) as if it were full.
+PIPE_POOL_BYTES = 4 << 20
+
+
+def pipe_pool_keep(pipe_size: int) -> int:
+    """How many empty pipes of `pipe_size` bytes a worker keeps for reuse."""
+    actual = 1 << (max(pipe_size, 4096) - 1).bit_length()  # the kernel's power of two
+    return max(4, min(PIPE_POOL_KEEP, PIPE_POOL_BYTES // actual))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What the master hands a new worker."""
+
+    config: Config
+    slot: int
+    generation: int
+    listeners: tuple[Listener, ...]
+    scoreboard: Scoreboard
+    admission: Admission
+    events_fd: int
+    master_pid: int
+    heartbeat_interval: float
+    per_source: SourceLimit | None = None  # --max-connections-per-source; the master's

@@ -1,0 +1,4 @@
+"""The master process: activation, listeners, workers, signals, readiness, metrics.
+
+The only code that forks. Never relays a byte.
+"""

@@ -1,0 +1,312 @@
+"""The master: set-up, the selector loop, the signal table, shutdown.
+
+Single-threaded, so forking is safe at any time. One selector waits on a wakeup socket
+(signal.set_wakeup_fd), the workers' event pipe, the metrics sockets and the nearest
+deadline; signal handlers do nothing, and the loop dispatches signal numbers through
+`self.on_signal`. Its workers are `workers.WorkerPool`'s, what it tells systemd is
+`readiness.Readiness`'s. The master learns what workers do from the scoreboard and never
+sees a connection. Never relays bytes and never starts threads.
+"""
+
+import gc
+import logging
+import math
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from setproctitle import setproctitle
+
+from forkproxy.errors import ForkproxyError
+from forkproxy.relay.splice import check_pipe_size
+from forkproxy.relay.targets import check_routes
+from forkproxy.settings.config import MAX_WORKERS, Config
+from forkproxy.settings.timespan import format_timespan
+from forkproxy.shared.admission import Admission
+from forkproxy.shared.listener import Listener
+from forkproxy.shared.per_source import SourceLimit, entries_for
+from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
+from forkproxy.shared.scoreboard import Scoreboard
+from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
+from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
+from forkproxy.supervisor.listeners import bind_listener, close_listeners
+from forkproxy.supervisor.notify import Notifier, watchdog_interval
+from forkproxy.supervisor.readiness import Readiness
+from forkproxy.supervisor.workers import KILL_MARGIN, WorkerPool
+
+if TYPE_CHECKING:
+    from forkproxy.supervisor.metrics.endpoint import MetricsEndpoint
+
+log = logging.getLogger("forkproxy")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+class Master:
+    # Made in `_setup` with the resources they work on; the loop runs only after it.
+    pool: WorkerPool
+    readiness: Readiness
+
+    def __init__(self, config: Config, passed: list[tuple[int, str]]) -> None:
+        self.config = config
+        self.passed = passed  # (fd, name) from systemd, see activation.passed_fds
+        self.listeners: list[Listener] = []
+        self.exit_status = EXIT_OK
+        self.shutdown_deadline = math.inf
+        self.selector: selectors.BaseSelector | None = None
+        self.scoreboard: Scoreboard | None = None
+        self.admission: Admission | None = None
+        self.per_source: SourceLimit | None = None  # --max-connections-per-source
+        self.wakeup: tuple[socket.socket, socket.socket] | None = None
+        self.events: tuple[int, int] | None = None
+        # Metrics sockets (the master's own: workers close them) and their responder.
+        self.metrics_listeners: list[Listener] = []
+        self.metrics: MetricsEndpoint | None = None
+        self.notifier = Notifier()
+        self.watchdog_interval = watchdog_interval()
+        self.heartbeat_interval = config.heartbeat_interval
+        if self.watchdog_interval is not None:
+            self.heartbeat_interval = min(self.heartbeat_interval, self.watchdog_interval / 4)
+        self.on_signal: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self.on_sigterm,
+            signal.SIGINT: self.on_sigterm,
+            signal.SIGQUIT: self.on_sigquit,
+            signal.SIGCHLD: lambda: self.pool.reap(),
+            signal.SIGHUP: lambda: self.pool.rotate(),  # graceful rotation of all workers
+            signal.SIGTTIN: lambda: self.pool.add_worker(),
+            signal.SIGTTOU: lambda: self.pool.remove_worker(),
+        }
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        fd_limit = raise_fd_limit()
+        self.listeners = self._open_listeners()
+        # --metrics is bound only if systemd passed no socket named "metrics".
+        if self.config.metrics is not None and self.metrics_listeners:
+            log.info("systemd passed a '%s' socket: ignoring --metrics", METRICS_FD_NAME)
+        elif self.config.metrics is not None:
+            self.metrics_listeners = [bind_listener(self.config.metrics, self.config.socket_mode)]
+        check_fd_limit(fd_limit, self.config.connections_max)
+        self.scoreboard = Scoreboard(2 * MAX_WORKERS)
+        self.admission = Admission(self.config.connections_max)
+        # What can only be checked with the listeners and the kernel at hand.
+        check_routes(self.config.routes, self.listeners)
+        check_pipe_size(self.config.pipe_size)
+        self.per_source = _source_limit(self.config)
+        self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = socket.socketpair()
+        for end in self.wakeup:
+            end.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.wakeup[0], selectors.EVENT_READ, self._on_wakeup)
+        self.selector.register(self.events[0], selectors.EVENT_READ, self._on_worker_events)
+        spec = WorkerSpec(
+            config=self.config,
+            slot=0,
+            generation=0,
+            listeners=tuple(self.listeners),
+            scoreboard=self.scoreboard,
+            admission=self.admission,
+            events_fd=self.events[1],
+            master_pid=os.getpid(),
+            heartbeat_interval=self.heartbeat_interval,
+            per_source=self.per_source,
+        )
+        self.pool = WorkerPool(spec, self.on_signal, self._drop_master_resources, self._on_fatal)
+        self.readiness = Readiness(
+            self.config,
+            self.notifier,
+            self.watchdog_interval,
+            self.pool,
+            self.scoreboard,
+            self.admission,
+        )
+        # Metrics are served from this loop. prometheus_client is loaded only when there
+        # is a metrics socket: every worker forked later starts with a copy.
+        if self.metrics_listeners:
+            from forkproxy.supervisor.metrics.endpoint import open_metrics
+
+            self.metrics = open_metrics(
+                self.metrics_listeners, self.selector, self.pool, self.scoreboard, self.admission
+            )
+        signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
+        for signum in self.on_signal:
+            signal.signal(signum, _ignore_signal)
+        setproctitle(f"forkproxy: master {self.config.target.text}")
+
+    def _open_listeners(self) -> list[Listener]:
+        passed = self.passed
+        # A passed socket named "metrics" serves metrics and is never proxied.
+        self.metrics_listeners = [
+            adopt_listener(fd, name) for fd, name in passed if name == METRICS_FD_NAME
+        ]
+        passed = [(fd, name) for fd, name in passed if name != METRICS_FD_NAME]
+        if passed:
+            if self.config.listen:
+                log.info("systemd passed %d sockets: ignoring --listen", len(passed))
+            return [adopt_listener(fd, name) for fd, name in passed]
+        if not self.config.listen:
+            raise ForkproxyError(
+                "no sockets passed in by systemd (LISTEN_FDS) and no --listen address given"
+            )
+        listeners: list[Listener] = []
+        try:
+            for address in self.config.listen:
+                listeners.append(bind_listener(address, self.config.socket_mode))
+        except ForkproxyError:
+            close_listeners(listeners)
+            raise
+        return listeners
+
+    def _drop_master_resources(self) -> None:
+        """In a new worker: close what only the master uses."""
+        assert self.selector is not None and self.wakeup is not None and self.events is not None
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        for end in self.wakeup:
+            end.close()
+        os.close(self.events[0])
+        self.notifier.close()
+        if self.metrics is not None:  # the metrics sockets are the master's
+            self.metrics.close()
+        for listener in self.metrics_listeners:
+            listener.sock.close()  # our copy only: never unlink the master's socket file
+
+    # -- main loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._setup()
+        assert self.selector is not None
+        log.info(
+            "relaying %s to %s with %d workers, at most %d connections",
+            ", ".join(listener.label for listener in self.listeners),
+            ", ".join(target.text for target in self.config.targets),
+            self.pool.target_workers,
+            self.config.connections_max,
+        )
+        self.notifier.status(f"starting {self.pool.target_workers} workers")
+        gc.freeze()  # keep the heap's pages shared with workers after fork
+        self.pool.start()
+        while not (self.pool.stopping and not self.pool.workers):
+            timeout = self._next_deadline() - time.monotonic()
+            for key, _ in self.selector.select(None if math.isinf(timeout) else max(0.0, timeout)):
+                key.data()
+            self._run_deadlines()
+        log.info("stopped")
+        return self.exit_status
+
+    def close(self) -> None:
+        """Release what the master holds; safe after a failed setup."""
+        signal.set_wakeup_fd(-1)
+        if self.selector is not None:
+            self.selector.close()
+        if self.wakeup is not None:
+            for end in self.wakeup:
+                end.close()
+        if self.events is not None:
+            for fd in self.events:
+                os.close(fd)
+        close_listeners(self.listeners)
+        if self.metrics is not None:  # its clients, then the metrics listeners
+            self.metrics.close()
+        close_listeners(self.metrics_listeners)
+        if self.admission is not None:
+            self.admission.remove()
+        if self.per_source is not None:
+            self.per_source.remove()
+            self.per_source.close()
+        if self.scoreboard is not None:
+            self.scoreboard.close()
+        self.notifier.close()
+
+    def _on_wakeup(self) -> None:
+        assert self.wakeup is not None
+        try:
+            data = self.wakeup[0].recv(256)
+        except BlockingIOError:
+            return
+        for signum in data:
+            handler = self.on_signal.get(signum)
+            if handler is not None:
+                handler()
+
+    def _on_worker_events(self) -> None:
+        assert self.events is not None
+        try:
+            data = os.read(self.events[0], 64 * EVENT_SIZE)
+        except BlockingIOError:
+            return
+        for slot, event in struct.iter_unpack(EVENT_FORMAT, data):
+            # EVENT_IDLE needs nothing: the idle deadline is recomputed after every wakeup.
+            if event == EVENT_READY and self.pool.mark_ready(slot):
+                self.readiness.on_serving()
+
+    def _next_deadline(self) -> float:
+        deadline = min(
+            self.shutdown_deadline, self.readiness.next_deadline(), self.pool.next_deadline()
+        )
+        if self.metrics is not None:  # metrics clients' deadlines
+            deadline = min(deadline, self.metrics.next_deadline())
+        return deadline
+
+    def _run_deadlines(self) -> None:
+        now = time.monotonic()
+        if self.metrics is not None:  # drop metrics clients past their deadline
+            self.metrics.run_deadlines(now)
+        if now >= self.shutdown_deadline:
+            self.pool.kill_all("graceful timeout passed")
+            self.shutdown_deadline = math.inf
+        self.pool.run_deadlines(now)
+        if now >= self.readiness.idle_deadline():
+            self.begin_shutdown(
+                EXIT_OK, f"no connections for {format_timespan(self.config.exit_idle_time)}"
+            )
+        self.readiness.run_deadlines(now)
+
+    # -- signals and shutdown ------------------------------------------------------------
+
+    def on_sigterm(self) -> None:
+        if self.pool.stopping:
+            self.pool.kill_all("asked again to stop")
+        else:
+            self.begin_shutdown(EXIT_OK, "asked to stop")
+
+    def on_sigquit(self) -> None:
+        self.begin_shutdown(EXIT_OK, "asked to stop at once")
+        self.pool.kill_all("asked to stop at once")
+
+    def _on_fatal(self, reason: str) -> None:
+        self.begin_shutdown(EXIT_FAILURE, reason)
+
+    def begin_shutdown(self, status: int, reason: str) -> None:
+        """Stop accepting everywhere and let connections finish (bounded)."""
+        if self.pool.stopping:
+            return
+        self.exit_status = status
+        self.notifier.stopping(reason)
+        log.info("stopping: %s", reason)
+        self.shutdown_deadline = time.monotonic() + self.config.graceful_timeout + KILL_MARGIN
+        self.pool.stop_all()
+
+
+def _source_limit(config: Config) -> SourceLimit | None:
+    """The table for --max-connections-per-source, or None without it."""
+    if not config.max_connections_per_source:
+        return None
+    try:
+        return SourceLimit(config.max_connections_per_source, entries_for(config.connections_max))
+    except OSError as error:
+        raise ForkproxyError(
+            f"cannot set up --max-connections-per-source: {error.strerror or error}"
+        ) from None
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """Python-level handler: the wakeup fd carries the signal to the master loop."""

@@ -1,0 +1,1 @@
+"""Prometheus metrics and /healthz, served from the master's own loop."""

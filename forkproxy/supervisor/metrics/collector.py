@@ -1,0 +1,222 @@
+"""Prometheus metric families read from the scoreboard, the admission set and the master.
+
+`ScoreboardCollector` turns what the master can read (scoreboard slots and retired
+totals, the admission semaphore, its worker records) into metric families when a scrape
+asks, and answers /healthz. Never keeps metric state of its own: every value is read at
+scrape time, so counters are as monotonic as the scoreboard's retired totals make them.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from forkproxy import __version__
+from forkproxy.shared.admission import Admission
+from forkproxy.shared.scoreboard import (
+    ACCEPTED,
+    ACTIVE,
+    BYTES_TO_CLIENT,
+    BYTES_TO_TARGET,
+    CONNECT_DURATION_BOUNDS,
+    CONNECT_DURATION_BUCKETS,
+    CONNECT_ERRORS,
+    CONNECTION_DURATION_BOUNDS,
+    CONNECTION_DURATION_BUCKETS,
+    REFUSED,
+    STATE,
+    Scoreboard,
+    SlotState,
+)
+
+# -- what the collector reads -------------------------------------------------------------
+
+
+class WorkerView(Protocol):
+    """The master's record of a live worker, as far as metrics read it."""
+
+    @property
+    def slot(self) -> int: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def killed(self) -> bool: ...
+
+
+class MasterView(Protocol):
+    """The supervision state metrics read (`master.Master` provides it)."""
+
+    @property
+    def workers(self) -> Mapping[int, WorkerView]: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def target_workers(self) -> int: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+
+class ScoreboardCollector(Collector):
+    """Metric families read from the scoreboard, the admission set and the master."""
+
+    def __init__(self, master: MasterView, scoreboard: Scoreboard, admission: Admission) -> None:
+        self.master = master
+        self.scoreboard = scoreboard
+        self.admission = admission
+
+    def collect(self) -> Iterable[Metric]:
+        board = self.scoreboard
+        master = self.master
+        live = {worker.slot for worker in master.workers.values()}
+
+        yield GaugeMetricFamily(
+            "forkproxy_connections_active",
+            "Connections open now (admitted and not yet closed), across all workers.",
+            value=self.admission.in_use(),
+        )
+        yield GaugeMetricFamily(
+            "forkproxy_connections_max",
+            "The cap on simultaneous connections (--connections-max).",
+            value=self.admission.capacity,
+        )
+        yield CounterMetricFamily(
+            "forkproxy_connections_accepted",
+            "Connections accepted and admitted under the cap.",
+            value=board.total(ACCEPTED),
+        )
+        yield CounterMetricFamily(
+            "forkproxy_connections_refused",
+            "Connections closed at once, unanswered, because a connection cap was reached.",
+            value=board.total(REFUSED),
+        )
+        yield CounterMetricFamily(
+            "forkproxy_backend_connect_errors",
+            "Admitted connections closed because the backend could not be connected to.",
+            value=board.total(CONNECT_ERRORS),
+        )
+        relayed = CounterMetricFamily(
+            "forkproxy_relayed_bytes",
+            "Bytes relayed: to_backend from clients, to_client from the backend.",
+            labels=["direction"],
+        )
+        relayed.add_metric(["to_backend"], board.total(BYTES_TO_TARGET))
+        relayed.add_metric(["to_client"], board.total(BYTES_TO_CLIENT))
+        yield relayed
+        yield _histogram(
+            "forkproxy_connect_duration_seconds",
+            "Time to connect to the backend, of connections that got one.",
+            board,
+            CONNECT_DURATION_BUCKETS,
+            CONNECT_DURATION_BOUNDS,
+        )
+        yield _histogram(
+            "forkproxy_connection_duration_seconds",
+            "Lifetime of relayed connections, from accept to close.",
+            board,
+            CONNECTION_DURATION_BUCKETS,
+            CONNECTION_DURATION_BOUNDS,
+        )
+        yield GaugeMetricFamily(
+            "forkproxy_workers", "Worker processes alive.", value=len(master.workers)
+        )
+        yield GaugeMetricFamily(
+            "forkproxy_workers_target",
+            "Workers the master keeps running (--workers, changed by SIGTTIN and SIGTTOU).",
+            value=master.target_workers,
+        )
+        yield CounterMetricFamily(
+            "forkproxy_worker_restarts",
+            "Workers started to replace workers that died unexpectedly.",
+            value=master.restarts,
+        )
+        yield from self._per_worker(live)
+        yield InfoMetricFamily(
+            "forkproxy_build", "The running forkproxy version.", value={"version": __version__}
+        )
+
+    def _per_worker(self, live: set[int]) -> Iterable[Metric]:
+        """By slot (a worker's identity): every live slot and every slot that ever accepted."""
+        board = self.scoreboard
+        accepted = CounterMetricFamily(
+            "forkproxy_worker_connections_accepted",
+            "Connections admitted, by worker slot (past workers in the slot included).",
+            labels=["worker"],
+        )
+        active = GaugeMetricFamily(
+            "forkproxy_worker_connections_active",
+            "Connections open now, by live worker slot.",
+            labels=["worker"],
+        )
+        relayed = CounterMetricFamily(
+            "forkproxy_worker_relayed_bytes",
+            "Bytes relayed, by worker slot and direction (past workers in the slot included).",
+            labels=["worker", "direction"],
+        )
+        for slot in range(board.slot_count):
+            count = board.counter(slot, ACCEPTED)
+            if slot not in live and not count:
+                continue
+            worker = str(slot)
+            accepted.add_metric([worker], count)
+            relayed.add_metric([worker, "to_backend"], board.counter(slot, BYTES_TO_TARGET))
+            relayed.add_metric([worker, "to_client"], board.counter(slot, BYTES_TO_CLIENT))
+            if slot in live:
+                active.add_metric([worker], board.get(slot, ACTIVE))
+        return (accepted, active, relayed)
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy while every current worker serves and there are as many as asked for.
+
+        Current: of the newest generation, neither asked to stop nor killed. During a
+        rotation that is the new generation, so health dips until it serves.
+        """
+        master = self.master
+        if master.stopping:
+            return False, "stopping"
+        current = [
+            worker
+            for worker in master.workers.values()
+            if worker.generation == master.generation and not worker.stopping and not worker.killed
+        ]
+        serving = sum(
+            1 for worker in current if self.scoreboard.get(worker.slot, STATE) == SlotState.SERVING
+        )
+        healthy = serving == len(current) == master.target_workers
+        return healthy, f"{serving} of {master.target_workers} workers serving"
+
+
+def _histogram(
+    name: str, documentation: str, board: Scoreboard, first_bucket: int, bounds: Sequence[float]
+) -> HistogramMetricFamily:
+    cumulative, sum_ns = board.histogram(first_bucket, bounds)
+    upper = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
+    buckets = list(zip(upper, cumulative, strict=True))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum_ns / 1e9)
+
+
+def make_registry(collector: Collector) -> CollectorRegistry:
+    """A private registry: `collector` plus the process_* metrics of this process."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry

@@ -1,0 +1,45 @@
+"""What `forkproxy` runs once its settings are parsed: a master, or one relayed connection.
+
+Accept=yes passes the connection itself (LISTEN_FDS=1, a connected socket) and --inetd
+puts it on standard input (StandardInput=socket); `oneshot` relays either in this
+process. Anything else is a listener for a `Master` and its workers.
+"""
+
+from forkproxy import logs
+from forkproxy.settings.config import Config
+from forkproxy.shared.listener import is_connection
+from forkproxy.supervisor.activation import INETD_FD, passed_fds
+from forkproxy.supervisor.master import Master
+from forkproxy.supervisor.notify import Notifier
+
+
+def run(config: Config) -> int:
+    """Run forkproxy until it stops; return the process exit status."""
+    logs.setup(config.log_level)
+    if config.inetd:
+        # StandardInput=socket: a connection (Accept=yes) or a listener (Accept=no).
+        if is_connection(INETD_FD):
+            return _relay_connection(config, INETD_FD, "standard input (--inetd)")
+        passed = [(INETD_FD, "unknown")]
+    else:
+        passed = passed_fds()
+    if len(passed) == 1 and is_connection(passed[0][0]):
+        # Accept=yes: systemd accepted the client and passed the connection itself.
+        return _relay_connection(config, passed[0][0], f"fd {passed[0][0]} from systemd")
+    master = Master(config, passed)
+    try:
+        return master.run()
+    finally:
+        master.close()
+
+
+def _relay_connection(config: Config, fd: int, what: str) -> int:
+    # Imported here: the one-shot relay needs uvloop, which a master never loads (the
+    # workers it forks load their own, so they do not start with a copy of it).
+    from forkproxy.oneshot import relay_connection
+
+    notifier = Notifier()
+    try:
+        return relay_connection(config, fd, what, notifier)
+    finally:
+        notifier.close()

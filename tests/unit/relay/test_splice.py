@@ -1,0 +1,245 @@
+"""The splice relay on real socketpairs and a real uvloop loop."""
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+import pytest
+import uvloop
+
+from forkproxy.relay.poller import Poller
+from forkproxy.relay.splice import Direction, PipePool, Relay
+
+
+class Harness:
+    """client_app <-> [client | relay | target] <-> target_app."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.client_app, client = socket.socketpair()
+        target, self.target_app = socket.socketpair()
+        client.setblocking(False)
+        target.setblocking(False)
+        self.counters = memoryview(bytearray(16 * 8)).cast("q")
+        self.pool = PipePool(0, 4)
+        self.closed: list[Relay] = []
+        self.relay = Relay(
+            Poller(self.loop), self.pool, client, target, self.counters, 0, 1, self.closed.append
+        )
+        self.relay.start()
+
+    def run_until(self, condition, timeout: float = 10.0) -> None:
+        deadline = self.loop.time() + timeout
+
+        def check() -> None:
+            if condition() or self.loop.time() > deadline:
+                self.loop.stop()
+            else:
+                self.loop.call_later(0.005, check)
+
+        self.loop.call_soon(check)
+        self.loop.run_forever()
+        assert condition(), "timed out"
+
+    def close(self) -> None:
+        self.relay.close()
+        self.pool.close()
+        self.loop.close()
+        self.client_app.close()
+        self.target_app.close()
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+def _read_all(sock: socket.socket, into: bytearray) -> threading.Thread:
+    def run() -> None:
+        while chunk := sock.recv(1 << 16):
+            into.extend(chunk)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _count_reads(direction: Direction) -> Callable[[], int]:
+    """Route a started direction's readable events through a counter; returns its reader."""
+    calls = 0
+    original = direction.on_readable
+    assert original is not None
+
+    def counting() -> None:
+        nonlocal calls
+        calls += 1
+        original()
+
+    direction.on_readable = counting
+    direction.io.remove_reader(direction.src_fd)
+    direction.io.add_reader(direction.src_fd, counting)
+    return lambda: calls
+
+
+def test_both_directions_and_byte_counts(harness: Harness) -> None:
+    harness.client_app.sendall(b"request")
+    harness.target_app.sendall(b"response!")
+    harness.run_until(lambda: harness.counters[0] == 7 and harness.counters[1] == 9)
+    assert harness.target_app.recv(100) == b"request"
+    assert harness.client_app.recv(100) == b"response!"
+
+
+def test_half_close_then_reply(harness: Harness) -> None:
+    harness.client_app.sendall(b"question")
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: harness.relay.client_to_target.done)
+    assert harness.target_app.recv(100) == b"question"
+    assert harness.target_app.recv(100) == b""  # the EOF was passed on
+    assert not harness.relay.closed  # the other direction is still open
+    harness.target_app.sendall(b"answer")
+    harness.target_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: harness.relay.closed)
+    assert harness.client_app.recv(100) == b"answer"
+    assert harness.closed == [harness.relay]
+
+
+def _sender(sock: socket.socket, payload: bytes) -> threading.Thread:
+    def run() -> None:
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the relay was closed on purpose
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_backpressure_pauses_reading_without_spinning(harness: Harness) -> None:
+    direction = harness.relay.client_to_target
+    calls = _count_reads(direction)
+
+    payload = os.urandom(8 << 20)
+    sender = _sender(harness.client_app, payload)
+    # Nobody reads the target: the relay fills the socket buffers and its pipe, then stops.
+    harness.run_until(lambda: not direction.reading)
+    calls_when_paused = calls()
+    harness.loop.call_later(0.3, harness.loop.stop)
+    harness.loop.run_forever()
+    assert calls() == calls_when_paused  # no wakeups while the destination is full
+    received = bytearray()
+    reader = _read_all(harness.target_app, received)
+    harness.run_until(lambda: harness.counters[0] == len(payload), timeout=30)
+    sender.join()
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: direction.done)
+    reader.join()
+    assert bytes(received) == payload
+
+
+def test_reset_closes_both_sides_once(harness: Harness) -> None:
+    harness.target_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    harness.client_app.sendall(b"x" * 1000)
+    harness.run_until(lambda: harness.counters[0] == 1000)
+    harness.target_app.close()  # with unread data and linger 0: a reset
+    harness.run_until(lambda: harness.relay.closed)
+    assert harness.closed == [harness.relay]
+    assert harness.client_app.recv(10) == b""
+
+
+def test_pipes_return_to_the_pool_empty(harness: Harness) -> None:
+    received = bytearray()
+    reader = _read_all(harness.target_app, received)
+    sender = _sender(harness.client_app, b"a" * 1_000_000)
+    harness.run_until(lambda: harness.counters[0] == 1_000_000)
+    sender.join()
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.target_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: harness.relay.closed)
+    reader.join()
+    assert len(received) == 1_000_000
+    assert harness.relay.client_to_target.pipe is None
+    assert 1 <= len(harness.pool._free) <= 2
+    for pipe in harness.pool._free:
+        with pytest.raises(BlockingIOError):
+            os.read(pipe.read_fd, 1)  # empty
+
+
+def test_a_pipe_with_bytes_in_flight_is_not_reused(harness: Harness) -> None:
+    direction = harness.relay.client_to_target
+    sender = _sender(harness.client_app, os.urandom(8 << 20))
+    harness.run_until(lambda: not direction.reading)  # the target is full, pipe holds bytes
+    pipe = direction.pipe
+    assert pipe is not None and direction.pending > 0
+    harness.relay.close()
+    sender.join()  # the relay's close ends its sendall
+    assert pipe not in harness.pool._free
+    with pytest.raises(OSError):
+        os.fstat(pipe.read_fd)
+
+
+def test_data_and_the_eof_behind_it_take_one_wakeup(harness: Harness) -> None:
+    """A peer that wrote and shut down: its data and its EOF are read in one go, not on
+    two wakeups (the poller reports EPOLLRDHUP with the data)."""
+    direction = harness.relay.client_to_target
+    calls = _count_reads(direction)
+    harness.client_app.sendall(b"last words")
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: direction.done)
+    assert calls() == 1
+    assert harness.target_app.recv(100) == b"last words"
+    assert harness.target_app.recv(100) == b""  # the EOF was passed on
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
+def test_urgent_data_is_relayed_inline_without_spinning() -> None:
+    """TCP urgent data stops splice(2) at its mark while the socket stays readable: the
+    relay must get past it (the urgent byte in its place) instead of spinning."""
+    loop = uvloop.new_event_loop()
+    client_app, client = _tcp_pair()
+    target, target_app = _tcp_pair()
+    for sock in (client, target):
+        sock.setblocking(False)
+    counters = memoryview(bytearray(16 * 8)).cast("q")
+    closed: list[Relay] = []
+    poller = Poller(loop)
+    pool = PipePool(0, 4)
+    relay = Relay(poller, pool, client, target, counters, 0, 1, closed.append)
+    relay.start()
+    calls = _count_reads(relay.client_to_target)
+    try:
+        client_app.sendall(b"hello")
+        client_app.send(b"!", socket.MSG_OOB)
+        client_app.sendall(b"world")
+        deadline = loop.time() + 10
+
+        def check() -> None:
+            if counters[0] >= 11 or loop.time() > deadline or calls() > 1000:
+                loop.stop()
+            else:
+                loop.call_later(0.005, check)
+
+        loop.call_soon(check)
+        loop.run_forever()
+        assert calls() <= 1000, "the relay spun on the urgent mark"
+        target_app.settimeout(5)
+        received = b""
+        while len(received) < 11:
+            received += target_app.recv(100)
+        assert received == b"hello!world"
+    finally:
+        relay.close()
+        poller.close()
+        pool.close()
+        loop.close()
+        client_app.close()
+        target_app.close()

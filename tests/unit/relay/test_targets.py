@@ -1,0 +1,137 @@
+"""Target choice: round-robin, cool-down, failover with real sockets, routes by name."""
+
+import asyncio
+import errno
+import socket
+from collections.abc import Iterator
+
+import pytest
+import uvloop
+
+from forkproxy.errors import ForkproxyError
+from forkproxy.relay.poller import Poller
+from forkproxy.relay.targets import COOLDOWN, TargetGroup, check_routes, route_groups
+from forkproxy.settings.address import TargetAddress, parse_target
+from forkproxy.settings.options import Route
+from forkproxy.shared.listener import Listener
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = uvloop.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def _dead_target() -> TargetAddress:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return parse_target(f"127.0.0.1:{probe.getsockname()[1]}")
+
+
+def _connect(
+    group: TargetGroup, loop: asyncio.AbstractEventLoop
+) -> "asyncio.Future[socket.socket]":
+    future: asyncio.Future[socket.socket] = loop.create_future()
+    group.connect(loop, Poller(loop), future.set_result, future.set_exception)
+    return future
+
+
+def test_round_robin_and_cooldown() -> None:
+    clock = Clock()
+    failures: list[tuple[str, bool]] = []
+    targets = [parse_target(f"10.0.0.{n}:80") for n in (1, 2, 3)]
+
+    def group() -> TargetGroup:
+        return TargetGroup(
+            targets,
+            on_target_failed=lambda target, _, newly: failures.append((target.text, newly)),
+            clock=clock,
+        )
+
+    refused = OSError(errno.ECONNREFUSED, "refused")
+    plain = group()
+    assert [plain.order() for _ in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+    assert plain.label == "'10.0.0.1:80' or '10.0.0.2:80' or '10.0.0.3:80'"
+
+    one_down = group()
+    one_down.failed(1, refused)
+    one_down.failed(1, refused)
+    assert failures == [("10.0.0.2:80", True), ("10.0.0.2:80", False)]  # newly, then not
+    assert one_down.order() == [0, 2, 1]  # cooling: tried last
+    assert one_down.order() == [2, 0, 1]
+    clock.now += COOLDOWN
+    assert one_down.order() == [2, 0, 1]  # back in the rotation after the cool-down
+
+    two_down = group()
+    two_down.failed(0, refused)
+    clock.now += 1
+    two_down.failed(2, refused)
+    assert two_down.order() == [1, 0, 2]  # of the cooling ones, the one back soonest first
+    two_down.succeeded(0)
+    assert two_down.order() == [1, 0, 2]  # 0 healthy again; rotation starts at 1
+
+
+def test_failover_skips_a_dead_target(loop: asyncio.AbstractEventLoop) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        live = parse_target(f"127.0.0.1:{server.getsockname()[1]}")
+        dead = _dead_target()
+        failed: list[str] = []
+        group = TargetGroup([dead, live], on_target_failed=lambda t, e, n: failed.append(t.text))
+        for _ in range(2):
+            sock = loop.run_until_complete(asyncio.wait_for(_connect(group, loop), 10))
+            with sock:
+                assert sock.getpeername() == server.getsockname()
+        assert failed == [dead.text]  # tried once, then cooled down and tried after `live`
+
+
+def test_every_target_down_fails_with_the_last_error(loop: asyncio.AbstractEventLoop) -> None:
+    group = TargetGroup([_dead_target(), _dead_target()])
+    with pytest.raises(ConnectionRefusedError):
+        loop.run_until_complete(asyncio.wait_for(_connect(group, loop), 10))
+
+
+def test_one_target_connects_directly(loop: asyncio.AbstractEventLoop) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        target = parse_target(f"127.0.0.1:{server.getsockname()[1]}")
+        nodelay = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+        group = TargetGroup([target], options=nodelay)
+        with loop.run_until_complete(asyncio.wait_for(_connect(group, loop), 10)) as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def _listener(name: str) -> Listener:
+    sock = socket.create_server(("127.0.0.1", 0))
+    return Listener(sock, name, name or "unnamed")
+
+
+def test_route_groups() -> None:
+    listeners = [_listener("web"), _listener("api"), _listener(""), _listener("other")]
+    default = (parse_target("d:1"),)
+    routes = (
+        Route("web", (parse_target("w:1"), parse_target("w:2"))),
+        Route("api", (parse_target("a:1"),)),
+    )
+    try:
+        groups = route_groups(listeners, default, routes, TargetGroup)
+        texts = [[t.text for t in groups[listener.fd].targets] for listener in listeners]
+        assert texts == [["w:1", "w:2"], ["a:1"], ["d:1"], ["d:1"]]
+        assert groups[listeners[2].fd] is groups[listeners[3].fd]  # one round-robin
+        check_routes(routes, listeners)
+        with pytest.raises(ForkproxyError) as error:
+            check_routes((Route("admin", default),), listeners)
+        assert str(error.value) == (
+            "--route=admin=...: no listening socket is named 'admin' (named: 'api', 'other', "
+            "'web'; name them with FileDescriptorName= or --listen NAME=ADDR)"
+        )
+    finally:
+        for listener in listeners:
+            listener.sock.close()
