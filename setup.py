@@ -38,10 +38,6 @@ class OptionalBuildExt(build_ext):
             self.force = True
 
     def run(self) -> None:
-        # An in-place (editable) build copies into the package directory, which may not
-        # exist yet: the engine is its only file on a tree without its Python side.
-        for ext in self.extensions:
-            os.makedirs(os.path.join(*ext.name.split(".")[:-1]), exist_ok=True)
         try:
             super().run()
         except Exception as error:  # noqa: BLE001  (distutils raises several kinds)

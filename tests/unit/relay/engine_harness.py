@@ -8,9 +8,6 @@ side will make it, through ctypes. Tests only: never imported by forkproxy.
 from __future__ import annotations
 
 import ctypes
-import glob
-import importlib.machinery
-import importlib.util
 import mmap
 import os
 import queue
@@ -27,23 +24,9 @@ def load_engine() -> ModuleType | None:
     """forkproxy.relay._engine if it was built, else None."""
     try:
         from forkproxy.relay import _engine  # type: ignore[attr-defined]
-
-        return _engine
     except ImportError:
-        pass
-    # Before the package restructure, forkproxy.relay is a module: load the file itself.
-    import forkproxy
-
-    here = os.path.dirname(forkproxy.__file__)
-    paths = glob.glob(os.path.join(here, "relay", "_engine*.so"))
-    if not paths:
         return None
-    loader = importlib.machinery.ExtensionFileLoader("forkproxy.relay._engine", paths[0])
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return _engine
 
 
 # -- the proposed layout (csrc/README.md) --------------------------------------------------

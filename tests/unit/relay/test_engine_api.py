@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forkproxy.relay.proxy_protocol import encode_v1, encode_v2, header_encoder
 from tests.support.proxy import wait_until
 from tests.unit.relay import engine_harness as h
 from tests.unit.relay.engine_proxy import (
@@ -78,10 +79,6 @@ def test_a_raising_on_event_hook_is_raised_after_the_work(proxies: list[Any]) ->
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_proxy_header_sent_first(proxies: list[Any], version: int) -> None:
-    try:
-        from forkproxy.relay.proxy_protocol import header_encoder  # type: ignore[import-not-found]
-    except ImportError:
-        from forkproxy.proxy_protocol import header_encoder
     received = bytearray()
 
     def serve(conn: socket.socket) -> None:
@@ -112,10 +109,6 @@ _port = st.integers(0, 65535)
     data=st.data(),
 )
 def test_proxy_header_matches_the_python_encoder(version: int, family: int, data: Any) -> None:
-    try:
-        from forkproxy.relay.proxy_protocol import header_encoder
-    except ImportError:
-        from forkproxy.proxy_protocol import header_encoder
     hosts = _ipv4 if family == socket.AF_INET else st.one_of(_ipv6_groups, _mapped)
     client = (data.draw(hosts), data.draw(_port))
     local = (data.draw(hosts), data.draw(_port))
@@ -125,8 +118,6 @@ def test_proxy_header_matches_the_python_encoder(version: int, family: int, data
 
 
 def test_proxy_header_for_unix_clients() -> None:
-    from forkproxy.proxy_protocol import encode_v1, encode_v2
-
     assert engine_module is not None
     assert engine_module.encode_proxy_header(1, socket.AF_UNIX, "", "") == encode_v1("", "", 1)
     assert engine_module.encode_proxy_header(2, socket.AF_UNIX, "", "") == encode_v2("", "", 1)
