@@ -24,6 +24,8 @@ SOURCES = [
     "csrc/connect.c",
     "csrc/relay.c",
     "csrc/proxy_header.c",
+    "csrc/proxy_header_parse.c",
+    "csrc/access_log.c",
 ]
 
 
@@ -73,7 +75,7 @@ def extensions() -> list[Extension]:
         Extension(
             "forkproxy.relay._engine",
             sources=SOURCES,
-            depends=["csrc/engine.h"],
+            depends=["csrc/engine.h", "csrc/formats.h"],
             extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Werror"],
         )
     ]

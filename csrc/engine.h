@@ -8,7 +8,8 @@
  * Files: module.c (the module), engine.c (the Engine type), config.c (its configuration),
  * hooks.c (calls to Python, events), loop.c (epoll, timers, queues), admission.c (the
  * shared mapping's lock, caps), accept.c, connect.c (targets, failover), relay.c (splice),
- * proxy_header.c (PROXY protocol encoding).
+ * proxy_header.c (PROXY protocol encoding); formats.h: the pure pieces (PROXY header
+ * parsing, the access-log line) and their files.
  */
 #ifndef FORKPROXY_ENGINE_H
 #define FORKPROXY_ENGINE_H
@@ -22,6 +23,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
+
+#include "formats.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
