@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.arguments import parse_args
+from forkproxy.settings.quoting import printable
 from forkproxy.supervisor.signals import MASTER_SIGNALS
 
 EXIT_FAILURE = 1
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
         status = run(config)
     except ForkproxyError as error:
-        print(f"forkproxy: {error}", file=sys.stderr)
+        # One line whatever the message quotes: no newline or terminal escape gets out.
+        print(f"forkproxy: {printable(str(error))}", file=sys.stderr)
         sys.exit(EXIT_FAILURE)
     sys.exit(status)

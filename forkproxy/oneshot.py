@@ -5,8 +5,8 @@ connected stream socket rather than a listener; and --inetd (StandardInput=socke
 the connection is standard input. No workers, no scoreboard: one uvloop loop in this
 process runs the same target connect and splice relay as a worker does, with the same
 relay options (several targets, timeouts, socket options, PROXY header, pipe size);
---route does not apply, there being no listener. Exit status 0 when the connection ends,
-1 if no target can be reached.
+--route and --metrics do not apply, there being neither listener nor master. Exit status
+0 when the connection ends, 1 if no target can be reached.
 """
 
 import logging
@@ -52,6 +52,10 @@ def relay_connection(config: Config, fd: int, what: str, notifier: Notifier) -> 
     """Relay the connected socket on `fd` to the target; return the exit status."""
     if not is_connection(fd):
         raise ForkproxyError(f"{what} is not a connected stream socket")
+    # --inetd refuses them on the command line; Accept=yes is known only now.
+    for option, value in (("--metrics", config.metrics), ("--route", config.routes)):
+        if value:
+            log.warning("%s does not apply to one connection (Accept=yes), ignoring it", option)
     client = socket.socket(fileno=fd)
     client.setblocking(False)
     try:

@@ -134,11 +134,12 @@ class Acceptor:
             if fd >= self.fd_ceiling:
                 # The kernel gives the lowest free descriptor: all below this one are taken.
                 # Serve this client from the headroom; the next ones wait in the backlog.
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
                 self.failures.log(
                     "fewer than %d file descriptors left (RLIMIT_NOFILE %d): pausing accepts "
                     "for %gs to keep them for open connections",
-                    FD_HEADROOM,
-                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    limit - self.fd_ceiling,
+                    limit,
                     ACCEPT_PAUSE,
                 )
                 self.pause()

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from forkproxy.errors import ForkproxyError
+from forkproxy.settings.options import format_size
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
@@ -434,7 +435,7 @@ def check_pipe_size(size: int) -> None:
         fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, size)
     except OSError as error:
         raise ForkproxyError(
-            f"cannot make pipes of --pipe-size={size}: {error.strerror} (without "
+            f"cannot make pipes of --pipe-size={format_size(size)}: {error.strerror} (without "
             "CAP_SYS_RESOURCE the most is /proc/sys/fs/pipe-max-size)"
         ) from None
     finally:

@@ -1,13 +1,15 @@
 """forkproxy's command line: argparse's definition of it, and argv to a `Config`.
 
-The options and their spelling are systemd-socket-proxyd's (getopt_long: unambiguous
-prefixes, `--opt=value` and `--opt value`, options after the target), so a unit file's
-ExecStart= can switch programs and nothing else. The relay options' part is in
-relay_arguments.py. Raises `UsageError` for what the user got wrong; never prints
-(but for argparse's --help and --version), never exits on an error, never touches sockets.
+The options and their spelling are systemd-socket-proxyd's (getopt_long: `--opt=value`
+and `--opt value`, options after the target, unambiguous prefixes of its own options),
+so a unit file's ExecStart= can switch programs and nothing else; forkproxy's other
+options are never abbreviated. The relay options' part is in relay_arguments.py.
+Raises `UsageError` for what the user got wrong; never prints (but for argparse's
+--help and --version), never exits on an error, never touches sockets.
 """
 
 import argparse
+import re
 from typing import NoReturn
 
 from forkproxy import __version__
@@ -22,13 +24,17 @@ from forkproxy.settings.config import (
     Config,
     default_workers,
 )
+from forkproxy.settings.quoting import quote, whole_number
 from forkproxy.settings.relay_arguments import (
+    OPTIONAL_VALUE_TERMS,
     add_relay_arguments,
     attach_optional_values,
     relay_settings,
 )
 from forkproxy.settings.timespan import format_timespan, parse_timespan
 
+_LONG_REPR = re.compile(r"'([^']{100,})'")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 _USAGE = """forkproxy [OPTIONS...] HOST:PORT
        forkproxy [OPTIONS...] UNIX-DOMAIN-SOCKET-PATH
        forkproxy [OPTIONS...] TARGET TARGET...   (round-robin, skipping failed ones)"""
@@ -42,7 +48,7 @@ defaults: --connections-max={DEFAULT_CONNECTIONS_MAX}, --exit-idle-time=infinity
 --workers=<CPUs available>, --graceful-timeout={format_timespan(DEFAULT_GRACEFUL_TIMEOUT)},
 --worker-timeout={format_timespan(DEFAULT_WORKER_TIMEOUT)}
 
-See the systemd-socket-proxyd(8) man page and README.md for details."""
+Every option, the target and time syntax, signals and exit status: man forkproxy"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +58,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(_reword(message))
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an optional value attached, as it must be given: --keepalive[=IDLE,...]."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        term = OPTIONAL_VALUE_TERMS.get(action.dest)
+        return term if term is not None else super()._format_action_invocation(action)
+
+
 def _reword(message: str) -> str:
+    # argparse quotes values with repr() (escaped, but of any length): shorten them.
+    message = _LONG_REPR.sub(lambda match: quote(match.group(1)), message)
     # argparse names options by all their spellings ("argument -c/--connections-max: ...");
     # one line naming the long option reads better.
     if message.startswith("argument "):
@@ -68,7 +84,8 @@ def _build_parser() -> argparse.ArgumentParser:
         usage=_USAGE,
         description=_DESCRIPTION,
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("targets", nargs="*", metavar="TARGET", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -118,9 +135,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="least important messages to log (default info)",
+        metavar="LEVEL",
+        help="least important messages to log: debug, info, warning or error (default info)",
     )
     parser.add_argument(
         "--inetd",
@@ -135,7 +151,18 @@ def _build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> Config:
     """Turn argv (without the program name) into a Config; raise UsageError if bad."""
     parser = _build_parser()
-    args = parser.parse_intermixed_args(attach_optional_values(argv, parser))
+    args, unknown = parser.parse_known_intermixed_args(attach_optional_values(argv, parser))
+    if unknown:
+        shown = [arg if arg.isprintable() and len(arg) <= 40 else quote(arg) for arg in unknown]
+        more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+        raise UsageError(f"unrecognized arguments: {' '.join(shown[:3])}{more}")
+    if args.inetd:
+        for option, value in (("--metrics", args.metrics), ("--route", args.route)):
+            if value:
+                raise UsageError(
+                    f"{option} cannot be used with --inetd: a connection on standard "
+                    "input has no listener to route, nor a master to serve metrics"
+                )
     if not args.targets:
         raise UsageError("missing target: give HOST:PORT or a unix socket path (see --help)")
     return Config(
@@ -149,7 +176,7 @@ def parse_args(argv: list[str]) -> Config:
             args.graceful_timeout, "--graceful-timeout", DEFAULT_GRACEFUL_TIMEOUT
         ),
         worker_timeout=_span(args.worker_timeout, "--worker-timeout", DEFAULT_WORKER_TIMEOUT),
-        log_level=args.log_level,
+        log_level=_log_level(args.log_level),
         inetd=args.inetd,
         metrics=None if args.metrics is None else parse_metrics(args.metrics),
         **relay_settings(args),
@@ -159,10 +186,7 @@ def parse_args(argv: list[str]) -> Config:
 def _count(text: str | None, option: str, default: int) -> int:
     if text is None:
         return default
-    stripped = text.strip()
-    if not (stripped.isascii() and stripped.isdigit()):
-        raise UsageError(f"invalid {option}= value '{text}': expected a whole number")
-    return int(stripped)
+    return whole_number(text, f"{option}= value")
 
 
 def _span(text: str | None, option: str, default: float) -> float:
@@ -174,10 +198,18 @@ def _span(text: str | None, option: str, default: float) -> float:
 def _mode(text: str | None) -> int:
     if text is None:
         return DEFAULT_SOCKET_MODE
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise UsageError(f"invalid --socket-mode= value '{text}': expected octal 0000-0777")
-    return mode
+    stripped = text.strip()
+    digits = stripped.lstrip("0")
+    if not stripped or len(digits) > 3 or any(digit not in "01234567" for digit in digits):
+        raise UsageError(f"invalid --socket-mode= value {quote(text)}: expected octal 0000-0777")
+    return int(digits or "0", 8)
+
+
+def _log_level(text: str | None) -> str:
+    if text is None:
+        return "info"
+    if text not in _LOG_LEVELS:
+        raise UsageError(
+            f"invalid --log-level= value {quote(text)}: expected debug, info, warning or error"
+        )
+    return text

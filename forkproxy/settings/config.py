@@ -77,6 +77,7 @@ class Config:
         names = [listen.name for listen in self.listen if listen.name]
         if len(names) != len(set(names)):
             raise UsageError("--listen= names must be unique")
+        _refuse_duplicate_listen(self.listen)
         if "metrics" in names:
             raise UsageError(
                 "--listen= name 'metrics' is kept for the metrics socket: use --metrics="
@@ -122,6 +123,19 @@ class Config:
     def heartbeat_interval(self) -> float:
         """How often a worker proves its loop runs: 4 times per worker timeout at least."""
         return min(1.0, self.worker_timeout / 4)
+
+
+def _refuse_duplicate_listen(listen: tuple[ListenAddress, ...]) -> None:
+    """One address given twice would fail to bind as if another process held it."""
+    seen: set[tuple[int, object]] = set()
+    for address in listen:
+        sockaddr = address.sockaddr
+        if isinstance(sockaddr, str) and sockaddr.startswith("/"):
+            sockaddr = os.path.normpath(sockaddr)  # /run//a.sock is /run/a.sock
+        key = (address.family, sockaddr)
+        if key in seen:
+            raise UsageError(f"--listen={address.text} is given twice")
+        seen.add(key)
 
 
 def default_workers() -> int:

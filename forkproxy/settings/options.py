@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import TargetAddress
+from forkproxy.settings.quoting import quote, whole_number
 from forkproxy.settings.timespan import parse_timespan
 
 ON_LIMIT_REFUSE = "refuse"
@@ -51,10 +52,10 @@ def parse_size(text: str, option: str) -> int:
         number, unit = stripped[:-1], stripped[-1].upper()
     if not (number.isascii() and number.isdigit()):
         raise UsageError(
-            f"invalid {option}= value '{text}': expected a number of bytes, "
+            f"invalid {option}= value {quote(text)}: expected a number of bytes, "
             "optionally with K or M (base 1024)"
         )
-    return int(number) * _SIZE_UNITS[unit]
+    return whole_number(number, f"{option}= value") * _SIZE_UNITS[unit]
 
 
 def format_size(size: int) -> str:
@@ -70,7 +71,7 @@ def parse_keepalive(text: str) -> KeepAlive:
     parts = text.split(",")
     if len(parts) != 3:
         raise UsageError(
-            f"invalid --keepalive= value '{text}': expected IDLE,INTERVAL,PROBES "
+            f"invalid --keepalive= value {quote(text)}: expected IDLE,INTERVAL,PROBES "
             "(as in 60s,10s,6), or no value for the kernel's timings"
         )
     idle = _keepalive_seconds(parts[0], text, "IDLE")
@@ -78,12 +79,13 @@ def parse_keepalive(text: str) -> KeepAlive:
     probes_text = parts[2].strip()
     if not (probes_text.isascii() and probes_text.isdigit()):
         raise UsageError(
-            f"invalid --keepalive= value '{text}': PROBES '{parts[2]}' is not a whole number"
+            f"invalid --keepalive= value {quote(text)}: "
+            f"PROBES {quote(parts[2])} is not a whole number"
         )
-    probes = int(probes_text)
+    probes = whole_number(probes_text, "--keepalive= PROBES")
     if not 1 <= probes <= KEEPALIVE_PROBES_MAX:
         raise UsageError(
-            f"invalid --keepalive= value '{text}': PROBES must be in 1-{KEEPALIVE_PROBES_MAX}"
+            f"invalid --keepalive= value {quote(text)}: PROBES must be in 1-{KEEPALIVE_PROBES_MAX}"
         )
     return KeepAlive(idle, interval, probes)
 
@@ -92,7 +94,7 @@ def _keepalive_seconds(part: str, text: str, what: str) -> int:
     seconds = parse_timespan(part, f"--keepalive= {what}")
     if not 1 <= seconds <= KEEPALIVE_SECONDS_MAX or seconds != int(seconds):
         raise UsageError(
-            f"invalid --keepalive= value '{text}': {what} must be whole seconds "
+            f"invalid --keepalive= value {quote(text)}: {what} must be whole seconds "
             f"in 1s-{KEEPALIVE_SECONDS_MAX}s"
         )
     return int(seconds)
@@ -103,7 +105,7 @@ def parse_proxy_protocol(text: str) -> int:
     versions = {"v1": 1, "v2": 2}
     version = versions.get(text.strip().lower())
     if version is None:
-        raise UsageError(f"invalid --proxy-protocol= value '{text}': expected v1 or v2")
+        raise UsageError(f"invalid --proxy-protocol= value {quote(text)}: expected v1 or v2")
     return version
 
 
@@ -111,7 +113,7 @@ def parse_on_limit(text: str) -> str:
     """refuse or queue: what happens to a client while the connection cap is reached."""
     mode = text.strip().lower()
     if mode not in ON_LIMIT_MODES:
-        raise UsageError(f"invalid --on-limit= value '{text}': expected refuse or queue")
+        raise UsageError(f"invalid --on-limit= value {quote(text)}: expected refuse or queue")
     return mode
 
 

@@ -583,11 +583,8 @@ BAD = [
         ),
     ),
     (
-        "web --listen-stream 80 127.0.0.1:80 --list=8080",
-        (
-            "forkproxy option '--listen' would bypass the socket unit: use --listen-stream or "
-            "--listen-unix"
-        ),
+        "web --listen-stream 80 127.0.0.1:80 --list=8080",  # no abbreviation of --listen
+        "forkproxy would not start: unrecognized arguments: --list=8080",
     ),
     (
         "web --listen-stream 80 127.0.0.1:80 --bogus",
