@@ -760,7 +760,7 @@ def test_output_dir_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     argv[-1] = "127.0.0.1:80"
     assert run(argv) == 1
     assert capsys.readouterr().err == (
-        f"forkproxy-units: cannot write '{tmp_path / 'file'}': File exists\n"
+        f"forkproxy-units: cannot create directory '{tmp_path / 'file'}': File exists\n"
     )
 
 
