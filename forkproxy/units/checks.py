@@ -7,6 +7,7 @@ never fails when systemd starts it. Never renders and never writes.
 
 import contextlib
 import io
+import os
 import re
 
 from forkproxy.errors import ForkproxyError
@@ -39,6 +40,10 @@ _NOT_PER_CONNECTION = (
      "an instance has one connection (MaxConnectionsPerSource= in the socket unit limits "
      "sources)"),
 )  # fmt: skip
+
+# What the system units' sandbox hides or makes private: socket file targets there.
+PRIVATE_TMP = ("/tmp/", "/var/tmp/")
+HOMES = ("/home/", "/root/", "/run/user/")
 
 # unit_name_is_valid() in systemd's unit-name.c: these characters, 255 at most in all.
 _UNIT_PREFIX = re.compile(r"[A-Za-z0-9:_.\\-]+")
@@ -228,9 +233,32 @@ def check_combinations(r: UnitRequest) -> None:
     config = forkproxy_config(r)  # what forkproxy would refuse fails here, not in systemd
     if r.accept:
         _check_per_connection(r, config)
+    if not r.user:
+        _check_reachable(config)
     longest = max((*r.socket_names, r.service_name), key=len)
     if len(longest) > _UNIT_NAME_MAX:
         raise ForkproxyError(f"unit name '{longest}' is longer than {_UNIT_NAME_MAX} characters")
+
+
+def socket_file_under(target: TargetAddress, directories: tuple[str, ...]) -> str | None:
+    """The one of `directories` (each ending in '/') that holds a socket file target."""
+    if not target.text.startswith("/"):
+        return None
+    path = "/" + os.path.normpath(target.text).lstrip("/")
+    return next((directory for directory in directories if path.startswith(directory)), None)
+
+
+def _check_reachable(config: Config) -> None:
+    """A system unit's /tmp and /var/tmp are its own (PrivateTmp=, which DynamicUser=
+    implies and nothing turns off): a socket file there cannot be reached."""
+    for target in every_target(config):
+        directory = socket_file_under(target, PRIVATE_TMP)
+        if directory is not None:
+            raise ForkproxyError(
+                f"target '{target.text}' is in {directory}, which is private to the service "
+                "(PrivateTmp=, implied by DynamicUser=yes): put the socket elsewhere, "
+                "such as in /run"
+            )
 
 
 def _check_per_connection(r: UnitRequest, config: Config) -> None:

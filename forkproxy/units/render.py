@@ -12,7 +12,7 @@ import socket
 
 from forkproxy.settings.config import Config
 from forkproxy.units.arguments import canonical_args
-from forkproxy.units.checks import every_target, forkproxy_config
+from forkproxy.units.checks import HOMES, every_target, forkproxy_config, socket_file_under
 from forkproxy.units.listen import CONTROL, parse_listen
 from forkproxy.units.request import PROG, SYSTEM_EXECUTABLE, USER_EXECUTABLE, UnitRequest
 
@@ -198,7 +198,7 @@ def _service_unit(r: UnitRequest, config: Config) -> str:
             f"# what is left and {STOP_SLACK:g}s to exit.",
             f"TimeoutStopSec={stop}",
         ]
-    lines += ["", *(_USER_HARDENING if r.user else _SYSTEM_HARDENING), *_network(r, config)]
+    lines += ["", *(_USER_HARDENING if r.user else _system_hardening(config)), *_network(r, config)]
     return _join(lines)
 
 
@@ -218,6 +218,21 @@ _COMMON_HARDENING = [
     "SystemCallFilter=~@privileged @resources",
     "SystemCallErrorNumber=EPERM",
 ]
+
+
+def _system_hardening(config: Config) -> list[str]:
+    home = [t.text for t in every_target(config) if socket_file_under(t, HOMES) is not None]
+    if not home:
+        return _SYSTEM_HARDENING
+    protect_home = _SYSTEM_HARDENING.index("ProtectHome=yes")
+    return [
+        *_SYSTEM_HARDENING[:protect_home],
+        f"# Read-only, not hidden: the target {home[0]} is in a home directory.",
+        "ProtectHome=read-only",
+        *_SYSTEM_HARDENING[protect_home + 1 :],
+    ]
+
+
 _SYSTEM_HARDENING = [
     "# Hardening: forkproxy needs only its passed sockets, the targets and its own memory.",
     "# DynamicUser= implies RemoveIPC=yes, which removes the SysV semaphore of the",

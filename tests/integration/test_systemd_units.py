@@ -137,6 +137,7 @@ GENERATED = [
     "-- 127.0.0.1:80 --graceful-timeout=5min --route admin=vsock:2:80",
     "j --listen-stream 80 --accept -- 127.0.0.1:80 /run/j.sock --graceful-timeout=infinity",
     "k --listen-stream 80 -- /run/k.sock --route admin=db.example:5432",
+    "l --listen-stream 80 -- /home/l/l.sock",
     ACCEPTANCE,
 ]
 

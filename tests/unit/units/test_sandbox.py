@@ -5,6 +5,7 @@ import shlex
 
 import pytest
 
+from forkproxy.errors import ForkproxyError
 from forkproxy.units.arguments import parse_args
 from forkproxy.units.render import render
 
@@ -104,3 +105,36 @@ def test_description_names_every_target() -> None:
     files = render(parse_args(shlex.split("web --listen-stream 80 -- 127.0.0.1:1 /run/a"))[0])
     assert "Description=forkproxy relay to 127.0.0.1:1, /run/a" in files["web.service"]
     assert "Description=forkproxy relay to 127.0.0.1:1, /run/a (socket)" in files["web.socket"]
+
+
+@pytest.mark.parametrize(
+    ("targets", "where"),
+    [
+        ("/tmp/app.sock", "/tmp/"),
+        ("127.0.0.1:80 /var/tmp/app/s", "/var/tmp/"),
+        ("127.0.0.1:80 --route admin=/tmp//x", "/tmp/"),
+        ("/run/../tmp/x", "/tmp/"),
+    ],
+)
+def test_socket_files_in_the_private_tmp_are_refused(targets: str, where: str) -> None:
+    """DynamicUser=yes implies PrivateTmp=yes, which nothing turns off: the service could
+    never reach them."""
+    with pytest.raises(ForkproxyError) as raised:
+        parse_args(shlex.split(f"web --listen-stream 80 -- {targets}"))
+    assert f"is in {where}, which is private to the service" in str(raised.value)
+    parse_args(shlex.split(f"web --user --listen-stream 8080 -- {targets}"))  # not private
+
+
+@pytest.mark.parametrize(
+    ("targets", "protect_home"),
+    [
+        ("/run/app.sock", "yes"),
+        ("/home/app/s.sock", "read-only"),
+        ("127.0.0.1:80 --route admin=/root/s", "read-only"),
+        ("/run/user/1000/app.sock", "read-only"),
+        ("/homework/s", "yes"),
+    ],
+)
+def test_socket_files_in_home_directories_stay_reachable(targets: str, protect_home: str) -> None:
+    got = service(f"web --listen-stream 80 -- {targets}")
+    assert setting(got, "ProtectHome") == [protect_home]
