@@ -70,6 +70,10 @@ REFUSED_BUSY = -4  # the mutex stayed taken through SPIN_TRIES and LOCK_BUDGET
 SPIN_TRIES = 16
 LOCK_BUDGET = 0.002  # seconds: then refuse as busy rather than stall the event loop
 
+_HIGH_WATER = SLOT_HIGH_WATER // WORD  # header word indexes
+_CAPACITY = CAPACITY // WORD
+_SOURCE_LIMIT = SOURCE_LIMIT // WORD
+
 _PTHREAD_PROCESS_SHARED = 1
 _PTHREAD_MUTEX_ROBUST = 1
 
@@ -173,6 +177,8 @@ class Admitter:
         "_mutex",
         "_header",
         "_held",
+        "_high_water",
+        "_live_held",
         "_words",
         "_table",
         "_own_counts",
@@ -186,6 +192,8 @@ class Admitter:
         self._mutex = admission.mutex_address
         self._header = admission._header
         self._held = admission._held
+        self._high_water = 0
+        self._live_held = self._held[:0]  # HELD of slots [0, _high_water)
         start = slot * SLOT_STRIDE
         self._words = admission._slots[start : start + SLOT_WORDS]
         self._table = admission.table
@@ -201,27 +209,35 @@ class Admitter:
         do all processes together hold more than CAPACITY admissions, nor more than
         SOURCE_LIMIT for one source.
         """
-        if not self._lock():
+        mutex = self._mutex
+        code = _trylock(mutex)
+        if code and not self._lock_contended(code):
             return REFUSED_BUSY
         try:
             header = self._header
-            high_water = min(header[SLOT_HIGH_WATER // WORD], MAX_SLOTS)
+            high_water = header[_HIGH_WATER]
+            if high_water > MAX_SLOTS:
+                high_water = MAX_SLOTS
             if self.slot >= high_water:
                 high_water = self.slot + 1
-            if sum(self._held[:high_water]) >= header[CAPACITY // WORD]:
+            if high_water != self._high_water:  # rare: a slot above the others was prepared
+                self._high_water = high_water
+                self._live_held = self._held[:high_water]
+            if sum(self._live_held) >= header[_CAPACITY]:
                 return REFUSED_CAP
             row = ADMITTED
-            limit = header[SOURCE_LIMIT // WORD]
-            if key is not None and limit > 0:
-                table = self._table
-                row = table.find_or_claim(key, high_water)
-                if row < 0 or table.total(row, high_water) >= limit:
-                    return REFUSED_SOURCE
-                self._own_counts[row] += 1
+            if key is not None:
+                limit = header[_SOURCE_LIMIT]
+                if limit > 0:
+                    table = self._table
+                    row = table.find_or_claim(key, high_water)
+                    if row < 0 or table.total(row, high_water) >= limit:
+                        return REFUSED_SOURCE
+                    self._own_counts[row] += 1
             self._words[HELD] += 1
             return row
         finally:
-            _unlock(self._mutex)
+            _unlock(mutex)
 
     def release(self, row: int) -> None:
         """Give back what `admit` returned: call once the connection's fds are closed."""
@@ -249,11 +265,16 @@ class Admitter:
     # -- the mutex ---------------------------------------------------------------------------
 
     def _lock(self) -> bool:
+        """Take the mutex (tests take it this way to hold it)."""
+        code = _trylock(self._mutex)
+        return not code or self._lock_contended(code)
+
+    def _lock_contended(self, code: int) -> bool:
+        """The first trylock returned `code`: recover, or try again within the budget."""
         mutex = self._mutex
         deadline = 0
         tries = 0
         while True:
-            code = _trylock(mutex)
             if code == 0:
                 return True
             if code == errno.EOWNERDEAD:
@@ -265,12 +286,12 @@ class Admitter:
             if code != errno.EBUSY:
                 return False  # ENOTRECOVERABLE, EINVAL: refuse rather than guess
             tries += 1
-            if tries < SPIN_TRIES:
-                continue
-            # The holder may have been preempted: give it the CPU, within a budget.
-            now = time.monotonic_ns()
-            if not deadline:
-                deadline = now + int(LOCK_BUDGET * 1e9)
-            elif now >= deadline:
-                return False
-            os.sched_yield()
+            if tries >= SPIN_TRIES:
+                # The holder may have been preempted: give it the CPU, within a budget.
+                now = time.monotonic_ns()
+                if not deadline:
+                    deadline = now + int(LOCK_BUDGET * 1e9)
+                elif now >= deadline:
+                    return False
+                os.sched_yield()
+            code = _trylock(mutex)
