@@ -30,7 +30,7 @@ from forkproxy.relay.targets import check_routes
 from forkproxy.settings.config import Config
 from forkproxy.settings.timespan import format_timespan
 from forkproxy.shared.admission import Admission
-from forkproxy.shared.layout import source_entries
+from forkproxy.shared.layout import mapping_bytes, source_entries
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.mapping import SharedMapping
 from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
@@ -302,10 +302,14 @@ class Master:
 
 def _shared_mapping(config: Config) -> SharedMapping:
     """The memfd mapping shared with every worker (shared/mapping.py)."""
+    entries = source_entries(config.connections_max)
     try:
-        return SharedMapping.create(source_entries(config.connections_max))
+        return SharedMapping.create(entries)
     except OSError as error:
-        raise ForkproxyError(f"cannot create the shared memory: {_describe(error)}") from None
+        size = mapping_bytes(entries) >> 20
+        raise ForkproxyError(
+            f"cannot create the shared memory ({size} MiB): {_describe(error)}"
+        ) from None
 
 
 def _describe(error: OSError) -> str:
