@@ -1,6 +1,8 @@
 """The mapping's layout: fields aligned, inside their region, never overlapping, and the
 offsets the compiled engine is given agree with the module's constants."""
 
+import pytest
+
 from forkproxy.shared import layout
 from forkproxy.shared.layout import (
     HEADER_BYTES,
@@ -12,6 +14,7 @@ from forkproxy.shared.layout import (
     mapping_bytes,
     source_entries,
 )
+from forkproxy.shared.per_source import source_row
 
 _HEADER_FIELDS = {  # offset: size
     layout.MAGIC: 8,
@@ -92,3 +95,14 @@ def test_engine_offsets_agree_with_the_constants() -> None:
 def test_a_huge_cap_keeps_the_mapping_small() -> None:
     assert mapping_bytes(source_entries(10**9)) < 64 << 20
     assert mapping_bytes(source_entries(256)) < 16 << 20
+
+
+def test_the_compiled_engine_agrees() -> None:
+    """Once the compiled engine is built beside this code, it must probe the per-source
+    table from the same rows and fit its mutex in the space the header keeps for it."""
+    engine = pytest.importorskip("forkproxy.relay._engine")
+    assert engine.LAYOUT_VERSION == layout.LAYOUT_VERSION
+    assert engine.MUTEX_SIZE <= layout.MUTEX_BYTES
+    key = bytes(10) + b"\xff\xff\x7f\x00\x00\x01"
+    for entries in (2, 512, 32768, 1 << 62):
+        assert engine.source_row(key, entries) == source_row(key, entries)
