@@ -21,10 +21,13 @@ connections keeps its HELD and its column until the master reaps it (`reclaim`),
 the kernel has closed its descriptors: its capacity comes back then, not at the instant
 of death; until then the count is high, never low, so the cap is never exceeded.
 
-Only trylock is ever used, so an event loop never blocks: after SPIN_TRIES attempts and
-then yielding the CPU for at most LOCK_BUDGET, the client is refused as busy. A SIGSTOPped
-holder makes everyone refuse until the master's worker timeout kills it; EOWNERDEAD then
-hands the lock on. The common path makes no system call at all.
+An event loop never waits on the mutex for long: it tries it, then SPIN_TRIES more times
+(a running holder is out within microseconds); a holder still in is most likely
+preempted, so it then sleeps on it in the kernel, which lets the holder run, for at most
+LOCK_BUDGET, and past that refuses the client as busy (spinning instead, on a loaded
+machine, refused clients while the holder waited for a CPU). A SIGSTOPped holder makes
+everyone refuse until the master's worker timeout kills it; EOWNERDEAD then hands the lock
+on. The common path makes no system call at all.
 
 --on-limit=queue: a worker holding a client at the cap counts itself in WAITERS (and
 raises its slot's WAITING flag, so the master can take it back if it dies), reads
@@ -67,8 +70,8 @@ REFUSED_CAP = -2  # the global cap is reached
 REFUSED_SOURCE = -3  # the client's source has its limit, or the table has no free row
 REFUSED_BUSY = -4  # the mutex stayed taken through SPIN_TRIES and LOCK_BUDGET
 
-SPIN_TRIES = 16
-LOCK_BUDGET = 0.002  # seconds: then refuse as busy rather than stall the event loop
+SPIN_TRIES = 16  # trylocks before sleeping on the mutex: a running holder is done by then
+LOCK_BUDGET = 0.05  # seconds: then refuse as busy rather than stall the event loop longer
 
 _HIGH_WATER = SLOT_HIGH_WATER // WORD  # header word indexes
 _CAPACITY = CAPACITY // WORD
@@ -84,6 +87,9 @@ _trylock.restype = ctypes.c_int
 _unlock = _libc.pthread_mutex_unlock
 _unlock.argtypes = (ctypes.c_void_p,)
 _unlock.restype = ctypes.c_int
+_clocklock = _libc.pthread_mutex_clocklock  # glibc 2.30
+_clocklock.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+_clocklock.restype = ctypes.c_int
 _consistent = _libc.pthread_mutex_consistent
 _consistent.argtypes = (ctypes.c_void_p,)
 _consistent.restype = ctypes.c_int
@@ -270,28 +276,34 @@ class Admitter:
         return not code or self._lock_contended(code)
 
     def _lock_contended(self, code: int) -> bool:
-        """The first trylock returned `code`: recover, or try again within the budget."""
+        """The first trylock returned `code`: recover, or wait within the budget."""
         mutex = self._mutex
-        deadline = 0
         tries = 0
-        while True:
-            if code == 0:
-                return True
-            if code == errno.EOWNERDEAD:
-                # Its holder died inside admit(): counts need no repair (the master
-                # zeroes its words when it reaps it), only a key it may have torn.
-                self._table.repair()
-                _consistent(mutex)
-                return True
-            if code != errno.EBUSY:
-                return False  # ENOTRECOVERABLE, EINVAL: refuse rather than guess
+        while code == errno.EBUSY and tries < SPIN_TRIES:
             tries += 1
-            if tries >= SPIN_TRIES:
-                # The holder may have been preempted: give it the CPU, within a budget.
-                now = time.monotonic_ns()
-                if not deadline:
-                    deadline = now + int(LOCK_BUDGET * 1e9)
-                elif now >= deadline:
-                    return False
-                os.sched_yield()
             code = _trylock(mutex)
+        if code == errno.EBUSY:
+            # Held longer than a few admissions take: its holder was likely preempted.
+            # Sleep in the kernel, so it gets the CPU, until unlocked or LOCK_BUDGET.
+            code = _lock_within(mutex, LOCK_BUDGET)
+        if code == 0:
+            return True
+        if code == errno.EOWNERDEAD:
+            # Its holder died inside admit(): counts need no repair (the master zeroes its
+            # words when it reaps it), only a key it may have torn.
+            self._table.repair()
+            _consistent(mutex)
+            return True
+        return False  # ETIMEDOUT: refuse as busy; ENOTRECOVERABLE: refuse, never guess
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def _lock_within(mutex: int, timeout: float) -> int:
+    """pthread_mutex_clocklock(3) on CLOCK_MONOTONIC for at most `timeout` seconds: 0,
+    EOWNERDEAD, ETIMEDOUT or another error number. ctypes releases the GIL meanwhile."""
+    deadline = time.monotonic_ns() + int(timeout * 1e9)
+    limit = _Timespec(deadline // 1_000_000_000, deadline % 1_000_000_000)
+    return int(_clocklock(mutex, time.CLOCK_MONOTONIC, ctypes.byref(limit)))

@@ -13,7 +13,7 @@ Header (absolute byte offsets; int64 unless marked):
   8       VERSION          LAYOUT_VERSION                       master, at creation
   16      MAPPING_BYTES    bytes of the whole mapping           master, at creation
   64      MUTEX            pthread_mutex_t, process-shared and  initialised by the master;
-                           robust; MUTEX_BYTES reserved         taken only with trylock
+                           robust; MUTEX_BYTES reserved         taken by admitting workers
   128     CAPACITY         the global cap (--connections-max)   master
   136     SLOT_HIGH_WATER  slots [0, this) may hold units       master, before forking
                                                                 into a higher slot
