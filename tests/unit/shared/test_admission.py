@@ -93,6 +93,29 @@ def test_a_burst_from_processes_admits_exactly_the_capacity(
         assert admission.in_use() == 0
 
 
+def test_a_burst_of_exactly_the_capacity_is_admitted_whole(
+    shared_of: Callable[..., Shared],
+) -> None:
+    """N requested at once from four processes, cap N: all N admitted, none refused as
+    busy (a contended mutex is waited for, not given up on)."""
+    shared = shared_of(12, slots=4)
+    admission = shared.admission
+
+    def admit_three(slot: int) -> int:
+        admitter = admission.admitter(slot)
+        return sum(admitter.admit(None) == ADMITTED for _ in range(3))
+
+    children = [Child(lambda slot=slot: admit_three(slot)) for slot in range(4)]
+    for child in children:
+        child.start()
+    assert [child.result() for child in children] == [3, 3, 3, 3]
+    assert admission.in_use() == 12
+    for slot, child in enumerate(children):
+        child.finish()
+        admission.reclaim(slot)
+    assert admission.in_use() == 0
+
+
 def test_racing_processes_never_exceed_the_capacity(shared_of: Callable[..., Shared]) -> None:
     """Two processes admit and release as fast as they can; a connection counts itself
     in flight (an atomic add) only between its admit and its release, and each process
