@@ -63,7 +63,6 @@ class _PendingClient:
         "peer",
         "connect",
         "group",
-        "source_token",
     )
 
     def __init__(
@@ -73,16 +72,14 @@ class _PendingClient:
         token: int,
         peer: object,
         group: TargetGroup,
-        source_token: int,
     ) -> None:
         self.connector = connector
         self.client = client
-        self.token = token
+        self.token = token  # its admission, for Admitter.release
         self.started = time.monotonic()
         self.peer = peer
         self.connect: TargetConnect | FailoverConnect | None = None
         self.group = group
-        self.source_token = source_token  # the per-source unit held, or -1
 
     def on_connected(self, target: socket.socket) -> None:
         self.connector.on_target_connected(self, target)
@@ -144,9 +141,8 @@ class Connector:
         token: int,
         peer: object,
         group: TargetGroup,
-        source_token: int,
     ) -> None:
-        pending = _PendingClient(self, client, token, peer, group, source_token)
+        pending = _PendingClient(self, client, token, peer, group)
         self.pending.add(pending)
         self._start_connect(pending)
 
@@ -200,7 +196,6 @@ class Connector:
             self.direction,
         )
         relay.token = pending.token
-        relay.source_token = pending.source_token
         relay.started = pending.started
         relay.peer = pending.peer
         self.relays.add(relay)
@@ -250,7 +245,7 @@ class Connector:
             error.strerror or error,
         )
         pending.client.close()
-        self.connection_ended(pending.token, pending.source_token)
+        self.connection_ended(pending.token)
 
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:
@@ -278,7 +273,7 @@ class Connector:
             CONNECTION_DURATION_SUM_NS,
             time.monotonic() - relay.started,
         )
-        self.connection_ended(relay.token, relay.source_token)
+        self.connection_ended(relay.token)
 
     def close_all(self) -> None:
         """The graceful timeout: close every connection still connecting or relaying."""
@@ -287,7 +282,7 @@ class Connector:
                 pending.connect.cancel()
             pending.client.close()
             self.pending.discard(pending)
-            self.connection_ended(pending.token, pending.source_token)
+            self.connection_ended(pending.token)
         for relay in list(self.relays):
             relay.close()
 

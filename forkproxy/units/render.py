@@ -212,8 +212,8 @@ _COMMON_HARDENING = [
     "RestrictSUIDSGID=yes",
     "UMask=0077",
     "SystemCallArchitectures=native",
-    "# @system-service has the SysV semaphore calls (@ipc) of the cross-worker connection",
-    "# cap; the rest of the list fails with EPERM (no uid, clock or scheduling changes).",
+    "# @system-service has the calls of the cross-worker connection cap (memfd_create,",
+    "# futex); the rest of the list fails with EPERM (no uid, clock or scheduling changes).",
     "SystemCallFilter=@system-service",
     "SystemCallFilter=~@privileged @resources",
     "SystemCallErrorNumber=EPERM",
@@ -235,8 +235,8 @@ def _system_hardening(config: Config) -> list[str]:
 
 _SYSTEM_HARDENING = [
     "# Hardening: forkproxy needs only its passed sockets, the targets and its own memory.",
-    "# DynamicUser= implies RemoveIPC=yes, which removes the SysV semaphore of the",
-    "# connection cap when the service stops.",
+    "# The connection cap lives in a memfd that goes with forkproxy's last process: no",
+    "# System V IPC object for RemoveIPC= (implied by DynamicUser=) to clean up.",
     "DynamicUser=yes",
     "CapabilityBoundingSet=",
     "AmbientCapabilities=",
