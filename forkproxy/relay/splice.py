@@ -1,7 +1,7 @@
 """One relayed connection: two spliced directions, half-close, teardown, byte counts.
 
 Bytes go socket -> pipe -> socket with splice(2) and never enter Python, but for the
-bytes at a TCP urgent mark, where splice cannot go on (`_read_urgent_inline`). Each
+bytes at a TCP urgent mark, where splice cannot go on (urgent.py). Each
 direction borrows a pipe from its worker's `PipePool` only while it holds bytes in
 flight, so an idle connection costs two descriptors, not six (systemd-socket-proxyd
 keeps two pipes per connection for its whole life).
@@ -24,20 +24,19 @@ counting, not by the cyclic garbage collector.
 """
 
 import errno
-import fcntl
 import os
 import socket
 from collections.abc import Callable
-from typing import Protocol
 
-from forkproxy.errors import ForkproxyError
+from forkproxy.relay.pipes import Pipe as Pipe
+from forkproxy.relay.pipes import PipePool as PipePool
+from forkproxy.relay.pipes import check_pipe_size as check_pipe_size
+from forkproxy.relay.poller import Readiness
+from forkproxy.relay.urgent import at_urgent_mark, read_urgent_inline
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
 READS_PER_WAKEUP = 4  # full pipes a direction moves per readable event, at most
-_SIOCATMARK = 0x8905  # ioctl: at the TCP urgent mark? (linux/sockios.h)
-_INT_ZERO = bytes(4)
-_URGENT_READ = 4096  # bytes read through Python at an urgent mark, at most
 # One item per read; true for the first, the one the readiness event was about.
 _READ_ROUNDS = (True,) + (False,) * (READS_PER_WAKEUP - 1)
 
@@ -53,81 +52,6 @@ PEER_GONE_ERRNOS = frozenset(
         errno.ENOTCONN,
     }
 )
-
-
-def _at_urgent_mark(fd: int) -> bool:
-    """Whether the next byte to read from the TCP socket `fd` is urgent data (SIOCATMARK)."""
-    try:
-        return fcntl.ioctl(fd, _SIOCATMARK, _INT_ZERO) != _INT_ZERO
-    except OSError:
-        return False  # not a TCP socket: it has no urgent data
-
-
-def _read_urgent_inline(src: socket.socket, pipe_fd: int, room: int) -> int:
-    """Move the bytes at the urgent mark into the pipe through a plain read, the urgent
-    byte in its place in the stream (SO_OOBINLINE), so splice can go on after it.
-
-    The one place bytes pass through Python, and only when a peer sends urgent data.
-    """
-    src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-    try:
-        data = src.recv(min(room, _URGENT_READ))
-    except BlockingIOError:
-        return 0
-    return os.write(pipe_fd, data)  # an empty pipe takes it whole: room >= len(data)
-
-
-class Pipe:
-    """A kernel pipe used as a splice buffer; owned by the pool or by one direction."""
-
-    __slots__ = ("read_fd", "write_fd", "capacity")
-
-    def __init__(self, read_fd: int, write_fd: int, capacity: int) -> None:
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-        self.capacity = capacity
-
-    def close(self) -> None:
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
-class PipePool:
-    """A worker's empty pipes, created lazily and reused across connections.
-
-    Only empty pipes come back (`release`); a pipe that still holds bytes when its
-    connection dies is closed (`discard`), so no byte can leak into another connection.
-    """
-
-    __slots__ = ("_free", "_size", "_keep")
-
-    def __init__(self, size: int, keep: int) -> None:
-        self._free: list[Pipe] = []
-        self._size = size
-        self._keep = keep
-
-    def acquire(self) -> Pipe:
-        if self._free:
-            return self._free.pop()
-        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self._size:
-            try:
-                fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, self._size)
-            except OSError:
-                pass  # over /proc/sys/fs/pipe-user-pages-soft: keep the default size
-        return Pipe(read_fd, write_fd, fcntl.fcntl(read_fd, fcntl.F_GETPIPE_SZ))
-
-    def release(self, pipe: Pipe) -> None:
-        # A pipe the kernel made smaller (the per-user pipe limit was reached) is not
-        # kept: the next one may get the full size once the user's pipes are fewer.
-        if len(self._free) < self._keep and pipe.capacity >= self._size:
-            self._free.append(pipe)
-        else:
-            pipe.close()
-
-    def close(self) -> None:
-        while self._free:
-            self._free.pop().close()
 
 
 class Direction:
@@ -208,11 +132,11 @@ class Direction:
                 # stops for good while the socket stays readable (a busy loop). Read past
                 # it once, the urgent byte inline. (A later round's EAGAIN needs no look:
                 # a mark left there is met by the next wakeup's first read.)
-                if not first or not _at_urgent_mark(self.src_fd):
+                if not first or not at_urgent_mark(self.src_fd):
                     self._return_pipe()
                     return
                 try:
-                    count = _read_urgent_inline(self.src, pipe.write_fd, room)
+                    count = read_urgent_inline(self.src, pipe.write_fd, room)
                 except OSError as error:
                     self._fail(error)
                     return
@@ -412,31 +336,3 @@ class Relay:
         client.close()
         target.close()
         self.on_close(self)
-
-
-class Readiness(Protocol):
-    """Where a relay registers interest in its sockets (a `poller.Poller`)."""
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> object: ...
-    def remove_reader(self, fd: int) -> object: ...
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> object: ...
-    def remove_writer(self, fd: int) -> object: ...
-    def forget(self, fd: int) -> object: ...
-
-    @property
-    def peer_closed(self) -> int: ...
-
-
-def check_pipe_size(size: int) -> None:
-    """ForkproxyError if this process cannot make pipes of `size` bytes (--pipe-size)."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, size)
-    except OSError as error:
-        raise ForkproxyError(
-            f"cannot make pipes of --pipe-size={size}: {error.strerror} (without "
-            "CAP_SYS_RESOURCE the most is /proc/sys/fs/pipe-max-size)"
-        ) from None
-    finally:
-        os.close(read_fd)
-        os.close(write_fd)

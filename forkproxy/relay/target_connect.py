@@ -16,7 +16,7 @@ from collections.abc import Callable
 from os import strerror
 from typing import TYPE_CHECKING
 
-from forkproxy.relay.splice import Readiness
+from forkproxy.relay.poller import Readiness
 from forkproxy.settings.address import SockAddr, TargetAddress
 
 if TYPE_CHECKING:

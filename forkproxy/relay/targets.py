@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from forkproxy.errors import ForkproxyError
-from forkproxy.relay.splice import Readiness
+from forkproxy.relay.poller import Readiness
 from forkproxy.relay.target_connect import SocketOptions, TargetConnect
 from forkproxy.settings.address import TargetAddress
 from forkproxy.settings.options import Route
