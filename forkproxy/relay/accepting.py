@@ -8,6 +8,10 @@ short, so a flood of clients waits in the listen backlog instead of taking the p
 of connections already relaying. With --on-limit=queue it holds the one client that met
 the cap and stops accepting until a helper thread finds capacity (capacity_wait.py).
 Never connects, relays or blocks.
+
+An exception while one client is taken in (admission, the per-source table, its socket
+object, holding it) releases what that client holds, closes it and counts it refused,
+with one warning (internal_error.py); the batch goes on with the next client.
 """
 
 import errno
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.capacity_wait import CapacityWaiter
+from forkproxy.relay.failpoints import Failpoint
 from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions, set_socket_options
 from forkproxy.relay.targets import TargetGroup
 from forkproxy.settings.address import format_sockaddr
@@ -61,7 +66,11 @@ class Acceptor:
     """Takes a worker's clients off its listeners and admits or refuses each."""
 
     def __init__(
-        self, worker: "Worker", groups: Mapping[int, TargetGroup], tcp_options: SocketOptions
+        self,
+        worker: "Worker",
+        groups: Mapping[int, TargetGroup],
+        tcp_options: SocketOptions,
+        failpoint: Failpoint | None = None,
     ) -> None:
         self.worker = worker  # draining or not
         self.config = worker.config
@@ -73,6 +82,8 @@ class Acceptor:
         self.slot = worker.slot
         self.events_fd = worker.spec.events_fd  # any descriptor of ours, to probe the lowest free
         self.connect = worker.connector.connect
+        self.internal_errors = worker.connector.internal_errors
+        self.failpoint = failpoint  # tests only (failpoints.py); None otherwise
         self.accepting = False
         self.refusals = logs.RateLimitedLog(log, logging.WARNING)
         self.source_refusals = logs.RateLimitedLog(log, logging.WARNING)
@@ -131,18 +142,24 @@ class Acceptor:
             except OSError as error:
                 self._on_accept_error(error, listener)
                 return
-            if fd >= self.fd_ceiling:
-                # The kernel gives the lowest free descriptor: all below this one are taken.
-                # Serve this client from the headroom; the next ones wait in the backlog.
-                self.failures.log(
-                    "fewer than %d file descriptors left (RLIMIT_NOFILE %d): pausing accepts "
-                    "for %gs to keep them for open connections",
-                    FD_HEADROOM,
-                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                    ACCEPT_PAUSE,
-                )
-                self.pause()
-            token = admission.try_acquire()
+            token = NO_TOKEN
+            try:
+                if fd >= self.fd_ceiling:
+                    # The kernel gives the lowest free descriptor: all below this one are
+                    # taken. Serve this client from the headroom; the next ones wait in the
+                    # backlog.
+                    self.failures.log(
+                        "fewer than %d file descriptors left (RLIMIT_NOFILE %d): pausing "
+                        "accepts for %gs to keep them for open connections",
+                        FD_HEADROOM,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                        ACCEPT_PAUSE,
+                    )
+                    self.pause()
+                token = admission.try_acquire()
+            except Exception as error:
+                self._drop(fd, None, token, -1, family, peer, error)
+                continue
             if token == NO_TOKEN and self.queue_on_limit:
                 self._hold(fd, peer, plan)
                 return
@@ -158,28 +175,72 @@ class Acceptor:
             self._admit(fd, peer, plan, token)
 
     def _admit(self, fd: int, peer: object, plan: _ListenerPlan, token: int) -> None:
-        """A client holding a global token: check its source, then connect it to a target."""
+        """A client holding a global token: check its source, then connect it to a target.
+        Never raises: the connector owns the client from `connect` on, and before that a
+        failure releases it here."""
         family = plan.family
-        source_token = -1
-        per_source = self.per_source
-        if per_source is not None:
-            key = source_key(family, peer)
-            if key is not None:
-                source_token = per_source.try_acquire(key)
-                if source_token < 0:
-                    self._refuse_source(fd, family, peer, token, source_token)
-                    return
+        source_token = -1  # the per-source unit taken, if any
+        refusal = 0  # why the per-source limit refused the client (NO_TOKEN, BUSY), or 0
+        client = None
+        try:
+            per_source = self.per_source
+            if per_source is not None:
+                key = source_key(family, peer)
+                if key is not None:
+                    taken = per_source.try_acquire(key)
+                    if taken < 0:
+                        refusal = taken
+                    else:
+                        source_token = taken
+            if not refusal:
+                client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                client.setblocking(False)
+                failpoint = self.failpoint
+                if failpoint is not None and failpoint.due("accept"):
+                    raise failpoint.fault()
+        except Exception as error:
+            self._drop(fd, client, token, source_token, family, peer, error)
+            return
+        if refusal:
+            self._refuse_source(fd, family, peer, token, refusal)
+            return
+        assert client is not None
         slot = self.slot
         slot[ACCEPTED] += 1
         slot[ACTIVE] += 1
-        client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-        client.setblocking(False)
         if plan.client_options:
             try:
                 set_socket_options(client, plan.client_options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
         self.connect(client, token, peer, plan.group, source_token)
+
+    def _drop(
+        self,
+        fd: int,
+        client: socket.socket | None,
+        token: int,
+        source_token: int,
+        family: int,
+        peer: object,
+        error: Exception,
+    ) -> None:
+        """An internal error while taking a client in: release what it holds, close it,
+        count it refused, and say so once."""
+        self.slot[REFUSED] += 1
+        try:
+            if client is None:
+                os.close(fd)
+            else:
+                client.close()
+        finally:
+            if token != NO_TOKEN:
+                self.admission.release(token)
+            if source_token >= 0 and self.per_source is not None:
+                self.per_source.release(source_token)
+            self.internal_errors.report(
+                f"taking in the connection from {format_sockaddr(family, peer)}", error
+            )
 
     def _refuse_source(self, fd: int, family: int, peer: object, token: int, why: int) -> None:
         self.slot[REFUSED] += 1
@@ -208,10 +269,18 @@ class Acceptor:
             os.close(fd)
             return
         self.held = (fd, peer, plan)
-        self.stop()
-        if self.waiter is None:
-            self.waiter = CapacityWaiter(self.admission, self.loop, self.on_capacity)
-        self.waiter.request()
+        try:
+            self.stop()
+            if self.waiter is None:
+                self.waiter = CapacityWaiter(self.admission, self.loop, self.on_capacity)
+            self.waiter.request()
+        except Exception as error:  # no thread to wait with, say: refuse it, go on
+            self.internal_errors.report(
+                f"holding the connection from {format_sockaddr(plan.family, peer)}", error
+            )
+            self.drop_held()
+            if not self.worker.draining:
+                self.start()
 
     def on_capacity(self, token: int) -> None:
         """The helper thread took a unit of capacity for us: serve the held client."""

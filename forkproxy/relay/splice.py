@@ -16,11 +16,14 @@ registered with the worker's `Poller` (poller.py).
 
 EOF from a source is passed on as shutdown(SHUT_WR) of the destination once the pipe has
 drained, and the other direction keeps going until it ends too. A reset or error on
-either side closes both. With --idle-timeout the directions are `IdleDirection`s, which
-flag the relay `active` on every read for the worker's sweep to see; without it nothing
-is done per event for it. Never accepts, admits or logs above debug. Closing breaks
-every reference cycle of a connection, so its objects are freed at once by reference
-counting, not by the cyclic garbage collector.
+either side closes both, and so does an exception escaping the connection's own code
+(`salvage`, which finishes a teardown the exception may have cut short).
+
+With --idle-timeout the directions are `IdleDirection`s, which flag the relay `active` on
+every read for the worker's sweep to see; without it nothing is done per event for it.
+Never accepts, admits or logs above debug. Closing breaks every reference cycle of a
+connection, so its objects are freed at once by reference counting, not by the cyclic
+garbage collector.
 """
 
 import errno
@@ -257,7 +260,7 @@ class Relay:
     """A connected client and target, relayed both ways until both ends are done.
 
     Owns both sockets from `start()` and closes them exactly once, then calls
-    `on_close(relay)` so the worker can release the connection's admission.
+    `on_close(relay)` exactly once so the worker can release the connection's admission.
     """
 
     __slots__ = (
@@ -294,7 +297,7 @@ class Relay:
         self.pool = pool
         self.client = client
         self.target = target
-        self.on_close = on_close
+        self.on_close: Callable[[Relay], None] | None = on_close  # None once called
         self.closed = False
         self.token = -1  # the admission this connection holds; set by the worker
         self.started = 0.0  # when the client was accepted; set by the worker
@@ -316,23 +319,40 @@ class Relay:
         if self.client_to_target.done and self.target_to_client.done:
             self.close()
 
+    def close(self) -> None:
+        if not self.closed:
+            self._teardown()
+
     def fail(self, error: OSError) -> None:
         """An error on either side ends the whole connection; `on_close` sees it."""
         if self.error is None:
             self.error = error
-        self.close()
+        if not self.closed:
+            self._teardown()
 
-    def close(self) -> None:
-        if self.closed:
-            return
+    def salvage(self, error: OSError) -> None:
+        """An exception escaped from this relay's code: close it, finishing a teardown
+        that the exception may have cut short. Each step below is done at most once
+        however often this runs; `on_close` sees `error`."""
+        self.error = error
+        self._teardown()
+
+    def _teardown(self) -> None:
         self.closed = True
         io = self.io
         client = self.client
         target = self.target
-        io.forget(client.fileno())
-        io.forget(target.fileno())
+        # Forget an fd only while its socket is open: once closed, the number may be
+        # another connection's.
+        if client.fileno() >= 0:
+            io.forget(self.client_to_target.src_fd)
+        if target.fileno() >= 0:
+            io.forget(self.target_to_client.src_fd)
         self.client_to_target.stop()
         self.target_to_client.stop()
-        client.close()
+        client.close()  # a socket object forgets its fd before closing it: never twice
         target.close()
-        self.on_close(self)
+        on_close = self.on_close
+        if on_close is not None:
+            self.on_close = None
+            on_close(self)

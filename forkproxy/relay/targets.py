@@ -167,6 +167,10 @@ class FailoverConnect:
         self.group.failed(self.order[self.step - 1], error)
         self._try_next(error)
 
+    def fileno(self) -> int:
+        current = self.current
+        return -1 if current is None else current.fileno()
+
     def expire(self, now: float) -> bool:
         current = self.current
         return current is not None and current.expire(now)

@@ -8,17 +8,20 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
+from forkproxy.relay.internal_error import INTERNAL_ERROR
+from forkproxy.relay.pipes import Pipe
 from forkproxy.relay.poller import Poller
 from forkproxy.relay.splice import Direction, PipePool, Relay
 
 
 class Harness:
-    """client_app <-> [client | relay | target] <-> target_app."""
+    """client_app <-> [client | relay | target] <-> target_app, on socketpairs or TCP."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool = False) -> None:
         self.loop = uvloop.new_event_loop()
-        self.client_app, client = socket.socketpair()
-        target, self.target_app = socket.socketpair()
+        pair = _tcp_pair if tcp else socket.socketpair
+        self.client_app, client = pair()
+        target, self.target_app = pair()
         client.setblocking(False)
         target.setblocking(False)
         self.counters = memoryview(bytearray(16 * 8)).cast("q")
@@ -53,6 +56,13 @@ class Harness:
 @pytest.fixture
 def harness():
     h = Harness()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def tcp_harness():
+    h = Harness(tcp=True)
     yield h
     h.close()
 
@@ -239,6 +249,51 @@ def test_urgent_data_is_relayed_inline_without_spinning() -> None:
     finally:
         relay.close()
         poller.close()
+        pool.close()
+        loop.close()
+        client_app.close()
+        target_app.close()
+
+
+# -- a teardown cut short ------------------------------------------------------------------
+
+
+class _FlakyPool(PipePool):
+    """Its `release` raises once, as a bug in a teardown step would."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 4)
+        self.broken = True
+
+    def release(self, pipe: Pipe) -> None:
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("release bug")
+        super().release(pipe)
+
+
+def test_salvage_finishes_a_teardown_cut_short() -> None:
+    loop = uvloop.new_event_loop()
+    client_app, client = _tcp_pair()
+    target, target_app = _tcp_pair()
+    for sock in (client, target):
+        sock.setblocking(False)
+    pool = _FlakyPool()
+    closed: list[Relay] = []
+    counters = memoryview(bytearray(16 * 8)).cast("q")
+    relay = Relay(Poller(loop), pool, client, target, counters, 0, 1, closed.append)
+    relay.start()
+    lent = relay.client_to_target.pipe = pool.acquire()  # an empty pipe, lent out
+    try:
+        with pytest.raises(RuntimeError, match="release bug"):
+            relay.close()  # raises at the pipe's return, before the sockets are closed
+        assert relay.closed and closed == [] and client.fileno() >= 0
+        relay.salvage(INTERNAL_ERROR)
+        relay.salvage(INTERNAL_ERROR)  # again: nothing is done twice
+        assert closed == [relay] and relay.error is INTERNAL_ERROR
+        assert client.fileno() == -1 and target.fileno() == -1
+    finally:
+        lent.close()  # its return failed: nobody else closes it
         pool.close()
         loop.close()
         client_app.close()
