@@ -6,8 +6,9 @@ the connection is standard input. No workers, no scoreboard: one uvloop loop in 
 process runs the same target connect and splice relay as a worker does, with the same
 relay options (several targets, timeouts, socket options, PROXY header, pipe size);
 --route does not apply, there being no listener. Exit status 0 when the connection ends,
-1 if no target can be reached or an internal error cut the connection short (it is
-closed, one warning is logged).
+aborted by a peer or not (aborts are passed on as in a worker, see relay/splice.py), 1 if
+no target can be reached or an internal error cut the connection short (it is aborted,
+one warning is logged).
 """
 
 import logging
@@ -24,7 +25,7 @@ from forkproxy.relay.failpoints import FailingDirection, failpoint_from_environm
 from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
 from forkproxy.relay.poller import Poller
 from forkproxy.relay.proxy_protocol import header_encoder
-from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay
+from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay, reset_on_close
 from forkproxy.relay.target_connect import (
     TCP_FAMILIES,
     TargetConnect,
@@ -32,7 +33,13 @@ from forkproxy.relay.target_connect import (
     set_socket_options,
 )
 from forkproxy.relay.targets import FailoverConnect, TargetGroup
-from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
+from forkproxy.relay.timeouts import (
+    GRACEFUL_ERROR,
+    LazySweep,
+    sweep_connects,
+    sweep_idle,
+    sweep_interval,
+)
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.config import Config
 from forkproxy.settings.options import tcp_socket_options
@@ -211,7 +218,7 @@ class _Connection:
 
     def _close_now(self) -> None:
         if self.relay is not None:
-            self.relay.close()
+            self.relay.fail(GRACEFUL_ERROR)  # an abort: the stream is cut short
         else:
             self.client.close()
         self.loop.stop()
@@ -229,8 +236,8 @@ class _Connection:
         self.crashed(error)
 
     def crashed(self, error: Exception) -> None:
-        """An exception escaped from the connection's code: one warning, close the
-        connection, exit 1."""
+        """An exception escaped from the connection's code: one warning, abort the
+        connection (an RST to its peers), exit 1."""
         self.internal_errors.report(f"on the connection from {self.peer}", error)
         self.status = 1
         try:
@@ -240,6 +247,7 @@ class _Connection:
             if self.relay is not None:
                 self.relay.salvage(INTERNAL_ERROR)
             else:
+                reset_on_close(self.client)
                 self.client.close()
         finally:
             self.loop.stop()

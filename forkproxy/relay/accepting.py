@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from forkproxy import logs
 from forkproxy.relay.capacity_wait import CapacityWaiter
 from forkproxy.relay.failpoints import Failpoint
+from forkproxy.relay.splice import reset_on_close
 from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions, set_socket_options
 from forkproxy.relay.targets import TargetGroup
 from forkproxy.settings.address import format_sockaddr
@@ -225,13 +226,14 @@ class Acceptor:
         peer: object,
         error: Exception,
     ) -> None:
-        """An internal error while taking a client in: release what it holds, close it,
-        count it refused, and say so once."""
+        """An internal error while taking a client in: release what it holds, close it
+        (with an RST once it has a socket object), count it refused, and say so once."""
         self.slot[REFUSED] += 1
         try:
             if client is None:
                 os.close(fd)
             else:
+                reset_on_close(client)
                 client.close()
         finally:
             if token != NO_TOKEN:

@@ -11,8 +11,8 @@ or admits.
 From `connect()` on, the connector owns the client: its socket, its admission unit and
 its per-source unit are released exactly once however the connection ends, through
 `connection_ended`. An exception escaping the code of one connection (a connect
-callback, a sweep, a relay's callback through the poller) ends that connection
-(`crashed`, internal_error.py); the others go on.
+callback, a sweep, a relay's callback through the poller) ends that connection as an
+abort (`crashed`, internal_error.py); the others go on.
 """
 
 import errno
@@ -29,7 +29,7 @@ from forkproxy.relay.failpoints import FailingDirection, Failpoint
 from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
 from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
 from forkproxy.relay.relaying import OpenRelays, observe
-from forkproxy.relay.splice import Relay
+from forkproxy.relay.splice import Relay, reset_on_close
 from forkproxy.relay.target_connect import (
     TCP_FAMILIES,
     SocketOptions,
@@ -294,16 +294,16 @@ class Connector:
         except Exception as crash:
             self.crashed(pending, crash)
             return
-        self._abandon(pending)
+        self._abandon(pending, abort=False)
 
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:
             return  # closed meanwhile by the graceful timeout
         self._start_connect(pending)
 
-    def _abandon(self, pending: _PendingClient) -> None:
+    def _abandon(self, pending: _PendingClient, abort: bool) -> None:
         """Release what a client not (or no longer) relayed holds, each thing once: its
-        connect attempt, its socket, its admission."""
+        connect attempt, its socket (closed, with an RST if `abort`), its admission."""
         self.pending.discard(pending)
         attempt = pending.connect
         pending.connect = None
@@ -313,19 +313,22 @@ class Connector:
             if attempt is not None:
                 attempt.cancel()
             if token != NO_TOKEN:  # else the client is its relay's now, or closed already
+                if abort:
+                    reset_on_close(pending.client)
                 pending.client.close()
         finally:
             if token != NO_TOKEN:
                 self.connection_ended(token, pending.source_token)
 
     def close_all(self) -> None:
-        """The graceful timeout: close every connection still connecting or relaying."""
+        """The graceful timeout: close every connection still connecting, abort every
+        relay."""
         for pending in list(self.pending):
             try:
-                self._abandon(pending)
+                self._abandon(pending, abort=False)
             except Exception as error:
                 self.crashed(pending, error)
-        self.open.close_all()
+        self.open.abort_all()
 
     # -- internal errors -----------------------------------------------------------------
 
@@ -342,13 +345,13 @@ class Connector:
 
     def crashed(self, connection: "Relay | _PendingClient", error: Exception) -> None:
         """An exception escaped from `connection`'s code: one warning, and everything it
-        holds released, the connection closed. Never raises."""
+        holds released, the connection aborted (an RST to its peers). Never raises."""
         peer = format_sockaddr(connection.client.family, connection.peer)
         self.internal_errors.report(f"on the connection from {peer}", error)
         try:
             if isinstance(connection, Relay):
                 connection.salvage(INTERNAL_ERROR)
             else:
-                self._abandon(connection)
+                self._abandon(connection, abort=True)
         except Exception as again:
             self.internal_errors.report_other(f"releasing the connection from {peer}", again)

@@ -3,8 +3,8 @@
 Every loop callback of a connection (the poller's dispatch, the connect callbacks, the
 sweeps, the accept batch, the resolver's task) hands an exception it did not expect to its
 owner, which releases what that one connection holds (admission unit, per-source unit,
-both sockets, its pipes), closes it (a relay records `INTERNAL_ERROR`) and logs one
-warning line with `describe` (at most one per interval, with a count); the
+both sockets, its pipes), aborts it as a relay aborts (`INTERNAL_ERROR`, see splice.py)
+and logs one warning line with `describe` (at most one per interval, with a count); the
 traceback goes to the debug level. Other connections and the worker go on. Never
 releases anything itself.
 """
@@ -15,7 +15,7 @@ import os
 
 from forkproxy import logs
 
-# What a relay closed after an internal error records: ECONNABORTED, "software caused
+# What a relay aborted after an internal error records: ECONNABORTED, "software caused
 # connection abort", is one of the errors logged at debug level only, so the internal
 # error's own warning is the only line.
 INTERNAL_ERROR = OSError(errno.ECONNABORTED, f"{os.strerror(errno.ECONNABORTED)} (internal error)")

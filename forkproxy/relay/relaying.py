@@ -3,7 +3,7 @@
 `OpenRelays` keeps each `Relay` (splice.py) the connector hands it; when one closes it
 returns its admission through `connection_ended`, records its duration and logs an
 error that was not a peer going away. It runs the --idle-timeout sweep over the open
-relays, and closes them all at the graceful timeout. Never connects, accepts or admits.
+relays, and aborts them all at the graceful timeout. Never connects, accepts or admits.
 """
 
 import logging
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.splice import PEER_GONE_ERRNOS, Direction, IdleDirection, Relay
-from forkproxy.relay.timeouts import LazySweep, sweep_idle, sweep_interval
+from forkproxy.relay.timeouts import GRACEFUL_ERROR, LazySweep, sweep_idle, sweep_interval
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.shared.admission import NO_TOKEN
 from forkproxy.shared.scoreboard import (
@@ -84,11 +84,11 @@ class OpenRelays:
     def _sweep_idle(self, now: float) -> None:
         sweep_idle(self.relays, now, self.idle_timeout, self.crashed)
 
-    def close_all(self) -> None:
-        """The graceful timeout: close every open relay."""
+    def abort_all(self) -> None:
+        """The graceful timeout: abort every open relay (an RST to both peers)."""
         for relay in list(self.relays):
             try:
-                relay.close()
+                relay.fail(GRACEFUL_ERROR)
             except Exception as error:
                 self.crashed(relay, error)
 

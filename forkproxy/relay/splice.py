@@ -14,10 +14,26 @@ again, up to READS_PER_WAKEUP times, so a bulk stream moves several pipes per wa
 is one whose peer has sent its FIN, so the EOF costs no wakeup of its own. Interest is
 registered with the worker's `Poller` (poller.py).
 
-EOF from a source is passed on as shutdown(SHUT_WR) of the destination once the pipe has
-drained, and the other direction keeps going until it ends too. A reset or error on
-either side closes both, and so does an exception escaping the connection's own code
-(`salvage`, which finishes a teardown the exception may have cut short).
+How a connection ends (the compiled engine must do the same):
+
+- Clean end. A direction ends when its source has sent EOF (splice(2) returned 0) and every
+  byte read before it has been written: the EOF is passed on as shutdown(SHUT_WR) of the
+  destination, and the other direction keeps going. Once both have ended, both sockets are
+  closed (`close`). Each peer has had all the bytes and a FIN.
+- Abort. Anything else ends the connection at once (`fail`): an error from splice(2) on
+  either socket, reading or writing, whatever the errno (ECONNRESET, EPIPE, ETIMEDOUT, ...);
+  an error from shutdown(2) other than the peer being gone; no pipe to be had; the
+  --idle-timeout or --graceful-timeout closing it; an exception escaping the connection's
+  own code (`salvage`). Both sockets are closed with SO_LINGER {1, 0}, so a TCP peer gets an
+  RST rather than a FIN and reads ECONNRESET: a stream cut short is never mistaken for a
+  complete one (the end of a close-delimited response, an upload). On the socket that
+  failed this changes nothing, it is reset or unusable already; on the other it passes the
+  abort on. Bytes still in the pipes or in the sockets' send queues are dropped, as the
+  kernel drops those of a reset connection. Unix and vsock sockets have no RST: a unix peer
+  reads EOF (or ECONNRESET if it had sent bytes forkproxy had not read yet).
+- An abort is seen when forkproxy next reads from or writes to that socket: at once while
+  the direction from it is reading; once the other side has taken the bytes in flight while
+  it is paused by backpressure; at the next byte for it once it has sent its EOF.
 
 With --idle-timeout the directions are `IdleDirection`s, which flag the relay `active` on
 every read for the worker's sweep to see; without it nothing is done per event for it.
@@ -29,6 +45,7 @@ garbage collector.
 import errno
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 from forkproxy.relay.pipes import Pipe as Pipe
@@ -40,10 +57,11 @@ from forkproxy.relay.urgent import at_urgent_mark, read_urgent_inline
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
 READS_PER_WAKEUP = 4  # full pipes a direction moves per readable event, at most
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}
 # One item per read; true for the first, the one the readiness event was about.
 _READ_ROUNDS = (True,) + (False,) * (READS_PER_WAKEUP - 1)
 
-# How a connection normally dies: the peer went away. Anything else gets a warning.
+# Errors that mean the peer went away: an abort passed on, logged at debug level only.
 PEER_GONE_ERRNOS = frozenset(
     {
         errno.ECONNRESET,
@@ -302,7 +320,7 @@ class Relay:
         self.token = -1  # the admission this connection holds; set by the worker
         self.started = 0.0  # when the client was accepted; set by the worker
         self.peer: object = None  # the client's address, for logs; set by the worker
-        self.error: OSError | None = None  # what ended the connection, if not a clean EOF
+        self.error: OSError | None = None  # what aborted the connection; None: a clean end
         self.source_token = -1  # the per-source admission held, if any; set by the worker
         # --idle-timeout: an IdleDirection sets `active` on a read; the worker's sweep
         # clears it and keeps `quiet_since`, when it last found the relay inactive.
@@ -320,24 +338,26 @@ class Relay:
             self.close()
 
     def close(self) -> None:
+        """The clean end: both EOFs passed on, so close both sockets as they are."""
         if not self.closed:
-            self._teardown()
+            self._teardown(False)
 
     def fail(self, error: OSError) -> None:
-        """An error on either side ends the whole connection; `on_close` sees it."""
+        """Abort the connection (see the module docstring); `on_close` sees `error`, the
+        first one if several came."""
         if self.error is None:
             self.error = error
         if not self.closed:
-            self._teardown()
+            self._teardown(True)
 
     def salvage(self, error: OSError) -> None:
-        """An exception escaped from this relay's code: close it, finishing a teardown
+        """An exception escaped from this relay's code: abort it, finishing a teardown
         that the exception may have cut short. Each step below is done at most once
         however often this runs; `on_close` sees `error`."""
         self.error = error
-        self._teardown()
+        self._teardown(True)
 
-    def _teardown(self) -> None:
+    def _teardown(self, abort: bool) -> None:
         self.closed = True
         io = self.io
         client = self.client
@@ -350,9 +370,20 @@ class Relay:
             io.forget(self.target_to_client.src_fd)
         self.client_to_target.stop()
         self.target_to_client.stop()
+        if abort:
+            reset_on_close(client)
+            reset_on_close(target)
         client.close()  # a socket object forgets its fd before closing it: never twice
         target.close()
         on_close = self.on_close
         if on_close is not None:
             self.on_close = None
             on_close(self)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """SO_LINGER {1, 0}: the close that follows sends an RST, not a FIN (socket(7))."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # closed already, or a socket family without lingering

@@ -23,7 +23,10 @@ SWEEP_DIVISOR = 8  # sweeps per timeout: how late a deadline may be met, as a fr
 SWEEP_INTERVAL_MIN = 0.01
 SWEEP_INTERVAL_MAX = 60.0
 
+# What a relay closed by a timeout records: ETIMEDOUT, logged at debug level only (the
+# worker logs one line for the whole graceful timeout).
 IDLE_ERROR = OSError(errno.ETIMEDOUT, f"{os.strerror(errno.ETIMEDOUT)} (--idle-timeout)")
+GRACEFUL_ERROR = OSError(errno.ETIMEDOUT, f"{os.strerror(errno.ETIMEDOUT)} (--graceful-timeout)")
 
 
 class Loop(Protocol):
@@ -99,7 +102,7 @@ def sweep_idle(
     timeout: float,
     on_error: Callable[[Relay, Exception], None],
 ) -> None:
-    """Close relays that moved no byte for `timeout`.
+    """Abort relays that moved no byte for `timeout` (an abort: see splice.py).
 
     A relay read since the last sweep is only marked: its quiet time starts now. So a
     relay is closed between `timeout` and `timeout` plus two intervals after its last
