@@ -31,6 +31,11 @@ entry is not in use (its claimer's units, if any, went back when it died), so no
 is lost, and a torn key can never duplicate a live one. The lock is taken with a
 timeout: a holder stopped by a signal makes others refuse rather than block their loop.
 
+A listener with a lower limit of its own (`try_acquire(key, limit)`) reads the entry's
+count under the lock before taking a unit: only lock holders take units, so the count
+cannot grow between the read and the take, and the limit is as exact. A source's count
+is one across listeners; each listener compares it with its own limit.
+
 At most `connections_max` connections are admitted globally (that is checked first),
 so with M = connections_max entries there is always a free one: the limit never refuses
 a source below N. SEMMSL (32000 semaphores per set) bounds M; past it, at most that
@@ -88,7 +93,8 @@ def entries_for(connections_max: int) -> int:
 
 
 class SourceLimit:
-    """At most `per_source` units held per source key, by all processes together.
+    """At most `per_source` units held per source key, by all processes together (or a
+    lower limit, per call).
 
     Created once by the master before forking; every worker uses the same set and table.
     """
@@ -134,12 +140,14 @@ class SourceLimit:
         )
         self._give = ctypes.pointer(_SemBuf(1, 1, _SEM_UNDO))
 
-    def try_acquire(self, key: bytes) -> int:
+    def try_acquire(self, key: bytes, limit: int = 0) -> int:
         """Take a unit for source `key`: a token for release(), NO_TOKEN if the source
-        has `per_source` already, or BUSY if the table stayed locked too long.
+        has `limit` (0 or more than `per_source`: `per_source`) already, or BUSY if the
+        table stayed locked too long.
 
         Guarantee: at no instant do all processes together hold more than `per_source`
-        units for one key, and units held by a process that dies are returned.
+        units for one key, nor does a take with a lower `limit` succeed once the key
+        holds `limit`; units held by a process that dies are returned.
         """
         if not self._lock():
             return BUSY
@@ -157,6 +165,10 @@ class SourceLimit:
                 words[0] = index + 1
                 self._write_key(index, key)
                 words[0] = 0
+            elif 0 < limit < self.per_source:
+                value = _semctl(self._semid, ctypes.c_int(index + 1), ctypes.c_int(_GETVAL))
+                if value < 0 or self.per_source - value >= limit:
+                    return NO_TOKEN
             take = self._take
             take[0].sem_num = index + 1
             while _semop(self._semid, take, 2) < 0:

@@ -64,6 +64,40 @@ def test_limit_per_source(make_limit: Callable[[int, int], SourceLimit]) -> None
     assert limit.try_acquire(A) == first
 
 
+def test_a_lower_limit_per_call_counts_the_same_source(
+    make_limit: Callable[[int, int], SourceLimit],
+) -> None:
+    """Listeners with limits of their own share the count: a source with 2 connections
+    is refused where the limit is 2, admitted where it is 4."""
+    limit = make_limit(4, 8)
+    first = limit.try_acquire(A, 2)
+    assert limit.try_acquire(A, 2) == first >= 0
+    assert limit.try_acquire(A, 2) == NO_TOKEN
+    assert limit.try_acquire(A, 1) == NO_TOKEN
+    assert limit.try_acquire(A) == first  # 0: the table's own limit, 4
+    assert limit.try_acquire(A, 4) == first
+    assert limit.try_acquire(A, 4) == NO_TOKEN
+    assert limit.in_use(A) == 4
+    assert limit.try_acquire(B, 1) >= 0  # another source is not affected
+    limit.release(first)
+    assert limit.try_acquire(A, 2) == NO_TOKEN  # 3 held: still at or over 2
+    assert limit.try_acquire(A, 4) == first
+
+
+def test_a_lower_limit_is_exact_across_processes(
+    make_limit: Callable[[int, int], SourceLimit],
+) -> None:
+    limit = make_limit(8, 16)
+    children = [Child(lambda: limit.try_acquire(A, 3)) for _ in range(12)]
+    for child in children:
+        child.start()  # all race for the same source, under the lower limit
+    results = [child.result() for child in children]
+    assert sum(result >= 0 for result in results) == 3
+    assert limit.in_use(A) == 3
+    assert [child.finish() for child in children] == [0] * 12
+    assert limit.in_use(A) == 0
+
+
 def test_a_full_table_refuses_new_sources_only(
     make_limit: Callable[[int, int], SourceLimit],
 ) -> None:
