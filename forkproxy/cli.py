@@ -1,27 +1,41 @@
-"""The `forkproxy` command: argv to settings, then run; an error becomes one stderr line.
+"""The `forkproxy` command: argv to settings, then run or check; errors become stderr lines.
 
-Parsing is `settings.arguments`, running is `supervisor.run`. A `ForkproxyError` is
-printed as `forkproxy: <message>` with exit status 1, as systemd-socket-proxyd's errors
-are; anything else is a bug and keeps its traceback.
+Parsing is `settings.arguments`, running is `supervisor.run`, `--check` is
+`supervisor.check`. A `ForkproxyError` is printed as `forkproxy: <message>` on one line
+with exit status 1, as systemd-socket-proxyd's errors are; --check prints every error
+found, one line each, and exits 2, as `nginx -t` and `haproxy -c` fail. Anything else
+is a bug and keeps its traceback.
 """
 
 import sys
 from typing import NoReturn
 
-from forkproxy.errors import ForkproxyError
-from forkproxy.settings.arguments import parse_args
+from forkproxy.errors import ForkproxyError, UsageErrors
+from forkproxy.settings.arguments import parse_args, wants_check
 
 EXIT_FAILURE = 1
+EXIT_CHECK_FAILED = 2
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Console entry point: run forkproxy and exit with its status."""
+    """Console entry point: run forkproxy (or check its settings) and exit with its status."""
+    if argv is None:
+        argv = sys.argv[1:]
+    check = wants_check(argv)
     try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
+        config = parse_args(argv)
+        if check:
+            from forkproxy.supervisor.check import check_settings
+
+            for line in check_settings(config):
+                print(line)
+            sys.exit(0)
         from forkproxy.supervisor.run import run  # after parsing: --help stays fast
 
         status = run(config)
     except ForkproxyError as error:
-        print(f"forkproxy: {error}", file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
+        lines = error.messages if check and isinstance(error, UsageErrors) else [str(error)]
+        for line in lines:
+            print(f"forkproxy: {line}", file=sys.stderr)
+        sys.exit(EXIT_CHECK_FAILED if check else EXIT_FAILURE)
     sys.exit(status)

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.capacity_wait import CapacityWaiter
-from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions, set_socket_options
-from forkproxy.relay.targets import TargetGroup
+from forkproxy.relay.target_connect import set_socket_options
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.options import ON_LIMIT_QUEUE
 from forkproxy.shared.admission import NO_TOKEN
@@ -31,6 +30,7 @@ from forkproxy.shared.per_source import BUSY, source_key
 from forkproxy.shared.scoreboard import ACCEPTED, ACTIVE, REFUSED
 
 if TYPE_CHECKING:
+    from forkproxy.relay.plans import ListenerPlan
     from forkproxy.relay.worker import Worker
 
 log = logging.getLogger("forkproxy")
@@ -43,26 +43,10 @@ ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
 FD_HEADROOM = 32
 
 
-class _ListenerPlan:
-    """What a worker does with the clients of one listener, worked out once."""
-
-    __slots__ = ("listener", "family", "group", "client_options")
-
-    def __init__(
-        self, listener: Listener, group: TargetGroup, client_options: SocketOptions
-    ) -> None:
-        self.listener = listener
-        self.family = listener.sock.family
-        self.group = group  # where its clients go (--route, else the positional targets)
-        self.client_options = client_options  # setsockopt(2) on each client: TCP only
-
-
 class Acceptor:
     """Takes a worker's clients off its listeners and admits or refuses each."""
 
-    def __init__(
-        self, worker: "Worker", groups: Mapping[int, TargetGroup], tcp_options: SocketOptions
-    ) -> None:
+    def __init__(self, worker: "Worker", plans: Mapping[int, "ListenerPlan"]) -> None:
         self.worker = worker  # draining or not
         self.config = worker.config
         self.loop = worker.loop
@@ -81,16 +65,9 @@ class Acceptor:
         self.accept_callbacks = {
             listener.fd: partial(self.on_listener_readable, listener) for listener in self.listeners
         }
-        self.plans = {
-            listener.fd: _ListenerPlan(
-                listener,
-                groups[listener.fd],
-                tcp_options if listener.sock.family in TCP_FAMILIES else (),
-            )
-            for listener in self.listeners
-        }
+        self.plans = plans  # by listener fd: its family, options, limit and route
         self.queue_on_limit = self.config.on_limit == ON_LIMIT_QUEUE
-        self.held: tuple[int, object, _ListenerPlan] | None = None  # queue: fd, peer, plan
+        self.held: tuple[int, object, ListenerPlan] | None = None  # queue: fd, peer, plan
         self.waiter: CapacityWaiter | None = None  # queue: started when first needed
         self.fd_ceiling = _fd_ceiling(self.events_fd)
 
@@ -157,17 +134,18 @@ class Acceptor:
                 continue
             self._admit(fd, peer, plan, token)
 
-    def _admit(self, fd: int, peer: object, plan: _ListenerPlan, token: int) -> None:
+    def _admit(self, fd: int, peer: object, plan: "ListenerPlan", token: int) -> None:
         """A client holding a global token: check its source, then connect it to a target."""
         family = plan.family
         source_token = -1
-        per_source = self.per_source
-        if per_source is not None:
+        source_limit = plan.source_limit
+        if source_limit:
             key = source_key(family, peer)
             if key is not None:
-                source_token = per_source.try_acquire(key)
+                assert self.per_source is not None
+                source_token = self.per_source.try_acquire(key, source_limit)
                 if source_token < 0:
-                    self._refuse_source(fd, family, peer, token, source_token)
+                    self._refuse_source(fd, family, peer, token, source_token, source_limit)
                     return
         slot = self.slot
         slot[ACCEPTED] += 1
@@ -179,13 +157,14 @@ class Acceptor:
                 set_socket_options(client, plan.client_options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
-        self.connect(client, token, peer, plan.group, source_token)
+        self.connect(client, token, peer, plan.route, source_token)
 
-    def _refuse_source(self, fd: int, family: int, peer: object, token: int, why: int) -> None:
+    def _refuse_source(
+        self, fd: int, family: int, peer: object, token: int, why: int, limit: int
+    ) -> None:
         self.slot[REFUSED] += 1
         os.close(fd)
         self.admission.release(token)
-        assert self.per_source is not None
         if why == BUSY:
             self.source_refusals.log(
                 "per-source connection table busy, refusing connection from %s",
@@ -194,13 +173,13 @@ class Acceptor:
         else:
             self.source_refusals.log(
                 "connection limit %d per source reached, refusing connection from %s",
-                self.per_source.per_source,
+                limit,
                 format_sockaddr(family, peer),
             )
 
     # -- --on-limit=queue ----------------------------------------------------------------
 
-    def _hold(self, fd: int, peer: object, plan: _ListenerPlan) -> None:
+    def _hold(self, fd: int, peer: object, plan: "ListenerPlan") -> None:
         """At the cap in queue mode: keep this client, stop accepting so the next ones wait
         in the listen backlog, and wait for capacity (why a thread: capacity_wait.py)."""
         if self.held is not None:  # not reached: accepting stops while a client is held

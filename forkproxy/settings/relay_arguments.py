@@ -1,36 +1,25 @@
 """The relay options' part of the command line, for `arguments`.
 
-Their argparse definitions with help text, the getopt-style optional values of
-`-p/--proxy-protocol[=v1|v2]` and `--keepalive[=IDLE,INTERVAL,PROBES]`, and the `Config`
-fields the parsed values fill. Part of `arguments`: never touches sockets or processes.
+Their argparse definitions with help text, and the getopt-style optional values of
+`-p/--proxy-protocol[=v1|v2]` and `--keepalive[=IDLE,INTERVAL,PROBES]`. Their values
+are read by option_values.py. Part of `arguments`: never touches sockets or processes.
 """
 
 import argparse
-from typing import Any
 
-from forkproxy.errors import UsageError
-from forkproxy.settings.address import TargetAddress, parse_route
 from forkproxy.settings.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_NODELAY,
     DEFAULT_PIPE_SIZE,
 )
-from forkproxy.settings.options import (
-    ON_LIMIT_REFUSE,
-    KeepAlive,
-    Route,
-    format_size,
-    parse_keepalive,
-    parse_on_limit,
-    parse_proxy_protocol,
-    parse_size,
-)
-from forkproxy.settings.timespan import format_timespan, parse_timespan
+from forkproxy.settings.option_values import BARE_KEEPALIVE
+from forkproxy.settings.options import format_size
+from forkproxy.settings.timespan import format_timespan
 
-# What a bare -p/--proxy-protocol or --keepalive stands for. A NUL can never come from a
-# real argv (exec passes C strings), so it marks "no value given" unambiguously.
-_BARE_KEEPALIVE = "\0"
-_BARE = {"--proxy-protocol": "v1", "--keepalive": _BARE_KEEPALIVE}
+# What a bare -p/--proxy-protocol or --keepalive stands for.
+_BARE = {"--proxy-protocol": "v1", "--keepalive": BARE_KEEPALIVE}
+# The same by dest: what `true` stands for in a configuration file.
+BARE_VALUES = {option[2:].replace("-", "_"): text for option, text in _BARE.items()}
 # systemd-socket-proxyd's own long options: a prefix of one of them that our added options
 # made ambiguous (--conn: --connections-max or --connect-timeout?) still means it, so
 # unit files written for it keep working.
@@ -82,10 +71,14 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         "queue (stop accepting; clients wait in the listen backlog)",
     )
     parser.add_argument(
-        "--max-connections-per-source",
+        "--connections-max-per-source",
         metavar="N",
         help="most connections from one client IP address at once, across all workers; "
         "more are refused (default 0: no limit)",
+    )
+    # Its first spelling, kept working; --help shows the one above.
+    parser.add_argument(
+        "--max-connections-per-source", dest="connections_max_per_source", help=argparse.SUPPRESS
     )
     parser.add_argument(
         "--route",
@@ -158,57 +151,3 @@ def _is_value_of(option: str, word: str) -> bool:
         return word.strip().lower() in ("v1", "v2")
     # No target has a ',' outside a unix socket path, and every other target has a ':'.
     return "," in word and ":" not in word and word[:1] not in ("-", "/", "@")
-
-
-def relay_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The `Config` fields the relay options set, parsed and checked."""
-    keepalive: KeepAlive | None = None
-    if args.keepalive == _BARE_KEEPALIVE:
-        keepalive = KeepAlive()
-    elif args.keepalive is not None:
-        keepalive = parse_keepalive(args.keepalive)
-    return {
-        "proxy_protocol": (
-            0 if args.proxy_protocol is None else parse_proxy_protocol(args.proxy_protocol)
-        ),
-        "connect_timeout": _span(
-            args.connect_timeout, "--connect-timeout", DEFAULT_CONNECT_TIMEOUT
-        ),
-        "idle_timeout": _span(args.idle_timeout, "--idle-timeout", float("inf")),
-        "keepalive": keepalive,
-        "nodelay": DEFAULT_NODELAY if args.nodelay is None else args.nodelay,
-        "pipe_size": (
-            DEFAULT_PIPE_SIZE
-            if args.pipe_size is None
-            else parse_size(args.pipe_size, "--pipe-size")
-        ),
-        "on_limit": ON_LIMIT_REFUSE if args.on_limit is None else parse_on_limit(args.on_limit),
-        "max_connections_per_source": _whole(
-            args.max_connections_per_source, "--max-connections-per-source"
-        ),
-        "routes": _routes(args.route),
-    }
-
-
-def _routes(texts: list[str]) -> tuple[Route, ...]:
-    """Repeated names add targets to one route, in the order given."""
-    targets: dict[str, list[TargetAddress]] = {}
-    for text in texts:
-        name, target = parse_route(text)
-        targets.setdefault(name, []).append(target)
-    return tuple(Route(name, tuple(addresses)) for name, addresses in targets.items())
-
-
-def _span(text: str | None, option: str, default: float) -> float:
-    if text is None:
-        return default
-    return parse_timespan(text, f"{option}= value")
-
-
-def _whole(text: str | None, option: str) -> int:
-    if text is None:
-        return 0
-    stripped = text.strip()
-    if not (stripped.isascii() and stripped.isdigit()):
-        raise UsageError(f"invalid {option}= value '{text}': expected a whole number")
-    return int(stripped)

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 
 from setproctitle import setproctitle
 
-from forkproxy.errors import ForkproxyError
+from forkproxy.errors import ForkproxyError, UsageErrors
 from forkproxy.relay.splice import check_pipe_size
-from forkproxy.relay.targets import check_routes
-from forkproxy.settings.config import MAX_WORKERS, Config
+from forkproxy.settings.config import MAX_WORKERS, Config, ListenerSettings
 from forkproxy.settings.timespan import format_timespan
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.listener import Listener
@@ -33,6 +32,7 @@ from forkproxy.shared.per_source import SourceLimit, entries_for
 from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
 from forkproxy.shared.scoreboard import Scoreboard
 from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
+from forkproxy.supervisor.check import listener_problems
 from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
@@ -62,7 +62,7 @@ class Master:
         self.selector: selectors.BaseSelector | None = None
         self.scoreboard: Scoreboard | None = None
         self.admission: Admission | None = None
-        self.per_source: SourceLimit | None = None  # --max-connections-per-source
+        self.per_source: SourceLimit | None = None  # --connections-max-per-source
         self.wakeup: tuple[socket.socket, socket.socket] | None = None
         self.events: tuple[int, int] | None = None
         # Metrics sockets (the master's own: workers close them) and their responder.
@@ -97,8 +97,13 @@ class Master:
         self.scoreboard = Scoreboard(2 * MAX_WORKERS)
         self.admission = Admission(self.config.connections_max)
         # What can only be checked with the listeners and the kernel at hand.
-        check_routes(self.config.routes, self.listeners)
-        check_pipe_size(self.config.pipe_size)
+        problems = listener_problems(
+            self.config, [(listener.name, listener.label) for listener in self.listeners]
+        )
+        if problems:
+            raise UsageErrors(problems)
+        for size in {self._settings(listener).pipe_size for listener in self.listeners}:
+            check_pipe_size(size)
         self.per_source = _source_limit(self.config)
         self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = socket.socketpair()
@@ -139,7 +144,10 @@ class Master:
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:
             signal.signal(signum, _ignore_signal)
-        setproctitle(f"forkproxy: master {self.config.target.text}")
+        setproctitle(f"forkproxy: master {self._settings(self.listeners[0]).targets[0].text}")
+
+    def _settings(self, listener: Listener) -> ListenerSettings:
+        return self.config.settings_for(listener.name)
 
     def _open_listeners(self) -> list[Listener]:
         passed = self.passed
@@ -184,13 +192,26 @@ class Master:
     def run(self) -> int:
         self._setup()
         assert self.selector is not None
-        log.info(
-            "relaying %s to %s with %d workers, at most %d connections",
-            ", ".join(listener.label for listener in self.listeners),
-            ", ".join(target.text for target in self.config.targets),
-            self.pool.target_workers,
-            self.config.connections_max,
-        )
+        if self.config.listeners:  # per-listener routes: one line each
+            for listener in self.listeners:
+                log.info(
+                    "relaying %s to %s",
+                    listener.label,
+                    ", ".join(target.text for target in self._settings(listener).targets),
+                )
+            log.info(
+                "with %d workers, at most %d connections",
+                self.pool.target_workers,
+                self.config.connections_max,
+            )
+        else:
+            log.info(
+                "relaying %s to %s with %d workers, at most %d connections",
+                ", ".join(listener.label for listener in self.listeners),
+                ", ".join(target.text for target in self.config.targets),
+                self.pool.target_workers,
+                self.config.connections_max,
+            )
         self.notifier.status(f"starting {self.pool.target_workers} workers")
         gc.freeze()  # keep the heap's pages shared with workers after fork
         self.pool.start()
@@ -297,14 +318,21 @@ class Master:
 
 
 def _source_limit(config: Config) -> SourceLimit | None:
-    """The table for --max-connections-per-source, or None without it."""
-    if not config.max_connections_per_source:
+    """The table for --connections-max-per-source, or None if no listener has a limit.
+
+    One table counts a source across listeners; it admits up to the highest limit, and
+    a listener with a lower one asks for its own (per_source.py)."""
+    limit = max(
+        [config.connections_max_per_source]
+        + [settings.connections_max_per_source for settings in config.listeners]
+    )
+    if not limit:
         return None
     try:
-        return SourceLimit(config.max_connections_per_source, entries_for(config.connections_max))
+        return SourceLimit(limit, entries_for(config.connections_max))
     except OSError as error:
         raise ForkproxyError(
-            f"cannot set up --max-connections-per-source: {error.strerror or error}"
+            f"cannot set up --connections-max-per-source: {error.strerror or error}"
         ) from None
 
 

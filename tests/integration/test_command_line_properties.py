@@ -8,11 +8,12 @@ from forkproxy.errors import ForkproxyError
 from forkproxy.settings.arguments import _build_parser, parse_args
 from tests.support.proxy import run_cli
 
+# --check exits 2 on an error (tests/integration/test_config_file.py checks it).
 OPTIONS = sorted(
     option
     for action in _build_parser()._actions
     for option in action.option_strings
-    if option not in ("-h", "--help", "--version")
+    if option not in ("-h", "--help", "--version", "--check")
 )
 WORDS = st.one_of(
     st.sampled_from(OPTIONS),
