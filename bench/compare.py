@@ -1,7 +1,8 @@
 """`python -m bench.compare`: forkproxy side by side with systemd-socket-proxyd and the others.
 
-Command line to `Settings`, the run, the printed tables, the JSON file and the exit code:
-0 when every measurement relayed, 1 when one failed, 2 when the run could not start.
+Command line to `Settings`, the run, the printed tables, the JSON file (and with --plot the
+chart) and the exit code: 0 when every measurement relayed, 1 when one failed or the chart
+asked for could not be drawn, 2 when the run could not start.
 Owns the cleanup: every process started is stopped by process group, Ctrl-C and SIGTERM
 included. Loopback only. See docs/bench.md.
 """
@@ -18,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
-from bench import report
+from bench import chart, report
 from bench.contenders import CONTENDER_NAMES
 from bench.procs import Registry
 from bench.runner import Plan, Sample, document, make_plan, run_plan
@@ -90,9 +91,23 @@ def parse(argv: list[str]) -> tuple[Settings, argparse.Namespace]:
         help="nginx backend worker_processes (default %(default)s)",
     )
     parser.add_argument(
+        "--syscall-connections",
+        type=int,
+        default=defaults.syscall_connections,
+        help="connections counted under strace in the syscalls load (default %(default)s)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.svg",
+        help="also draw the results as a chart (needs matplotlib: pip install -e '.[bench]')",
+    )
+    parser.add_argument(
         "--keep-temp", action="store_true", help="keep the per-measurement configs and logs"
     )
     args = parser.parse_args(argv)
+    if args.plot is not None and (problem := chart.missing_matplotlib()):
+        parser.exit(2, f"bench.compare: --plot: {problem}\n")
     loads = _names(args.only, LOADS, parser, "load") if args.only else None
     contenders = (
         _names(args.contenders, CONTENDER_NAMES, parser, "contender") if args.contenders else None
@@ -107,6 +122,7 @@ def parse(argv: list[str]) -> tuple[Settings, argparse.Namespace]:
         wrk_connections=args.wrk_connections,
         backend_workers=args.backend_workers,
         haproxy_splice=args.haproxy_splice,
+        syscall_connections=args.syscall_connections,
     )
     if args.duration is not None:
         settings = replace(settings, duration=args.duration)
@@ -118,8 +134,10 @@ def parse(argv: list[str]) -> tuple[Settings, argparse.Namespace]:
         settings = replace(settings, loads=loads)
     if contenders is not None:
         settings = replace(settings, contenders=contenders)
-    if settings.rounds < 1 or settings.duration <= 0:
-        parser.error("--rounds must be at least 1 and --duration positive")
+    if settings.rounds < 1 or settings.duration <= 0 or settings.syscall_connections < 1:
+        parser.error(
+            "--rounds and --syscall-connections must be at least 1 and --duration positive"
+        )
     return settings, args
 
 
@@ -215,13 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     if samples:
         print(report.render_matrix(doc), end="\n\n")
         print(report.render_long(doc))
+        if syscalls := report.render_syscalls(doc):
+            print("\n" + syscalls)
     print(f"\nresults: {output}")
+    drawn = True
+    if args.plot is not None:
+        try:
+            chart.draw(doc, args.plot)
+            print(f"chart: {args.plot}")
+        except (chart.ChartError, OSError) as error:
+            print(f"bench.compare: no chart: {error}", file=sys.stderr)
+            drawn = False
     failed = report.failures(doc)
     for line in failed:
         print(f"bench.compare: failed: {line}", file=sys.stderr)
     if not complete:
         return 130
-    return 1 if failed else 0
+    return 1 if failed or not drawn else 0
 
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:

@@ -2,7 +2,9 @@
 
 Every proxy is launched under `prlimit --nofile=N:N` with the same N and the same connection
 cap. socket-proxyd and forkproxy are launched exactly as users do, under
-`systemd-socket-activate -l ADDR PROG [-c N] TARGET`. Never measures, never picks a load.
+`systemd-socket-activate -l ADDR [-E VAR=VALUE] PROG [-c N] TARGET`; systemd-socket-activate
+passes its child only the variables given with -E (and LISTEN_*), so a contender's
+environment (FORKPROXY_ENGINE) goes there. Never measures, never picks a load.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from bench.procs import LOOPBACK, ProcessGroup, Registry, free_port
 from bench.settings import Settings
-from bench.tools import Tools
+from bench.tools import PYTHON_ENGINE, Tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +67,16 @@ class Direct(Contender):
 class SocketActivated(Contender):
     """A program that takes `[-c N] TARGET` and a listening socket from systemd."""
 
-    def __init__(self, name: str, workers: int | None = None) -> None:
+    def __init__(
+        self, name: str, workers: int | None = None, environment: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.workers = workers
+        self.environment = dict(environment or {})
+
+    def setenv(self) -> list[str]:
+        """systemd-socket-activate's options that put `environment` in the child's."""
+        return [f"--setenv={name}={value}" for name, value in self.environment.items()]
 
     def program(self, tools: Tools) -> list[str]:
         if self.name == "socket-proxyd":
@@ -93,11 +102,13 @@ class SocketActivated(Contender):
         program = " ".join(
             Path(part).name if i == 0 else part for i, part in enumerate(self.program(tools))
         )
-        default_workers = self.name == "forkproxy"
-        workers = " (its default worker count: one per CPU)" if default_workers else ""
+        workers = "" if self.workers else " (its default worker count: one per CPU)"
+        if self.name == "socket-proxyd":
+            workers = ""
+        setenv = "".join(f"{option} " for option in self.setenv())
         return (
-            f"systemd-socket-activate -l 127.0.0.1:PORT {program} -c {settings.max_connections}"
-            f" TARGET{workers}; nofile {settings.nofile}"
+            f"systemd-socket-activate -l 127.0.0.1:PORT {setenv}{program} "
+            f"-c {settings.max_connections} TARGET{workers}; nofile {settings.nofile}"
         )
 
     def launch(
@@ -105,7 +116,8 @@ class SocketActivated(Contender):
     ) -> Running:
         assert tools.socket_activate is not None
         port = free_port()
-        argv = [tools.socket_activate, "--listen", f"{LOOPBACK}:{port}", *self.program(tools)]
+        argv = [tools.socket_activate, "--listen", f"{LOOPBACK}:{port}", *self.setenv()]
+        argv += self.program(tools)
         argv += ["-c", str(settings.max_connections), target]
         group = registry.start(self.name, self.limited(tools, settings, argv), workdir / "log")
         return Running(port, group)
@@ -244,11 +256,13 @@ stream {{
 
 
 def all_contenders() -> list[Contender]:
-    """In report order. forkproxy-w1 is `-w 1`; forkproxy is its default worker count."""
+    """In report order. forkproxy-w1 is `-w 1`; forkproxy is its default worker count and
+    engine (the compiled one where it was built); forkproxy-python forces the Python engine."""
     return [
         Direct(),
         SocketActivated("socket-proxyd"),
         SocketActivated("forkproxy-w1", workers=1),
+        SocketActivated("forkproxy-python", environment=PYTHON_ENGINE),
         SocketActivated("forkproxy"),
         HAProxy(),
         NginxStream(),
@@ -259,6 +273,7 @@ CONTENDER_NAMES = (
     "direct",
     "socket-proxyd",
     "forkproxy-w1",
+    "forkproxy-python",
     "forkproxy",
     "haproxy",
     "nginx-stream",

@@ -17,6 +17,10 @@ from bench.procs import LOOPBACK
 from bench.tools import Tools
 
 PROBE_TIMEOUT = 2.0
+# iperf3's answer while its server is still busy with the previous test, and how long to
+# wait for it to be free.
+IPERF3_BUSY = "the server is busy"
+IPERF3_BUSY_TIMEOUT = 5.0
 # Extra successful exchanges after the first, so every prefork worker has had a chance to
 # be up before the clock starts.
 SETTLE_PROBES = 4
@@ -57,6 +61,14 @@ def echo_probe(port: int) -> str | None:
 
 def iperf3_probe(tools: Tools) -> Probe:
     def probe(port: int) -> str | None:
+        # The server takes one test at a time and may still be closing the last one after
+        # its client has exited; it says so at once, before any data. No signal to wait on.
+        deadline = time.monotonic() + IPERF3_BUSY_TIMEOUT
+        while IPERF3_BUSY in (error := one_test(port) or "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return error or None
+
+    def one_test(port: int) -> str | None:
         assert tools.iperf3 is not None
         argv = [tools.iperf3, "--client", LOOPBACK, "--port", str(port), "--bytes", "64K"]
         argv += ["--json", "--connect-timeout", str(int(PROBE_TIMEOUT * 1000))]

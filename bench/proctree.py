@@ -1,6 +1,12 @@
 """What /proc says about a process and all its descendants: count, RSS, PSS, CPU time.
 
 Reads only; never signals or waits for a process.
+
+CPU time is utime + stime of each live process (all its threads) plus cutime + cstime, the
+time of the children it has reaped (proc(5)). So a tree sampled before and after a load is
+charged for a worker that exited in between, as long as its parent in the tree reaped it
+with wait(2): the kernel adds a child's time to its parent only then (not when SIGCHLD is
+ignored, and not when a process outside the tree reaps it).
 """
 
 from __future__ import annotations
@@ -19,6 +25,23 @@ class TreeUsage:
     rss_kib: int
     pss_kib: int
     cpu_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CpuTimes:
+    """User and system CPU seconds of a tree at one instant, reaped children included."""
+
+    user_seconds: float
+    system_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.user_seconds + self.system_seconds
+
+    def __sub__(self, earlier: CpuTimes) -> CpuTimes:
+        return CpuTimes(
+            self.user_seconds - earlier.user_seconds, self.system_seconds - earlier.system_seconds
+        )
 
 
 def tree_pids(root: int) -> list[int]:
@@ -53,12 +76,35 @@ def tree_usage(root: int) -> TreeUsage:
         status = _read(f"/proc/{pid}/status") or ""
         rss += _kib_field(status, "VmRSS:")
         pss += _kib_field(_read(f"/proc/{pid}/smaps_rollup") or "", "Pss:")
-        stat = _read(f"/proc/{pid}/stat")
-        if stat is not None:
-            fields = stat.rsplit(")", 1)[-1].split()
-            # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after comm.
-            cpu_ticks += sum(int(value) for value in fields[11:15])
+        user, system = _cpu_ticks(pid)
+        cpu_ticks += user + system
     return TreeUsage(len(pids), rss, pss, cpu_ticks / _CLOCK_TICKS)
+
+
+def tree_cpu(root: int) -> CpuTimes:
+    """User and system CPU time of `root`'s tree: only /proc/PID/stat, cheap enough to
+    take right before and after a load.
+
+    A child reaped between the listing and the reads can be missed or counted twice (its
+    time moves into the parent's cutime); no relay here loses a worker during a load.
+    """
+    user = system = 0
+    for pid in tree_pids(root):
+        pid_user, pid_system = _cpu_ticks(pid)
+        user += pid_user
+        system += pid_system
+    return CpuTimes(user / _CLOCK_TICKS, system / _CLOCK_TICKS)
+
+
+def _cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime + cutime, stime + cstime) in clock ticks; (0, 0) once the process is gone."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return 0, 0
+    # comm may hold spaces and parentheses; the fields after the last ')' do not.
+    # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after comm.
+    utime, stime, cutime, cstime = (int(value) for value in stat.rsplit(")", 1)[-1].split()[11:15])
+    return utime + cutime, stime + cstime
 
 
 def _kib_field(text: str, key: str) -> int:

@@ -34,6 +34,8 @@ class Row:
     failures: int
     cpu_percent: float | None
     at_limit: bool
+    # Medians of the user and system parts of a CPU-per-work figure.
+    cpu_split: tuple[float, float] | None = None
 
     @property
     def median(self) -> float | None:
@@ -51,12 +53,18 @@ def rows(doc: Document) -> list[Row]:
     for load_name, load in loads.items():
         for metric in load["metrics"]:
             for contender in contenders:
+                if metric.get("proxies_only") and contender == CEILING:
+                    continue
                 mine = [
                     s for s in samples if s["load"] == load_name and s["contender"] == contender
                 ]
                 if not mine:
                     continue
-                good = [s for s in mine if s["ok"]]
+                # A sample may lack a figure its file's load did not have yet (merged runs).
+                good = [s for s in mine if s["ok"] and metric["key"] in s["values"]]
+                failures = sum(1 for s in mine if not s["ok"])
+                if not good and not failures:
+                    continue
                 found.append(
                     Row(
                         load=load_name,
@@ -67,12 +75,23 @@ def rows(doc: Document) -> list[Row]:
                         digits=metric["digits"],
                         contender=contender,
                         samples=tuple(float(s["values"][metric["key"]]) for s in good),
-                        failures=len(mine) - len(good),
+                        failures=failures,
                         cpu_percent=_median_of(good, "proxy_cpu_percent"),
                         at_limit=bool(good) and all(s["extra"].get("reached_limit") for s in good),
+                        cpu_split=_split(good) if metric.get("cpu_cost") else None,
                     )
                 )
     return found
+
+
+def _split(samples: list[dict[str, Any]]) -> tuple[float, float] | None:
+    parts = [s["cpu_split"] for s in samples if s.get("cpu_split")]
+    if not parts:
+        return None
+    return (
+        statistics.median(part["user"] for part in parts),
+        statistics.median(part["system"] for part in parts),
+    )
 
 
 def _median_of(samples: list[dict[str, Any]], key: str) -> float | None:
@@ -100,7 +119,8 @@ def value_text(row: Row, value: float | None) -> str:
 def render_long(doc: Document) -> str:
     """Markdown: every (metric, contender) with median, spread, ratios and proxy CPU.
 
-    proxy CPU is the user+system time of the proxy's process tree, as a share of one core.
+    proxy CPU is the user+system time of the proxy's process tree, as a share of one core;
+    a CPU-per-work median also shows its user and system parts (medians of their own).
     """
     table = rows(doc)
     lines = [
@@ -116,8 +136,12 @@ def render_long(doc: Document) -> str:
         )
         direction = "↑" if row.higher_is_better else "↓"
         count = f"{len(row.samples)}" + (f" ({row.failures} failed)" if row.failures else "")
+        median = value_text(row, row.median)
+        if row.cpu_split is not None:
+            user, system = row.cpu_split
+            median += f" (user {user:,.{row.digits}f} + sys {system:,.{row.digits}f})"
         lines.append(
-            f"| {row.label} | {row.contender} | {value_text(row, row.median)} | {row.unit} "
+            f"| {row.label} | {row.contender} | {median} | {row.unit} "
             f"{direction} | {spread} | {count} | {ratio(row, REFERENCE, table)} "
             f"| {ratio(row, CEILING, table)} | {_percent(row.cpu_percent)} |"
         )
@@ -162,13 +186,68 @@ def render_matrix(doc: Document) -> str:
     return "\n".join(lines)
 
 
+def render_syscalls(doc: Document, least: float = 0.05) -> str:
+    """Markdown: system calls per churned connection by name, medians over rounds, one
+    column per contender; calls below `least` per connection everywhere are left out."""
+    by_contender: dict[str, list[dict[str, Any]]] = {}
+    for sample in doc["samples"]:
+        if sample["load"] == "syscalls" and sample["ok"]:
+            by_contender.setdefault(sample["contender"], []).append(sample)
+    if not by_contender:
+        return ""
+    contenders = [name for name in CONTENDER_NAMES if name in by_contender]
+    contenders += sorted(set(by_contender) - set(contenders))
+    per_connection: dict[str, dict[str, float]] = {}
+    for contender in contenders:
+        mine = by_contender[contender]
+        names = {name for s in mine for name in s["extra"]["calls"]}
+        per_connection[contender] = {
+            name: statistics.median(
+                s["extra"]["calls"].get(name, 0) / s["extra"]["connections"] for s in mine
+            )
+            for name in names
+        }
+    ordered = sorted(
+        {name for calls in per_connection.values() for name in calls},
+        key=lambda name: -max(calls.get(name, 0.0) for calls in per_connection.values()),
+    )
+    lines = [
+        "| system calls per churned connection | " + " | ".join(contenders) + " |",
+        "| --- |" + " ---: |" * len(contenders),
+    ]
+    for name in ordered:
+        cells = [per_connection[c].get(name, 0.0) for c in contenders]
+        if max(cells) >= least:
+            lines.append(f"| {name} | " + " | ".join(f"{cell:.2f}" for cell in cells) + " |")
+    totals = [
+        statistics.median(s["values"]["syscalls_per_conn"] for s in by_contender[c])
+        for c in contenders
+    ]
+    idle = [
+        statistics.median(s["extra"]["idle_calls_per_connection"] for s in by_contender[c])
+        for c in contenders
+    ]
+    lines.append("| **total** | " + " | ".join(f"**{total:.1f}**" for total in totals) + " |")
+    idle_cells = " | ".join(f"{calls:.2f}" for calls in idle)
+    lines.append(f"| of which the tree makes with no traffic (estimate) | {idle_cells} |")
+    return "\n".join(lines)
+
+
 def header(doc: Document) -> str:
     machine = doc["machine"]
     settings = doc["settings"]
     versions = doc["versions"]
     tools = ", ".join(
         f"{name}: {versions[name]}"
-        for name in ("systemd-socket-proxyd", "forkproxy", "haproxy", "nginx", "wrk", "iperf3")
+        for name in (
+            "systemd-socket-proxyd",
+            "forkproxy",
+            "haproxy",
+            "nginx",
+            "wrk",
+            "iperf3",
+            "strace",
+        )
         if name in versions
     )
     runs = f" ({doc['merged_runs']} runs merged)" if doc.get("merged_runs", 1) > 1 else ""
@@ -225,6 +304,8 @@ def main() -> None:
         print(render_matrix(doc), end="\n\n")
     if args.format in ("long", "both"):
         print(render_long(doc))
+    if syscalls := render_syscalls(doc):
+        print("\n" + syscalls)
 
 
 if __name__ == "__main__":

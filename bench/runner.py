@@ -18,10 +18,11 @@ from pathlib import Path
 from bench.backends import BackendError, describe_backends, start_backend, stop_backend
 from bench.contenders import Contender, all_contenders
 from bench.holding import HolderError
-from bench.loads import Load, LoadError, Target, all_loads
+from bench.loadbase import Load, LoadError, Target
+from bench.loads import all_loads
 from bench.probes import wait_relaying
 from bench.procs import ProcessGroup, Registry
-from bench.proctree import tree_usage
+from bench.proctree import CpuTimes, tree_cpu
 from bench.settings import Settings
 from bench.tools import Tools, cpu_ticks, loadavg, machine, versions
 
@@ -37,8 +38,16 @@ class Sample:
     extra: dict[str, object] = field(default_factory=dict)
     started: str = ""
     wall_seconds: float = 0.0
+    # User + system time of the proxy's whole process tree over the load (see proctree).
     proxy_cpu_seconds: float | None = None
+    proxy_cpu_user_seconds: float | None = None
+    proxy_cpu_system_seconds: float | None = None
     proxy_cpu_percent: float | None = None
+    # What crossed the proxy meanwhile, in the load's unit of work (bytes, requests,
+    # connections); values[<cost key>] is the CPU per unit, cpu_split its user and system parts.
+    work: float | None = None
+    work_unit: str = ""
+    cpu_split: dict[str, float] = field(default_factory=dict)
     loadavg_before: list[float] = field(default_factory=list)
     loadavg_after: list[float] = field(default_factory=list)
     # Share of both cores busy during the load from /proc/stat, everything on the machine
@@ -189,8 +198,9 @@ def _measure_running(
     settings: Settings,
 ) -> None:
     target = Target(port, group, registry, workdir, tools, settings)
+    accounted = group if load.cpu_accounted else None
     sample.loadavg_before = loadavg()
-    cpu_before = tree_usage(group.pid).cpu_seconds if group else 0.0
+    cpu_before = tree_cpu(accounted.pid) if accounted else None
     busy_before, total_before = cpu_ticks()
     started = time.monotonic()
     try:
@@ -204,15 +214,33 @@ def _measure_running(
         busy_share = (busy_after - busy_before) / (total_after - total_before)
         sample.machine_busy_percent = round(100 * busy_share, 1)
     sample.loadavg_after = loadavg()
-    if group is not None:
-        cpu = tree_usage(group.pid).cpu_seconds - cpu_before
-        sample.proxy_cpu_seconds = round(cpu, 3)
-        sample.proxy_cpu_percent = round(100 * cpu / max(sample.wall_seconds, 1e-9), 1)
-        if not group.alive():
-            sample.ok = False
-            sample.error = (sample.error + "; " if sample.error else "") + (
-                f"{sample.contender} exited during the load: {group.log_tail()}"
-            )
+    if accounted is not None and cpu_before is not None:
+        _charge_cpu(sample, load, tree_cpu(accounted.pid) - cpu_before)
+    if group is not None and not group.alive():
+        sample.ok = False
+        sample.error = (sample.error + "; " if sample.error else "") + (
+            f"{sample.contender} exited during the load: {group.log_tail()}"
+        )
+
+
+def _charge_cpu(sample: Sample, load: Load, cpu: CpuTimes) -> None:
+    """The tree's CPU over the load, and per unit of the work the load did."""
+    sample.proxy_cpu_seconds = round(cpu.seconds, 3)
+    sample.proxy_cpu_user_seconds = round(cpu.user_seconds, 3)
+    sample.proxy_cpu_system_seconds = round(cpu.system_seconds, 3)
+    sample.proxy_cpu_percent = round(100 * cpu.seconds / max(sample.wall_seconds, 1e-9), 1)
+    if load.cost is None or not sample.ok:
+        return
+    work = load.work(sample.values, sample.extra)
+    if not work:
+        return
+    sample.work = work
+    sample.work_unit = load.cost.work_unit
+    sample.values[load.cost.metric.key] = load.cost.per_unit(cpu.seconds, work)
+    sample.cpu_split = {
+        "user": load.cost.per_unit(cpu.user_seconds, work),
+        "system": load.cost.per_unit(cpu.system_seconds, work),
+    }
 
 
 def document(
@@ -226,7 +254,8 @@ def document(
 ) -> dict[str, object]:
     """The results JSON: machine, versions, settings, configurations and every raw sample."""
     return {
-        "schema": 1,
+        # 2: CPU per unit of work (values, cpu_split, work), the syscalls load.
+        "schema": 2,
         "tool": "bench.compare",
         "command": sys.argv,
         "started": started.isoformat(timespec="seconds"),

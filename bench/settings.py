@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-LOADS = ("bulk", "keepalive", "churn", "latency", "idle", "capacity")
-SMOKE_LOADS = ("bulk", "keepalive", "churn", "latency", "idle")
+LOADS = ("bulk", "keepalive", "churn", "latency", "idle", "capacity", "syscalls")
+SMOKE_LOADS = ("bulk", "keepalive", "churn", "latency", "idle", "syscalls")
 SMOKE_CONTENDERS = ("direct", "forkproxy")
 
 
@@ -41,6 +41,9 @@ class Settings:
     open_batch_timeout: float = 2.0
     hold_timeout: float = 90.0
     ready_timeout: float = 10.0
+    # The syscalls load: connections counted under strace, and the traffic-free trace.
+    syscall_connections: int = 200
+    syscall_idle_seconds: float = 1.0
 
 
 def smoke(settings: Settings) -> Settings:
@@ -52,4 +55,6 @@ def smoke(settings: Settings) -> Settings:
         duration=min(settings.duration, 1.0),
         idle_connections=min(settings.idle_connections, 1000),
         latency_warmup=0.2,
+        syscall_connections=min(settings.syscall_connections, 20),
+        syscall_idle_seconds=min(settings.syscall_idle_seconds, 0.2),
     )

@@ -17,6 +17,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FORKPROXY_ENV = "FORKPROXY"
+# Forces forkproxy's pure-Python relay engine (the default is the compiled one, once built).
+PYTHON_ENGINE = {"FORKPROXY_ENGINE": "python"}
 
 # Debian's package that ships each tool, for the "not installed" notes.
 APT_PACKAGES = {
@@ -28,6 +30,7 @@ APT_PACKAGES = {
     "systemd-socket-activate": "systemd",
     "systemd-socket-proxyd": "systemd",
     "prlimit": "util-linux",
+    "strace": "strace",
 }
 
 NGINX_STREAM_MODULE_CANDIDATES = (
@@ -52,6 +55,7 @@ class Tools:
     socket_activate: str | None
     socket_proxyd: str | None
     prlimit: str | None
+    strace: str | None
     forkproxy: str | None
 
     def missing_note(self, field: str) -> str:
@@ -85,6 +89,7 @@ def find_tools(forkproxy: str | None) -> Tools:
         socket_activate=shutil.which("systemd-socket-activate"),
         socket_proxyd=_first_executable(SOCKET_PROXYD_CANDIDATES),
         prlimit=shutil.which("prlimit"),
+        strace=shutil.which("strace"),
         forkproxy=find_forkproxy(forkproxy),
     )
 
@@ -103,9 +108,15 @@ def versions(tools: Tools) -> dict[str, str]:
             [tools.socket_activate, "--version"] if tools.socket_activate else None
         ),
         "prlimit": [tools.prlimit, "--version"] if tools.prlimit else None,
+        "strace": [tools.strace, "-V"] if tools.strace else None,
         "forkproxy": [tools.forkproxy, "--version"] if tools.forkproxy else None,
     }
     found = {name: _first_line(argv) if argv else "not found" for name, argv in queries.items()}
+    if tools.forkproxy:
+        # `--version` names the engine that runs, once there is more than one.
+        found["forkproxy FORKPROXY_ENGINE=python"] = _first_line(
+            [tools.forkproxy, "--version"], {**os.environ, **PYTHON_ENGINE}
+        )
     found["nginx-stream-module"] = tools.nginx_stream_module or "not found"
     found["python"] = sys.version.split()[0]
     found["forkproxy-source"] = source_state()
@@ -173,10 +184,10 @@ def source_state() -> str:
     return commit + (" with uncommitted changes in forkproxy/" if dirty.stdout.strip() else "")
 
 
-def _first_line(argv: list[str]) -> str:
+def _first_line(argv: list[str], env: dict[str, str] | None = None) -> str:
     try:
         done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL
+            argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL, env=env
         )
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"unknown ({error})"

@@ -7,11 +7,13 @@ found, one line each, and exits 2, as `nginx -t` and `haproxy -c` fail. Anything
 is a bug and keeps its traceback.
 """
 
+import signal
 import sys
 from typing import NoReturn
 
 from forkproxy.errors import ForkproxyError, UsageErrors
 from forkproxy.settings.arguments import parse_args, wants_check
+from forkproxy.supervisor.signals import MASTER_SIGNALS
 
 EXIT_FAILURE = 1
 EXIT_CHECK_FAILED = 2
@@ -19,6 +21,7 @@ EXIT_CHECK_FAILED = 2
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: run forkproxy (or check its settings) and exit with its status."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see supervisor/signals.py
     if argv is None:
         argv = sys.argv[1:]
     check = wants_check(argv)
@@ -27,6 +30,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if check:
             from forkproxy.supervisor.check import check_settings
 
+            # No master will handle them: a SIGTERM during a slow lookup ends the check.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
             for line in check_settings(config):
                 print(line)
             sys.exit(0)

@@ -49,6 +49,23 @@ from forkproxy.shared.scoreboard import (
 log = logging.getLogger("forkproxy")
 
 _PR_SET_PDEATHSIG = 1
+# A terminal's Ctrl-C, job control and an admin's signal to the whole process group reach
+# every worker too: the master decides what these mean, a worker ignores them (most would
+# end it by default). SIGTERM (drain) and MASTER_DEATH_SIGNAL are the worker's own.
+_MASTERS_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGIO,
+    signal.SIGPWR,
+    signal.SIGWINCH,
+    signal.SIGURG,
+)
 # Fault injection for tests: FORKPROXY_FAILPOINT=worker-crash makes every worker crash at
 # start, as a bug would (uncaught exception, exit status 70).
 _FAILPOINT = "FORKPROXY_FAILPOINT"
@@ -103,9 +120,7 @@ class Worker:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT, MASTER_DEATH_SIGNAL):
             signal.signal(signum, signal.SIG_DFL)
-        # A terminal's Ctrl-C and job-control signals reach the whole process group;
-        # the master decides what they mean.
-        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        for signum in _MASTERS_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 
     def run(self) -> int:

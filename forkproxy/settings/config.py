@@ -20,10 +20,17 @@ from forkproxy.settings.options import (
     KeepAlive,
     format_size,
 )
+from forkproxy.settings.timespan import format_timespan
 
 DEFAULT_CONNECTIONS_MAX = 256  # systemd-socket-proxyd's default
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_WORKER_TIMEOUT = 30.0
+# A worker's loop can stall for tens of milliseconds without anything wrong (a burst of
+# accepts, a page fault, a loaded host, the per-source table's lock for up to 50 ms), and
+# the master notices a missed heartbeat only on its own next wakeup. Below a second,
+# killing such a worker, and every connection it holds, would do more harm than the
+# stall; at 1s a worker still beats 4 times per timeout (`heartbeat_interval`).
+MIN_WORKER_TIMEOUT = 1.0
 DEFAULT_SOCKET_MODE = 0o666  # SocketMode= default in systemd.socket(5)
 MAX_WORKERS = 128
 # Relay option defaults; docs/relay-options.md gives the measurements behind the last two.
@@ -103,8 +110,11 @@ class Config:
             raise UsageError(f"--connections-max= must be at least 1, got {self.connections_max}")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise UsageError(f"--workers= must be in 1-{MAX_WORKERS}, got {self.workers}")
-        if self.worker_timeout <= 0:
-            raise UsageError("--worker-timeout= must be longer than 0")
+        if not self.worker_timeout >= MIN_WORKER_TIMEOUT:
+            raise UsageError(
+                f"--worker-timeout= must be at least {format_timespan(MIN_WORKER_TIMEOUT)}, "
+                f"got {format_timespan(self.worker_timeout)}"
+            )
         names = [listen.name for listen in self.listen if listen.name]
         if len(names) != len(set(names)):
             raise UsageError("--listen= names must be unique")
@@ -133,7 +143,7 @@ class Config:
 
     @property
     def heartbeat_interval(self) -> float:
-        """How often a worker proves its loop runs: often enough for the worker timeout."""
+        """How often a worker proves its loop runs: 4 times per worker timeout at least."""
         return min(1.0, self.worker_timeout / 4)
 
     def settings_for(self, name: str) -> ListenerSettings:

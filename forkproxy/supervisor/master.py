@@ -18,6 +18,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from setproctitle import setproctitle
@@ -37,6 +38,7 @@ from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
 from forkproxy.supervisor.readiness import Readiness
+from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
 from forkproxy.supervisor.workers import KILL_MARGIN, WorkerPool
 
 if TYPE_CHECKING:
@@ -73,15 +75,22 @@ class Master:
         self.heartbeat_interval = config.heartbeat_interval
         if self.watchdog_interval is not None:
             self.heartbeat_interval = min(self.heartbeat_interval, self.watchdog_interval / 4)
+        self.listeners_bound = False  # from --listen: ours to close and unlink
         self.on_signal: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self.on_sigterm,
             signal.SIGINT: self.on_sigterm,
             signal.SIGQUIT: self.on_sigquit,
             signal.SIGCHLD: lambda: self.pool.reap(),
             signal.SIGHUP: lambda: self.pool.rotate(),  # graceful rotation of all workers
-            signal.SIGTTIN: lambda: self.pool.add_worker(),
-            signal.SIGTTOU: lambda: self.pool.remove_worker(),
+            signal.SIGTTIN: self.on_sigttin,
+            signal.SIGTTOU: self.on_sigttou,
+            signal.SIGUSR1: self.on_sigusr1,
+            signal.SIGUSR2: self.on_sigusr2,
         }
+        for signum in UNUSED_SIGNALS:
+            self.on_signal[signum] = partial(self.on_unused_signal, signum)
+        self.unused_logged: set[int] = set()
+        assert set(self.on_signal) == MASTER_SIGNALS
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -171,6 +180,7 @@ class Master:
         except ForkproxyError:
             close_listeners(listeners)
             raise
+        self.listeners_bound = True
         return listeners
 
     def _drop_master_resources(self) -> None:
@@ -190,7 +200,12 @@ class Master:
     # -- main loop -----------------------------------------------------------------------
 
     def run(self) -> int:
+        # The signals the loop handles wait until it does: during set-up, a SIGHUP or a
+        # SIGUSR1 would end the master (their default action), a SIGTERM leave what set-up
+        # made so far behind. Left blocked if set-up fails: the master then exits anyway.
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.on_signal)
         self._setup()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.on_signal)
         assert self.selector is not None
         if self.config.listeners:  # per-listener routes: one line each
             for listener in self.listeners:
@@ -249,11 +264,16 @@ class Master:
 
     def _on_wakeup(self) -> None:
         assert self.wakeup is not None
-        try:
-            data = self.wakeup[0].recv(256)
-        except BlockingIOError:
-            return
-        for signum in data:
+        received = bytearray()
+        while True:  # all of it: a full wakeup socket would drop signals
+            try:
+                data = self.wakeup[0].recv(4096)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            received += data
+        for signum in sorted(received, key=_dispatch_rank):
             handler = self.on_signal.get(signum)
             if handler is not None:
                 handler()
@@ -303,6 +323,25 @@ class Master:
         self.begin_shutdown(EXIT_OK, "asked to stop at once")
         self.pool.kill_all("asked to stop at once")
 
+    def on_sigttin(self) -> None:
+        if self.pool.add_worker():
+            self.readiness.on_serving()
+
+    def on_sigttou(self) -> None:
+        if self.pool.remove_worker():  # the last one not yet serving may have gone
+            self.readiness.on_serving()
+
+    def on_sigusr1(self) -> None:
+        log.info("SIGUSR1: no log files to reopen")  # TODO(#19): reopen the access log
+
+    def on_sigusr2(self) -> None:
+        log.warning("SIGUSR2 is kept for reloading, ignoring it")  # TODO(#17): reload
+
+    def on_unused_signal(self, signum: int) -> None:
+        if signum not in self.unused_logged:
+            self.unused_logged.add(signum)
+            log.info("ignoring %s (logged once)", signal.Signals(signum).name)
+
     def _on_fatal(self, reason: str) -> None:
         self.begin_shutdown(EXIT_FAILURE, reason)
 
@@ -315,6 +354,13 @@ class Master:
         log.info("stopping: %s", reason)
         self.shutdown_deadline = time.monotonic() + self.config.graceful_timeout + KILL_MARGIN
         self.pool.stop_all()
+        if self.listeners_bound:
+            # The workers close their copies as they stop; once ours is closed too, new
+            # clients are refused at once instead of waiting in a backlog nobody accepts
+            # from. Sockets systemd passed stay open in systemd, whose backlog keeps such
+            # clients for the next start.
+            close_listeners(self.listeners)
+            self.listeners = []
 
 
 def _source_limit(config: Config) -> SourceLimit | None:
@@ -334,6 +380,13 @@ def _source_limit(config: Config) -> SourceLimit | None:
         raise ForkproxyError(
             f"cannot set up --connections-max-per-source: {error.strerror or error}"
         ) from None
+
+
+def _dispatch_rank(signum: int) -> int:
+    """Order of handling within one wakeup: stops, then the rest, then SIGCHLD."""
+    if signum in STOP_SIGNALS:
+        return 0
+    return 2 if signum == signal.SIGCHLD else 1
 
 
 def _ignore_signal(signum: int, frame: object) -> None:

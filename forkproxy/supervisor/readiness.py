@@ -14,7 +14,6 @@ import time
 from forkproxy.settings.config import Config
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.scoreboard import (
-    HEARTBEAT_NS,
     LAST_ACTIVITY_NS,
     REFUSED,
     STATE,
@@ -81,12 +80,10 @@ class Readiness:
             self.next_status = now + STATUS_INTERVAL
 
     def _heartbeats_fresh(self, now: float) -> bool:
-        """Whether every worker not killed ran its loop within three heartbeat intervals."""
-        stale_before = now - 3 * self.pool.spec.heartbeat_interval
+        """Whether every worker not killed ran its loop lately (`WorkerPool.responsive`)."""
+        pool = self.pool
         return all(
-            self.scoreboard.get(worker.slot, HEARTBEAT_NS) / 1e9 >= stale_before
-            for worker in self.pool.workers.values()
-            if not worker.killed
+            pool.responsive(worker, now) for worker in pool.workers.values() if not worker.killed
         )
 
     def idle_deadline(self) -> float:
@@ -102,10 +99,12 @@ class Readiness:
         return last + self.config.exit_idle_time
 
     def status_line(self) -> str:
+        now = time.monotonic()
         serving = sum(
             1
             for worker in self.pool.workers.values()
             if self.scoreboard.get(worker.slot, STATE) == SlotState.SERVING
+            and self.pool.responsive(worker, now)
         )
         return (
             f"{serving} workers, {self.admission.in_use()} active, "

@@ -5,12 +5,15 @@ puts it on standard input (StandardInput=socket); `oneshot` relays either in thi
 process. Anything else is a listener for a `Master` and its workers.
 """
 
+import signal
+
 from forkproxy import logs
 from forkproxy.settings.config import Config
 from forkproxy.shared.listener import is_connection
 from forkproxy.supervisor.activation import INETD_FD, passed_fds
 from forkproxy.supervisor.master import Master
 from forkproxy.supervisor.notify import Notifier
+from forkproxy.supervisor.signals import MASTER_SIGNALS
 
 
 def run(config: Config) -> int:
@@ -39,6 +42,8 @@ def _relay_connection(config: Config, fd: int, what: str, name: str = "") -> int
     # workers it forks load their own, so they do not start with a copy of it).
     from forkproxy.oneshot import relay_connection
 
+    # cli.main blocked the master's signals; one connection keeps their default actions.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     notifier = Notifier()
     try:
         return relay_connection(config, fd, what, notifier, "" if name == "unknown" else name)

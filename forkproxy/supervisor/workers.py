@@ -1,14 +1,16 @@
 """The master's worker processes: spawn, reap, respawn with backoff, rotation, scaling.
 
-`WorkerPool` keeps a `WorkerProcess` record per live worker and a respawn deadline per
-slot waiting for a replacement; the master's loop waits on `next_deadline()` and calls
-`run_deadlines()`. Forking happens here and nowhere else. A worker that dies early is
-replaced after a delay that doubles to BACKOFF_MAX, and CRASH_LIMIT early deaths within
-CRASH_WINDOW end the master (through `on_fatal`), so systemd's Restart= takes over
-instead of a fork storm. Never relays bytes and never decides about shutdown itself.
+A `WorkerProcess` record per live worker, a respawn deadline per slot; the master's loop
+waits on `next_deadline()`. Forking happens here only; `respawn.RespawnPolicy` says when
+a replacement starts and when to give up (`on_fatal`). Signals change only what is wanted
+(`target_workers`, `rotation_wanted`); `_settle()`, run after each, and after each exit
+and READY, moves the processes towards it, so the count converges after any storm of
+SIGHUP, SIGTTIN and SIGTTOU. One generation starts at a time (SIGHUPs during a rotation
+start one more after it), and only with free slots: there are 2 x MAX_WORKERS, so old
+workers leaving always make room. Never relays bytes; never decides to shut down.
 """
 
-import collections
+import contextlib
 import dataclasses
 import logging
 import math
@@ -22,18 +24,20 @@ from forkproxy.settings.config import MAX_WORKERS
 from forkproxy.settings.timespan import format_timespan
 from forkproxy.shared.protocol import EXIT_CANNOT_START, WorkerSpec
 from forkproxy.shared.scoreboard import HEARTBEAT_NS, PID
+from forkproxy.supervisor.respawn import (
+    CRASH_WINDOW,
+    STABLE_AFTER,
+    RespawnPolicy,
+    describe_exit,
+    died_on_its_own,
+)
 
 log = logging.getLogger("forkproxy")
 
-# Crash-loop policy: a worker that dies before it has served for STABLE_AFTER seconds
-# died "early"; CRASH_LIMIT early deaths within CRASH_WINDOW seconds end the master,
-# so systemd's Restart= takes over instead of a fork storm.
-STABLE_AFTER = 5.0
-CRASH_LIMIT = 5
-CRASH_WINDOW = 10.0
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 5.0
 KILL_MARGIN = 2.0  # after the graceful timeout, how long before workers are SIGKILLed
+# A worker whose heartbeat is older than this many heartbeat intervals is not counted as
+# serving (/healthz, STATUS=, WATCHDOG=1); it is killed only after --worker-timeout.
+STALE_HEARTBEATS = 3
 
 
 class WorkerProcess:
@@ -47,6 +51,7 @@ class WorkerProcess:
         "ready",
         "stopping",
         "killed",
+        "hung",
         "kill_deadline",
     )
 
@@ -58,45 +63,21 @@ class WorkerProcess:
         self.ready = False
         self.stopping = False  # asked to stop: its exit is expected, not replaced
         self.killed = False  # SIGKILLed by us; waiting to be reaped
+        self.hung = False  # killed because its heartbeat stopped
         self.kill_deadline = math.inf  # SIGKILL if still alive then
 
     def kill(self) -> None:
         self.killed = True
         self.kill_deadline = math.inf
-        _kill(self.pid, signal.SIGKILL)
+        self.send(signal.SIGKILL)
+
+    def send(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # dead, not yet reaped
+            os.kill(self.pid, signum)
 
 
-class RespawnPolicy:
-    """When a dead worker's replacement starts, and when to stop replacing workers."""
-
-    def __init__(self) -> None:
-        self.backoff: dict[int, float] = {}  # slot -> delay before its next replacement
-        self.early_deaths: collections.deque[float] = collections.deque()
-
-    def delay(self, slot: int, early: bool) -> float:
-        """Seconds before `slot`'s replacement starts: doubling to BACKOFF_MAX while its
-        workers die early, none after a worker that had served a stable spell."""
-        if early:
-            delay = min(BACKOFF_MAX, self.backoff.get(slot, BACKOFF_FIRST / 2) * 2)
-            self.backoff[slot] = delay
-            return delay
-        self.backoff.pop(slot, None)
-        return 0.0
-
-    def crash_loop(self, now: float) -> bool:
-        """Count an early death at `now`; True once CRASH_LIMIT fall within CRASH_WINDOW."""
-        self.early_deaths.append(now)
-        while self.early_deaths and self.early_deaths[0] < now - CRASH_WINDOW:
-            self.early_deaths.popleft()
-        return len(self.early_deaths) >= CRASH_LIMIT
-
-
-class WorkerPool:
-    """The live workers by pid, and the slots waiting for a replacement.
-
-    What metrics read of supervision (`metrics.collector.MasterView`): `workers`,
-    `generation`, `target_workers`, `restarts`, `stopping`.
-    """
+class WorkerProcesses:
+    """The live workers by pid: fork, reap, replace the dead, kill the hung and the late."""
 
     def __init__(
         self,
@@ -106,6 +87,7 @@ class WorkerPool:
         on_fatal: Callable[[str], None],
     ) -> None:
         self.spec = spec  # every new worker's, with its own slot and generation
+        self.heartbeat_interval = spec.heartbeat_interval  # the workers'
         self.config = spec.config
         self.scoreboard = spec.scoreboard
         self.blocked_signals = blocked_signals  # the master's: held back across fork
@@ -114,20 +96,19 @@ class WorkerPool:
         self.workers: dict[int, WorkerProcess] = {}  # by pid
         self.respawn_at: dict[int, float] = {}  # slot -> when to start its replacement
         self.policy = RespawnPolicy()
-        self.generation = 0
-        self.target_workers = spec.config.workers
+        self.generation = 0  # of the workers started now
         self.restarts = 0
-        self.rotating = False
         self.stopping = False
         self.last_exit = 0.0  # monotonic time a worker last exited (its connections ended)
-
-    def start(self) -> None:
-        for slot in range(self.target_workers):
-            self.spawn(slot)
 
     def current(self) -> list[WorkerProcess]:
         """The workers of the newest generation."""
         return [w for w in self.workers.values() if w.generation == self.generation]
+
+    def responsive(self, worker: WorkerProcess, now: float) -> bool:
+        """Whether `worker` ran its event loop within STALE_HEARTBEATS heartbeat intervals."""
+        beat = self.scoreboard.get(worker.slot, HEARTBEAT_NS) / 1e9
+        return not worker.killed and beat >= now - STALE_HEARTBEATS * self.heartbeat_interval
 
     # -- spawning and reaping ------------------------------------------------------------
 
@@ -165,9 +146,9 @@ class WorkerPool:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self._on_exit(worker, status)
@@ -175,7 +156,7 @@ class WorkerPool:
     def _on_exit(self, worker: WorkerProcess, status: int) -> None:
         self.last_exit = time.monotonic()  # its connections, if any, just ended
         self.scoreboard.retire(worker.slot)
-        how = _describe_exit(status)
+        how = describe_exit(status)
         if self.stopping or worker.stopping:
             log.debug("worker %d (pid %d) %s", worker.slot, worker.pid, how)
             return
@@ -185,9 +166,9 @@ class WorkerPool:
             return
         now = time.monotonic()
         early = not worker.ready or now - worker.started < STABLE_AFTER
-        if early and self.policy.crash_loop(now):
+        if early and died_on_its_own(status, worker.hung) and self.policy.crash_loop(now):
             log.error(
-                "workers keep dying (%d deaths within %gs of starting, last: worker %d %s), "
+                "workers keep dying (%d crashes within %gs of starting, last: worker %d %s), "
                 "giving up",
                 len(self.policy.early_deaths),
                 CRASH_WINDOW,
@@ -204,30 +185,6 @@ class WorkerPool:
 
     def _schedule_respawn(self, slot: int, early: bool) -> None:
         self.respawn_at[slot] = time.monotonic() + self.policy.delay(slot, early)
-
-    def mark_ready(self, slot: int) -> bool:
-        """The worker in `slot` accepts. True when every current worker now does (the
-        old generation of a rotation is then asked to stop)."""
-        for worker in self.workers.values():
-            if worker.slot == slot:
-                break
-        else:
-            return False  # from a worker already gone
-        if self.scoreboard.get(slot, PID) != worker.pid:
-            return False  # from the slot's previous worker
-        worker.ready = True
-        if self.stopping:
-            return False
-        current = self.current()
-        if len(current) < self.target_workers or not all(w.ready for w in current):
-            return False
-        if self.rotating:
-            self.rotating = False
-            old = [w for w in self.workers.values() if w.generation != self.generation]
-            log.info("new workers serving; stopping %d old workers", len(old))
-            for worker in old:
-                self._stop_worker(worker)
-        return True
 
     # -- deadlines: respawn, kill, heartbeat -------------------------------------------------
 
@@ -260,6 +217,7 @@ class WorkerPool:
                     worker.pid,
                     format_timespan(self.config.worker_timeout),
                 )
+                worker.hung = True
                 worker.kill()
 
     def _heartbeat_deadline(self, worker: WorkerProcess) -> float:
@@ -268,57 +226,13 @@ class WorkerPool:
         beat = self.scoreboard.get(worker.slot, HEARTBEAT_NS) / 1e9
         return beat + self.config.worker_timeout
 
-    # -- rotation and scaling (SIGHUP, SIGTTIN, SIGTTOU) ------------------------------------
-
-    def rotate(self) -> None:
-        """A new generation starts; the old one drains once the new one serves."""
-        if self.stopping:
-            return
-        self.generation += 1
-        self.rotating = True
-        self.respawn_at.clear()
-        log.info("rotating workers: starting %d new workers", self.target_workers)
-        free = self._free_slots()
-        for slot in free[: self.target_workers]:
-            self.spawn(slot)
-
-    def add_worker(self) -> None:
-        if self.stopping:
-            return
-        free = self._free_slots()
-        if self.target_workers >= MAX_WORKERS or not free:
-            log.warning("already at the most workers (%d), ignoring SIGTTIN", MAX_WORKERS)
-            return
-        self.target_workers += 1
-        log.info("adding a worker: %d workers", self.target_workers)
-        self.spawn(free[0])
-
-    def remove_worker(self) -> None:
-        if self.stopping:
-            return
-        if self.target_workers <= 1:
-            log.warning("already at one worker, ignoring SIGTTOU")
-            return
-        self.target_workers -= 1
-        current = [w for w in self.current() if not w.stopping]
-        pending = [slot for slot in self.respawn_at]
-        if pending:
-            del self.respawn_at[max(pending)]
-        elif current:
-            self._stop_worker(max(current, key=lambda w: w.slot))
-        log.info("removing a worker: %d workers", self.target_workers)
-
-    def _free_slots(self) -> list[int]:
-        used = {worker.slot for worker in self.workers.values()} | set(self.respawn_at)
-        return [slot for slot in range(self.scoreboard.slot_count) if slot not in used]
-
     # -- stopping ------------------------------------------------------------------------
 
     def _stop_worker(self, worker: WorkerProcess) -> None:
         """Ask one worker to stop accepting and drain; kill it if it takes too long."""
         worker.stopping = True
         worker.kill_deadline = time.monotonic() + self.config.graceful_timeout + KILL_MARGIN
-        _kill(worker.pid, signal.SIGTERM)
+        worker.send(signal.SIGTERM)
 
     def stop_all(self) -> None:
         """Shutdown: no more respawns; every worker stops accepting and drains."""
@@ -327,7 +241,7 @@ class WorkerPool:
         for worker in self.workers.values():
             if not worker.stopping:
                 worker.stopping = True
-                _kill(worker.pid, signal.SIGTERM)
+                worker.send(signal.SIGTERM)
 
     def kill_all(self, reason: str) -> None:
         if self.workers:
@@ -336,19 +250,151 @@ class WorkerPool:
             worker.kill()
 
 
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass  # already dead, not yet reaped
+class WorkerPool(WorkerProcesses):
+    """The workers, and what is wanted of them: how many, and of which generation.
 
+    What metrics read of supervision (`metrics.collector.MasterView`): `workers`,
+    `generation`, `target_workers`, `restarts`, `stopping`, `heartbeat_interval`.
+    """
 
-def _describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = str(signum)
-        return f"was killed by signal {signum} ({name})"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        blocked_signals: Collection[int],
+        in_child: Callable[[], None],
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        super().__init__(spec, blocked_signals, in_child, on_fatal)
+        self.target_workers = spec.config.workers
+        # False from the start of a generation until all its workers serve; the older
+        # generations keep accepting until then.
+        self.generation_serving = False
+        self.rotation_wanted = False  # a SIGHUP waits for the running rotation or for slots
+        self.waiting_for_slots = False  # logged once per wait
+
+    def start(self) -> None:
+        self._settle()
+
+    def reap(self) -> None:
+        super().reap()
+        self._settle()  # slots may be free for what waits for them
+
+    def mark_ready(self, slot: int) -> bool:
+        """The worker in `slot` accepts. True when every current worker now does (the
+        old generation of a rotation is then asked to stop)."""
+        for worker in self.workers.values():
+            if worker.slot == slot:
+                break
+        else:
+            return False  # from a worker already gone
+        if self.scoreboard.get(slot, PID) != worker.pid:
+            return False  # from the slot's previous worker
+        worker.ready = True
+        return self._settle()
+
+    # -- rotation and scaling (SIGHUP, SIGTTIN, SIGTTOU) ------------------------------------
+
+    def rotate(self) -> None:
+        """A new generation starts; the old one drains once the new one serves."""
+        if self.stopping:
+            return
+        if self.rotation_wanted:
+            log.info("a rotation is already waiting to start, ignoring SIGHUP")
+            return
+        self.rotation_wanted = True
+        if not self.generation_serving:
+            log.info("workers are starting: rotating them once they serve")
+        self._settle()
+
+    def add_worker(self) -> bool:
+        """SIGTTIN: one worker more. True when every current worker serves."""
+        if self.stopping:
+            return False
+        if self.target_workers >= MAX_WORKERS:
+            log.warning("already at the most workers (%d), ignoring SIGTTIN", MAX_WORKERS)
+            return False
+        self.target_workers += 1
+        log.info("adding a worker: %d workers", self.target_workers)
+        return self._settle()
+
+    def remove_worker(self) -> bool:
+        """SIGTTOU: one worker fewer. True when every current worker serves."""
+        if self.stopping:
+            return False
+        if self.target_workers <= 1:
+            log.warning("already at one worker, ignoring SIGTTOU")
+            return False
+        self.target_workers -= 1
+        log.info("removing a worker: %d workers", self.target_workers)
+        return self._settle()
+
+    def _settle(self) -> bool:
+        """Move the workers towards what is wanted; True when every current worker serves.
+
+        Starts or stops workers of the current generation until there are as many as the
+        target; once they all serve, asks the older generations to stop, then starts a
+        rotation that was asked for meanwhile if enough slots are free.
+        """
+        if self.stopping:
+            return False
+        self._converge()
+        if not self._current_serving():
+            return False
+        if not self.generation_serving:
+            self.generation_serving = True
+            old = [w for w in self.workers.values() if w.generation != self.generation]
+            old = [w for w in old if not w.stopping]
+            if old:
+                log.info("new workers serving; stopping %d old workers", len(old))
+            for worker in old:
+                self._stop_worker(worker)
+        return not (self.rotation_wanted and self._start_rotation())
+
+    def _start_rotation(self) -> bool:
+        """Start the wanted rotation if a whole generation's slots are free."""
+        free = self.scoreboard.slot_count - len(self.workers)  # respawns are dropped
+        if free < self.target_workers:
+            if not self.waiting_for_slots:
+                self.waiting_for_slots = True
+                log.info(
+                    "rotation waits for old workers to leave (%d slots free, %d needed)",
+                    free,
+                    self.target_workers,
+                )
+            return False
+        self.rotation_wanted = False
+        self.waiting_for_slots = False
+        self.generation += 1
+        self.generation_serving = False
+        self.respawn_at.clear()
+        log.info("rotating workers: starting %d new workers", self.target_workers)
+        self._converge()
+        return True
+
+    def _converge(self) -> None:
+        """Start or stop current workers until they (and pending respawns) meet the target."""
+        active = [w for w in self.current() if not w.stopping]
+        missing = self.target_workers - len(active) - len(self.respawn_at)
+        if missing > 0:
+            free = self._free_slots()
+            if len(free) < missing:
+                log.debug("%d workers wait for old workers to leave", missing - len(free))
+            for slot in free[:missing]:
+                self.spawn(slot)
+            return
+        for _ in range(-missing):
+            if self.respawn_at:
+                del self.respawn_at[max(self.respawn_at)]
+                continue
+            # Not yet serving first, then the highest slot.
+            worker = max(active, key=lambda w: (not w.ready, w.slot))
+            active.remove(worker)
+            self._stop_worker(worker)
+
+    def _current_serving(self) -> bool:
+        active = [w for w in self.current() if not w.stopping and not w.killed]
+        return len(active) == self.target_workers and all(w.ready for w in active)
+
+    def _free_slots(self) -> list[int]:
+        used = {worker.slot for worker in self.workers.values()} | set(self.respawn_at)
+        return [slot for slot in range(self.scoreboard.slot_count) if slot not in used]

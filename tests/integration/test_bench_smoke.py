@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.proxy import REPO
 
-TOOLS = ("wrk", "iperf3", "nginx", "systemd-socket-activate", "prlimit")
+TOOLS = ("wrk", "iperf3", "nginx", "systemd-socket-activate", "prlimit", "strace")
 
 
 def test_bench_compare_smoke() -> None:

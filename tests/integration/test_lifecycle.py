@@ -135,6 +135,57 @@ def test_listen_option_binds_and_relays(workdir: Path) -> None:
             notify.close()
 
 
+def test_listen_mode_refuses_new_clients_at_once_while_draining(workdir: Path) -> None:
+    """Sockets forkproxy bound itself are closed (and unlinked) when the stop begins, so a
+    new client is refused instead of waiting in a backlog until the graceful timeout."""
+    path = workdir / "front.sock"
+    port = free_port()
+    notify = Notifications(workdir)
+    with run_backend("echo") as backend:
+        process = subprocess.Popen(
+            [
+                *(FORKPROXY, "-w", "2", "--graceful-timeout=60s"),
+                *("--listen", str(path), "--listen", f"127.0.0.1:{port}", backend.target),
+            ],
+            env={**os.environ, "NOTIFY_SOCKET": notify.path},
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            notify.wait_for("READY=1")
+            held = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.sendall(b"ping")
+            assert held.recv(4) == b"ping"
+            process.send_signal(signal.SIGTERM)
+            notify.wait_for("STOPPING=1")
+            wait_until(lambda: _tcp_refused(port), 10, "new TCP clients to be refused")
+            assert not path.exists()
+            with socket.socket(socket.AF_UNIX) as client, pytest.raises(FileNotFoundError):
+                client.connect(str(path))
+            held.sendall(b"pong")  # the open connection still works while draining
+            assert held.recv(4) == b"pong"
+            assert process.poll() is None  # draining: it waits for the held connection
+            held.close()
+            assert process.wait(15) == 0
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            notify.close()
+
+
+def _tcp_refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+            probe.sendall(b"?")
+            probe.recv(1)  # a backlog nobody accepts from: times out; a reset: refused
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
 def _refused(proxy) -> bool:
     """True once a new connection is no longer relayed (left in the backlog unanswered)."""
     with proxy.connect(timeout=0.5) as probe:

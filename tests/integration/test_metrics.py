@@ -427,6 +427,54 @@ def test_healthz_is_503_while_stopping(workdir: Path, echo_target: str) -> None:
         assert proxy.wait(15) == 0
 
 
+def test_healthz_is_503_soon_after_every_worker_froze(workdir: Path, echo_target: str) -> None:
+    """Frozen workers (SIGSTOP) no longer count as serving once their heartbeat is a few
+    intervals old (1 s each here), long before the 60 s worker timeout replaces them."""
+    with run_proxy(
+        ["-w", "2", "--worker-timeout=60s", echo_target],
+        workdir,
+        listeners=LISTENERS,
+        names=NAMES,
+    ) as proxy:
+        where = metrics_at(proxy)
+        status, _, body = fetch(where, "/healthz")
+        assert (status, body) == (200, b"2 of 2 workers serving\n")
+        workers = proxy.workers()
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: fetch(where, "/healthz")[0] == 503, 10, "healthz 503")
+            assert fetch(where, "/healthz")[2] == b"0 of 2 workers serving, 2 not responding\n"
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: fetch(where, "/healthz")[0] == 200, 10, "healthz 200 again")
+        assert proxy.workers() == workers  # the same workers, thawed
+
+
+def test_idle_connections_do_not_delay_a_health_probe(workdir: Path, echo_target: str) -> None:
+    """50 connections held open without a request (any local user can) must not keep a
+    probe waiting: without room for it, it would wait for idle ones to time out (10 s)."""
+    with run_proxy(["-w", "2", echo_target], workdir, listeners=LISTENERS, names=NAMES) as proxy:
+        where = metrics_at(proxy)
+        idle = [socket.create_connection(where, timeout=10) for _ in range(50)]
+        try:
+            for _ in range(3):
+                connection = http.client.HTTPConnection(*where, timeout=5)
+                try:
+                    connection.request("GET", "/healthz")
+                    response = connection.getresponse()
+                    assert (response.status, response.read()) == (
+                        200,
+                        b"2 of 2 workers serving\n",
+                    )
+                finally:
+                    connection.close()
+        finally:
+            for sock in idle:
+                sock.close()
+
+
 def test_promtool_finds_nothing_in_a_real_scrape(workdir: Path) -> None:
     promtool = _promtool()
     if promtool is None:

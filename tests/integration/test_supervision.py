@@ -2,10 +2,10 @@
 workers, a crash loop, its own death, and the systemd watchdog."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -20,48 +20,13 @@ from tests.support.proxy import (
     send_all_then_read,
     wait_until,
 )
-
-
-class RequestLoad:
-    """`clients` threads, each looping connect / request / full reply / close."""
-
-    def __init__(self, proxy, clients: int = 20) -> None:
-        self.proxy = proxy
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, index: int) -> None:
-        payload = b"request %d " % index * 50
-        while not self.stop.is_set():
-            try:
-                with self.proxy.connect(timeout=10) as client:
-                    reply = send_all_then_read(client, payload)
-                if reply != payload:
-                    raise AssertionError(f"got {len(reply)} bytes back, sent {len(payload)}")
-                with self.lock:
-                    self.ok += 1
-            except (OSError, AssertionError) as error:
-                with self.lock:
-                    self.failures.append(repr(error))
-
-    def __enter__(self) -> "RequestLoad":
-        for thread in self.threads:
-            thread.start()
-        wait_until(lambda: self.ok >= 100, 20, "the load to get going")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-    def more(self, count: int = 200) -> None:
-        """Let at least `count` more requests complete."""
-        target = self.ok + count
-        wait_until(lambda: self.ok >= target, 30, f"{count} more requests")
+from tests.support.supervision import (
+    METRICS_LISTENERS,
+    METRICS_NAMES,
+    RequestLoad,
+    converged,
+    gauges,
+)
 
 
 def test_exit_idle_time_counts_from_the_last_close(workdir: Path) -> None:
@@ -221,3 +186,72 @@ def test_watchdog_pings_only_while_workers_heartbeat(workdir: Path) -> None:
         finally:
             os.kill(frozen, signal.SIGCONT)
         wait_until(lambda: notifications.count("WATCHDOG=1") > before, 10, "pings to resume")
+
+
+def test_a_burst_of_sighups_leaves_one_serving_generation(workdir: Path) -> None:
+    """60 SIGHUPs 30 ms apart, faster than a generation of 16 starts: the rotations
+    coalesce instead of using up the scoreboard's slots, and a later SIGHUP still works."""
+    with (
+        run_backend("echo") as backend,
+        run_proxy(
+            ["-w", "16", backend.target], workdir, listeners=METRICS_LISTENERS, names=METRICS_NAMES
+        ) as proxy,
+    ):
+        for _ in range(60):
+            proxy.signal(signal.SIGHUP)
+            time.sleep(0.03)  # the scenario: a burst, not synchronisation
+        wait_until(lambda: converged(proxy), 60, "16 workers of one generation serving")
+        before = set(proxy.workers())
+        proxy.signal(signal.SIGHUP)
+        wait_until(
+            lambda: converged(proxy) and not set(proxy.workers()) & before,
+            60,
+            "one more rotation",
+        )
+        with proxy.connect() as client:
+            assert send_all_then_read(client, b"after the burst") == b"after the burst"
+    assert "a rotation is already waiting to start" in proxy.stderr()
+
+
+def test_a_storm_of_sighup_sigttin_and_sigttou_converges_to_the_target(workdir: Path) -> None:
+    rng = random.Random(13)
+    kinds = [signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU]
+    with (
+        run_backend("echo") as backend,
+        run_proxy(
+            ["-w", "3", backend.target], workdir, listeners=METRICS_LISTENERS, names=METRICS_NAMES
+        ) as proxy,
+    ):
+        for _ in range(150):
+            proxy.signal(rng.choice(kinds))
+            time.sleep(0.01)  # the scenario: a storm, not synchronisation
+        wait_until(lambda: converged(proxy), 60, "as many workers as the target, serving")
+        target = gauges(proxy)["forkproxy_workers_target"]
+        assert 1 <= target < 128
+        with proxy.connect() as client:
+            assert send_all_then_read(client, b"after the storm") == b"after the storm"
+    assert "already at the most workers" not in proxy.stderr()
+
+
+def test_fresh_workers_killed_from_outside_do_not_stop_the_service(workdir: Path) -> None:
+    """Five SIGKILLs of workers within seconds of their start (an OOM killer's doing) are
+    not a crash loop: the service goes on and the last replacement serves."""
+    with run_backend("echo") as backend, run_proxy(["-w", "1", backend.target], workdir) as proxy:
+        killed: list[int] = []
+        for _ in range(6):
+            wait_until(lambda: len(set(proxy.workers()) - set(killed)) == 1, 10, "a fresh worker")
+            (victim,) = set(proxy.workers()) - set(killed)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+        wait_until(
+            lambda: (
+                len(set(proxy.workers()) - set(killed)) == 1 or proxy.process.poll() is not None
+            ),
+            10,
+            "a replacement",
+        )
+        assert proxy.process.poll() is None, proxy.stderr()
+        with proxy.connect() as client:
+            assert send_all_then_read(client, b"still here") == b"still here"
+        assert proxy.stop() == 0
+    assert "workers keep dying" not in proxy.stderr()

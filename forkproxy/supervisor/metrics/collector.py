@@ -6,6 +6,7 @@ asks, and answers /healthz. Never keeps metric state of its own: every value is 
 scrape time, so counters are as monotonic as the scoreboard's retired totals make them.
 """
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -32,11 +33,13 @@ from forkproxy.shared.scoreboard import (
     CONNECT_ERRORS,
     CONNECTION_DURATION_BOUNDS,
     CONNECTION_DURATION_BUCKETS,
+    HEARTBEAT_NS,
     REFUSED,
     STATE,
     Scoreboard,
     SlotState,
 )
+from forkproxy.supervisor.workers import STALE_HEARTBEATS
 
 # -- what the collector reads -------------------------------------------------------------
 
@@ -74,6 +77,9 @@ class MasterView(Protocol):
 
     @property
     def stopping(self) -> bool: ...
+
+    @property
+    def heartbeat_interval(self) -> float: ...
 
 
 class ScoreboardCollector(Collector):
@@ -188,21 +194,27 @@ class ScoreboardCollector(Collector):
         """Healthy while every current worker serves and there are as many as asked for.
 
         Current: of the newest generation, neither asked to stop nor killed. During a
-        rotation that is the new generation, so health dips until it serves.
+        rotation that is the new generation, so health dips until it serves. Serving: in
+        state SERVING with a heartbeat at most STALE_HEARTBEATS intervals old, so frozen
+        workers (SIGSTOP, a loop stuck) make it fail long before --worker-timeout.
         """
         master = self.master
         if master.stopping:
             return False, "stopping"
+        board = self.scoreboard
         current = [
             worker
             for worker in master.workers.values()
             if worker.generation == master.generation and not worker.stopping and not worker.killed
         ]
-        serving = sum(
-            1 for worker in current if self.scoreboard.get(worker.slot, STATE) == SlotState.SERVING
-        )
+        started = [w for w in current if board.get(w.slot, STATE) == SlotState.SERVING]
+        fresh_after = time.monotonic_ns() - STALE_HEARTBEATS * master.heartbeat_interval * 1e9
+        serving = sum(1 for w in started if board.get(w.slot, HEARTBEAT_NS) >= fresh_after)
         healthy = serving == len(current) == master.target_workers
-        return healthy, f"{serving} of {master.target_workers} workers serving"
+        reason = f"{serving} of {master.target_workers} workers serving"
+        if serving < len(started):
+            reason += f", {len(started) - serving} not responding"
+        return healthy, reason
 
 
 def _histogram(

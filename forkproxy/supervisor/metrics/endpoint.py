@@ -5,6 +5,13 @@ loop: non-blocking accept, a bounded request, partial writes, and one deadline p
 that the master waits on with its others. Exposition is prometheus_client's (text
 format 0.0.4) of what `collector.ScoreboardCollector` reads. Never starts a thread,
 never blocks, and never runs in a worker: a new worker closes the endpoint's sockets.
+
+Idle clients cannot starve a health probe: the endpoint never stops accepting because
+it has MAX_CLIENTS clients; a new client takes the place of the oldest one still waiting
+for its request (then of the oldest done), so holding sockets open only cuts the holders'
+own earlier connections. A probe sends its request as it connects and is read at once,
+in the same pass as its accept, so it is answered before anyone can push it out. (Serving
+/healthz first would not help: a starved probe waits in the listen backlog, unread.)
 """
 
 import errno
@@ -30,7 +37,7 @@ log = logging.getLogger("forkproxy")
 
 CLIENT_TIMEOUT = 10.0  # one client's whole exchange: request, response, close
 MAX_REQUEST_SIZE = 8192  # request line and headers; more gets 431
-MAX_CLIENTS = 16  # at once; further clients wait in the listen backlog
+MAX_CLIENTS = 64  # at once; a new one then takes the place of an old one
 ACCEPT_BATCH = 16  # accepts per wakeup
 ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
 
@@ -173,7 +180,7 @@ class MetricsEndpoint:
         self.health = health
         self.client_timeout = client_timeout
         self.max_clients = max_clients
-        self.clients: set[_Client] = set()
+        self.clients: dict[_Client, None] = {}  # in the order they came
         self.accepting = False
         self.resume_deadline = math.inf  # when to accept again after running out of fds
         self.accept_failures = logs.RateLimitedLog(log, logging.WARNING)
@@ -219,20 +226,13 @@ class MetricsEndpoint:
                 self.selector.unregister(listener.sock)
 
     def _maybe_resume(self) -> None:
-        if (
-            not self.accepting
-            and math.isinf(self.resume_deadline)
-            and len(self.clients) < self.max_clients
-        ):
+        if not self.accepting and math.isinf(self.resume_deadline):
             self._start_accepting()
 
     def _accept(self, listener: Listener) -> None:
         for _ in range(ACCEPT_BATCH):
             if not self.accepting:
                 return  # paused earlier in this round of events
-            if len(self.clients) >= self.max_clients:
-                self._stop_accepting()  # the rest wait in the backlog
-                return
             try:
                 sock, _ = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -240,10 +240,20 @@ class MetricsEndpoint:
             except OSError as error:
                 self._on_accept_error(error, listener)
                 return
+            if len(self.clients) >= self.max_clients:
+                self._make_room()
             sock.setblocking(False)
             client = _Client(self, sock, time.monotonic() + self.client_timeout)
-            self.clients.add(client)
+            self.clients[client] = None
             self.selector.register(sock, selectors.EVENT_READ, client.on_ready)
+            client.on_ready()  # the request usually came with the connection
+
+    def _make_room(self) -> None:
+        """Close the oldest client still waiting for its request, else the oldest."""
+        waiting = (c for c in self.clients if c.response is None and not c.lingering)
+        oldest = next(waiting, None) or next(iter(self.clients))
+        log.debug("%d metrics clients, closing the oldest to make room", len(self.clients))
+        self.close_client(oldest)
 
     def _on_accept_error(self, error: OSError, listener: Listener) -> None:
         if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -262,7 +272,7 @@ class MetricsEndpoint:
             )
 
     def close_client(self, client: _Client) -> None:
-        self.clients.discard(client)
+        self.clients.pop(client, None)
         try:
             self.selector.unregister(client.sock)
         except (KeyError, ValueError):

@@ -35,6 +35,7 @@ from forkproxy.shared.scoreboard import (
     CONNECTION_DURATION_BOUNDS,
     CONNECTION_DURATION_BUCKETS,
     CONNECTION_DURATION_SUM_NS,
+    HEARTBEAT_NS,
     REFUSED,
     STATE,
     Scoreboard,
@@ -64,6 +65,7 @@ class FakeMaster:
     target_workers: int = 2
     restarts: int = 0
     stopping: bool = False
+    heartbeat_interval: float = 1.0
 
 
 def _samples(text: str) -> Samples:
@@ -241,6 +243,20 @@ def _one_killed(board: Scoreboard, master: FakeMaster) -> None:
     master.workers[1001].killed = True
 
 
+def _one_frozen(board: Scoreboard, master: FakeMaster) -> None:
+    """SIGSTOPped, or its loop stuck: its last heartbeat is 3 intervals and a bit old."""
+    board.slot(1)[HEARTBEAT_NS] = time.monotonic_ns() - 3_100_000_000
+
+
+def _one_late_by_less_than_three_beats(board: Scoreboard, master: FakeMaster) -> None:
+    board.slot(1)[HEARTBEAT_NS] = time.monotonic_ns() - 2_000_000_000
+
+
+def _all_frozen(board: Scoreboard, master: FakeMaster) -> None:
+    for slot in (0, 1):
+        board.slot(slot)[HEARTBEAT_NS] = time.monotonic_ns() - 10_000_000_000
+
+
 def _new_generation_starting(board: Scoreboard, master: FakeMaster) -> None:
     """SIGHUP: the old generation still serves but is no longer current."""
     master.generation = 1
@@ -264,6 +280,9 @@ def _new_generation_serving(board: Scoreboard, master: FakeMaster) -> None:
         (_stopping, False, "stopping"),
         (_one_fewer_wanted, True, "1 of 1 workers serving"),
         (_one_killed, False, "1 of 2 workers serving"),
+        (_one_frozen, False, "1 of 2 workers serving, 1 not responding"),
+        (_one_late_by_less_than_three_beats, True, "2 of 2 workers serving"),
+        (_all_frozen, False, "0 of 2 workers serving, 2 not responding"),
         (_new_generation_starting, False, "1 of 2 workers serving"),
         (_new_generation_serving, True, "2 of 2 workers serving"),
     ],
@@ -525,31 +544,52 @@ def test_a_slow_or_silent_client_is_dropped_at_its_deadline(
         assert client.recv(1) == b""  # dropped without a response
 
 
-def test_clients_beyond_the_limit_wait_in_the_backlog(served: Callable[..., Served]) -> None:
+def test_idle_clients_cannot_starve_a_probe(served: Callable[..., Served]) -> None:
+    """50 idle connections, twice the limit: a probe is still answered, and each new
+    client pushed out the oldest idle one rather than waiting in the backlog."""
+    server = served(max_clients=25)
+    endpoint = server.endpoint
+    idle = []
+    try:
+        for count in range(1, 51):
+            idle.append(server.connect())
+            server.pump(
+                lambda: (
+                    len(endpoint.clients) == min(count, 25)  # noqa: B023
+                    and endpoint.accepting
+                ),
+                f"idle client {count} to be accepted",
+            )
+        with server.connect() as probe:
+            probe.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            server.pump(lambda: any(c.lingering for c in endpoint.clients), "the answer")
+            assert _split(_read_to_eof(probe))[2] == b"2 of 2 workers serving\n"
+        assert idle[0].recv(1) == b""  # the oldest idle ones were closed for the newer
+        server.pump(lambda: len(endpoint.clients) == 24, "24 idle clients left")
+    finally:
+        for client in idle:
+            client.close()
+    server.pump(lambda: not endpoint.clients, "all clients closed")
+
+
+def test_a_new_client_pushes_out_an_idle_one_before_an_answered_one(
+    served: Callable[..., Served],
+) -> None:
     server = served(max_clients=2)
     endpoint = server.endpoint
-
-    def one_answered() -> bool:
-        return any(client.lingering for client in endpoint.clients)
-
-    with server.connect() as first, server.connect() as second, server.connect() as third:
-        server.pump(lambda: len(endpoint.clients) == 2, "two clients")
-        assert not endpoint.accepting  # the third waits in the backlog
-        first.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
-        server.pump(one_answered, "the first response")
-        assert _split(_read_to_eof(first))[0] == "HTTP/1.1 200 OK"
-        (served_first,) = [client for client in endpoint.clients if client.lingering]
-        first.close()
+    with server.connect() as answered, server.connect() as idle:
+        answered.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        server.pump(lambda: len(endpoint.clients) == 2 and server.answered() is False, "two")
         server.pump(
-            lambda: served_first not in endpoint.clients and len(endpoint.clients) == 2,
-            "the third to be accepted",
+            lambda: any(client.lingering for client in endpoint.clients), "the first answer"
         )
-        third.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
-        server.pump(one_answered, "the third client's response")
-        assert _split(_read_to_eof(third))[2] == b"2 of 2 workers serving\n"
-        second.close()
-        third.close()
-        server.pump(lambda: not endpoint.clients, "all clients closed")
+        with server.connect() as third:
+            third.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            server.pump(lambda: all(c.lingering for c in endpoint.clients), "the third answer")
+            assert idle.recv(1) == b""  # pushed out, unanswered
+            assert _split(_read_to_eof(answered))[2] == b"metric_a 1\n"  # kept
+            assert _split(_read_to_eof(third))[2] == b"2 of 2 workers serving\n"
+    server.pump(lambda: not endpoint.clients, "all clients closed")
 
 
 def test_a_failing_collector_gives_500_and_the_endpoint_goes_on(

@@ -1,0 +1,238 @@
+/* Accepting clients: accept4 in a bounded batch, admission, refusal, pausing.
+ *
+ * A client refused at the cap is accepted and closed at once (REFUSED counted before the
+ * close, so a kill between them cannot hide it); in queue mode (--on-limit=queue) it is
+ * held instead and accepting stops until hooks.on_capacity's waiter says capacity may
+ * be back (engine.retry_held()). Running out of descriptors pauses accepting for
+ * ACCEPT_PAUSE and leaves clients in the backlog. Never closes a listener.
+ */
+#include "engine.h"
+
+#include <errno.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#define ACCEPT_BATCH 32
+#define ACCEPT_PAUSE_NS 500000000
+
+int listeners_register(engine *e)
+{
+    for (int i = 0; i < e->nlisteners; i++) {
+        struct listener *l = &e->listeners[i];
+        if (l->registered)
+            continue;
+        if (epoll_add(e, l->fd, EPOLLIN | EPOLLEXCLUSIVE, &l->watch) < 0) {
+            if (errno != EINVAL || epoll_add(e, l->fd, EPOLLIN, &l->watch) < 0)
+                return -1; /* EINVAL: a kernel without EPOLLEXCLUSIVE */
+        }
+        l->registered = true;
+    }
+    return 0;
+}
+
+/* Before the caller closes its copy of a listener: epoll watches the open file, which
+ * other processes keep open, so it must be removed explicitly. */
+void listeners_unregister(engine *e)
+{
+    for (int i = 0; i < e->nlisteners; i++) {
+        struct listener *l = &e->listeners[i];
+        if (l->registered) {
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+            l->registered = false;
+        }
+    }
+}
+
+/* The TCP options a client needs set: those its listener does not already pass on
+ * (Linux copies TCP_NODELAY, SO_KEEPALIVE and the keep-alive timings to accepted
+ * sockets), so a unit that sets them on the socket saves a setsockopt per client. */
+int setup_listener_options(engine *e, struct listener *l)
+{
+    l->nclient_options = 0;
+    if (l->family != AF_INET && l->family != AF_INET6)
+        return 0;
+    int inline_ = 0;
+    socklen_t inline_len = sizeof inline_;
+    l->oobinline = getsockopt(l->fd, SOL_SOCKET, SO_OOBINLINE, &inline_, &inline_len) == 0 && inline_;
+    for (int i = 0; i < e->ntarget_options; i++) {
+        int value = 0;
+        socklen_t len = sizeof value;
+        const int *opt = e->target_options[i];
+        if (getsockopt(l->fd, opt[0], opt[1], &value, &len) == 0 && value == opt[2])
+            continue;
+        memcpy(l->client_options[l->nclient_options++], opt, sizeof l->client_options[0]);
+    }
+    return 0;
+}
+
+static void pause_accepting(engine *e)
+{
+    if (e->accepting) {
+        listeners_unregister(e);
+        e->accepting = false;
+        e->accept_resume_ns = e->now_ns + ACCEPT_PAUSE_NS;
+    }
+}
+
+void accept_resume(engine *e)
+{
+    connect_retry_waiting(e);
+    if (e->draining || e->accepting || e->held_fd >= 0)
+        return;
+    /* Still short of descriptors? The kernel hands out the lowest free one. */
+    int probe = dup(e->epfd);
+    if (probe >= 0)
+        close(probe);
+    if (probe < 0 || probe >= e->fd_ceiling) {
+        e->accept_resume_ns = e->now_ns + ACCEPT_PAUSE_NS;
+        return;
+    }
+    if (listeners_register(e) == 0)
+        e->accepting = true;
+}
+
+static void admitted(engine *e, struct listener *l, int fd, const struct sockaddr *peer,
+                     socklen_t peerlen, int source_row)
+{
+    conn *c = PyMem_Calloc(1, sizeof *c);
+    if (c == NULL) {
+        close(fd);
+        admission_release(e, source_row);
+        slot_add(e, e->lay.refused, 1);
+        return;
+    }
+    c->wclient.kind = WATCH_CLIENT;
+    c->wtarget.kind = WATCH_TARGET;
+    c->client_fd = fd;
+    c->target_fd = -1;
+    c->target = -1;
+    c->listener = l;
+    c->route = &e->routes[l->route];
+    c->source_row = source_row;
+    c->held = true;
+    c->started_ns = e->now_ns;
+    c->to_target.pipe.rfd = c->to_target.pipe.wfd = -1;
+    c->to_client.pipe.rfd = c->to_client.pipe.wfd = -1;
+    c->to_target.counter = e->lay.bytes_to_target;
+    c->to_client.counter = e->lay.bytes_to_client;
+    if (peerlen > sizeof c->peer)
+        peerlen = 0; /* a unix client's path: not needed */
+    memcpy(&c->peer, peer, peerlen);
+    c->peerlen = peerlen;
+    list_add_tail(&e->conns, &c->all);
+    e->open++;
+    slot_add(e, e->lay.accepted, 1);
+    slot_add(e, e->lay.active, 1);
+    for (int i = 0; i < l->nclient_options; i++) {
+        const int *opt = l->client_options[i];
+        setsockopt(fd, opt[0], opt[1], &opt[2], sizeof opt[2]); /* a gone client: found later */
+    }
+    c->cs.oobinline = l->oobinline;
+    if (e->copy_size && !l->oobinline && (l->family == AF_INET || l->family == AF_INET6)) {
+        int one = 1; /* recv must never skip an urgent byte (relay.c, copy_small) */
+        c->cs.oobinline = setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one) == 0;
+    }
+    /* Watched from the start: data it sends meanwhile is seen, a reset ends the attempt. */
+    if (epoll_add(e, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET, &c->wclient) < 0) {
+        c->state = CONN_CONNECTING;
+        conn_close(e, c, END_NORMAL, errno);
+        return;
+    }
+    connect_start(e, c);
+}
+
+static void refuse(engine *e, struct listener *l, int fd, const struct sockaddr *peer,
+                   socklen_t peerlen, enum admit_result why)
+{
+    slot_add(e, e->lay.refused, 1); /* before the close: a kill between must not hide it */
+    close(fd);
+    enum event_code code = why == REFUSED_CAP      ? EVENT_REFUSED_CAP
+                           : why == REFUSED_SOURCE ? EVENT_REFUSED_SOURCE
+                                                   : EVENT_REFUSED_BUSY;
+    event_report(e, code, 0, l->index, peer, peerlen, NULL);
+}
+
+static void hold(engine *e, struct listener *l, int fd, const struct sockaddr *peer,
+                 socklen_t peerlen)
+{
+    e->held_fd = fd;
+    e->held_listener = l;
+    if (peerlen > sizeof e->held_peer)
+        peerlen = 0;
+    memcpy(&e->held_peer, peer, peerlen);
+    e->held_peerlen = peerlen;
+    listeners_unregister(e);
+    e->accepting = false;
+    admission_wait_begin(e);
+    admit_held(e); /* capacity freed since the refusal is seen now, or changes the word */
+}
+
+/* Queue mode: try the held client again (also what engine.retry_held() does). */
+void admit_held(engine *e)
+{
+    if (e->held_fd < 0)
+        return;
+    /* Read before the attempt: a release after it changes the word, so a waiter given this
+     * value cannot miss it (futex(2)). */
+    e->capacity_seq = __atomic_load_n((uint32_t *)(e->base + e->lay.capacity_seq), __ATOMIC_SEQ_CST);
+    int row;
+    enum admit_result r = admission_admit(e, &e->held_peer.sa, e->held_peerlen, &row);
+    if (r == REFUSED_CAP) {
+        e->want_capacity = true; /* module.c asks hooks.on_capacity_wait(seq) */
+        return;
+    }
+    int fd = e->held_fd;
+    struct listener *l = e->held_listener;
+    e->held_fd = -1;
+    e->want_capacity = false;
+    admission_wait_end(e);
+    if (r == ADMITTED)
+        admitted(e, l, fd, &e->held_peer.sa, e->held_peerlen, row);
+    else
+        refuse(e, l, fd, &e->held_peer.sa, e->held_peerlen, r);
+    if (e->draining)
+        e->want_drained = true; /* reported once nothing is open */
+    else if (!e->accepting && !e->accept_resume_ns && listeners_register(e) == 0)
+        e->accepting = true;
+}
+
+void on_listener_ready(engine *e, struct listener *l)
+{
+    for (int i = 0; i < ACCEPT_BATCH && e->accepting; i++) {
+        union {
+            struct sockaddr sa;
+            struct sockaddr_storage ss;
+        } peer;
+        socklen_t peerlen = sizeof peer;
+        int fd = accept4(l->fd, &peer.sa, &peerlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            int error = errno;
+            if (error == EAGAIN || error == EWOULDBLOCK)
+                return;
+            if (error == EINTR || error == ECONNABORTED || error == EPROTO || error == EPERM)
+                continue;
+            event_report(e, EVENT_ACCEPT_ERROR, error, l->index, NULL, 0, NULL);
+            if (error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM)
+                pause_accepting(e); /* the client waits in the backlog */
+            return;
+        }
+        if (fd >= e->fd_ceiling) {
+            /* All lower descriptors are taken: serve this client from the headroom,
+             * leave the next ones in the backlog. */
+            event_report(e, EVENT_FD_LOW, EMFILE, l->index, NULL, 0, NULL);
+            pause_accepting(e);
+        }
+        if (peerlen > sizeof peer)
+            peerlen = sizeof peer;
+        int row;
+        enum admit_result r = admission_admit(e, &peer.sa, peerlen, &row);
+        if (r == ADMITTED)
+            admitted(e, l, fd, &peer.sa, peerlen, row);
+        else if (r == REFUSED_CAP && e->queue_on_limit && e->held_fd < 0)
+            hold(e, l, fd, &peer.sa, peerlen);
+        else
+            refuse(e, l, fd, &peer.sa, peerlen, r);
+    }
+}

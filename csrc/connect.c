@@ -1,0 +1,378 @@
+/* Connecting an admitted client to a target of its route, with failover.
+ *
+ * As the Python reference (targets.py, upstream.py): a route of one target connects to
+ * it; a route of several tries them healthy-first in this worker's round-robin order,
+ * then those cooling down, soonest back first; a target that fails cools down for
+ * COOLDOWN. Failures of this machine (out of descriptors or memory) try no other target:
+ * EMFILE/ENFILE keep the client and retry once accepting resumes. A host-name target is
+ * resolved by hooks.resolve on every connection and each address tried in turn.
+ * --connect-timeout applies to each step (resolving, each address).
+ *
+ * A connect in progress is done at its first writable edge (no SO_ERROR unless the edge
+ * carries an error, no second connect); the socket stays registered for the relay.
+ */
+#include "engine.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define COOLDOWN_NS 5000000000LL
+
+static void try_next_target(engine *e, conn *c);
+
+PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (len >= sizeof(struct sockaddr_in) && sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+        return PyUnicode_FromFormat("%s:%d", host, ntohs(in->sin_port));
+    }
+    if (len >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+        return PyUnicode_FromFormat("[%s]:%d", host, ntohs(in6->sin6_port));
+    }
+    return PyUnicode_FromString("unix-client");
+}
+
+static bool local_errno(int error)
+{
+    return error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM;
+}
+
+static void build_order(engine *e, conn *c)
+{
+    struct route *r = c->route;
+    int n = r->count;
+    c->steps = (uint16_t)n;
+    if (n == 1)
+        return;
+    c->order = PyMem_Malloc(sizeof *c->order * (size_t)n);
+    if (c->order == NULL) {
+        c->steps = 1; /* no memory: try the first only */
+        return;
+    }
+    unsigned start = r->next;
+    r->next = (start + 1) % (unsigned)n;
+    int healthy = 0, cooling = 0;
+    uint16_t *cool = c->order + n; /* cooling ones fill from the end, then sorted */
+    for (int i = 0; i < n; i++) {
+        int index = (int)((start + (unsigned)i) % (unsigned)n);
+        if (r->targets[index].cooling_until_ns <= e->now_ns)
+            c->order[healthy++] = (uint16_t)index;
+        else
+            *--cool = (uint16_t)index, cooling++;
+    }
+    /* cool[0..cooling) holds them in reverse rotation order: put them in rotation order,
+     * then a stable sort by end of cool-down (insertion sort: routes are short). */
+    for (int i = 0, j = cooling - 1; i < j; i++, j--) {
+        uint16_t t = cool[i];
+        cool[i] = cool[j];
+        cool[j] = t;
+    }
+    for (int i = 1; i < cooling; i++) {
+        uint16_t v = cool[i];
+        int j = i - 1;
+        while (j >= 0 && r->targets[cool[j]].cooling_until_ns > r->targets[v].cooling_until_ns) {
+            cool[j + 1] = cool[j];
+            j--;
+        }
+        cool[j + 1] = v;
+    }
+}
+
+void connect_start(engine *e, conn *c)
+{
+    build_order(e, c);
+    c->step = 0;
+    try_next_target(e, c);
+}
+
+static void fail_client(engine *e, conn *c, int error)
+{
+    slot_add(e, e->lay.connect_errors, 1);
+    event_report(e, EVENT_CONNECT_FAILED, error, (int)(c->route - e->routes), &c->peer.sa,
+                 c->peerlen, NULL);
+    conn_close(e, c, END_NORMAL, error);
+}
+
+static void drop_target_socket(conn *c)
+{
+    if (c->target_fd >= 0) {
+        close(c->target_fd); /* also leaves the epoll */
+        c->target_fd = -1;
+    }
+    c->ts = (struct sock_state){0};
+}
+
+static void connected(engine *e, conn *c)
+{
+    list_del(&c->timed);
+    struct route *r = c->route;
+    if (r->count > 1)
+        r->targets[c->target].cooling_until_ns = 0;
+    PyMem_Free(c->order);
+    c->order = NULL;
+    PyMem_Free(c->addrs);
+    c->addrs = NULL;
+    observe(e, &e->connect_hist, e->now_ns - c->started_ns);
+    if (e->proxy_protocol) {
+        char header[PROXY_HEADER_MAX];
+        union {
+            struct sockaddr sa;
+            struct sockaddr_storage ss;
+        } local = {.sa = {.sa_family = AF_UNSPEC}};
+        socklen_t locallen = sizeof local;
+        int family = c->peerlen ? c->peer.sa.sa_family : AF_UNSPEC;
+        if ((family == AF_INET || family == AF_INET6) &&
+            getsockname(c->client_fd, &local.sa, &locallen) < 0)
+            local.sa.sa_family = AF_UNSPEC;
+        const struct sockaddr *client = &c->peer.sa;
+        struct sockaddr unspec = {.sa_family = AF_UNSPEC};
+        if (!c->peerlen || local.sa.sa_family != family)
+            client = &unspec;
+        int len = proxy_header_encode(e->proxy_protocol, client, &local.sa, header, sizeof header);
+        ssize_t sent = len < 0 ? -1 : send(c->target_fd, header, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent != len) {
+            /* nginx takes the header from its first read only: a short send is fatal. */
+            int error = sent < 0 ? errno : EMSGSIZE;
+            drop_target_socket(c);
+            fail_client(e, c, error);
+            return;
+        }
+    }
+    relay_start(e, c);
+}
+
+static void retry_later(engine *e, conn *c)
+{
+    /* Out of descriptors: keep the client, leave the others in the backlog, try this
+     * target again once accepting resumes. */
+    c->state = CONN_RETRY_WAIT;
+    c->step--;
+    list_del(&c->timed);
+    list_add_tail(&e->retryq, &c->queued);
+    if (e->accepting) {
+        listeners_unregister(e);
+        e->accepting = false;
+    }
+    if (!e->accept_resume_ns)
+        e->accept_resume_ns = e->now_ns + 500000000;
+}
+
+/* The target being tried has failed this client with `error`. */
+static void target_failed(engine *e, conn *c, int error)
+{
+    c->error = error;
+    if (error == EMFILE || error == ENFILE) {
+        if (!e->draining) {
+            event_report(e, EVENT_FD_LOW, error, c->listener->index, NULL, 0, NULL);
+            retry_later(e, c);
+            return;
+        }
+    }
+    if (local_errno(error)) {
+        list_del(&c->timed);
+        fail_client(e, c, error);
+        return;
+    }
+    struct route *r = c->route;
+    if (r->count > 1) {
+        struct target *t = &r->targets[c->target];
+        bool newly = t->cooling_until_ns <= e->now_ns;
+        t->cooling_until_ns = e->now_ns + COOLDOWN_NS;
+        if (newly)
+            event_report(e, EVENT_TARGET_FAILED, error, (int)(r - e->routes), NULL, 0, t->object);
+    }
+    try_next_target(e, c);
+}
+
+/* 0 connected, 1 in progress, else an errno. */
+static int try_address(engine *e, conn *c, const struct sockaddr *sa, socklen_t len)
+{
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return errno;
+    if (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) {
+        int one = 1; /* recv must never skip an urgent byte (relay.c, copy_small) */
+        if (e->copy_size && setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one) < 0) {
+            int error = errno;
+            close(fd);
+            return error;
+        }
+        for (int i = 0; i < e->ntarget_options; i++) {
+            const int *opt = e->target_options[i];
+            if (setsockopt(fd, opt[0], opt[1], &opt[2], sizeof opt[2]) < 0) {
+                int error = errno;
+                close(fd);
+                return error;
+            }
+        }
+    }
+    int rc = connect(fd, sa, len);
+    int error = rc == 0 ? 0 : errno;
+    if (rc < 0 && error != EINPROGRESS) {
+        close(fd);
+        return error;
+    }
+    if (epoll_add(e, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET, &c->wtarget) < 0) {
+        error = errno;
+        close(fd);
+        return error;
+    }
+    c->target_fd = fd;
+    c->ts.oobinline = e->copy_size && (sa->sa_family == AF_INET || sa->sa_family == AF_INET6);
+    return rc == 0 ? 0 : 1;
+}
+
+/* The next address of the current target, or the next target once none is left. */
+static void try_addresses(engine *e, conn *c)
+{
+    struct target *t = &c->route->targets[c->target];
+    for (;;) {
+        const struct sockaddr *sa;
+        socklen_t len;
+        if (t->family != 0) {
+            if (c->next_addr > 0)
+                break;
+            sa = (const struct sockaddr *)&t->addr;
+            len = t->addrlen;
+        } else {
+            if (c->next_addr >= c->naddrs)
+                break;
+            sa = (const struct sockaddr *)&c->addrs[c->next_addr];
+            len = sa->sa_family == AF_INET ? sizeof(struct sockaddr_in)
+                  : sa->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                              : sizeof(struct sockaddr_un);
+        }
+        c->next_addr++;
+        int rc = try_address(e, c, sa, len);
+        if (rc == 0) {
+            c->ts.writable = true;
+            connected(e, c);
+            return;
+        }
+        if (rc == 1) {
+            e->connects_begun = true;
+            c->state = CONN_CONNECTING;
+            c->deadline_ns = e->now_ns + e->connect_timeout_ns;
+            list_del(&c->timed);
+            if (e->connect_timeout_ns)
+                list_add_tail(&e->connecting, &c->timed);
+            return;
+        }
+        c->error = rc;
+        if (local_errno(rc))
+            break;
+    }
+    PyMem_Free(c->addrs);
+    c->addrs = NULL;
+    c->naddrs = 0;
+    target_failed(e, c, c->error ? c->error : EHOSTUNREACH);
+}
+
+static void try_next_target(engine *e, conn *c)
+{
+    if (c->step >= c->steps) {
+        list_del(&c->timed);
+        fail_client(e, c, c->error ? c->error : EHOSTUNREACH);
+        return;
+    }
+    c->target = c->order ? c->order[c->step] : 0;
+    c->step++;
+    c->next_addr = 0;
+    struct target *t = &c->route->targets[c->target];
+    if (t->family == 0) {
+        c->state = CONN_RESOLVING;
+        c->token = ++e->next_token;
+        c->resolve_asked = false;
+        c->deadline_ns = e->now_ns + e->connect_timeout_ns;
+        list_del(&c->timed);
+        if (e->connect_timeout_ns)
+            list_add_tail(&e->connecting, &c->timed);
+        list_add_tail(&e->resolveq, &c->queued); /* asked after the batch (module.c) */
+        return;
+    }
+    try_addresses(e, c);
+}
+
+void connect_on_target_event(engine *e, conn *c, uint32_t events)
+{
+    if (events & (EPOLLERR | EPOLLHUP)) {
+        int error = 0;
+        socklen_t len = sizeof error;
+        if (getsockopt(c->target_fd, SOL_SOCKET, SO_ERROR, &error, &len) < 0 || error == 0)
+            error = ECONNREFUSED;
+        drop_target_socket(c);
+        c->error = error;
+        try_addresses(e, c);
+        return;
+    }
+    if (!(events & EPOLLOUT))
+        return;
+    c->ts.writable = true;
+    c->ts.readable = (events & (EPOLLIN | EPOLLRDHUP)) != 0;
+    c->ts.urgent = (events & EPOLLPRI) != 0;
+    connected(e, c);
+}
+
+void connect_resolved(engine *e, conn *c, struct sockaddr_storage *addrs, int count)
+{
+    list_del(&c->queued);
+    c->token = 0;
+    c->addrs = addrs;
+    c->naddrs = count;
+    c->next_addr = 0;
+    c->error = EHOSTUNREACH;
+    try_addresses(e, c);
+}
+
+void connect_resolve_failed(engine *e, conn *c, int error)
+{
+    list_del(&c->queued);
+    list_del(&c->timed);
+    c->token = 0;
+    target_failed(e, c, error ? error : EHOSTUNREACH);
+}
+
+void connect_expire(engine *e, int64_t now)
+{
+    while (!list_empty(&e->connecting)) {
+        conn *c = container_of(e->connecting.next, conn, timed);
+        if (c->deadline_ns > now)
+            break;
+        list_del(&c->timed);
+        if (c->state == CONN_RESOLVING) {
+            list_del(&c->queued);
+            c->token = 0; /* a late answer finds no one */
+            target_failed(e, c, ETIMEDOUT);
+        } else {
+            drop_target_socket(c);
+            c->error = ETIMEDOUT;
+            try_addresses(e, c);
+        }
+    }
+}
+
+void connect_retry_waiting(engine *e)
+{
+    while (!list_empty(&e->retryq)) {
+        conn *c = container_of(e->retryq.next, conn, queued);
+        list_del(&c->queued);
+        try_next_target(e, c);
+    }
+}
+
+void connect_cancel(engine *e, conn *c)
+{
+    (void)e;
+    list_del(&c->timed);
+    if (c->state == CONN_RESOLVING || c->state == CONN_RETRY_WAIT)
+        list_del(&c->queued);
+    c->token = 0;
+}

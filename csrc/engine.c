@@ -1,0 +1,380 @@
+/* The Engine type: construction, the methods Python calls, teardown.
+ *
+ * One Engine per worker process, used from one thread; see README.md for the API.
+ */
+#include "engine.h"
+
+#include <errno.h>
+#include <unistd.h>
+
+static PyObject *hook_attr(PyObject *hooks, const char *name, bool required)
+{
+    PyObject *v = PyObject_GetAttrString(hooks, name);
+    if (v == NULL && !required && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (v == Py_None) {
+        Py_DECREF(v);
+        return NULL;
+    }
+    return v;
+}
+
+static void engine_release(engine *e)
+{
+    if (e->closed)
+        return;
+    e->closed = true;
+    while (!list_empty(&e->conns)) {
+        conn *c = container_of(e->conns.next, conn, all);
+        conn_close(e, c, END_NORMAL, 0);
+    }
+    if (e->held_fd >= 0) {
+        close(e->held_fd);
+        e->held_fd = -1;
+        if (e->base != NULL && e->lay.waiters)
+            admission_wait_end(e);
+    }
+    engine_free_graveyard(e);
+    pipe_pool_close(e);
+    if (e->timerfd >= 0)
+        close(e->timerfd);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    e->timerfd = e->epfd = -1;
+    e->base = NULL;
+    if (e->have_memory) {
+        PyBuffer_Release(&e->memory);
+        e->have_memory = false;
+    }
+}
+
+static void engine_dealloc(engine *e)
+{
+    engine_release(e);
+    for (int i = 0; i < e->nroutes; i++) {
+        for (int j = 0; j < e->routes[i].count; j++) {
+            Py_XDECREF(e->routes[i].targets[j].object);
+            Py_XDECREF(e->routes[i].targets[j].host);
+        }
+        PyMem_Free(e->routes[i].targets);
+    }
+    PyMem_Free(e->routes);
+    PyMem_Free(e->listeners);
+    PyMem_Free(e->copybuf);
+    Py_XDECREF(e->hook_resolve);
+    Py_XDECREF(e->hook_event);
+    Py_XDECREF(e->hook_idle);
+    Py_XDECREF(e->hook_drained);
+    Py_XDECREF(e->hook_capacity);
+    Py_XDECREF(e->error_type);
+    Py_XDECREF(e->error_value);
+    Py_XDECREF(e->error_tb);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"memory", "layout", "slot", "listeners", "routes", "hooks",
+                            "connect_timeout", "idle_timeout", "proxy_protocol", "tcp_options",
+                            "pipe_size", "pipe_keep", "fd_ceiling", "queue_on_limit", "copy_size",
+                            NULL};
+    PyObject *memory, *layout, *listeners, *routes, *hooks, *tcp_options = NULL;
+    Py_ssize_t slot;
+    double connect_timeout = 0, idle_timeout = 0;
+    int proxy_protocol = 0, pipe_size = 0, pipe_keep = 4, fd_ceiling = -1, queue = 0;
+    int copy_size = COPY_SIZE_DEFAULT;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOnOOO|$ddiOiiipi", names, &memory, &layout,
+                                     &slot, &listeners, &routes, &hooks, &connect_timeout,
+                                     &idle_timeout, &proxy_protocol, &tcp_options, &pipe_size,
+                                     &pipe_keep, &fd_ceiling, &queue, &copy_size))
+        return NULL;
+    if (proxy_protocol < 0 || proxy_protocol > 2 || slot < 0 || pipe_size < 0 || copy_size < 0 ||
+        copy_size > COPY_SIZE_MAX) {
+        PyErr_SetString(PyExc_ValueError, "invalid proxy_protocol, slot, pipe_size or copy_size");
+        return NULL;
+    }
+    engine *e = (engine *)type->tp_alloc(type, 0);
+    if (e == NULL)
+        return NULL;
+    e->epfd = e->timerfd = e->held_fd = -1;
+    list_init(&e->conns);
+    list_init(&e->connecting);
+    list_init(&e->idle);
+    list_init(&e->runq);
+    list_init(&e->resolveq);
+    list_init(&e->retryq);
+    list_init(&e->graveyard);
+    e->slot_index = (size_t)slot;
+    e->proxy_protocol = proxy_protocol;
+    e->pipe_size = pipe_size;
+    e->pipe_keep = pipe_keep < 0 ? 0 : pipe_keep > PIPE_POOL_MAX ? PIPE_POOL_MAX : pipe_keep;
+    e->fd_ceiling = fd_ceiling < 0 ? INT32_MAX : fd_ceiling;
+    e->queue_on_limit = queue != 0;
+    e->copy_size = copy_size;
+    if (copy_size && (e->copybuf = PyMem_Malloc((size_t)copy_size)) == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    e->connect_timeout_ns = timeout_ns(connect_timeout);
+    e->idle_timeout_ns = timeout_ns(idle_timeout);
+    if (PyObject_GetBuffer(memory, &e->memory, PyBUF_WRITABLE) < 0)
+        goto fail;
+    e->have_memory = true;
+    if (parse_layout(e, layout) < 0 || (tcp_options && parse_options(e, tcp_options) < 0) ||
+        parse_routes(e, routes) < 0 || parse_listeners(e, listeners) < 0)
+        goto fail;
+    e->hook_resolve = hook_attr(hooks, "resolve", false);
+    e->hook_event = hook_attr(hooks, "on_event", false);
+    e->hook_idle = hook_attr(hooks, "on_idle", false);
+    e->hook_drained = hook_attr(hooks, "on_drained", false);
+    e->hook_capacity = hook_attr(hooks, "on_capacity_wait", false);
+    if (PyErr_Occurred())
+        goto fail;
+    for (int i = 0; i < e->nroutes; i++)
+        for (int j = 0; j < e->routes[i].count; j++)
+            if (e->routes[i].targets[j].family == 0 && e->hook_resolve == NULL) {
+                PyErr_SetString(PyExc_ValueError, "host-name targets need hooks.resolve");
+                goto fail;
+            }
+    if (e->queue_on_limit && (e->hook_capacity == NULL || !e->lay.waiters)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "queue_on_limit needs hooks.on_capacity_wait and the layout's waiters");
+        goto fail;
+    }
+    if (loop_init(e) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    return (PyObject *)e;
+fail:
+    Py_DECREF(e);
+    return NULL;
+}
+
+static PyObject *engine_fileno(engine *e, PyObject *unused)
+{
+    (void)unused;
+    if (e->closed) {
+        PyErr_SetString(PyExc_ValueError, "the engine is closed");
+        return NULL;
+    }
+    return PyLong_FromLong(e->epfd);
+}
+
+static PyObject *engine_dispatch(engine *e, PyObject *unused)
+{
+    (void)unused;
+    if (engine_enter(e) < 0)
+        return NULL;
+    if (e->dispatching) {
+        PyErr_SetString(PyExc_RuntimeError, "dispatch() called from a hook");
+        return NULL;
+    }
+    e->dispatching = true;
+    loop_dispatch(e);
+    e->dispatching = false;
+    return engine_leave(e, Py_NewRef(Py_None));
+}
+
+static PyObject *engine_start_accepting(engine *e, PyObject *unused)
+{
+    (void)unused;
+    if (engine_enter(e) < 0)
+        return NULL;
+    if (e->draining) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is draining");
+        return NULL;
+    }
+    if (!e->accepting && e->held_fd < 0) {
+        e->accept_resume_ns = 0;
+        if (listeners_register(e) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            listeners_unregister(e);
+            return NULL;
+        }
+        e->accepting = true;
+    }
+    return engine_leave(e, Py_NewRef(Py_None));
+}
+
+static PyObject *engine_stop_accepting(engine *e, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"drain", NULL};
+    int drain = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$p", names, &drain) || engine_enter(e) < 0)
+        return NULL;
+    listeners_unregister(e);
+    e->accepting = false;
+    e->accept_resume_ns = 0;
+    if (drain && !e->draining) {
+        e->draining = true;
+        e->want_drained = true;
+    }
+    return engine_leave(e, Py_NewRef(Py_None));
+}
+
+static PyObject *engine_open_connections(engine *e, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(e->open);
+}
+
+static PyObject *engine_close_all(engine *e, PyObject *unused)
+{
+    (void)unused;
+    if (engine_enter(e) < 0)
+        return NULL;
+    if (e->held_fd >= 0) {
+        slot_add(e, e->lay.refused, 1);
+        close(e->held_fd);
+        e->held_fd = -1;
+        e->want_capacity = false;
+        admission_wait_end(e);
+        e->want_drained = e->draining;
+    }
+    while (!list_empty(&e->conns))
+        conn_close(e, container_of(e->conns.next, conn, all), END_NORMAL, 0);
+    return engine_leave(e, Py_NewRef(Py_None));
+}
+
+static conn *find_resolving(engine *e, unsigned long long token)
+{
+    for (struct link *l = e->resolveq.next; l != &e->resolveq; l = l->next) {
+        conn *c = container_of(l, conn, queued);
+        if (c->token == token && c->state == CONN_RESOLVING)
+            return c;
+    }
+    return NULL;
+}
+
+static PyObject *engine_resolved(engine *e, PyObject *args)
+{
+    unsigned long long token;
+    PyObject *addrs;
+    if (!PyArg_ParseTuple(args, "KO", &token, &addrs) || engine_enter(e) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(addrs, "addresses must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    struct sockaddr_storage *list = PyMem_Calloc((size_t)n + 1, sizeof *list);
+    if (list == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    int count = 0;
+    for (Py_ssize_t i = 0; i < n && count < 64; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        /* (family, sockaddr) or getaddrinfo's (family, type, proto, canonname, sockaddr) */
+        Py_ssize_t len = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 0;
+        if (len != 2 && len != 5) {
+            PyErr_SetString(PyExc_TypeError, "an address is (family, sockaddr)");
+            goto fail;
+        }
+        long family = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+        if (family == -1 && PyErr_Occurred())
+            goto fail;
+        socklen_t slen;
+        if (family != AF_INET && family != AF_INET6)
+            continue;
+        if (to_sockaddr((int)family, PyTuple_GET_ITEM(item, len - 1), &list[count], &slen) < 0)
+            goto fail;
+        count++;
+    }
+    Py_DECREF(seq);
+    conn *c = find_resolving(e, token);
+    if (c == NULL) {
+        PyMem_Free(list);
+        return engine_leave(e, Py_NewRef(Py_False)); /* timed out or closed meanwhile */
+    }
+    connect_resolved(e, c, list, count);
+    return engine_leave(e, Py_NewRef(Py_True));
+fail:
+    Py_DECREF(seq);
+    PyMem_Free(list);
+    return NULL;
+}
+
+static PyObject *engine_resolve_failed(engine *e, PyObject *args)
+{
+    unsigned long long token;
+    int error;
+    PyObject *text = NULL;
+    if (!PyArg_ParseTuple(args, "Ki|O", &token, &error, &text) || engine_enter(e) < 0)
+        return NULL;
+    conn *c = find_resolving(e, token);
+    if (c == NULL)
+        return engine_leave(e, Py_NewRef(Py_False));
+    connect_resolve_failed(e, c, error > 0 ? error : EHOSTUNREACH);
+    return engine_leave(e, Py_NewRef(Py_True));
+}
+
+static PyObject *engine_retry_held(engine *e, PyObject *unused)
+{
+    (void)unused;
+    if (engine_enter(e) < 0)
+        return NULL;
+    admit_held(e);
+    return engine_leave(e, Py_NewRef(e->held_fd >= 0 ? Py_False : Py_True));
+}
+
+static PyObject *engine_close(engine *e, PyObject *unused)
+{
+    (void)unused;
+    if (e->dispatching) {
+        PyErr_SetString(PyExc_RuntimeError, "close() called from a hook");
+        return NULL;
+    }
+    engine_release(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_stats(engine *e, PyObject *unused)
+{
+    (void)unused;
+    long relaying = 0, connecting = 0;
+    for (struct link *l = e->conns.next; l != &e->conns; l = l->next) {
+        if (container_of(l, conn, all)->state == CONN_RELAYING)
+            relaying++;
+        else
+            connecting++;
+    }
+    return Py_BuildValue("{sKsKsKsKslslsislsisN}", "dispatches",
+                         (unsigned long long)e->stat_dispatches, "events",
+                         (unsigned long long)e->stat_events, "pumps",
+                         (unsigned long long)e->stat_pumps, "timer_fires",
+                         (unsigned long long)e->stat_timer_fires, "relaying", relaying,
+                         "connecting", connecting, "pipes_pooled", e->npool, "pipes_in_use",
+                         e->pipes_in_use, "held", e->held_fd >= 0,
+                         "accepting", PyBool_FromLong(e->accepting));
+}
+
+static PyMethodDef engine_methods[] = {
+    {"fileno", (PyCFunction)engine_fileno, METH_NOARGS, "The epoll fd: readable when dispatch() has work."},
+    {"dispatch", (PyCFunction)engine_dispatch, METH_NOARGS, "Run one batch of ready events and due timers."},
+    {"start_accepting", (PyCFunction)engine_start_accepting, METH_NOARGS, "Watch the listeners."},
+    {"stop_accepting", (PyCFunction)(void (*)(void))engine_stop_accepting, METH_VARARGS | METH_KEYWORDS,
+     "Stop watching the listeners (before closing them); drain=True: hooks.on_drained once nothing is open."},
+    {"open_connections", (PyCFunction)engine_open_connections, METH_NOARGS, "Admitted and not yet closed."},
+    {"close_all", (PyCFunction)engine_close_all, METH_NOARGS, "End every connection now."},
+    {"resolved", (PyCFunction)engine_resolved, METH_VARARGS, "resolved(token, addresses): hooks.resolve's answer."},
+    {"resolve_failed", (PyCFunction)engine_resolve_failed, METH_VARARGS, "resolve_failed(token, errno[, text])."},
+    {"retry_held", (PyCFunction)engine_retry_held, METH_NOARGS, "Queue mode: try to admit the held client again."},
+    {"close", (PyCFunction)engine_close, METH_NOARGS, "Close every connection and the engine's fds."},
+    {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Internal counts, for tests."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "forkproxy.relay._engine.Engine",
+    .tp_basicsize = sizeof(engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Engine(memory, layout, slot, listeners, routes, hooks, *, connect_timeout=0, "
+              "idle_timeout=0, proxy_protocol=0, tcp_options=(), pipe_size=0, pipe_keep=4, "
+              "fd_ceiling=-1, queue_on_limit=False)",
+    .tp_new = engine_new,
+    .tp_dealloc = (destructor)engine_dealloc,
+    .tp_methods = engine_methods,
+};

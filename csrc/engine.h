@@ -1,0 +1,329 @@
+/* The compiled relay engine (forkproxy.relay._engine): declarations shared by its files.
+ *
+ * One Engine per worker process, used from one thread. It owns an epoll fd (nested in
+ * the worker's event loop), a timerfd, the connections it accepted and its pipe pool;
+ * it never owns the listeners (systemd's or the master's) and never logs: conditions go
+ * to hooks.on_event, rate-limited (see module.c). Layout of the shared mapping: README.md.
+ *
+ * Files: module.c (the module), engine.c (the Engine type), config.c (its configuration),
+ * hooks.c (calls to Python, events), loop.c (epoll, timers, queues), admission.c (the
+ * shared mapping's lock, caps), accept.c, connect.c (targets, failover), relay.c (splice),
+ * proxy_header.c (PROXY protocol encoding); formats.h: the pure pieces (PROXY header
+ * parsing, the access-log line) and their files.
+ */
+#ifndef FORKPROXY_ENGINE_H
+#define FORKPROXY_ENGINE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "formats.h"
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
+/* -- intrusive doubly linked lists (a head is a link pointing at itself when empty) -- */
+struct link {
+    struct link *prev, *next;
+};
+static inline void list_init(struct link *head) { head->prev = head->next = head; }
+static inline bool list_empty(const struct link *head) { return head->next == head; }
+static inline bool linked(const struct link *item) { return item->next != NULL; }
+static inline void list_add_tail(struct link *head, struct link *item)
+{
+    item->prev = head->prev;
+    item->next = head;
+    head->prev->next = item;
+    head->prev = item;
+}
+static inline void list_del(struct link *item)
+{
+    if (item->next == NULL)
+        return;
+    item->prev->next = item->next;
+    item->next->prev = item->prev;
+    item->prev = item->next = NULL;
+}
+
+/* -- what an epoll event's data.ptr points at: a tag, first member of its owner -- */
+enum watch_kind { WATCH_LISTENER = 1, WATCH_TIMER, WATCH_CLIENT, WATCH_TARGET };
+struct watch {
+    uint8_t kind;
+};
+
+/* -- events reported to hooks.on_event(code, count, errno, (index, subject)) -- */
+enum event_code {
+    EVENT_REFUSED_CAP = 0,   /* (listener, client): global cap reached */
+    EVENT_REFUSED_SOURCE,    /* (listener, client): per-source limit reached */
+    EVENT_REFUSED_BUSY,      /* (listener, client): admission lock held too long */
+    EVENT_CONNECT_FAILED,    /* (route, client): every target failed this client */
+    EVENT_TARGET_FAILED,     /* (route, target): a target failed and cools down */
+    EVENT_ACCEPT_ERROR,      /* (listener, None): accept4 failed (errno) */
+    EVENT_FD_LOW,            /* (listener, None): descriptors short, accepts paused */
+    EVENT_RELAY_ERROR,       /* (listener, client): a relay failed, not a peer's doing */
+    EVENT_KINDS
+};
+
+struct event_state {
+    int64_t next_ns;      /* reports before this are only counted */
+    uint64_t count;       /* occurrences not yet reported */
+    int error;            /* of the last occurrence */
+    int index;
+    PyObject *target;     /* borrowed (targets live as long as the engine), or NULL */
+    struct sockaddr_storage peer; /* the client's address, when peerlen > 0 */
+    socklen_t peerlen;
+};
+
+/* -- the shared mapping: offsets from Python (README.md), checked at construction -- */
+struct layout {
+    /* header, absolute byte offsets */
+    size_t mutex, capacity, slot_high_water, capacity_seq, waiters;
+    size_t source_limit, source_entries, source_dirty, source_table, source_row_bytes,
+        source_counts;
+    /* slots */
+    size_t slots, slot_bytes, max_slots;
+    /* fields within a slot, relative byte offsets */
+    size_t held, active, accepted, refused, connect_errors, bytes_to_target, bytes_to_client,
+        closed, last_activity_ns, connect_buckets, connect_sum_ns, connection_buckets,
+        connection_sum_ns;
+};
+
+#define MAX_BOUNDS 32
+struct histogram {
+    int count;                 /* bounds; buckets are count + 1 (the last is +Inf) */
+    int64_t bound_ns[MAX_BOUNDS];
+    size_t buckets, sum_ns;    /* slot-relative offsets */
+};
+
+/* -- targets and routes -- */
+struct target {
+    PyObject *object;          /* the Python target, for events and resolve */
+    int family;                /* 0: a host name to resolve each time */
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    PyObject *host;            /* family 0: str host and port for hooks.resolve */
+    int port;
+    int64_t cooling_until_ns;  /* this worker's passive cool-down */
+};
+
+struct route {
+    int count;
+    unsigned next;             /* round-robin start, this worker's */
+    struct target *targets;
+};
+
+/* -- a listener the engine accepts on (it never closes the fd) -- */
+struct listener {
+    struct watch watch;
+    int fd, family, index, route;
+    bool registered;
+    bool oobinline;            /* set on the listener: accepted sockets inherit it */
+    int nclient_options;       /* setsockopt(2) on each client: those not inherited */
+    int client_options[8][3];
+};
+
+/* -- a kernel pipe used as a splice buffer -- */
+struct pipe_buf {
+    int rfd, wfd;              /* -1 when none */
+    uint32_t capacity;
+};
+
+/* Per socket of a connection: what epoll said and we have not used up yet (edge
+ * triggered: a flag stays set until a call says EAGAIN). */
+struct sock_state {
+    bool readable, writable, urgent, oobinline, hangup;
+};
+
+struct direction {
+    struct pipe_buf pipe;
+    uint32_t pending;          /* bytes in the pipe */
+    bool eof;                  /* the source has sent EOF */
+    bool done;                 /* EOF passed on: finished */
+    bool bulk;                 /* a read filled the copy buffer: splice from now on */
+    size_t counter;            /* slot-relative offset of its byte counter */
+};
+
+enum conn_state {
+    CONN_RESOLVING = 1,        /* waiting for hooks.resolve's answer */
+    CONN_CONNECTING,           /* connect(2) under way */
+    CONN_RETRY_WAIT,           /* out of descriptors: socket(2) retried later */
+    CONN_RELAYING,
+    CONN_CLOSED,               /* fds closed, struct freed after the batch */
+};
+
+/* Why a connection ends, for the counters and for passing an abort on. */
+enum end_how { END_NORMAL = 0, END_ABORT_CLIENT, END_ABORT_TARGET };
+
+typedef struct conn {
+    struct link all;           /* engine->conns */
+    struct link timed;         /* connect FIFO (connecting) or idle LRU (relaying) */
+    struct link queued;        /* run queue, resolve queue, retry list or graveyard */
+    struct watch wclient, wtarget;
+    uint8_t state;
+    bool in_runq, resolve_asked, registered_target, counted_relay;
+    int client_fd, target_fd;
+    struct sock_state cs, ts;
+    struct direction to_target, to_client;
+    struct listener *listener;
+    struct route *route;
+    uint16_t *order;           /* failover order (routes of several targets) */
+    uint16_t steps, step;
+    int target;                /* index of the target being tried, -1 before */
+    struct sockaddr_storage *addrs; /* resolved addresses of a host-name target */
+    int naddrs, next_addr;
+    int error;                 /* the last attempt's errno */
+    uint64_t token;            /* hooks.resolve's token */
+    int64_t started_ns, deadline_ns, active_ns;
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in in4;
+        struct sockaddr_in6 in6;
+    } peer;
+    socklen_t peerlen;
+    int source_row;            /* per-source row holding a unit, or -1 */
+    bool held;                 /* holds a unit of the global cap */
+} conn;
+
+#define PIPE_POOL_MAX 64
+#define COPY_SIZE_DEFAULT 0
+#define COPY_SIZE_MAX (1 << 20)
+
+typedef struct engine {
+    PyObject_HEAD
+    int epfd, timerfd;
+    struct watch timer_watch;
+    bool closed, dispatching, accepting, draining, drained_reported, queue_on_limit;
+    bool connects_begun;       /* this batch left a connect in progress */
+    /* shared mapping */
+    Py_buffer memory;
+    bool have_memory;
+    char *base;
+    struct layout lay;
+    size_t slot_index;
+    char *slot;
+    /* configuration */
+    struct listener *listeners;
+    int nlisteners;
+    struct route *routes;
+    int nroutes;
+    int64_t connect_timeout_ns, idle_timeout_ns; /* 0: none */
+    int proxy_protocol;        /* 0, 1 or 2 */
+    int target_options[8][3];
+    int ntarget_options;
+    int pipe_size, pipe_keep;
+    int copy_size;             /* small reads through copybuf (0: always splice) */
+    char *copybuf;
+    int fd_ceiling;
+    struct histogram connect_hist, connection_hist;
+    /* connections */
+    struct link conns, connecting, idle, runq, resolveq, retryq, graveyard;
+    long open;                 /* admitted and not yet closed */
+    uint64_t next_token;
+    /* held client in queue mode (--on-limit=queue) */
+    int held_fd;
+    struct listener *held_listener;
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in6 in6;
+    } held_peer;
+    socklen_t held_peerlen;
+    /* pipes */
+    struct pipe_buf pool[PIPE_POOL_MAX];
+    int npool;
+    long pipes_in_use;
+    /* timers (CLOCK_MONOTONIC ns; 0 = none) */
+    int64_t now_ns, armed_ns, accept_resume_ns, wake_now;
+    /* hooks */
+    PyObject *hook_resolve, *hook_event, *hook_idle, *hook_drained, *hook_capacity;
+    bool want_idle, want_drained, want_capacity;
+    uint32_t capacity_seq;
+    struct event_state events[EVENT_KINDS];
+    int64_t events_due_ns;
+    PyObject *error_type, *error_value, *error_tb; /* first exception from a hook */
+    /* statistics for tests */
+    uint64_t stat_dispatches, stat_events, stat_pumps, stat_timer_fires;
+} engine;
+
+/* Slot words: plain 64-bit stores and loads that the master reads concurrently. */
+static inline int64_t *slot_word(engine *e, size_t offset) { return (int64_t *)(e->slot + offset); }
+static inline void slot_add(engine *e, size_t offset, int64_t n)
+{
+    int64_t *word = slot_word(e, offset);
+    __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+
+/* loop.c */
+int64_t monotonic_ns(void);
+int loop_init(engine *e);
+int loop_dispatch(engine *e);
+void timers_update(engine *e);
+void runq_push(engine *e, conn *c);
+void engine_free_graveyard(engine *e);
+int epoll_add(engine *e, int fd, uint32_t events, struct watch *watch);
+
+/* admission.c */
+enum admit_result { ADMITTED = 0, REFUSED_CAP, REFUSED_SOURCE, REFUSED_BUSY };
+enum admit_result admission_admit(engine *e, const struct sockaddr *peer, socklen_t len,
+                                  int *source_row);
+void admission_release(engine *e, int source_row);
+uint32_t admission_wait_begin(engine *e);
+uint64_t source_hash(const uint8_t *key);
+void admission_wait_end(engine *e);
+
+/* accept.c */
+int listeners_register(engine *e);
+void listeners_unregister(engine *e);
+void on_listener_ready(engine *e, struct listener *l);
+void accept_resume(engine *e);
+void admit_held(engine *e);
+int setup_listener_options(engine *e, struct listener *l);
+
+/* connect.c */
+void connect_start(engine *e, conn *c);
+void connect_on_target_event(engine *e, conn *c, uint32_t events);
+void connect_expire(engine *e, int64_t now);
+void connect_retry_waiting(engine *e);
+void connect_resolved(engine *e, conn *c, struct sockaddr_storage *addrs, int count);
+void connect_resolve_failed(engine *e, conn *c, int error);
+void connect_cancel(engine *e, conn *c);
+PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len);
+
+/* relay.c */
+void relay_start(engine *e, conn *c);
+void relay_on_event(engine *e, conn *c, bool client_side, uint32_t events);
+void relay_pump(engine *e, conn *c);
+void conn_close(engine *e, conn *c, enum end_how how, int error);
+void idle_expire(engine *e, int64_t now);
+void pipe_pool_close(engine *e);
+bool peer_gone_errno(int error);
+
+/* proxy_header.c */
+int proxy_header_encode(int version, const struct sockaddr *client, const struct sockaddr *local,
+                        char *out, size_t size);
+#define PROXY_HEADER_MAX 232
+
+/* config.c */
+int parse_layout(engine *e, PyObject *layout);
+int parse_routes(engine *e, PyObject *routes);
+int parse_listeners(engine *e, PyObject *listeners);
+int parse_options(engine *e, PyObject *options);
+int to_sockaddr(int family, PyObject *obj, struct sockaddr_storage *ss, socklen_t *len);
+int64_t timeout_ns(double seconds);
+
+/* hooks.c */
+void event_report(engine *e, enum event_code code, int error, int index,
+                  const struct sockaddr *peer, socklen_t peerlen, PyObject *target);
+void observe(engine *e, const struct histogram *h, int64_t ns);
+int engine_enter(engine *e);
+PyObject *engine_leave(engine *e, PyObject *result);
+
+/* engine.c */
+extern PyTypeObject EngineType;
+
+#endif

@@ -1,0 +1,398 @@
+/* One relayed connection: two spliced directions, half-close, abort, teardown.
+ *
+ * Per direction, bytes go source socket -> pipe -> destination socket with splice(2);
+ * the source is read while its pipe has room and the pipe is flushed while the
+ * destination takes bytes: at most a pipe's capacity is ever held (exact backpressure).
+ * Edge-triggered readiness (loop.c) means a direction runs until a call says EAGAIN; a
+ * direction that still has work after READS_PER_WAKEUP full reads goes to the run queue
+ * so other connections get their turn.
+ *
+ * EOF from a source is passed on as shutdown(SHUT_WR) of the destination once the pipe
+ * has drained, unless the other direction is done too: then both are just closed. An
+ * error on one side (a reset, a failed write) ends the connection and is passed on as an
+ * abort: the other side is closed with SO_LINGER 0, so its peer gets a RST, not a FIN.
+ *
+ * Urgent data: splice(2) stops for good at a TCP urgent mark while the socket stays
+ * readable. epoll reports the mark as EPOLLPRI; then, and only then, the socket gets
+ * SO_OOBINLINE and the bytes at the mark are read with recv(2) into the pipe, the urgent
+ * byte in its place in the stream, and splicing goes on after it.
+ */
+#include "engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#define READS_PER_WAKEUP 4
+#define URGENT_READ 4096
+#define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+
+enum pump_result { PUMP_IDLE = 0, PUMP_MORE, PUMP_CLOSED };
+
+bool peer_gone_errno(int error)
+{
+    switch (error) {
+    case ECONNRESET:
+    case EPIPE:
+    case ETIMEDOUT:
+    case ECONNABORTED:
+    case EHOSTUNREACH:
+    case ENETUNREACH:
+    case ENOTCONN:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static int pipe_acquire(engine *e, struct pipe_buf *p)
+{
+    if (e->npool > 0) {
+        *p = e->pool[--e->npool];
+        e->pipes_in_use++;
+        return 0;
+    }
+    int fds[2];
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0)
+        return -1;
+    if (e->pipe_size)
+        fcntl(fds[0], F_SETPIPE_SZ, e->pipe_size); /* over the user's pipe limit: smaller */
+    int size = fcntl(fds[0], F_GETPIPE_SZ);
+    p->rfd = fds[0];
+    p->wfd = fds[1];
+    p->capacity = size > 0 ? (uint32_t)size : 4096;
+    e->pipes_in_use++;
+    return 0;
+}
+
+static void pipe_close(struct pipe_buf *p)
+{
+    close(p->rfd);
+    close(p->wfd);
+    p->rfd = p->wfd = -1;
+}
+
+/* Only empty pipes are kept: no byte can leak into another connection. A pipe the kernel
+ * made smaller than asked is not kept either: the next may get the full size. */
+static void pipe_release(engine *e, struct direction *d)
+{
+    struct pipe_buf *p = &d->pipe;
+    if (p->rfd < 0)
+        return;
+    e->pipes_in_use--;
+    if (d->pending == 0 && e->npool < e->pipe_keep &&
+        p->capacity >= (uint32_t)(e->pipe_size ? e->pipe_size : 0)) {
+        e->pool[e->npool++] = *p;
+        p->rfd = p->wfd = -1;
+    } else {
+        pipe_close(p);
+    }
+    d->pending = 0;
+}
+
+void pipe_pool_close(engine *e)
+{
+    while (e->npool > 0)
+        pipe_close(&e->pool[--e->npool]);
+}
+
+void relay_start(engine *e, conn *c)
+{
+    c->state = CONN_RELAYING;
+    c->counted_relay = true;
+    if (e->idle_timeout_ns) {
+        c->active_ns = e->now_ns;
+        list_add_tail(&e->idle, &c->timed);
+    }
+    relay_pump(e, c);
+}
+
+void relay_on_event(engine *e, conn *c, bool client_side, uint32_t events)
+{
+    struct sock_state *s = client_side ? &c->cs : &c->ts;
+    if (events & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        s->readable = true;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+        s->writable = true;
+    s->urgent = (events & EPOLLPRI) != 0; /* the mask is the state at the harvest */
+    if (events & EPOLLRDHUP)
+        s->hangup = true;
+    if (c->state != CONN_RELAYING) {
+        /* A client that resets while its target is being connected: give up now. */
+        if (client_side && (events & EPOLLERR))
+            conn_close(e, c, END_NORMAL, ECONNRESET);
+        return;
+    }
+    if (e->idle_timeout_ns && (events & EPOLLIN)) {
+        c->active_ns = e->now_ns;
+        list_del(&c->timed);
+        list_add_tail(&e->idle, &c->timed);
+    }
+    relay_pump(e, c);
+}
+
+/* The source is at an urgent mark (splice says EAGAIN on an empty pipe after EPOLLPRI):
+ * read past it with the urgent byte inline. Returns bytes moved into the empty pipe,
+ * 0 for nothing to read, or -errno. */
+static ssize_t read_urgent_inline(struct sock_state *src, int src_fd, struct direction *d)
+{
+    if (!src->oobinline) {
+        int one = 1;
+        if (setsockopt(src_fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one) < 0)
+            return 0; /* not TCP: no urgent data */
+        src->oobinline = true;
+    }
+    char buf[URGENT_READ];
+    size_t room = d->pipe.capacity < sizeof buf ? d->pipe.capacity : sizeof buf;
+    ssize_t n = recv(src_fd, buf, room, MSG_DONTWAIT);
+    if (n < 0)
+        return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -errno;
+    if (n == 0)
+        return 0;
+    /* An empty pipe of at least a page takes up to a page whole (pipe(7), PIPE_BUF). */
+    ssize_t w = write(d->pipe.wfd, buf, (size_t)n);
+    return w == n ? n : -EIO;
+}
+
+enum copy_result { COPY_NOTHING, COPY_MOVED, COPY_EOF, COPY_SOURCE_FAILED, COPY_DESTINATION_FAILED };
+
+/* A small read through the worker's buffer: recv + send costs less than two splices, and
+ * a short recv means the socket is drained (one call fewer than splice's EAGAIN). Bytes the
+ * destination does not take go into the direction's (empty) pipe and are flushed from
+ * there like spliced ones. A read that fills the buffer makes the direction bulk: spliced
+ * from then on. The sockets have SO_OOBINLINE, so a recv that starts at an urgent mark
+ * reads the urgent byte in its place instead of skipping it. */
+static enum copy_result copy_small(engine *e, struct direction *d, int src_fd,
+                                   struct sock_state *src, int dst_fd, struct sock_state *dst)
+{
+    size_t size = (size_t)e->copy_size < d->pipe.capacity ? (size_t)e->copy_size : d->pipe.capacity;
+    ssize_t n = recv(src_fd, e->copybuf, size, MSG_DONTWAIT);
+    if (n < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return COPY_SOURCE_FAILED;
+        src->readable = false;
+        return COPY_NOTHING;
+    }
+    if (n == 0) {
+        d->eof = true;
+        src->readable = false;
+        return COPY_EOF;
+    }
+    if ((size_t)n == size)
+        d->bulk = true;
+    else if (!src->hangup)
+        src->readable = false; /* drained; with the FIN in, read on to the EOF */
+    ssize_t m = send(dst_fd, e->copybuf, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (m < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return COPY_DESTINATION_FAILED;
+        m = 0;
+    }
+    slot_add(e, d->counter, m);
+    if (m < n) {
+        dst->writable = false;
+        ssize_t w = write(d->pipe.wfd, e->copybuf + m, (size_t)(n - m));
+        if (w != n - m) {
+            errno = EIO;
+            return COPY_DESTINATION_FAILED; /* an empty pipe takes what fits its capacity */
+        }
+        d->pending = (uint32_t)w;
+    }
+    return COPY_MOVED;
+}
+
+/* EOF read and every byte delivered: pass the EOF on. */
+static enum pump_result finish(engine *e, conn *c, struct direction *d, int dst_fd)
+{
+    d->done = true;
+    pipe_release(e, d);
+    struct direction *other = d == &c->to_target ? &c->to_client : &c->to_target;
+    if (other->done) {
+        conn_close(e, c, END_NORMAL, 0); /* a close sends the FIN: no shutdown */
+        return PUMP_CLOSED;
+    }
+    shutdown(dst_fd, SHUT_WR); /* errors: the peer is gone, which the other side will see */
+    return PUMP_IDLE;
+}
+
+static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd,
+                             struct sock_state *src, int dst_fd, struct sock_state *dst,
+                             enum end_how abort_src, enum end_how abort_dst)
+{
+    int reads = 0;
+    if (d->done)
+        return PUMP_IDLE;
+    for (;;) {
+        bool progress = false;
+        if (d->pending && dst->writable) {
+            ssize_t n = splice(d->pipe.rfd, NULL, dst_fd, NULL, d->pending, SPLICE_FLAGS);
+            if (n < 0) {
+                if (errno != EAGAIN) {
+                    conn_close(e, c, abort_src, errno); /* the destination failed */
+                    return PUMP_CLOSED;
+                }
+                dst->writable = false;
+            } else {
+                d->pending -= (uint32_t)n;
+                slot_add(e, d->counter, n);
+                progress = n > 0;
+                if (!d->pending)
+                    pipe_release(e, d);
+            }
+        }
+        if (!d->pending && d->eof)
+            return finish(e, c, d, dst_fd);
+        if (!d->eof && src->readable) {
+            if (reads >= READS_PER_WAKEUP)
+                return PUMP_MORE;
+            if (d->pipe.rfd < 0 && pipe_acquire(e, &d->pipe) < 0) {
+                conn_close(e, c, END_NORMAL, errno);
+                return PUMP_CLOSED;
+            }
+            uint32_t room = d->pipe.capacity - d->pending;
+            if (e->copy_size && !d->bulk && !d->pending && dst->writable && !src->urgent &&
+                src->oobinline) {
+                enum copy_result r = copy_small(e, d, src_fd, src, dst_fd, dst);
+                if (r == COPY_SOURCE_FAILED || r == COPY_DESTINATION_FAILED) {
+                    conn_close(e, c, r == COPY_SOURCE_FAILED ? abort_dst : abort_src, errno);
+                    return PUMP_CLOSED;
+                }
+                if (r == COPY_MOVED)
+                    reads++;
+                if (!d->pending)
+                    pipe_release(e, d);
+                if (r == COPY_NOTHING)
+                    return PUMP_IDLE;
+                continue;
+            }
+            if (room) {
+                ssize_t n = splice(src_fd, NULL, d->pipe.wfd, NULL, room, SPLICE_FLAGS);
+                if (n > 0) {
+                    d->pending += (uint32_t)n;
+                    reads++;
+                    progress = true;
+                } else if (n == 0) {
+                    /* Nothing spliced and the FIN is in: the end, or an urgent mark
+                     * before it (splice returns 0 there too). epoll's mask says which
+                     * once the FIN's edge is in: wait for it if it is not. */
+                    ssize_t u = src->hangup && src->urgent ? read_urgent_inline(src, src_fd, d) : 0;
+                    if (u < 0) {
+                        conn_close(e, c, abort_dst, (int)-u);
+                        return PUMP_CLOSED;
+                    }
+                    if (u > 0) {
+                        d->pending += (uint32_t)u;
+                        reads++;
+                    } else if (src->hangup) {
+                        d->eof = true;
+                    }
+                    if (u == 0)
+                        src->readable = false;
+                    progress = true;
+                } else if (errno != EAGAIN) {
+                    conn_close(e, c, abort_dst, errno); /* the source failed */
+                    return PUMP_CLOSED;
+                } else if (!d->pending) {
+                    /* Nothing to read, or an urgent mark that splice will not pass. */
+                    ssize_t u = src->urgent ? read_urgent_inline(src, src_fd, d) : 0;
+                    if (u < 0) {
+                        conn_close(e, c, abort_dst, (int)-u);
+                        return PUMP_CLOSED;
+                    }
+                    if (u > 0) {
+                        d->pending += (uint32_t)u;
+                        reads++;
+                        progress = true;
+                    } else {
+                        src->readable = false;
+                        src->urgent = false;
+                    }
+                }
+                /* EAGAIN with bytes pending: the pipe may be out of slots; read again
+                 * once the destination took them. */
+            }
+            if (!d->pending)
+                pipe_release(e, d); /* idle connections hold no pipe */
+        }
+        if (!progress)
+            return PUMP_IDLE;
+    }
+}
+
+void relay_pump(engine *e, conn *c)
+{
+    e->stat_pumps++;
+    enum pump_result a = pump(e, c, &c->to_target, c->client_fd, &c->cs, c->target_fd, &c->ts,
+                              END_ABORT_CLIENT, END_ABORT_TARGET);
+    if (a == PUMP_CLOSED)
+        return;
+    enum pump_result b = pump(e, c, &c->to_client, c->target_fd, &c->ts, c->client_fd, &c->cs,
+                              END_ABORT_TARGET, END_ABORT_CLIENT);
+    if (b == PUMP_CLOSED)
+        return;
+    if (a == PUMP_MORE || b == PUMP_MORE)
+        runq_push(e, c);
+}
+
+static void set_abort(int fd)
+{
+    struct linger now = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
+}
+
+/* End a connection in any state: close its fds (an abort as a RST), then give back its
+ * admission, count it, and leave the struct to be freed after the batch. */
+void conn_close(engine *e, conn *c, enum end_how how, int error)
+{
+    if (c->state == CONN_CLOSED)
+        return;
+    bool relayed = c->counted_relay;
+    connect_cancel(e, c);
+    if (c->in_runq) {
+        list_del(&c->queued);
+        c->in_runq = false;
+    }
+    c->state = CONN_CLOSED;
+    list_del(&c->all);
+    list_del(&c->timed);
+    if (how == END_ABORT_CLIENT)
+        set_abort(c->client_fd);
+    else if (how == END_ABORT_TARGET && c->target_fd >= 0)
+        set_abort(c->target_fd);
+    close(c->client_fd);
+    if (c->target_fd >= 0)
+        close(c->target_fd);
+    c->client_fd = c->target_fd = -1;
+    pipe_release(e, &c->to_target);
+    pipe_release(e, &c->to_client);
+    if (c->held)
+        admission_release(e, c->source_row);
+    c->held = false;
+    slot_add(e, e->lay.active, -1);
+    slot_add(e, e->lay.closed, 1);
+    __atomic_store_n(slot_word(e, e->lay.last_activity_ns), e->now_ns, __ATOMIC_RELAXED);
+    if (relayed) {
+        observe(e, &e->connection_hist, e->now_ns - c->started_ns);
+        if (error && !peer_gone_errno(error))
+            event_report(e, EVENT_RELAY_ERROR, error, c->listener->index, &c->peer.sa,
+                         c->peerlen, NULL);
+    }
+    e->open--;
+    if (e->open == 0) {
+        e->want_idle = true;
+        if (e->draining)
+            e->want_drained = true;
+    }
+    list_add_tail(&e->graveyard, &c->queued);
+}
+
+void idle_expire(engine *e, int64_t now)
+{
+    while (!list_empty(&e->idle)) {
+        conn *c = container_of(e->idle.next, conn, timed);
+        if (c->active_ns + e->idle_timeout_ns > now)
+            break;
+        conn_close(e, c, END_NORMAL, ETIMEDOUT);
+    }
+}
