@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from forkproxy.errors import ForkproxyError, UsageErrors
 from forkproxy.settings.arguments import parse_args, wants_check
+from forkproxy.settings.quoting import printable
 from forkproxy.supervisor.signals import MASTER_SIGNALS
 
 EXIT_FAILURE = 1
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             # No master will handle them: a SIGTERM during a slow lookup ends the check.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
             for line in check_settings(config):
-                print(line)
+                print(printable(line))
             sys.exit(0)
         from forkproxy.supervisor.run import run  # after parsing: --help stays fast
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except ForkproxyError as error:
         lines = error.messages if check and isinstance(error, UsageErrors) else [str(error)]
         for line in lines:
-            print(f"forkproxy: {line}", file=sys.stderr)
+            # One line whatever the message quotes: no newline or terminal escape gets out.
+            print(f"forkproxy: {printable(line)}", file=sys.stderr)
         sys.exit(EXIT_CHECK_FAILED if check else EXIT_FAILURE)
     sys.exit(status)

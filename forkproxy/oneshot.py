@@ -4,9 +4,9 @@ Two ways to get here: Accept=yes, where the only socket passed (LISTEN_FDS=1) is
 connected stream socket rather than a listener; and --inetd (StandardInput=socket), where
 the connection is standard input. No workers, no scoreboard: one uvloop loop in this
 process runs the same target connect and splice relay as a worker does, with the same
-relay options (several targets, timeouts, socket options, PROXY header, pipe size): those
-of the listener named as the passed connection is (FileDescriptorName= with Accept=yes),
-else the global ones. Exit status 0 when the connection ends, 1 if no target can be
+relay options (several targets, timeouts, socket options, PROXY header, pipe size), the
+global ones: --route, listener sections and --metrics do not apply, there being neither
+listener nor master. Exit status 0 when the connection ends, 1 if no target can be
 reached.
 """
 
@@ -32,7 +32,7 @@ from forkproxy.relay.target_connect import (
 from forkproxy.relay.targets import FailoverConnect, TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
 from forkproxy.settings.address import format_sockaddr
-from forkproxy.settings.config import Config, ListenerSettings
+from forkproxy.settings.config import Config
 from forkproxy.settings.options import tcp_socket_options
 from forkproxy.shared.listener import is_connection
 from forkproxy.shared.scoreboard import BYTES_TO_CLIENT, BYTES_TO_TARGET, SLOT_WORDS
@@ -49,14 +49,22 @@ class Notifier(Protocol):
     def stopping(self, status: str) -> None: ...
 
 
-def relay_connection(config: Config, fd: int, what: str, notifier: Notifier, name: str = "") -> int:
-    """Relay the connected socket on `fd`, passed with `name`, to its targets; return
-    the exit status."""
+def relay_connection(config: Config, fd: int, what: str, notifier: Notifier) -> int:
+    """Relay the connected socket on `fd` to the target; return the exit status."""
     if not is_connection(fd):
         raise ForkproxyError(f"{what} is not a connected stream socket")
-    settings = config.settings_for(name)
-    if not settings.targets:
-        raise ForkproxyError(f"no target for {what}: give targets, or a section for '{name}'")
+    # --inetd refuses them on the command line; Accept=yes is known only now.
+    for option, value in (
+        ("--metrics", config.metrics),
+        ("--route/listener sections", config.listeners),
+    ):
+        if value:
+            log.warning("%s does not apply to one connection (Accept=yes), ignoring it", option)
+    if not config.targets:
+        raise ForkproxyError(
+            f"no target for {what}: per-listener targets do not apply to one connection "
+            "(Accept=yes); give targets as arguments or at the top of the configuration file"
+        )
     client = socket.socket(fileno=fd)
     client.setblocking(False)
     try:
@@ -64,7 +72,7 @@ def relay_connection(config: Config, fd: int, what: str, notifier: Notifier, nam
     except OSError:
         peer = "?"
     loop = uvloop.new_event_loop()
-    connection = _Connection(config, settings, loop, client, peer, notifier)
+    connection = _Connection(config, loop, client, peer, notifier)
     loop.add_signal_handler(signal.SIGTERM, connection.on_sigterm)
     loop.add_signal_handler(signal.SIGINT, connection.on_sigterm)
     try:
@@ -81,20 +89,18 @@ class _Connection:
     def __init__(
         self,
         config: Config,
-        settings: ListenerSettings,
         loop: uvloop.Loop,
         client: socket.socket,
         peer: str,
         notifier: Notifier,
     ) -> None:
         self.config = config
-        self.settings = settings  # the relay options and targets
         self.loop = loop
         self.client = client
         self.peer = peer
         self.notifier = notifier
-        self.options = tcp_socket_options(settings.nodelay, settings.keepalive)
-        self.pool = PipePool(settings.pipe_size, 2)
+        self.options = tcp_socket_options(config.nodelay, config.keepalive)
+        self.pool = PipePool(config.pipe_size, 2)
         self.poller = Poller(loop)
         self.counters = memoryview(bytearray(SLOT_WORDS * 8)).cast("q")  # not shared
         self.connecting: list[TargetConnect | FailoverConnect] = []  # for the connect timeout
@@ -109,34 +115,34 @@ class _Connection:
                 set_socket_options(self.client, self.options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
-        group = TargetGroup(self.settings.targets, self.settings.connect_timeout, self.options)
+        group = TargetGroup(self.config.targets, self.config.connect_timeout, self.options)
         attempt = group.connect(self.loop, self.poller, self.on_connected, self.on_failed)
         still_connecting = self.relay is None and self.status == 0
-        if still_connecting and self.settings.connect_timeout != math.inf:
+        if still_connecting and self.config.connect_timeout != math.inf:
             self.connecting.append(attempt)
-            interval = sweep_interval(self.settings.connect_timeout)
+            interval = sweep_interval(self.config.connect_timeout)
             LazySweep(self.loop, interval, self.connecting, self._sweep_connect).arm()
 
     def _sweep_connect(self, now: float) -> None:
         sweep_connects(self.connecting, now)
 
     def _sweep_idle(self, now: float) -> None:
-        sweep_idle(self.relays, now, self.settings.idle_timeout)
+        sweep_idle(self.relays, now, self.config.idle_timeout)
 
     def on_connected(self, target: socket.socket) -> None:
         self.connecting.clear()
-        settings = self.settings
-        if settings.proxy_protocol:
+        config = self.config
+        if config.proxy_protocol:
             family = self.client.family
             try:
                 local = self.client.getsockname() if family in TCP_FAMILIES else None
-                encode = header_encoder(1 if settings.proxy_protocol == 1 else 2)
+                encode = header_encoder(1 if config.proxy_protocol == 1 else 2)
                 send_proxy_header(target, encode(self.client.getpeername(), local, family))
             except OSError as error:
                 target.close()
                 self.on_failed(error)
                 return
-        idle = settings.idle_timeout != math.inf
+        idle = config.idle_timeout != math.inf
         self.relay = Relay(
             self.poller,
             self.pool,
@@ -151,7 +157,7 @@ class _Connection:
         if idle:
             self.relay.quiet_since = time.monotonic()
             self.relays.add(self.relay)
-            interval = sweep_interval(settings.idle_timeout)
+            interval = sweep_interval(config.idle_timeout)
             LazySweep(self.loop, interval, self.relays, self._sweep_idle).arm()
         self.relay.start()
         self.notifier.ready(f"relaying {self.peer} to {target.getpeername()}")
@@ -160,7 +166,7 @@ class _Connection:
         self.connecting.clear()
         log.error(
             "cannot connect to upstream %s for %s: %s",
-            " or ".join(f"'{target.text}'" for target in self.settings.targets),
+            " or ".join(f"'{target.text}'" for target in self.config.targets),
             self.peer,
             error.strerror or error,
         )

@@ -59,7 +59,6 @@ class _PendingClient:
         "peer",
         "connect",
         "route",
-        "source_token",
     )
 
     def __init__(
@@ -69,16 +68,14 @@ class _PendingClient:
         token: int,
         peer: object,
         route: Route,
-        source_token: int,
     ) -> None:
         self.connector = connector
         self.client = client
-        self.token = token
+        self.token = token  # its admission, for Admitter.release
         self.started = time.monotonic()
         self.peer = peer
         self.connect: TargetConnect | FailoverConnect | None = None
         self.route = route  # its listener's: target group, PROXY header, pipes
-        self.source_token = source_token  # the per-source unit held, or -1
 
     def on_connected(self, target: socket.socket) -> None:
         self.connector.on_target_connected(self, target)
@@ -123,9 +120,8 @@ class Connector:
         token: int,
         peer: object,
         route: Route,
-        source_token: int,
     ) -> None:
-        pending = _PendingClient(self, client, token, peer, route, source_token)
+        pending = _PendingClient(self, client, token, peer, route)
         self.pending.add(pending)
         self._start_connect(pending)
 
@@ -181,7 +177,6 @@ class Connector:
             route.direction,
         )
         relay.token = pending.token
-        relay.source_token = pending.source_token
         relay.started = pending.started
         relay.peer = pending.peer
         self.relays.add(relay)
@@ -233,7 +228,7 @@ class Connector:
             error.strerror or error,
         )
         pending.client.close()
-        self.connection_ended(pending.token, pending.source_token)
+        self.connection_ended(pending.token)
 
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:
@@ -258,7 +253,7 @@ class Connector:
             CONNECTION_DURATION_SUM_NS,
             time.monotonic() - relay.started,
         )
-        self.connection_ended(relay.token, relay.source_token)
+        self.connection_ended(relay.token)
 
     def close_all(self) -> None:
         """The graceful timeout: close every connection still connecting or relaying."""
@@ -267,7 +262,7 @@ class Connector:
                 pending.connect.cancel()
             pending.client.close()
             self.pending.discard(pending)
-            self.connection_ended(pending.token, pending.source_token)
+            self.connection_ended(pending.token)
         for relay in list(self.relays):
             relay.close()
 

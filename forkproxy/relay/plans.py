@@ -90,10 +90,9 @@ def make_plans(
     config: Config,
     connector: "Connector",
     pools: dict[int, PipePool],
-    per_source: bool,
 ) -> dict[int, ListenerPlan]:
     """Each listener's plan, by fd. `pools` gets a pool per pipe size used (the worker
-    closes them); `per_source`: whether the per-source table exists."""
+    closes them)."""
     routes: dict[ListenerSettings, Route] = {}
     groups: dict[tuple[tuple[TargetAddress, ...], float, SocketOptions], TargetGroup] = {}
     plans = {}
@@ -117,7 +116,7 @@ def make_plans(
         plans[listener.fd] = ListenerPlan(
             listener,
             tcp_options if family in TCP_FAMILIES else (),
-            settings.connections_max_per_source if per_source else 0,
+            settings.connections_max_per_source,
             route,
         )
     return plans

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from forkproxy.errors import ForkproxyError
+from forkproxy.settings.options import format_size
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
@@ -349,7 +350,6 @@ class Relay:
         "started",
         "peer",
         "error",
-        "source_token",
         "active",
         "quiet_since",
     )
@@ -376,7 +376,6 @@ class Relay:
         self.started = 0.0  # when the client was accepted; set by the worker
         self.peer: object = None  # the client's address, for logs; set by the worker
         self.error: OSError | None = None  # what ended the connection, if not a clean EOF
-        self.source_token = -1  # the per-source admission held, if any; set by the worker
         # --idle-timeout: an IdleDirection sets `active` on a read; the worker's sweep
         # clears it and keeps `quiet_since`, when it last found the relay inactive.
         self.active = False
@@ -434,7 +433,7 @@ def check_pipe_size(size: int) -> None:
         fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, size)
     except OSError as error:
         raise ForkproxyError(
-            f"cannot make pipes of --pipe-size={size}: {error.strerror} (without "
+            f"cannot make pipes of --pipe-size={format_size(size)}: {error.strerror} (without "
             "CAP_SYS_RESOURCE the most is /proc/sys/fs/pipe-max-size)"
         ) from None
     finally:

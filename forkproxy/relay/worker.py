@@ -1,13 +1,14 @@
 """One worker process after fork: reset, uvloop loop, heartbeat, drain on stop.
 
-A worker owns its scoreboard slot and writes nothing else that is shared. Its clients
-are taken off the listeners it inherited by its `Acceptor` (accepting.py) and connected
-to their target and relayed by its `Connector` (connecting.py); the worker holds what
-both share: the loop, the poller, its slot, the admission tokens a connection returns
-when it ends. On SIGTERM it stops accepting and lets open connections finish until the
-graceful timeout. It exits by itself if its master dies. Never forks. The relay options
-cost nothing per connection while off: what each listener's settings need is built
-once, in its plan (plans.py).
+A worker owns its scoreboard slot and its column of the per-source table; of what else is
+shared it writes only per-source keys and queue-mode futex words, under admission's
+protocol. Its clients are taken off the listeners it inherited by its `Acceptor`
+(accepting.py) and connected to their target and relayed by its `Connector`
+(connecting.py); the worker holds what both share: the loop, the poller, its slot, its
+admitter (a connection's admission goes back to it when the connection ends). On SIGTERM
+it stops accepting and lets open connections finish until the graceful timeout. It exits
+by itself if its master dies. Never forks. The relay options cost nothing per connection
+while off: what each listener's settings need is built once, in its plan (plans.py).
 """
 
 import ctypes
@@ -89,9 +90,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.config = config = spec.config
-        self.admission = spec.admission
-        self.admission.spread_from(spec.slot)
-        self.per_source = spec.per_source
+        self.admitter = spec.admission.admitter(spec.slot)
         self.slot = spec.scoreboard.slot(spec.slot)
         self.listeners = spec.listeners
         self.pools: dict[int, PipePool] = {}  # by pipe size: one per size a listener uses
@@ -109,9 +108,7 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
         self.connector = Connector(self)
-        plans = make_plans(
-            self.listeners, config, self.connector, self.pools, self.per_source is not None
-        )
+        plans = make_plans(self.listeners, config, self.connector, self.pools)
         # Last: it measures the descriptors left once everything above took its own.
         self.acceptor = Acceptor(self, plans)
 
@@ -146,11 +143,10 @@ class Worker:
                 pool.close()
         return EXIT_OK
 
-    def connection_ended(self, token: int, source_token: int = -1) -> None:
-        """An admitted connection is gone: return its admission and count it closed."""
-        self.admission.release(token)
-        if source_token >= 0 and self.per_source is not None:
-            self.per_source.release(source_token)
+    def connection_ended(self, token: int) -> None:
+        """An admitted connection is gone (its descriptors closed): return its admission
+        and count it closed."""
+        self.admitter.release(token)
         slot = self.slot
         slot[ACTIVE] -= 1
         slot[CLOSED] += 1
@@ -176,9 +172,6 @@ class Worker:
         if os.getppid() == self.spec.master_pid:
             return
         log.warning("master process %d is gone, exiting", self.spec.master_pid)
-        self.admission.remove()
-        if self.per_source is not None:
-            self.per_source.remove()
         os._exit(EXIT_MASTER_GONE)
 
     def on_sigterm(self) -> None:

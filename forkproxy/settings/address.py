@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass
 
 from forkproxy.errors import UsageError
+from forkproxy.settings.quoting import digits_value, printable, quote
 
 # sockaddr_un.sun_path is 108 bytes; a file system path needs its terminating NUL,
 # an abstract name uses all of it after the leading NUL.
@@ -40,7 +41,8 @@ class TargetAddress:
     """Where connections are relayed to.
 
     `family` is 0 for a host name that must be resolved at connect time; otherwise
-    `sockaddr` is ready for connect().
+    `sockaddr` is ready for connect(). `text` is what the user typed, for logs and the
+    process title: printable, its control characters and undecodable bytes escaped.
     """
 
     text: str
@@ -56,7 +58,8 @@ class TargetAddress:
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
-    """A socket forkproxy binds itself when systemd passed none."""
+    """A socket forkproxy binds itself when systemd passed none; `text` as in
+    `TargetAddress`."""
 
     text: str
     name: str
@@ -72,7 +75,7 @@ def parse_target(text: str) -> TargetAddress:
     _refuse_nul(text, "target")
     if text[0] in "/@":
         path = _unix_sockaddr(text, "target")
-        return TargetAddress(text, socket.AF_UNIX, "", 0, path)
+        return TargetAddress(printable(text), socket.AF_UNIX, "", 0, path)
     if text.startswith(_VSOCK_PREFIX):
         return _parse_vsock(text)
 
@@ -83,10 +86,12 @@ def parse_target(text: str) -> TargetAddress:
         return TargetAddress(text, socket.AF_INET6, address, port, (address, port, 0, 0))
     if _is_ipv4(host):
         return TargetAddress(text, socket.AF_INET, host, port, (host, port))
-    if not _HOSTNAME.match(host):
-        raise UsageError(f"invalid target '{text}': '{host}' is not a host name or address")
+    if not _HOSTNAME.fullmatch(host):
+        raise UsageError(
+            f"invalid target {quote(text)}: {quote(host)} is not a host name or address"
+        )
     if host.isdigit():  # e.g. "-p 2" meant as "-p v2"; no real host name is a bare number
-        raise UsageError(f"invalid target '{text}': a host name cannot be a bare number")
+        raise UsageError(f"invalid target {quote(text)}: a host name cannot be a bare number")
     return TargetAddress(text, 0, host, port, None)
 
 
@@ -94,10 +99,10 @@ def parse_route(text: str) -> tuple[str, TargetAddress]:
     """Parse a --route value, NAME=TARGET: connections from listener NAME go to TARGET."""
     name, equals, target = text.partition("=")
     if not equals:
-        raise UsageError(f"invalid route '{text}': expected NAME=TARGET")
-    if not _LISTENER_NAME.match(name):
+        raise UsageError(f"invalid route {quote(text)}: expected NAME=TARGET")
+    if not _LISTENER_NAME.fullmatch(name):
         raise UsageError(
-            f"invalid route '{text}': name '{name}' may only contain "
+            f"invalid route {quote(text)}: name {quote(name)} may only contain "
             "letters, digits, '_', '.' and '-'"
         )
     return name, parse_target(target)
@@ -111,16 +116,20 @@ def is_listener_name(name: str) -> bool:
 def _parse_vsock(text: str) -> TargetAddress:
     cid_text, colon, port_text = text[len(_VSOCK_PREFIX) :].partition(":")
     if not colon:
-        raise UsageError(f"invalid target '{text}': expected vsock:CID:PORT")
+        raise UsageError(f"invalid target {quote(text)}: expected vsock:CID:PORT")
     values = []
     for what, number in (("CID", cid_text), ("port", port_text)):
         if not number:
-            raise UsageError(f"invalid target '{text}': missing {what} (vsock:CID:PORT)")
+            raise UsageError(f"invalid target {quote(text)}: missing {what} (vsock:CID:PORT)")
         if not (number.isascii() and number.isdigit()):
-            raise UsageError(f"invalid target '{text}': {what} '{number}' is not a number")
-        value = int(number)
-        if value > _VSOCK_MAX:
-            raise UsageError(f"invalid target '{text}': {what} {number} is not in 0-{_VSOCK_MAX}")
+            raise UsageError(
+                f"invalid target {quote(text)}: {what} {quote(number)} is not a number"
+            )
+        value = digits_value(number, len(str(_VSOCK_MAX)))
+        if value is None or value > _VSOCK_MAX:
+            raise UsageError(
+                f"invalid target {quote(text)}: {what} {quote(number)} is not in 0-{_VSOCK_MAX}"
+            )
         values.append(value)
     cid, port = values
     return TargetAddress(text, socket.AF_VSOCK, cid_text, port, (cid, port))
@@ -131,10 +140,10 @@ def parse_listen(text: str) -> ListenAddress:
     _refuse_nul(text, "listen address")
     name, address = _split_name(text)
     if not address:
-        raise UsageError(f"invalid listen address '{text}': empty address")
+        raise UsageError(f"invalid listen address {quote(text)}: empty address")
     if address[0] in "/@":
         return ListenAddress(
-            text, name, socket.AF_UNIX, _unix_sockaddr(address, "listen address"), False
+            printable(text), name, socket.AF_UNIX, _unix_sockaddr(address, "listen address"), False
         )
     if address.isdigit():
         port = _parse_port(address, text, "listen address")
@@ -148,7 +157,7 @@ def parse_listen(text: str) -> ListenAddress:
     if _is_ipv4(host):
         return ListenAddress(text, name, socket.AF_INET, (host, port), False)
     raise UsageError(
-        f"invalid listen address '{text}': '{host}' is not an IP address "
+        f"invalid listen address {quote(text)}: {quote(host)} is not an IP address "
         "(write PORT, IPV4:PORT, [IPV6]:PORT, /path or @name)"
     )
 
@@ -163,11 +172,11 @@ def parse_metrics(text: str) -> ListenAddress:
         raise UsageError("invalid metrics address '': empty address")
     if text[0] in "/@":
         path = _unix_sockaddr(text, "metrics address")
-        return ListenAddress(text, "metrics", socket.AF_UNIX, path, False)
-    if text.isdigit():
+        return ListenAddress(printable(text), "metrics", socket.AF_UNIX, path, False)
+    if text.isascii() and text.isdigit():
         raise UsageError(
-            f"invalid metrics address '{text}': give the address to listen on too, "
-            f"as in 127.0.0.1:{text} (a bare port would listen on every interface)"
+            f"invalid metrics address {quote(text)}: give the address to listen on too, "
+            "as in 127.0.0.1:9100 (a bare port would listen on every interface)"
         )
     host, port_text = _split_host_port(text, "metrics address", default_port=None)
     port = _parse_port(port_text, text, "metrics address")
@@ -177,7 +186,7 @@ def parse_metrics(text: str) -> ListenAddress:
     if _is_ipv4(host):
         return ListenAddress(text, "metrics", socket.AF_INET, (host, port), False)
     raise UsageError(
-        f"invalid metrics address '{text}': '{host}' is not an IP address "
+        f"invalid metrics address {quote(text)}: {quote(host)} is not an IP address "
         "(write IPV4:PORT, [IPV6]:PORT, /path or @name)"
     )
 
@@ -194,23 +203,23 @@ def format_sockaddr(family: int, sockaddr: object) -> str:
         sockaddr = sockaddr.decode("utf-8", "backslashreplace")
     if isinstance(sockaddr, str):
         if sockaddr.startswith("\0"):
-            return "@" + sockaddr[1:]
-        return sockaddr or "unix-client"
+            return "@" + printable(sockaddr[1:])
+        return printable(sockaddr) or "unix-client"
     return str(sockaddr)
 
 
 def _refuse_nul(text: str, what: str) -> None:
     if "\0" in text:
-        raise UsageError(f"invalid {what} {text!r}: contains a NUL character")
+        raise UsageError(f"invalid {what} {quote(text)}: contains a NUL character")
 
 
 def _split_name(text: str) -> tuple[str, str]:
     if text[:1] in ("/", "@", "[") or "=" not in text:
         return "", text
     name, address = text.split("=", 1)
-    if not _LISTENER_NAME.match(name):
+    if not _LISTENER_NAME.fullmatch(name):
         raise UsageError(
-            f"invalid listen address '{text}': name '{name}' may only contain "
+            f"invalid listen address {quote(text)}: name {quote(name)} may only contain "
             "letters, digits, '_', '.' and '-'"
         )
     return name, address
@@ -220,42 +229,44 @@ def _split_host_port(text: str, what: str, default_port: str | None) -> tuple[st
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise UsageError(f"invalid {what} '{text}': missing ']' after the IPv6 address")
+            raise UsageError(f"invalid {what} {quote(text)}: missing ']' after the IPv6 address")
         host, rest = text[: end + 1], text[end + 1 :]
         if not rest:
             if default_port is None:
-                raise UsageError(f"invalid {what} '{text}': missing ':PORT'")
+                raise UsageError(f"invalid {what} {quote(text)}: missing ':PORT'")
             return host, default_port
         if not rest.startswith(":"):
-            raise UsageError(f"invalid {what} '{text}': expected ':PORT' after ']'")
+            raise UsageError(f"invalid {what} {quote(text)}: expected ':PORT' after ']'")
         return host, rest[1:]
     if text.count(":") > 1:
         raise UsageError(
-            f"invalid {what} '{text}': write IPv6 addresses in brackets, as in '[::1]:80'"
+            f"invalid {what} {quote(text)}: write IPv6 addresses in brackets, as in '[::1]:80'"
         )
     if ":" not in text:
         if default_port is None:
-            raise UsageError(f"invalid {what} '{text}': missing ':PORT'")
+            raise UsageError(f"invalid {what} {quote(text)}: missing ':PORT'")
         return text, default_port
     host, port = text.split(":")
     if not host:
-        raise UsageError(f"invalid {what} '{text}': missing host before ':'")
+        raise UsageError(f"invalid {what} {quote(text)}: missing host before ':'")
     return host, port
 
 
 def _parse_port(port_text: str, text: str, what: str) -> int:
     if port_text.isdigit() and port_text.isascii():
-        port = int(port_text)
-        if 1 <= port <= 65535:
+        port = digits_value(port_text, 5)
+        if port is not None and 1 <= port <= 65535:
             return port
-        raise UsageError(f"invalid {what} '{text}': port {port_text} is not in 1-65535")
+        shown = port_text if len(port_text) <= 20 else quote(port_text)  # ASCII digits
+        raise UsageError(f"invalid {what} {quote(text)}: port {shown} is not in 1-65535")
     if not port_text:
-        raise UsageError(f"invalid {what} '{text}': missing port after ':'")
+        raise UsageError(f"invalid {what} {quote(text)}: missing port after ':'")
     try:
         return socket.getservbyname(port_text, "tcp")
     except (OSError, UnicodeError):
         raise UsageError(
-            f"invalid {what} '{text}': '{port_text}' is neither a port number nor a known service"
+            f"invalid {what} {quote(text)}: {quote(port_text)} is neither a port number "
+            "nor a known service"
         ) from None
 
 
@@ -265,9 +276,13 @@ def _parse_ipv6_literal(bracketed: str, text: str, what: str) -> str:
     try:
         ipaddress.IPv6Address(address)
     except ValueError:
-        raise UsageError(f"invalid {what} '{text}': '{literal}' is not an IPv6 address") from None
+        raise UsageError(
+            f"invalid {what} {quote(text)}: {quote(literal)} is not an IPv6 address"
+        ) from None
     if "%" in literal and not scope:
-        raise UsageError(f"invalid {what} '{text}': empty scope after '%'")
+        raise UsageError(f"invalid {what} {quote(text)}: empty scope after '%'")
+    if not (scope.isascii() and scope.isprintable()) or " " in scope:
+        raise UsageError(f"invalid {what} {quote(text)}: {quote(scope)} is not an interface")
     return literal
 
 
@@ -284,14 +299,14 @@ def _unix_sockaddr(text: str, what: str) -> str:
     if text[0] == "@":
         if len(encoded) - 1 > _ABSTRACT_NAME_MAX:
             raise UsageError(
-                f"invalid {what} '{text}': abstract socket names are at most "
+                f"invalid {what} {quote(text)}: abstract socket names are at most "
                 f"{_ABSTRACT_NAME_MAX} bytes"
             )
         if len(encoded) == 1:
-            raise UsageError(f"invalid {what} '{text}': empty abstract socket name")
+            raise UsageError(f"invalid {what} {quote(text)}: empty abstract socket name")
         return "\0" + text[1:]
     if len(encoded) > _UNIX_PATH_MAX:
         raise UsageError(
-            f"invalid {what} '{text}': unix socket paths are at most {_UNIX_PATH_MAX} bytes"
+            f"invalid {what} {quote(text)}: unix socket paths are at most {_UNIX_PATH_MAX} bytes"
         )
     return text

@@ -1,14 +1,16 @@
 """forkproxy's command line: argparse's definition of it, and argv to a `Config`.
 
-The options and their spelling are systemd-socket-proxyd's (getopt_long: unambiguous
-prefixes, `--opt=value` and `--opt value`, options after the target), so a unit file's
-ExecStart= can switch programs and nothing else. The relay options' part is in
-relay_arguments.py; the values are read by option_values.py, and merged with a --config
-file's by assemble.py. Raises `UsageError` for what the user got wrong; never prints
-(but for argparse's --help and --version), never exits on an error, never touches sockets.
+The options and their spelling are systemd-socket-proxyd's (getopt_long: `--opt=value`
+and `--opt value`, options after the target, unambiguous prefixes of its own options),
+so a unit file's ExecStart= can switch programs and nothing else; forkproxy's other
+options are never abbreviated. The relay options' part is in relay_arguments.py; the
+values are read by option_values.py, and merged with a --config file's by assemble.py.
+Raises `UsageError` for what the user got wrong; never prints (but for argparse's
+--help and --version), never exits on an error, never touches sockets.
 """
 
 import argparse
+import re
 from typing import NoReturn
 
 from forkproxy import __version__
@@ -21,13 +23,16 @@ from forkproxy.settings.config import (
     MAX_WORKERS,
     Config,
 )
+from forkproxy.settings.quoting import quote
 from forkproxy.settings.relay_arguments import (
     BARE_VALUES,
+    OPTIONAL_VALUE_TERMS,
     add_relay_arguments,
     attach_optional_values,
 )
 from forkproxy.settings.timespan import format_timespan
 
+_LONG_REPR = re.compile(r"'([^']{100,})'")
 _USAGE = """forkproxy [OPTIONS...] HOST:PORT
        forkproxy [OPTIONS...] UNIX-DOMAIN-SOCKET-PATH
        forkproxy [OPTIONS...] TARGET TARGET...   (round-robin, skipping failed ones)
@@ -42,7 +47,7 @@ defaults: --connections-max={DEFAULT_CONNECTIONS_MAX}, --exit-idle-time=infinity
 --workers=<CPUs available>, --graceful-timeout={format_timespan(DEFAULT_GRACEFUL_TIMEOUT)},
 --worker-timeout={format_timespan(DEFAULT_WORKER_TIMEOUT)}
 
-See the systemd-socket-proxyd(8) man page and README.md for details."""
+Every option, the target and time syntax, signals and exit status: man forkproxy"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +57,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(_reword(message))
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an optional value attached, as it must be given: --keepalive[=IDLE,...]."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        term = OPTIONAL_VALUE_TERMS.get(action.dest)
+        return term if term is not None else super()._format_action_invocation(action)
+
+
 def _reword(message: str) -> str:
+    # argparse quotes values with repr() (escaped, but of any length): shorten them.
+    message = _LONG_REPR.sub(lambda match: quote(match.group(1)), message)
     # argparse names options by all their spellings ("argument -c/--connections-max: ...");
     # one line naming the long option reads better.
     if message.startswith("argument "):
@@ -68,7 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
         usage=_USAGE,
         description=_DESCRIPTION,
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("targets", nargs="*", metavar="TARGET", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -118,8 +134,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        help="least important messages to log (default info)",
+        metavar="LEVEL",
+        help="least important messages to log: debug, info, warning or error (default info)",
     )
     parser.add_argument(
         "--inetd",
@@ -147,7 +163,11 @@ def parse_args(argv: list[str]) -> Config:
     """Turn argv (without the program name), and the --config file it names, into a
     Config; raise UsageError if bad (`UsageErrors` with every one, if several)."""
     parser = _build_parser()
-    args = parser.parse_intermixed_args(attach_optional_values(argv, parser))
+    args, unknown = parser.parse_known_intermixed_args(attach_optional_values(argv, parser))
+    if unknown:
+        shown = [arg if arg.isprintable() and len(arg) <= 40 else quote(arg) for arg in unknown]
+        more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+        raise UsageError(f"unrecognized arguments: {' '.join(shown[:3])}{more}")
     return assemble_config(args, parser, BARE_VALUES)
 
 

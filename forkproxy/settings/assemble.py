@@ -94,12 +94,26 @@ class _Assembly:
         targets = self.targets()
         listen = self.listen()
         listeners = self.listeners(targets, values)
+        if values.get("inetd") is True:
+            self.refuse_with_inetd(values, listeners)
         if not self.errors and not targets and not listeners:
             raise UsageError("missing target: give HOST:PORT or a unix socket path (see --help)")
         if self.errors:
             raise UsageErrors(sorted(self.errors, key=self._line))
         values.setdefault("workers", default_workers())
         return Config(targets=targets, listen=listen, listeners=listeners, **values)
+
+    def refuse_with_inetd(
+        self, values: dict[str, Any], listeners: tuple[ListenerSettings, ...]
+    ) -> None:
+        sections = self.file is not None and bool(self.file.listeners)
+        route = "[listeners.NAME] sections" if sections else "--route"
+        for option, given in (("--metrics", "metrics" in values), (route, bool(listeners))):
+            if given:
+                raise UsageError(
+                    f"{option} cannot be used with --inetd: a connection on standard "
+                    "input has no listener to route, nor a master to serve metrics"
+                )
 
     def _line(self, error: str) -> int:
         """Where an error is in the file, to list them in its order (command line first)."""

@@ -23,6 +23,9 @@ from forkproxy.settings.options import (
 from forkproxy.settings.timespan import format_timespan
 
 DEFAULT_CONNECTIONS_MAX = 256  # systemd-socket-proxyd's default
+# systemd-socket-proxyd's range for -c (an unsigned int); admission counts in 64-bit words
+# and sizes nothing by the cap beyond a bounded per-source table (shared/layout.py).
+CONNECTIONS_MAX_LIMIT = (1 << 32) - 1
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_WORKER_TIMEOUT = 30.0
 # A worker's loop can stall for tens of milliseconds without anything wrong (a burst of
@@ -39,7 +42,7 @@ DEFAULT_NODELAY = True
 DEFAULT_PIPE_SIZE = 256 * 1024  # systemd-socket-proxyd's too; measured in docs/relay-options.md
 PIPE_SIZE_MIN = 4096  # one page: the smallest pipe F_SETPIPE_SZ makes
 PIPE_SIZE_MAX = 1 << 30
-MAX_CONNECTIONS_PER_SOURCE = 32767  # SEMVMX: the most a SysV semaphore counts
+MAX_CONNECTIONS_PER_SOURCE = 32767  # fits the per-slot uint16 counts of the per-source table
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,11 @@ class Config:
             raise UsageError("missing target: give HOST:PORT or a unix socket path")
         if self.connections_max < 1:
             raise UsageError(f"--connections-max= must be at least 1, got {self.connections_max}")
+        if self.connections_max > CONNECTIONS_MAX_LIMIT:
+            raise UsageError(
+                f"--connections-max= must be at most {CONNECTIONS_MAX_LIMIT}, "
+                f"got {self.connections_max}"
+            )
         if not 1 <= self.workers <= MAX_WORKERS:
             raise UsageError(f"--workers= must be in 1-{MAX_WORKERS}, got {self.workers}")
         if not self.worker_timeout >= MIN_WORKER_TIMEOUT:
@@ -118,6 +126,7 @@ class Config:
         names = [listen.name for listen in self.listen if listen.name]
         if len(names) != len(set(names)):
             raise UsageError("--listen= names must be unique")
+        _refuse_duplicate_listen(self.listen)
         if "metrics" in names:
             raise UsageError(
                 "--listen= name 'metrics' is kept for the metrics socket: use --metrics="
@@ -179,6 +188,19 @@ def _check_relay_options(settings: "Config | ListenerSettings") -> None:
             f"--connections-max-per-source= must be in 0-{MAX_CONNECTIONS_PER_SOURCE}, "
             f"got {settings.connections_max_per_source}"
         )
+
+
+def _refuse_duplicate_listen(listen: tuple[ListenAddress, ...]) -> None:
+    """One address given twice would fail to bind as if another process held it."""
+    seen: set[tuple[int, object]] = set()
+    for address in listen:
+        sockaddr = address.sockaddr
+        if isinstance(sockaddr, str) and sockaddr.startswith("/"):
+            sockaddr = os.path.normpath(sockaddr)  # /run//a.sock is /run/a.sock
+        key = (address.family, sockaddr)
+        if key in seen:
+            raise UsageError(f"--listen={address.text} is given twice")
+        seen.add(key)
 
 
 def default_workers() -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import is_listener_name
+from forkproxy.settings.quoting import printable, quote
 from forkproxy.settings.toml_lines import KeyPath, key_lines, line_of
 
 LISTENERS = "listeners"  # the table of per-listener sections
@@ -46,7 +47,6 @@ class FileOption:
     dest: str
     kind: Kind
     bare: str = ""  # Kind.OPTIONAL: the text `true` stands for
-    choices: tuple[str, ...] = ()
     hidden: bool = False  # an old spelling, not offered in messages
 
 
@@ -62,7 +62,7 @@ class Where:
     def error(self, message: str) -> str:
         place = self.path if self.line is None else f"{self.path}:{self.line}"
         within = f" in {section_header(self.section)}" if self.section else ""
-        return f"{place}: key '{self.key}'{within}: {message}"
+        return f"{place}: key {quote(self.key)}{within}: {message}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,6 @@ def file_options(parser: argparse.ArgumentParser, bare: Mapping[str, str]) -> di
             kind = Kind.OPTIONAL
         else:
             kind = Kind.TEXT
-        choices = tuple(str(choice) for choice in action.choices or ())
         for spelling in action.option_strings:
             negative = isinstance(action, argparse.BooleanOptionalAction) and (
                 spelling.startswith("--no-")
@@ -119,7 +118,7 @@ def file_options(parser: argparse.ArgumentParser, bare: Mapping[str, str]) -> di
                 key = spelling[2:]
                 hidden = action.help == argparse.SUPPRESS
                 bare_text = bare.get(action.dest, "")
-                options[key] = FileOption(key, action.dest, kind, bare_text, choices, hidden)
+                options[key] = FileOption(key, action.dest, kind, bare_text, hidden)
     return options
 
 
@@ -135,22 +134,23 @@ def read_config_file(
             data = file.read()
     except OSError as error:
         raise UsageError(
-            f"cannot read configuration file '{path}': {error.strerror or error}"
+            f"cannot read configuration file {quote(path)}: {error.strerror or error}"
         ) from None
+    shown = printable(path)  # every message starts with it: one printable line
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
-        raise UsageError(f"{path}:{line}: invalid TOML: not UTF-8 text") from None
-    document = _parse_toml(text, path)
-    reader = _Reader(path, options, per_listener, key_lines(text))
+        raise UsageError(f"{shown}:{line}: invalid TOML: not UTF-8 text") from None
+    document = _parse_toml(text, shown)
+    reader = _Reader(shown, options, per_listener, key_lines(text))
     reader.read(document)
     return reader.result
 
 
 def section_header(name: str) -> str:
     """How the section of listener `name` is written: [listeners.web], [listeners."a.b"]."""
-    quoted = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
+    quoted = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{printable(name)}"'
     return f"[{LISTENERS}.{quoted}]"
 
 
@@ -210,7 +210,7 @@ class _Reader:
                 line = self.first_line((key,))
                 place = self.path if line is None else f"{self.path}:{line}"
                 hint = _did_you_mean(key, [LISTENERS]) or f" (sections are {LISTENERS}.NAME)"
-                self.result.errors.append(f"{place}: unknown section [{key}]{hint}")
+                self.result.errors.append(f"{place}: unknown section [{printable(key)}]{hint}")
             else:
                 hint = _did_you_mean(key, [*self.offered(""), LISTENERS])
                 self.result.errors.append(self.where(key).error(f"no such option{hint}"))
@@ -234,7 +234,7 @@ class _Reader:
                 )
             elif not is_listener_name(name):
                 self.result.errors.append(
-                    f"{origin}: invalid listener name '{name}': it may only contain "
+                    f"{origin}: invalid listener name {quote(name)}: it may only contain "
                     "letters, digits, '_', '.' and '-'"
                 )
             elif name == "metrics":
@@ -271,7 +271,7 @@ class _Reader:
         before = into.get(option.dest)
         if before is not None:
             line = "" if before.where.line is None else f" on line {before.where.line}"
-            errors.append(where.error(f"the same option as '{before.where.key}'{line}"))
+            errors.append(where.error(f"the same option as {quote(before.where.key)}{line}"))
             return
         into[option.dest] = FileValue(raw, where)
 
@@ -316,9 +316,6 @@ def _raw(option: FileOption, kind: Kind, value: object) -> str | bool | tuple[st
     if text is None:
         expected = "a string, true or false" if kind is Kind.OPTIONAL else "a string or a number"
         return _Wrong(f"expected {expected}, got {_a(value)}")
-    if option.choices and text not in option.choices:
-        choices = ", ".join(f"'{choice}'" for choice in option.choices)
-        return _Wrong(f"invalid choice: '{text}' (choose from {choices})")
     return text
 
 

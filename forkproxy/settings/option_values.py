@@ -20,6 +20,7 @@ from forkproxy.settings.address import (
     parse_route,
     parse_target,
 )
+from forkproxy.settings.config import PIPE_SIZE_MAX, PIPE_SIZE_MIN
 from forkproxy.settings.options import (
     KeepAlive,
     format_size,
@@ -28,11 +29,13 @@ from forkproxy.settings.options import (
     parse_proxy_protocol,
     parse_size,
 )
+from forkproxy.settings.quoting import quote, whole_number
 from forkproxy.settings.timespan import format_timespan, parse_timespan
 
 # What a bare --keepalive (no value) stands for: the kernel's timings. A NUL can never
 # come from a real argv (exec passes C strings), so it marks "no value given".
 BARE_KEEPALIVE = "\0"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,29 +47,33 @@ class ValueSyntax:
     format: Callable[[Any], str] = str  # the value as command-line text
 
 
-def whole_number(text: str, what: str) -> int:
-    stripped = text.strip()
-    if not (stripped.isascii() and stripped.isdigit()):
-        raise UsageError(f"invalid {what} '{text}': expected a whole number")
-    return int(stripped)
-
-
 def time_span(text: str, what: str) -> float:
     return parse_timespan(text, what)
 
 
 def file_mode(text: str, what: str) -> int:
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise UsageError(f"invalid {what} '{text}': expected octal 0000-0777")
-    return mode
+    stripped = text.strip()
+    digits = stripped.lstrip("0")
+    if not stripped or len(digits) > 3 or any(digit not in "01234567" for digit in digits):
+        raise UsageError(f"invalid {what} {quote(text)}: expected octal 0000-0777")
+    return int(digits or "0", 8)
 
 
-def size(text: str, what: str) -> int:
-    return parse_size(text, "", what)
+def pipe_size(text: str, what: str) -> int:
+    """--pipe-size, its range checked here so the error quotes what the user typed."""
+    size = parse_size(text, "", what)
+    if not PIPE_SIZE_MIN <= size <= PIPE_SIZE_MAX:
+        raise UsageError(
+            f"--pipe-size= must be in {format_size(PIPE_SIZE_MIN)}-{format_size(PIPE_SIZE_MAX)}, "
+            f"got {quote(text)}"
+        )
+    return size
+
+
+def log_level(text: str, what: str) -> str:
+    if text not in LOG_LEVELS:
+        raise UsageError(f"invalid {what} {quote(text)}: expected debug, info, warning or error")
+    return text
 
 
 def keepalive(text: str, what: str) -> KeepAlive:
@@ -84,10 +91,6 @@ def _route(text: str, what: str) -> tuple[str, TargetAddress]:
     return parse_route(text)
 
 
-def _text(text: str, what: str) -> str:
-    return text  # checked against the option's choices (--log-level) by its caller
-
-
 VALUES: dict[str, ValueSyntax] = {
     # Global options (arguments.py).
     "targets": ValueSyntax(lambda text, what: parse_target(text), "target", lambda t: t.text),
@@ -103,7 +106,7 @@ VALUES: dict[str, ValueSyntax] = {
     ),
     "graceful_timeout": ValueSyntax(time_span, "time span", format_timespan),
     "worker_timeout": ValueSyntax(time_span, "time span", format_timespan),
-    "log_level": ValueSyntax(_text, "log level"),
+    "log_level": ValueSyntax(log_level, "log level"),
     # Relay options (relay_arguments.py).
     "proxy_protocol": ValueSyntax(
         lambda text, what: parse_proxy_protocol(text, what), "value", lambda v: f"v{v}"
@@ -111,7 +114,7 @@ VALUES: dict[str, ValueSyntax] = {
     "connect_timeout": ValueSyntax(time_span, "time span", format_timespan),
     "idle_timeout": ValueSyntax(time_span, "time span", format_timespan),
     "keepalive": ValueSyntax(keepalive, "value", _format_keepalive),
-    "pipe_size": ValueSyntax(size, "size", format_size),
+    "pipe_size": ValueSyntax(pipe_size, "size", format_size),
     "on_limit": ValueSyntax(lambda text, what: parse_on_limit(text, what), "value"),
     "connections_max_per_source": ValueSyntax(whole_number, "number"),
     "route": ValueSyntax(_route, "route", lambda route: f"{route[0]}={route[1].text}"),

@@ -1,12 +1,15 @@
 """The relay options' part of the command line, for `arguments`.
 
-Their argparse definitions with help text, and the getopt-style optional values of
-`-p/--proxy-protocol[=v1|v2]` and `--keepalive[=IDLE,INTERVAL,PROBES]`. Their values
-are read by option_values.py. Part of `arguments`: never touches sockets or processes.
+Their argparse definitions with help text, the getopt-style optional values of
+`-p/--proxy-protocol[=v1|v2]` and `--keepalive[=IDLE,INTERVAL,PROBES]` and the prefixes
+of systemd-socket-proxyd's own options. Their values are read by option_values.py.
+Part of `arguments`: never touches sockets or processes.
 """
 
 import argparse
+import re
 
+from forkproxy.errors import UsageError
 from forkproxy.settings.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_NODELAY,
@@ -14,16 +17,32 @@ from forkproxy.settings.config import (
 )
 from forkproxy.settings.option_values import BARE_KEEPALIVE
 from forkproxy.settings.options import format_size
-from forkproxy.settings.timespan import format_timespan
+from forkproxy.settings.quoting import quote
+from forkproxy.settings.timespan import format_timespan, parse_timespan
 
 # What a bare -p/--proxy-protocol or --keepalive stands for.
 _BARE = {"--proxy-protocol": "v1", "--keepalive": BARE_KEEPALIVE}
 # The same by dest: what `true` stands for in a configuration file.
 BARE_VALUES = {option[2:].replace("-", "_"): text for option, text in _BARE.items()}
-# systemd-socket-proxyd's own long options: a prefix of one of them that our added options
-# made ambiguous (--conn: --connections-max or --connect-timeout?) still means it, so
-# unit files written for it keep working.
-_SOCKET_PROXYD_OPTIONS = ("--connections-max", "--exit-idle-time", "--help", "--version")
+# systemd-socket-proxyd's own long options (--proxy-protocol since its PROXY protocol
+# support). It reads them with getopt_long, which takes any unambiguous prefix, so
+# `--conn=10` or `--exit-idle=5min` may stand in a unit file written for it: such a
+# prefix keeps its meaning here. Prefixes of forkproxy's other options are refused
+# (argparse's allow_abbrev=False), so `--inet` is not `--inetd`.
+_SOCKET_PROXYD_OPTIONS = (
+    "--connections-max",
+    "--exit-idle-time",
+    "--help",
+    "--version",
+    "--proxy-protocol",
+)
+# How --help shows the options whose value is optional: attached, or none.
+OPTIONAL_VALUE_TERMS = {
+    "proxy_protocol": "-p[VERSION], --proxy-protocol[=VERSION]",
+    "keepalive": "--keepalive[=IDLE,INTERVAL,PROBES]",
+}
+# A word after a bare -p that reads as a version, not a target: v2, V1, v3.
+_VERSION_WORD = re.compile(r"\s*[vV][0-9]+\s*")
 
 
 def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +52,8 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         "--proxy-protocol",
         metavar="VERSION",
         help="send a PROXY protocol header (v1 text or v2 binary) with the client's address "
-        "first on every upstream connection; -p alone means v1",
+        "first on every connection to a target; alone it means v1, and a version is "
+        "given attached only: -pv2, --proxy-protocol=v2",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -50,7 +70,8 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         "--keepalive",
         metavar="IDLE,INTERVAL,PROBES",
         help="TCP keep-alive on both sides: probe after IDLE without traffic, every "
-        "INTERVAL, drop after PROBES unanswered; alone: the kernel's timings",
+        "INTERVAL, drop after PROBES unanswered; alone: the kernel's timings (the value "
+        "is given attached only: --keepalive=60s,10s,6)",
     )
     parser.add_argument(
         "--nodelay",
@@ -91,15 +112,16 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def attach_optional_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """argv with every optional value attached, as getopt_long's optional_argument reads.
+    """argv with every optional value attached and socket-proxyd's prefixes spelled out.
 
-    `-p` and `--proxy-protocol`/`--keepalive` (or an unambiguous prefix) without `=VALUE`
-    become `--option=VALUE` with the next word when it can only be that option's value
-    (`-p v2`, `--keepalive 60s,10s,6`), else with the bare meaning, so a target after
-    them is never taken for their value. `-pv2` is `--proxy-protocol=v2`. A prefix of a
-    systemd-socket-proxyd option is spelled out (see _SOCKET_PROXYD_OPTIONS).
+    As getopt_long reads an optional_argument, `-p` and `--proxy-protocol`/`--keepalive`
+    take a value only attached (`-pv2`, `--proxy-protocol=v2`, `--keepalive=60s,10s,6`);
+    alone they get their bare meaning, and the next word stays a target. A next word
+    that only makes sense as their value (`-p v2`, `--keepalive 60s,10s,6`) is refused
+    rather than taken for a target. A prefix of a systemd-socket-proxyd option becomes
+    that option (see _SOCKET_PROXYD_OPTIONS).
     """
-    long_options = [text for text in parser._option_string_actions if text.startswith("--")]
+    long_options = {text for text in parser._option_string_actions if text.startswith("--")}
     result: list[str] = []
     index = 0
     while index < len(argv):
@@ -113,41 +135,57 @@ def attach_optional_values(argv: list[str], parser: argparse.ArgumentParser) -> 
             result.append("--proxy-protocol=" + token[2:])
             continue
         token = _socket_proxyd_prefix(token, long_options)
-        option = "--proxy-protocol" if token == "-p" else _long_option(token, long_options)
+        option = "--proxy-protocol" if token == "-p" else token
         if option not in _BARE:
             result.append(token)
             continue
         following = argv[index] if index < len(argv) else None
-        if following is not None and _is_value_of(option, following):
-            result.append(f"{option}={following}")
-            index += 1
-        else:
-            result.append(f"{option}={_BARE[option]}")
+        if following is not None and _looks_like_value_of(option, following):
+            raise _detached_value(token, option, following)
+        result.append(f"{option}={_BARE[option]}")
     return result
 
 
-def _long_option(token: str, long_options: list[str]) -> str | None:
-    if not token.startswith("--") or "=" in token or token == "--":
-        return None
-    if token in long_options:
-        return token
-    matches = [option for option in long_options if option.startswith(token)]
-    return matches[0] if len(matches) == 1 else None
+def _detached_value(typed: str, option: str, word: str) -> UsageError:
+    """The error for `-p v2` or `--keepalive 60s,10s,6`: the value was not attached."""
+    value = word.strip() if len(word) <= 40 and word.isprintable() else None
+    if option == "--proxy-protocol":
+        example = value or "v2"
+        return UsageError(
+            f"option '{typed}' takes its version attached: write -p{example} or "
+            f"--proxy-protocol={example} (a target host named {quote(word)} needs its port, "
+            f"as in {example}:80)"
+        )
+    return UsageError(
+        f"option '{typed}' takes its value attached: write "
+        f"--keepalive={value or 'IDLE,INTERVAL,PROBES'} ({quote(word)} is no target)"
+    )
 
 
-def _socket_proxyd_prefix(token: str, long_options: list[str]) -> str:
+def _socket_proxyd_prefix(token: str, long_options: set[str]) -> str:
+    """`token` with a prefix of a systemd-socket-proxyd option spelled out in full."""
     name, equals, value = token.partition("=")
-    if not name.startswith("--") or name == "--" or name in long_options:
+    if len(name) < 3 or not name.startswith("--") or name in long_options:
         return token
-    matches = [option for option in long_options if option.startswith(name)]
-    ours = [option for option in matches if option in _SOCKET_PROXYD_OPTIONS]
-    if len(matches) > 1 and len(ours) == 1:
-        return ours[0] + equals + value
+    matches = [option for option in _SOCKET_PROXYD_OPTIONS if option.startswith(name)]
+    if len(matches) == 1:
+        return matches[0] + equals + value
     return token
 
 
-def _is_value_of(option: str, word: str) -> bool:
+def _looks_like_value_of(option: str, word: str) -> bool:
+    """Whether `word` after a bare `option` can only have been meant as its value."""
     if option == "--proxy-protocol":
-        return word.strip().lower() in ("v1", "v2")
-    # No target has a ',' outside a unix socket path, and every other target has a ':'.
-    return "," in word and ":" not in word and word[:1] not in ("-", "/", "@")
+        return _VERSION_WORD.fullmatch(word) is not None
+    # IDLE,INTERVAL,PROBES, or a time span (`--keepalive 60s`): no target has a ','
+    # outside a unix socket path, and a host name that is also a time span ("5m") can
+    # be written with its port.
+    if word[:1] in ("-", "/", "@", "[") or ":" in word:
+        return False
+    if "," in word:
+        return True
+    try:
+        parse_timespan(word)
+    except UsageError:
+        return False
+    return True

@@ -8,6 +8,7 @@ with units, summed ("5min 20s", "1.5s", "2h", "500ms"), or "infinity". Never doe
 import math
 
 from forkproxy.errors import UsageError
+from forkproxy.settings.quoting import digits_value, quote
 
 _USEC_PER_SEC = 1_000_000
 _USEC_PER_MINUTE = 60 * _USEC_PER_SEC
@@ -17,6 +18,7 @@ _USEC_PER_WEEK = 7 * _USEC_PER_DAY
 _USEC_PER_MONTH = 2_629_800 * _USEC_PER_SEC  # 30.44 days, as systemd defines it
 _USEC_PER_YEAR = 31_557_600 * _USEC_PER_SEC  # 365.25 days
 _USEC_INFINITY = 2**64 - 1
+_USEC_INFINITY_DIGITS = len(str(_USEC_INFINITY))  # any longer number is too large
 
 # Order matters: systemd takes the first suffix that prefixes the rest of the input,
 # so "ms" must come before "m", and "months" before "m".
@@ -69,7 +71,7 @@ def parse_timespan(text: str, option: str = "time span") -> float:
     try:
         usec = _parse_usec(text)
     except _SpanSyntaxError as error:
-        raise UsageError(f"invalid {option} '{text}': {error}") from None
+        raise UsageError(f"invalid {option} {quote(text)}: {error}") from None
     return math.inf if usec == _USEC_INFINITY else usec / _USEC_PER_SEC
 
 
@@ -97,7 +99,10 @@ def _parse_usec(text: str) -> int:
         while i < len(p) and p[i] in _DIGITS:
             i += 1
         if i > start:
-            whole = int(p[start:i])
+            value = digits_value(p[start:i], _USEC_INFINITY_DIGITS)
+            if value is None:
+                raise _SpanSyntaxError("too large")
+            whole = value
         else:
             whole, i = 0, 0
         fraction = ""
@@ -105,18 +110,18 @@ def _parse_usec(text: str) -> int:
             j = i + 1
             while j < len(p) and p[j] in _DIGITS:
                 j += 1
-            fraction = p[i + 1 : j]
+            fraction = p[i + 1 : min(j, i + 1 + _USEC_INFINITY_DIGITS)]  # the rest is < 1us
             if not fraction:
                 raise _SpanSyntaxError("a '.' must be followed by digits")
             i = j
         elif i == 0:
-            raise _SpanSyntaxError(f"expected a number at '{p}'")
+            raise _SpanSyntaxError(f"expected a number at {quote(p)}")
 
         rest = p[i:]
         unit_text = rest.lstrip(_WHITESPACE)
         multiplier, unit_length = _match_unit(unit_text)
         if unit_length == 0 and rest and rest[0] not in _WHITESPACE:
-            raise _SpanSyntaxError(f"unknown unit '{_word(rest)}'")
+            raise _SpanSyntaxError(f"unknown unit {quote(_word(rest))}")
         p = unit_text[unit_length:] if unit_length else rest
 
         if whole >= _USEC_INFINITY // multiplier:
@@ -131,7 +136,7 @@ def _parse_usec(text: str) -> int:
             raise _SpanSyntaxError("too large")
         something = True
         if unit_length and p and p[0] not in _WHITESPACE and p[0] not in _DIGITS + "+.":
-            raise _SpanSyntaxError(f"unknown unit '{_word(unit_text)}'")
+            raise _SpanSyntaxError(f"unknown unit {quote(_word(unit_text))}")
 
 
 def _match_unit(text: str) -> tuple[int, int]:

@@ -30,15 +30,27 @@ class Listener:
 
 
 def is_connection(fd: int) -> bool:
-    """Whether `fd` is a connected stream socket (what Accept=yes passes), not a listener."""
+    """Whether `fd` is a connected stream socket (what Accept=yes passes), not a listener.
+
+    A stream socket that is neither listening nor connected (bound, listen() never
+    called) is neither: the caller refuses it as a listener.
+    """
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         return False
     try:
-        return sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_TYPE
-        ) == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
+            return False
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return False
+        try:
+            sock.getpeername()
+        except OSError:
+            # No peer: never connected, or a connection the client already reset (its
+            # error still pending, and the relay ends it as any reset connection).
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        return True
     except OSError:
         return False
     finally:

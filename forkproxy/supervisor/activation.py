@@ -12,6 +12,7 @@ import socket
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.address import format_sockaddr
+from forkproxy.settings.quoting import quote
 from forkproxy.shared.listener import Listener
 
 INETD_FD = 0  # --inetd, StandardInput=socket: the socket is standard input
@@ -37,12 +38,12 @@ def passed_fds(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[
     except ValueError:
         raise ForkproxyError(
             "invalid $LISTEN_PID/$LISTEN_FDS from the service manager: "
-            f"'{pid_text}', '{count_text}'"
+            f"{quote(pid_text)}, {quote(count_text)}"
         ) from None
     if pid != os.getpid():
         return []
     if count < 0:
-        raise ForkproxyError(f"invalid $LISTEN_FDS from the service manager: '{count_text}'")
+        raise ForkproxyError(f"invalid $LISTEN_FDS from the service manager: {quote(count_text)}")
     names = names_text.split(":") if names_text is not None else []
     if len(names) != count:
         names = ["unknown"] * count
@@ -72,8 +73,11 @@ def adopt_listener(fd: int, name: str) -> Listener:
         sock.detach()
         raise ForkproxyError(f"{what} cannot be inspected: {error.strerror}") from None
     if kind != socket.SOCK_STREAM or not listening:
+        why = ""
+        if kind == socket.SOCK_STREAM and not _has_peer(sock):
+            why = ": listen() was not called on it, and it is not a connection either"
         sock.detach()  # not ours to close
-        raise ForkproxyError(f"{what} is not a listening stream socket")
+        raise ForkproxyError(f"{what} is not a listening stream socket{why}")
     sock.setblocking(False)
     try:
         where = format_sockaddr(sock.family, sock.getsockname())
@@ -81,3 +85,11 @@ def adopt_listener(fd: int, name: str) -> Listener:
         where = "?"
     label = f"fd {fd} ({where})" if name in ("", "unknown") else f"fd {fd} '{name}' ({where})"
     return Listener(sock, "" if name == "unknown" else name, label)
+
+
+def _has_peer(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True

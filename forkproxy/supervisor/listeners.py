@@ -13,6 +13,7 @@ import stat
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.address import ListenAddress, format_sockaddr
+from forkproxy.settings.quoting import quote
 from forkproxy.shared.listener import Listener
 
 BACKLOG = 4096  # Backlog= default in systemd.socket(5): SOMAXCONN
@@ -26,7 +27,7 @@ def bind_listener(address: ListenAddress, socket_mode: int) -> Listener:
         return _bind_inet(address)
     except OSError as error:
         raise ForkproxyError(
-            f"cannot listen on '{address.text}': {error.strerror or error}"
+            f"cannot listen on {quote(address.text)}: {error.strerror or error}"
         ) from None
 
 
@@ -101,7 +102,7 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ForkproxyError(f"cannot listen on '{path}': it exists and is not a socket")
+        raise ForkproxyError(f"cannot listen on {quote(path)}: it exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         probe.connect(path)
@@ -112,4 +113,4 @@ def _remove_stale_socket(path: str) -> None:
         return  # let bind() report what is wrong
     finally:
         probe.close()
-    raise ForkproxyError(f"cannot listen on '{path}': another process is listening there")
+    raise ForkproxyError(f"cannot listen on {quote(path)}: another process is listening there")

@@ -28,8 +28,7 @@ def run(config: Config) -> int:
         passed = passed_fds()
     if len(passed) == 1 and is_connection(passed[0][0]):
         # Accept=yes: systemd accepted the client and passed the connection itself.
-        fd, name = passed[0]
-        return _relay_connection(config, fd, f"fd {fd} from systemd", name)
+        return _relay_connection(config, passed[0][0], f"fd {passed[0][0]} from systemd")
     master = Master(config, passed)
     try:
         return master.run()
@@ -37,7 +36,7 @@ def run(config: Config) -> int:
         master.close()
 
 
-def _relay_connection(config: Config, fd: int, what: str, name: str = "") -> int:
+def _relay_connection(config: Config, fd: int, what: str) -> int:
     # Imported here: the one-shot relay needs uvloop, which a master never loads (the
     # workers it forks load their own, so they do not start with a copy of it).
     from forkproxy.oneshot import relay_connection
@@ -46,6 +45,6 @@ def _relay_connection(config: Config, fd: int, what: str, name: str = "") -> int
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     notifier = Notifier()
     try:
-        return relay_connection(config, fd, what, notifier, "" if name == "unknown" else name)
+        return relay_connection(config, fd, what, notifier)
     finally:
         notifier.close()

@@ -7,13 +7,15 @@ never fails when systemd starts it. Never renders and never writes.
 
 import contextlib
 import io
-import ipaddress
+import os
 import re
 
 from forkproxy.errors import ForkproxyError
-from forkproxy.settings.address import parse_target
+from forkproxy.settings.address import TargetAddress, parse_target
 from forkproxy.settings.arguments import parse_args as parse_forkproxy_args
 from forkproxy.settings.config import Config
+from forkproxy.units import listen
+from forkproxy.units.listen import CONTROL
 from forkproxy.units.request import PROG, UnitRequest
 
 # forkproxy options that would fight the generated units, and what to use instead.
@@ -21,6 +23,27 @@ _OWNED_OPTIONS = (
     ("-l", "--listen", "use --listen-stream or --listen-unix"),
     ("", "--inetd", "use --accept"),
 )
+# forkproxy options that mean nothing to an Accept=yes instance, which relays its one
+# connection in one process and exits (forkproxy/oneshot.py): the option, the Config
+# field it sets, two values to probe for it (see _given), and why. --graceful-timeout
+# does mean something: a stopped instance lets its connection finish for that long.
+_NOT_PER_CONNECTION = (
+    ("--connections-max", "connections_max", ("1000", "1001"),
+     "use --max-connections (MaxConnections=), which caps the instances"),
+    ("--workers", "workers", ("1", "2"), "an instance runs no workers"),
+    ("--worker-timeout", "worker_timeout", ("100", "200"), "an instance runs no workers"),
+    ("--exit-idle-time", "exit_idle_time", ("100", "200"),
+     "an instance exits when its connection ends"),
+    ("--on-limit", "on_limit", ("refuse", "queue"),
+     "an instance has no cap to meet (--max-connections caps the instances)"),
+    ("--connections-max-per-source", "connections_max_per_source", ("1", "2"),
+     "an instance has one connection (MaxConnectionsPerSource= in the socket unit limits "
+     "sources)"),
+)  # fmt: skip
+
+# What the system units' sandbox hides or makes private: socket file targets there.
+PRIVATE_TMP = ("/tmp/", "/var/tmp/")
+HOMES = ("/home/", "/root/", "/run/user/")
 
 # unit_name_is_valid() in systemd's unit-name.c: these characters, 255 at most in all.
 _UNIT_PREFIX = re.compile(r"[A-Za-z0-9:_.\\-]+")
@@ -32,9 +55,6 @@ _UNIT_NAME_MAX = 255
 # valid_user_group_name() in its strict form, or a numeric id.
 _USER_GROUP = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|[0-9]{1,10}")
 _EXECUTABLE = re.compile(r"(/[A-Za-z0-9_.+@:-]+)+")
-_PORT = re.compile(r"[1-9][0-9]{0,4}")
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path less its NUL (or an abstract name's leading NUL)
 
 
 def check_name(name: str) -> str:
@@ -59,62 +79,6 @@ def check_target(target: str) -> str:
     return target
 
 
-def check_inet(address: str, flag: str) -> str:
-    """ListenStream= syntax for IP (systemd.socket(5)): PORT, IPV4:PORT or [IPV6]:PORT."""
-    if address[:1] in ("/", "@"):
-        raise ForkproxyError(f"invalid {flag} '{address}': use --listen-unix for unix sockets")
-    if address.startswith("["):
-        literal, _, port = address[1:].partition("]:")
-        if not port or "%" in literal or not _is_ip(literal, 6):
-            raise ForkproxyError(
-                f"invalid {flag} '{address}': expected [IPV6]:PORT, as in '[::1]:8080'"
-            )
-    elif ":" in address:
-        host, _, port = address.rpartition(":")
-        if not _is_ip(host, 4):
-            raise ForkproxyError(
-                f"invalid {flag} '{address}': '{host}' is not an IPv4 address "
-                "(write PORT, IPV4:PORT or [IPV6]:PORT)"
-            )
-    else:
-        port = address
-    if not (_PORT.fullmatch(port) and int(port) <= 65535):
-        raise ForkproxyError(
-            f"invalid {flag} '{address}': port '{port}' is not a number in 1-65535"
-        )
-    return address
-
-
-def _is_ip(text: str, version: int) -> bool:
-    try:
-        parsed = ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return parsed.version == version
-
-
-def check_unix(path: str, flag: str) -> str:
-    if not path.startswith(("/", "@")):
-        raise ForkproxyError(f"invalid {flag} '{path}': give an absolute /path or an @name")
-    if CONTROL.search(path) or path != path.strip() or path.endswith("\\"):
-        raise ForkproxyError(
-            f"invalid {flag} {path!r}: no control characters, edge spaces or final '\\'"
-        )
-    if path in ("/", "@"):
-        raise ForkproxyError(f"invalid {flag} '{path}': no socket name after '{path}'")
-    if len(path.encode()) - (1 if path.startswith("@") else 0) > _SUN_PATH_MAX:
-        raise ForkproxyError(f"invalid {flag} '{path}': longer than {_SUN_PATH_MAX} bytes")
-    return path
-
-
-def check_metrics(address: str | None) -> str | None:
-    if address is None:
-        return None
-    if address[:1] in ("/", "@"):
-        return check_unix(address, "--metrics")
-    return check_inet(address, "--metrics")
-
-
 def check_user_group(name: str | None, flag: str) -> str | None:
     if name is not None and not _USER_GROUP.fullmatch(name):
         raise ForkproxyError(
@@ -131,7 +95,9 @@ def parse_mode(text: str) -> int:
 
 
 def parse_count(text: str, flag: str, maximum: int) -> int:
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= maximum):
+    # The length first: int() refuses numbers of more than 4,300 digits with a ValueError.
+    short = len(text) <= len(str(maximum))
+    if not (short and text.isascii() and text.isdigit() and 1 <= int(text) <= maximum):
         raise ForkproxyError(f"invalid {flag} '{text}': expected an integer in 1-{maximum}")
     return int(text)
 
@@ -177,28 +143,61 @@ def _has_option(args: tuple[str, ...], short: str, long: str) -> bool:
 
 def forkproxy_config(request: UnitRequest) -> Config:
     """The `Config` forkproxy builds from ExecStart=, by forkproxy's own parser."""
-    argv = [*request.forkproxy_args, request.target]
+    config = _parse_forkproxy([request.target, *request.forkproxy_args])
+    for given, option, hint in (
+        (config.listen, "--listen", "use --listen-stream or --listen-unix"),
+        (config.inetd, "--inetd", "use --accept"),
+        (config.metrics, "--metrics", f"give {PROG}'s --metrics before TARGET"),
+    ):
+        if given:
+            raise ForkproxyError(
+                f"forkproxy option '{option}' would bypass the socket unit: {hint}"
+            )
+    return config
+
+
+def every_target(config: Config) -> tuple[TargetAddress, ...]:
+    """The targets, then each named listener's (--route, a [listeners.NAME] section)."""
+    return (
+        *config.targets,
+        *(target for settings in config.listeners for target in settings.targets),
+    )
+
+
+def _parse_forkproxy(argv: list[str]) -> Config:
     # argparse prints and exits for --help and --version; keep both out of our output.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            config = parse_forkproxy_args(argv)
+            return parse_forkproxy_args(argv)
         except ForkproxyError as error:
             raise ForkproxyError(f"forkproxy would not start: {error}") from None
         except SystemExit:
             raise ForkproxyError(
                 "forkproxy would not start: --help and --version only print and exit"
             ) from None
-    if config.listen:
-        raise ForkproxyError(
-            "forkproxy option '--listen' would bypass the socket unit: "
-            "use --listen-stream or --listen-unix"
-        )
-    return config
+        except ValueError as error:  # forkproxy would fail with a traceback: a bug there
+            raise ForkproxyError(f"forkproxy would not start: {error}") from None
+
+
+def _given(request: UnitRequest, option: str, field: str, probes: tuple[str, ...]) -> bool:
+    """Whether forkproxy's parser finds `option` in the forkproxy options, in any spelling
+    it takes: then the user's value wins over any value put before it."""
+    argv = [request.target, *request.forkproxy_args]
+    try:
+        values = {getattr(_parse_forkproxy([f"{option}={p}", *argv]), field) for p in probes}
+    except ForkproxyError:  # a probe value clashed with another option: look at the text
+        return _has_option(request.forkproxy_args, "", option)
+    return len(values) == 1
 
 
 def check_combinations(r: UnitRequest) -> None:
     if not r.listen_stream and not r.listen_unix:
         raise ForkproxyError("nothing to listen on: give --listen-stream or --listen-unix")
+    listen.check_distinct(
+        [("--listen-stream", address) for address in r.listen_stream]
+        + [("--listen-unix", path) for path in r.listen_unix]
+        + ([("--metrics", r.metrics)] if r.metrics is not None else [])
+    )
     if r.max_connections is not None and not r.accept:
         raise ForkproxyError(
             "--max-connections needs --accept; without it, pass --connections-max=N "
@@ -207,11 +206,6 @@ def check_combinations(r: UnitRequest) -> None:
     if r.accept and r.metrics is not None:
         raise ForkproxyError(
             "--metrics cannot be used with --accept: an instance serves one connection"
-        )
-    if r.accept and _has_option(r.forkproxy_args, "-c", "--connections-max"):
-        raise ForkproxyError(
-            "forkproxy option --connections-max has no effect with --accept "
-            "(one connection per instance): use --max-connections"
         )
     if r.share_namespace and r.target_unit is None:
         raise ForkproxyError("--share-namespace needs --upstream-unit: whose namespace to join")
@@ -239,7 +233,45 @@ def check_combinations(r: UnitRequest) -> None:
     for short, long, hint in _OWNED_OPTIONS:
         if _has_option(r.forkproxy_args, short, long):
             raise ForkproxyError(f"forkproxy option '{long}' would bypass the socket unit: {hint}")
-    forkproxy_config(r)  # what forkproxy would refuse fails here, not when systemd starts it
+    config = forkproxy_config(r)  # what forkproxy would refuse fails here, not in systemd
+    if r.accept:
+        _check_per_connection(r, config)
+    if not r.user:
+        _check_reachable(config)
     longest = max((*r.socket_names, r.service_name), key=len)
     if len(longest) > _UNIT_NAME_MAX:
         raise ForkproxyError(f"unit name '{longest}' is longer than {_UNIT_NAME_MAX} characters")
+
+
+def socket_file_under(target: TargetAddress, directories: tuple[str, ...]) -> str | None:
+    """The one of `directories` (each ending in '/') that holds a socket file target."""
+    if not target.text.startswith("/"):
+        return None
+    path = "/" + os.path.normpath(target.text).lstrip("/")
+    return next((directory for directory in directories if path.startswith(directory)), None)
+
+
+def _check_reachable(config: Config) -> None:
+    """A system unit's /tmp and /var/tmp are its own (PrivateTmp=, which DynamicUser=
+    implies and nothing turns off): a socket file there cannot be reached."""
+    for target in every_target(config):
+        directory = socket_file_under(target, PRIVATE_TMP)
+        if directory is not None:
+            raise ForkproxyError(
+                f"target '{target.text}' is in {directory}, which is private to the service "
+                "(PrivateTmp=, implied by DynamicUser=yes): put the socket elsewhere, "
+                "such as in /run"
+            )
+
+
+def _check_per_connection(r: UnitRequest, config: Config) -> None:
+    """Refuse the forkproxy options an Accept=yes instance would ignore."""
+    for option, field, probes, why in _NOT_PER_CONNECTION:
+        if _given(r, option, field, probes):
+            raise ForkproxyError(f"forkproxy option '{option}' means nothing with --accept: {why}")
+    if config.listeners:
+        raise ForkproxyError(
+            "forkproxy option '--route' means nothing with --accept: an instance gets a "
+            "connection, not a named listener (give the targets instead; nor do the "
+            "[listeners.NAME] sections of a --config file apply)"
+        )

@@ -1,5 +1,6 @@
 """Bad input: one clear line on stderr, exit status 1 (as systemd-socket-proxyd), no traceback."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from tests.support.proxy import FORKPROXY, REPO, run_cli
         ),
         (["--bogus", "x:1"], "unrecognized arguments: --bogus"),
         (["-c", "0", "x:1"], "--connections-max= must be at least 1"),
+        (["-c", "4294967296", "x:1"], "--connections-max= must be at most 4294967295, got"),
         (["-c", "abc", "x:1"], "invalid --connections-max= value 'abc'"),
         (["-c"], "option '--connections-max': expected one argument"),
         (["--exit-idle-time=5 minutess", "x:1"], "unknown unit 'minutess'"),
@@ -42,6 +44,17 @@ from tests.support.proxy import FORKPROXY, REPO, run_cli
         (["--listen=localhost:80", "x:1"], "is not an IP address"),
         (["--socket-mode=999", "--listen=/tmp/x.sock", "x:1"], "expected octal"),
         (["127.0.0.1:80"], "no sockets passed in by systemd (LISTEN_FDS) and no --listen"),
+        (["-w", "9" * 5000, "x:1"], "invalid --workers= value '999"),
+        (["x:" + "9" * 5000], "invalid target 'x:999"),
+        (["-p", "v3", "x:1"], "option '-p' takes its version attached: write -pv3 or"),
+        (["--proxy-protocol", "v2", "x:1"], "option '--proxy-protocol' takes its version"),
+        (["--keepalive", "60s,10s,6", "x:1"], "option '--keepalive' takes its value attached"),
+        (["--inet", "x:1"], "unrecognized arguments: --inet"),
+        (["--inetd", "--metrics=127.0.0.1:9100", "x:1"], "cannot be used with --inetd"),
+        (["--inetd", "--route=web=x:2", "x:1"], "--route cannot be used with --inetd"),
+        (["-l", "/tmp/a.sock", "-l", "/tmp/a.sock", "x:1"], "--listen=/tmp/a.sock is given twice"),
+        (["--metrics=0:\n", "x:1"], "invalid metrics address '0:\\n'"),
+        (["--pipe-size=8388608K", "x:1"], "--pipe-size= must be in 4K-1024M, got '8388608K'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(args: list[str], message: str) -> None:
@@ -110,6 +123,7 @@ def test_help_and_version_exit_0() -> None:
     assert help_result.returncode == 0
     for option in ("--connections-max", "--exit-idle-time", "--workers", "--listen", "--version"):
         assert option in help_result.stdout
+    assert help_result.stdout.rstrip().endswith("man forkproxy")
     version = run_cli(["--version"])
     assert version.returncode == 0
     assert version.stdout.startswith("forkproxy ")
@@ -120,3 +134,69 @@ def test_python_dash_m_runs_the_same_program() -> None:
         [sys.executable, "-m", "forkproxy", "--version"], capture_output=True, text=True, timeout=10
     )
     assert result.returncode == 0 and result.stdout.startswith("forkproxy ")
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX])
+@pytest.mark.parametrize("inetd", [False, True], ids=["listen-fds", "inetd"])
+def test_a_passed_socket_bound_but_not_listening_is_an_error(
+    workdir: Path, family: int, inetd: bool
+) -> None:
+    """Neither a listener nor a connection (listen() never called): exit status 1, and no
+    connection to the target, as if it were an Accept=yes connection."""
+    target = socket.create_server(("127.0.0.1", 0))
+    target.setblocking(False)
+    bound = socket.socket(family, socket.SOCK_STREAM)
+    bound.bind(("127.0.0.1", 0) if family == socket.AF_INET else str(workdir / "bound.sock"))
+    destination = f"127.0.0.1:{target.getsockname()[1]}"
+    if inetd:
+        command = [FORKPROXY, "--inetd", destination]
+        what = "standard input (--inetd)"
+    else:
+        activate = [sys.executable, "-m", "tests.support.activate", str(bound.fileno()), "--"]
+        command = [*activate, FORKPROXY, destination]
+        what = "fd 3 from systemd"
+    with target, bound:
+        result = subprocess.run(
+            command,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=bound.fileno() if inetd else subprocess.DEVNULL,
+            pass_fds=[] if inetd else [bound.fileno()],
+        )
+        with pytest.raises(BlockingIOError):
+            target.accept()  # nothing connected to the target
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"forkproxy: {what} is not a listening stream socket: listen() was not called on it, "
+        "and it is not a connection either\n"
+    )
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv(1)")
+def test_a_pipe_size_the_kernel_refuses_is_named_as_typed(workdir: Path) -> None:
+    """Without CAP_SYS_RESOURCE, pipes beyond /proc/sys/fs/pipe-max-size are refused at
+    start; the error names --pipe-size as the user wrote it, not in bytes."""
+    max_size = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    if max_size >= 1 << 30:
+        pytest.skip("pipe-max-size allows 1024M pipes")
+    listener = socket.create_server(("127.0.0.1", 0))
+    drop = ["setpriv", "--bounding-set=-sys_resource", "--inh-caps=-sys_resource"]
+    with listener:
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "tests.support.activate", str(listener.fileno()), "--"),
+                *(*drop, FORKPROXY, "-w", "1", "--pipe-size=1024M", "127.0.0.1:9"),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            pass_fds=[listener.fileno()],
+        )
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "forkproxy: cannot make pipes of --pipe-size=1024M: Operation not permitted"
+    ), result.stderr
+    assert result.stderr.count("\n") == 1

@@ -193,6 +193,8 @@ def test_open_connections_keep_flowing_while_new_clients_exhaust_fds(
         (worker,) = proxy.workers()
         assert resource.prlimit(worker, resource.RLIMIT_NOFILE) == (FD_LIMIT, FD_LIMIT)
         idle_sockets = socket_count(worker)
+        # The reserve kept free: a quarter of what was free at start, at most 32.
+        reserve = min(32, (FD_LIMIT - lowest_free_fd(worker)) // 4)
         # Relayed but quiet, so the worker has made no pipe yet: it needs new ones later.
         established = [proxy.connect(timeout=30) for _ in range(3)]
         opened.extend(established)
@@ -206,6 +208,10 @@ def test_open_connections_keep_flowing_while_new_clients_exhaust_fds(
         flood = {proxy.connect(): b"flood %02d" % index for index in range(60)}
         opened.extend(flood)
         wait_until(lambda: pausing_lines(proxy), 10, "the worker to run short of descriptors")
+        assert (
+            f"fewer than {reserve} file descriptors left (RLIMIT_NOFILE {FD_LIMIT})"
+            in (pausing_lines(proxy)[0])
+        )
 
         # Out of descriptors, and the open connections still move megabytes both ways.
         cpu_before, started = total_cpu([worker, proxy.pid]), time.monotonic()

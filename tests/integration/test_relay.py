@@ -102,3 +102,29 @@ def test_backend_eof_reaches_the_client_after_all_bytes(workdir: Path) -> None:
         while chunk := client.recv(1 << 20):
             received += chunk
     assert bytes(received) == pseudo_random(size)
+
+
+def test_a_unix_target_path_that_is_not_utf8_relays(workdir: Path) -> None:
+    """A path of any bytes is a path: it relays, and the process title and logs show
+    it escaped (setproctitle(3) takes only UTF-8)."""
+    path = os.fsencode(workdir) + b"/t\xff\x1b.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+
+    def echo_once() -> None:
+        connection, _ = server.accept()
+        with connection:
+            while data := connection.recv(65536):
+                connection.sendall(data)
+
+    echo = threading.Thread(target=echo_once, daemon=True)
+    echo.start()
+    target = os.fsdecode(path)  # as forkproxy's argv decodes it: surrogateescape
+    with server, run_proxy(["-w", "1", "--log-level=debug", target], workdir) as proxy:
+        with proxy.connect() as client:
+            assert send_all_then_read(client, b"any bytes") == b"any bytes"
+        title = Path(f"/proc/{proxy.pid}/cmdline").read_bytes()
+        assert b"forkproxy: master " + os.fsencode(workdir) + b"/t\\xff\\x1b.sock" in title
+    echo.join(10)
+    assert "\x1b" not in proxy.stderr()

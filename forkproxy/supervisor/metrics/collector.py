@@ -1,7 +1,7 @@
-"""Prometheus metric families read from the scoreboard, the admission set and the master.
+"""Prometheus metric families read from the scoreboard, the admission count and the master.
 
 `ScoreboardCollector` turns what the master can read (scoreboard slots and retired
-totals, the admission semaphore, its worker records) into metric families when a scrape
+totals, the admission count, its worker records) into metric families when a scrape
 asks, and answers /healthz. Never keeps metric state of its own: every value is read at
 scrape time, so counters are as monotonic as the scoreboard's retired totals make them.
 """
@@ -83,7 +83,7 @@ class MasterView(Protocol):
 
 
 class ScoreboardCollector(Collector):
-    """Metric families read from the scoreboard, the admission set and the master."""
+    """Metric families read from the scoreboard, the admission count and the master."""
 
     def __init__(self, master: MasterView, scoreboard: Scoreboard, admission: Admission) -> None:
         self.master = master
@@ -178,7 +178,7 @@ class ScoreboardCollector(Collector):
             "Bytes relayed, by worker slot and direction (past workers in the slot included).",
             labels=["worker", "direction"],
         )
-        for slot in range(board.slot_count):
+        for slot in range(board.high_water()):
             count = board.counter(slot, ACCEPTED)
             if slot not in live and not count:
                 continue

@@ -60,14 +60,14 @@ CONFIG = Config(
 )
 
 
-def _plans(listeners: list[Listener], per_source: bool) -> tuple[dict[str, ListenerPlan], dict]:
+def _plans(listeners: list[Listener]) -> tuple[dict[str, ListenerPlan], dict]:
     pools: dict[int, PipePool] = {}
-    plans = make_plans(listeners, CONFIG, _connector(), pools, per_source)  # type: ignore[arg-type]
+    plans = make_plans(listeners, CONFIG, _connector(), pools)  # type: ignore[arg-type]
     return {listener.name: plans[listener.fd] for listener in listeners}, pools
 
 
 def test_each_listener_gets_its_settings(listeners: list[Listener]) -> None:
-    plans, pools = _plans(listeners, per_source=True)
+    plans, pools = _plans(listeners)
     web, api, api2, unnamed, other, unix = (
         plans[name] for name in ("web", "api", "api2", "", "other", "unix")
     )
@@ -87,11 +87,6 @@ def test_each_listener_gets_its_settings(listeners: list[Listener]) -> None:
     assert unix.route.group is not api.route.group  # nodelay differs
     assert unix.client_options == ()  # no TCP options on a unix client
     assert web.client_options and web.client_options == web.route.group.options
-
-
-def test_no_per_source_table_no_per_source_limit(listeners: list[Listener]) -> None:
-    plans, _ = _plans(listeners, per_source=False)
-    assert plans["web"].source_limit == 0
 
 
 def test_the_connect_sweep_follows_the_shortest_timeout(listeners: list[Listener]) -> None:

@@ -206,7 +206,7 @@ BAD: list[tuple[str, list[str]]] = [
         [
             "FILE:2: key 'workers': invalid number 'many': expected a whole number",
             "FILE:3: key 'connections-max': must be at least 1, got 0",
-            "FILE:4: key 'pipe-size': must be in 4K-1024M, got 1K",
+            "FILE:4: key 'pipe-size': must be in 4K-1024M, got '1K'",
         ],
     ),
     (
@@ -236,8 +236,8 @@ BAD: list[tuple[str, list[str]]] = [
             "FILE:2: key 'nodelay': expected true or false, got a string",
             "FILE:3: key 'connect-timeout': expected a string or a number, got a list",
             "FILE:4: key 'keepalive': expected a string, true or false, got a table",
-            "FILE:5: key 'log-level': invalid choice: '3' (choose from 'debug', 'info', "
-            "'warning', 'error')",
+            "FILE:5: key 'log-level': invalid log level '3': expected debug, info, warning "
+            "or error",
             "FILE:6: key 'workers': expected a string or a number, got a boolean",
             "FILE:7: key 'listen': expected a string or a list of strings, got a table",
         ],

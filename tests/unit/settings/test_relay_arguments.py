@@ -31,10 +31,13 @@ def test_defaults() -> None:
         (["h:1", "-p"], 1, ["h:1"]),
         (["--proxy-protocol", "h:1"], 1, ["h:1"]),
         (["--proxy-protocol=v2", "h:1"], 2, ["h:1"]),
-        (["--proxy-protocol", "v2", "h:1"], 2, ["h:1"]),
-        (["-p", "v2", "h:1"], 2, ["h:1"]),
+        (["--proxy-protocol=V1", "h:1"], 1, ["h:1"]),
         (["-pv2", "h:1"], 2, ["h:1"]),
-        (["--proxy=v2", "h:1"], 2, ["h:1"]),  # getopt_long prefix
+        (["-p", "v2:80", "h:1"], 1, ["v2:80", "h:1"]),  # a host named v2, with its port
+        (["-p", "vhost", "h:1"], 1, ["vhost", "h:1"]),
+        (["-p", "--", "h:1"], 1, ["h:1"]),
+        # systemd-socket-proxyd's own --proxy-protocol, so getopt_long's prefixes of it
+        (["--proxy=v2", "h:1"], 2, ["h:1"]),
         (["--proxy", "h:1"], 1, ["h:1"]),
     ],
 )
@@ -49,10 +52,10 @@ def test_proxy_protocol_spellings(argv: list[str], version: int, targets: list[s
     [
         (["--keepalive", "h:1"], KeepAlive(), ["h:1"]),
         (["--keepalive", "/run/a,b.sock"], KeepAlive(), ["/run/a,b.sock"]),
+        (["--keepalive", "[::1]:80"], KeepAlive(), ["[::1]:80"]),
         (["--keepalive=60s,10s,6", "h:1"], KeepAlive(60, 10, 6), ["h:1"]),
-        (["--keepalive", "60s,10s,6", "h:1"], KeepAlive(60, 10, 6), ["h:1"]),
         (["h:1", "--keepalive"], KeepAlive(), ["h:1"]),
-        (["--keep", "h:1"], KeepAlive(), ["h:1"]),
+        (["--keepalive", "5m:80"], KeepAlive(), ["5m:80"]),
     ],
 )
 def test_keepalive_spellings(argv: list[str], keepalive: KeepAlive, targets: list[str]) -> None:
@@ -101,14 +104,59 @@ def test_socket_proxyd_prefixes_keep_their_meaning() -> None:
     assert parse_args(["--conn=10", "h:1"]).connections_max == 10
     assert parse_args(["--conn", "10", "h:1"]).connections_max == 10
     assert parse_args(["--connect=3", "h:1"]).connections_max == 3  # its prefix first
-    assert parse_args(["--connect-t=3", "h:1"]).connect_timeout == 3.0
+    assert parse_args(["--c", "4", "h:1"]).connections_max == 4
+    assert parse_args(["--e=1min", "h:1"]).exit_idle_time == 60.0
+    assert parse_args(["--connect-timeout=3", "h:1"]).connect_timeout == 3.0
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--connect-t=3", "--inet", "--keep", "--work=2", "--list=8080", "--pipe=64K", "--no-node"],
+)
+def test_other_options_are_never_abbreviated(option: str) -> None:
+    with pytest.raises(UsageError, match="^unrecognized arguments: --"):
+        parse_args([option, "h:1"])
 
 
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
-        (["--pipe-size=2K", "h:1"], "--pipe-size= must be in 4K-1024M, got 2K"),
-        (["--pipe-size=2048M", "h:1"], "--pipe-size= must be in 4K-1024M, got 2048M"),
+        (
+            ["-p", "v3", "h:1"],
+            "option '-p' takes its version attached: write -pv3 or --proxy-protocol=v3 "
+            "(a target host named 'v3' needs its port, as in v3:80)",
+        ),
+        (["h:1", "-p", "v2"], "option '-p' takes its version attached: write -pv2 or"),
+        (["--proxy-protocol", "v1", "h:1"], "option '--proxy-protocol' takes its version"),
+        (["--proxy-protocol", " V2 ", "h:1"], "option '--proxy-protocol' takes its version"),
+        (["--proxy", "v2", "h:1"], "option '--proxy-protocol' takes its version attached"),
+        (["-pv3", "h:1"], "invalid --proxy-protocol= value 'v3': expected v1 or v2"),
+        (["--proxy-protocol=v3", "h:1"], "invalid --proxy-protocol= value 'v3'"),
+        (["-p=v2", "h:1"], "invalid --proxy-protocol= value '=v2'"),
+        (
+            ["--keepalive", "60s,10s,6", "h:1"],
+            "option '--keepalive' takes its value attached: write --keepalive=60s,10s,6 "
+            "('60s,10s,6' is no target)",
+        ),
+        (["--keepalive", "60s", "h:1"], "option '--keepalive' takes its value attached"),
+        (["--keepalive", "1,2", "h:1"], "option '--keepalive' takes its value attached"),
+    ],
+)
+def test_optional_values_only_attached(argv: list[str], error: str) -> None:
+    """A word after -p or --keepalive is a target, never their value; one that can only
+    have been meant as their value is an error, not a target."""
+    with pytest.raises(UsageError) as raised:
+        parse_args(argv)
+    assert str(raised.value).startswith(error)
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--pipe-size=2K", "h:1"], "--pipe-size= must be in 4K-1024M, got '2K'"),
+        (["--pipe-size=2048M", "h:1"], "--pipe-size= must be in 4K-1024M, got '2048M'"),
+        (["--pipe-size=2097152K", "h:1"], "--pipe-size= must be in 4K-1024M, got '2097152K'"),
+        (["--pipe-size=4095", "h:1"], "--pipe-size= must be in 4K-1024M, got '4095'"),
         (["h:1", "--pipe-size"], "option '--pipe-size': expected one argument"),
         (["--connect-timeout=0", "h:1"], "--connect-timeout= must be longer than 0"),
         (["--connect-timeout=soon", "h:1"], "invalid --connect-timeout= value 'soon'"),

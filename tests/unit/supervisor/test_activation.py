@@ -3,11 +3,14 @@
 import fcntl
 import os
 import socket
+import struct
 
 import pytest
 
 from forkproxy.errors import ForkproxyError
+from forkproxy.shared.listener import is_connection
 from forkproxy.supervisor.activation import adopt_listener, passed_fds
+from tests.support.proxy import wait_until
 
 
 def test_not_for_us_or_unset() -> None:
@@ -55,6 +58,42 @@ def test_refuses_a_connected_socket() -> None:
         adopt_listener(left.fileno(), "unknown")
     left.close()  # still open: refusing did not close it
     right.close()
+
+
+def test_a_bound_socket_is_neither_a_listener_nor_a_connection() -> None:
+    """listen() never called: not Accept=yes's connection, and refused as a listener."""
+    bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    bound.bind(("127.0.0.1", 0))
+    assert not is_connection(bound.fileno())
+    with pytest.raises(ForkproxyError) as raised:
+        adopt_listener(bound.fileno(), "unknown")
+    assert str(raised.value) == (
+        f"fd {bound.fileno()} from systemd is not a listening stream socket: listen() was "
+        "not called on it, and it is not a connection either"
+    )
+    bound.close()  # still open: refusing did not close it
+
+
+def test_what_accept_yes_passes_is_a_connection() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    connection, _ = listener.accept()
+    with listener, client, connection:
+        assert is_connection(connection.fileno())
+        assert not is_connection(listener.fileno())
+        # A client that reset before forkproxy looked is still the connection passed.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        wait_until(lambda: _peer_gone(connection), 10, "the reset to arrive")
+        assert is_connection(connection.fileno())
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return True
+    return False
 
 
 def test_refuses_a_datagram_socket() -> None:

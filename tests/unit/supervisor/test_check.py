@@ -38,7 +38,7 @@ def test_routes_of_the_listen_addresses() -> None:
 
 
 def test_routes_by_name_without_listeners() -> None:
-    config = parse_args(["--route=web=/run/web.sock", "-p", "v2", "127.0.0.1:80"])
+    config = parse_args(["--route=web=/run/web.sock", "-pv2", "127.0.0.1:80"])
     assert check_settings(config, NO_SOCKETS) == [
         "'web' -> /run/web.sock  (proxy-protocol=v2)",
         "other listeners -> 127.0.0.1:80  (proxy-protocol=v2)",
