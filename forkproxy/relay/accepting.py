@@ -29,8 +29,7 @@ from forkproxy.relay.capacity_wait import CapacityWaiter
 from forkproxy.relay.failpoints import Failpoint
 from forkproxy.relay.refusals import Refusals
 from forkproxy.relay.splice import NO_TOKEN
-from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions, set_socket_options
-from forkproxy.relay.targets import TargetGroup
+from forkproxy.relay.target_connect import set_socket_options
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.options import ON_LIMIT_QUEUE
 from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
@@ -39,6 +38,7 @@ from forkproxy.shared.per_source import source_key
 from forkproxy.shared.scoreboard import ACCEPTED, ACTIVE, REFUSED
 
 if TYPE_CHECKING:
+    from forkproxy.relay.plans import ListenerPlan
     from forkproxy.relay.worker import Worker
 
 log = logging.getLogger("forkproxy")
@@ -51,26 +51,12 @@ ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
 FD_HEADROOM = 32
 
 
-class _ListenerPlan:
-    """What a worker does with the clients of one listener, worked out once."""
-
-    __slots__ = ("listener", "family", "group", "client_options")
-
-    def __init__(
-        self, listener: Listener, group: TargetGroup, client_options: SocketOptions
-    ) -> None:
-        self.listener = listener
-        self.family = listener.sock.family
-        self.group = group  # where its clients go (--route, else the positional targets)
-        self.client_options = client_options  # setsockopt(2) on each client: TCP only
-
-
 class _Held:
     """Queue mode: the client a worker holds while it waits for capacity."""
 
     __slots__ = ("fd", "peer", "plan", "key", "waiting")
 
-    def __init__(self, fd: int, peer: object, plan: _ListenerPlan, key: bytes | None) -> None:
+    def __init__(self, fd: int, peer: object, plan: "ListenerPlan", key: bytes | None) -> None:
         self.fd = fd
         self.peer = peer
         self.plan = plan
@@ -84,8 +70,7 @@ class Acceptor:
     def __init__(
         self,
         worker: "Worker",
-        groups: Mapping[int, TargetGroup],
-        tcp_options: SocketOptions,
+        plans: Mapping[int, "ListenerPlan"],
         failpoint: Failpoint | None = None,
     ) -> None:
         self.worker = worker  # draining or not
@@ -94,7 +79,6 @@ class Acceptor:
         self.poller = worker.poller
         self.listeners = worker.listeners
         self.admitter = worker.admitter
-        self.per_source = self.config.max_connections_per_source  # 0: no key to look up
         self.slot = worker.slot
         self.events_fd = worker.spec.events_fd  # any descriptor of ours, to probe the lowest free
         self.connect = worker.connector.connect
@@ -107,14 +91,7 @@ class Acceptor:
         self.accept_callbacks = {
             listener.fd: partial(self.on_listener_readable, listener) for listener in self.listeners
         }
-        self.plans = {
-            listener.fd: _ListenerPlan(
-                listener,
-                groups[listener.fd],
-                tcp_options if listener.sock.family in TCP_FAMILIES else (),
-            )
-            for listener in self.listeners
-        }
+        self.plans = plans  # by listener fd: its family, options, per-source limit, route
         self.queue_on_limit = self.config.on_limit == ON_LIMIT_QUEUE
         self.held: _Held | None = None  # queue mode: the client waiting for capacity
         self.waiter: CapacityWaiter | None = None  # queue: started when first needed
@@ -144,7 +121,7 @@ class Acceptor:
         family = listener.sock.family
         plan = self.plans[listener.fd]
         admit = self.admitter.admit
-        per_source = self.per_source
+        source_limit = plan.source_limit  # 0: no key to look up
         for _ in range(ACCEPT_BATCH):
             if not self.accepting:  # paused by the client before: short of descriptors
                 return
@@ -173,8 +150,8 @@ class Acceptor:
                         ACCEPT_PAUSE,
                     )
                     self.pause()
-                key = source_key(family, peer) if per_source else None
-                token = admit(key)
+                key = source_key(family, peer) if source_limit else None
+                token = admit(key, source_limit)
             except Exception as error:
                 self.refusals.drop(fd, None, token, family, peer, error)
                 continue
@@ -184,9 +161,9 @@ class Acceptor:
                 self._hold(_Held(fd, peer, plan, key))
                 return
             else:
-                self.refusals.refuse(fd, family, peer, token)
+                self.refusals.refuse(fd, family, peer, token, source_limit)
 
-    def _admit(self, fd: int, peer: object, plan: _ListenerPlan, token: int) -> None:
+    def _admit(self, fd: int, peer: object, plan: "ListenerPlan", token: int) -> None:
         """An admitted client: connect it to a target (`token` goes back to the admitter).
         Never raises: the connector owns the client from `connect` on, and before that a
         failure releases it here."""
@@ -208,7 +185,7 @@ class Acceptor:
                 set_socket_options(client, plan.client_options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
-        self.connect(client, token, peer, plan.group)
+        self.connect(client, token, peer, plan.route)
 
     # -- --on-limit=queue ----------------------------------------------------------------
 
@@ -242,7 +219,7 @@ class Acceptor:
         admitter = self.admitter
         try:
             seq = admitter.capacity_seq()  # before the attempt: a release after it changes seq
-            token = admitter.admit(held.key)
+            token = admitter.admit(held.key, held.plan.source_limit)
             if token in (REFUSED_CAP, REFUSED_BUSY):
                 assert self.waiter is not None
                 self.waiter.wait(seq)
@@ -256,7 +233,9 @@ class Acceptor:
         if token >= ADMITTED:
             self._admit(held.fd, held.peer, held.plan, token)
         else:
-            self.refusals.refuse(held.fd, held.plan.family, held.peer, token)
+            self.refusals.refuse(
+                held.fd, held.plan.family, held.peer, token, held.plan.source_limit
+            )
         if not self.worker.draining:
             self.start()
 

@@ -1,12 +1,13 @@
 """A worker's admitted clients on their way to a relay: connect, time out, fail, retry.
 
-`Connector` opens each admitted client's connection to its target group (targets.py,
-target_connect.py) without blocking, keeps the clients whose connect is under way as
-`_PendingClient`s for the --connect-timeout sweep, sends the PROXY header when asked,
-and hands both sockets to a `Relay` (splice.py), which its `OpenRelays` (relaying.py)
-keeps until it closes. A connect that fails closes its client with one warning; one that
-found no free descriptor keeps its client and pauses accepting instead. Never accepts
-or admits.
+`Connector` opens each admitted client's connection to the target group of its
+listener's `Route` (plans.py, targets.py, target_connect.py) without blocking, keeps
+the clients whose connect is under way as `_PendingClient`s for the --connect-timeout
+sweep, sends the PROXY header when the route asks, and hands both sockets to a `Relay`
+(splice.py), which its `OpenRelays` (relaying.py) keeps until it closes (a route's
+--idle-timeout sweep watches its own). A connect that fails closes its client with one
+warning; one that found no free descriptor keeps its client and pauses accepting
+instead. Never accepts or admits.
 
 From `connect()` on, the connector owns the client: its socket and its admission (one
 token for the global and the per-source caps) are released exactly once however the
@@ -20,23 +21,18 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.accepting import ACCEPT_PAUSE
 from forkproxy.relay.failpoints import FailingDirection, Failpoint
 from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
-from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
+from forkproxy.relay.plans import Route, min_connect_timeout
+from forkproxy.relay.proxy_protocol import HeaderEncoder
 from forkproxy.relay.relaying import OpenRelays, observe
 from forkproxy.relay.splice import NO_TOKEN, Relay, reset_on_close
-from forkproxy.relay.target_connect import (
-    TCP_FAMILIES,
-    SocketOptions,
-    TargetConnect,
-    send_proxy_header,
-)
-from forkproxy.relay.targets import COOLDOWN, FailoverConnect, TargetGroup
+from forkproxy.relay.target_connect import TCP_FAMILIES, TargetConnect, send_proxy_header
+from forkproxy.relay.targets import COOLDOWN, FailoverConnect
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.shared.scoreboard import (
@@ -60,7 +56,7 @@ _RETRY_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE)
 class _PendingClient:
     """An admitted client while its connection to a target is being opened."""
 
-    __slots__ = ("connector", "client", "token", "started", "peer", "connect", "group")
+    __slots__ = ("connector", "client", "token", "started", "peer", "connect", "route")
 
     def __init__(
         self,
@@ -68,7 +64,7 @@ class _PendingClient:
         client: socket.socket,
         token: int,
         peer: object,
-        group: TargetGroup,
+        route: Route,
     ) -> None:
         self.connector = connector
         self.client = client
@@ -78,7 +74,7 @@ class _PendingClient:
         self.started = time.monotonic()
         self.peer = peer
         self.connect: TargetConnect | FailoverConnect | None = None
-        self.group = group
+        self.route = route  # its listener's: target group, PROXY header, pipes
 
     def on_connected(self, target: socket.socket) -> None:
         self.connector.on_target_connected(self, target)
@@ -90,40 +86,29 @@ class _PendingClient:
 class Connector:
     """Connects a worker's admitted clients and hands them to their relays."""
 
-    def __init__(
-        self, worker: "Worker", tcp_options: SocketOptions, failpoint: Failpoint | None = None
-    ) -> None:
+    def __init__(self, worker: "Worker", failpoint: Failpoint | None = None) -> None:
         self.worker = worker  # draining or not; its acceptor, paused when short of fds
-        config = self.config = worker.config
+        self.config = worker.config
         self.loop = worker.loop
         self.poller = worker.poller
-        self.pool = worker.pool
         self.slot = worker.slot
-        self.tcp_options = tcp_options
         self.connection_ended = worker.connection_ended
         self.pending: set[_PendingClient] = set()
         self.open = OpenRelays(worker, self.crashed)
         self.relays = self.open.relays
+        self.on_relay_closed = self.open.on_relay_closed  # where each route's relays end
         self.connect_failures = logs.RateLimitedLog(log, logging.WARNING)
         self.target_failures = logs.RateLimitedLog(log, logging.WARNING)
         self.internal_errors = InternalErrors(log)
         self.failpoint = failpoint  # tests only (failpoints.py); None otherwise
-        self.proxy_header: HeaderEncoder | None = None
-        if config.proxy_protocol:
-            self.proxy_header = header_encoder(1 if config.proxy_protocol == 1 else 2)
+        # One sweep for every listener's connects, as often as the shortest timeout needs:
+        # each attempt keeps its own deadline.
         self.connect_sweep: LazySweep | None = None
-        if config.connect_timeout != math.inf:
+        connect_timeout = min_connect_timeout(worker.listeners, self.config)
+        if connect_timeout != math.inf:
             self.connect_sweep = LazySweep(
-                self.loop,
-                sweep_interval(config.connect_timeout),
-                self.pending,
-                self._sweep_connects,
+                self.loop, sweep_interval(connect_timeout), self.pending, self._sweep_connects
             )
-
-    def make_group(self, targets: Sequence[TargetAddress]) -> TargetGroup:
-        return TargetGroup(
-            targets, self.config.connect_timeout, self.tcp_options, self._on_target_failed
-        )
 
     def open_count(self) -> int:
         """Connections open: relaying, or still connecting."""
@@ -131,15 +116,15 @@ class Connector:
 
     # -- connecting ----------------------------------------------------------------------
 
-    def connect(self, client: socket.socket, token: int, peer: object, group: TargetGroup) -> None:
-        """Take over an admitted client and connect it to `group`. Never raises."""
-        pending = _PendingClient(self, client, token, peer, group)
+    def connect(self, client: socket.socket, token: int, peer: object, route: Route) -> None:
+        """Take over an admitted client and connect it to `route`'s targets. Never raises."""
+        pending = _PendingClient(self, client, token, peer, route)
         self.pending.add(pending)
         self._start_connect(pending)
 
     def _start_connect(self, pending: _PendingClient) -> None:
         try:
-            attempt = pending.group.connect(
+            attempt = pending.route.group.connect(
                 self.loop, self.poller, pending.on_connected, pending.on_failed
             )
             # On loopback the connect usually ended (on_target_connected or
@@ -164,7 +149,7 @@ class Connector:
                 return
         self.internal_errors.report_other("in the connect sweep", error)
 
-    def _on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
+    def on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
         if newly:
             self.target_failures.log(
                 "cannot connect to upstream '%s': %s; trying the other targets, and it only "
@@ -191,21 +176,25 @@ class Connector:
                 CONNECT_DURATION_SUM_NS,
                 time.monotonic() - pending.started,
             )
-            if self.proxy_header is not None and not self._send_proxy_header(pending, target):
+            route = pending.route
+            proxy_header = route.proxy_header
+            if proxy_header is not None and not self._send_proxy_header(
+                pending, target, proxy_header
+            ):
                 return
-            direction = self.open.direction
+            direction = route.direction
             failpoint = self.failpoint
             if failpoint is not None and failpoint.due("readable"):
                 direction = FailingDirection
             relay = Relay(
                 self.poller,
-                self.pool,
+                route.pool,
                 pending.client,
                 target,
                 slot,
                 BYTES_TO_TARGET,
                 BYTES_TO_CLIENT,
-                self.open.on_relay_closed,
+                route.on_relay_closed,
                 direction,
             )
             # From here the relay owns both sockets and the admission.
@@ -214,6 +203,11 @@ class Connector:
             relay.started = pending.started
             relay.peer = pending.peer
             self.open.add(relay)
+            idle_sweep = route.idle_sweep
+            if idle_sweep is not None:
+                relay.quiet_since = time.monotonic()
+                route.idle_relays.add(relay)
+                idle_sweep.arm()
             if failpoint is not None and failpoint.due("connected"):
                 raise failpoint.fault()
             relay.start()
@@ -224,14 +218,15 @@ class Connector:
             else:
                 self.crashed(relay, error)
 
-    def _send_proxy_header(self, pending: _PendingClient, target: socket.socket) -> bool:
+    def _send_proxy_header(
+        self, pending: _PendingClient, target: socket.socket, encode: HeaderEncoder
+    ) -> bool:
         """--proxy-protocol: the header first, in one send(2); False if that failed."""
-        assert self.proxy_header is not None
         client = pending.client
         family = client.family
         try:
             local = client.getsockname() if family in TCP_FAMILIES else None
-            send_proxy_header(target, self.proxy_header(pending.peer, local, family))
+            send_proxy_header(target, encode(pending.peer, local, family))
         except Exception as error:  # ValueError from the encoder too: a failed connect
             target.close()
             text = error.strerror if isinstance(error, OSError) else None
@@ -256,7 +251,7 @@ class Connector:
                 acceptor = self.worker.acceptor
                 acceptor.failures.log(
                     "cannot open a connection to upstream %s: %s; pausing accepts for %gs",
-                    pending.group.label,
+                    pending.route.group.label,
                     error.strerror or error,
                     ACCEPT_PAUSE,
                 )
@@ -267,7 +262,7 @@ class Connector:
             self.slot[CONNECT_ERRORS] += 1
             self.connect_failures.log(
                 "cannot connect to upstream %s for %s: %s, closing connection",
-                pending.group.label,
+                pending.route.group.label,
                 format_sockaddr(pending.client.family, pending.peer),
                 error.strerror or error,
             )

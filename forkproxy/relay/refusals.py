@@ -28,7 +28,6 @@ class Refusals:
         "slot",
         "admitter",
         "connections_max",
-        "per_source",
         "internal_errors",
         "at_cap",
         "per_source_lines",
@@ -40,13 +39,13 @@ class Refusals:
         self.slot = slot
         self.admitter = admitter
         self.connections_max = config.connections_max
-        self.per_source = config.max_connections_per_source
         self.internal_errors = errors
         self.at_cap = logs.RateLimitedLog(log, logging.WARNING)  # and busy
         self.per_source_lines = logs.RateLimitedLog(log, logging.WARNING)
 
-    def refuse(self, fd: int, family: int, peer: object, why: int) -> None:
-        """Admission refused the client (`why`: REFUSED_CAP, REFUSED_BUSY, REFUSED_SOURCE)."""
+    def refuse(self, fd: int, family: int, peer: object, why: int, source_limit: int) -> None:
+        """Admission refused the client (`why`: REFUSED_CAP, REFUSED_BUSY, REFUSED_SOURCE;
+        `source_limit`: its listener's per-source limit)."""
         self.slot[REFUSED] += 1  # before the close: a kill between them must not hide it
         os.close(fd)
         if why == REFUSED_CAP:
@@ -63,7 +62,7 @@ class Refusals:
         else:
             self.per_source_lines.log(
                 "connection limit %d per source reached, refusing connection from %s",
-                self.per_source,
+                source_limit,
                 format_sockaddr(family, peer),
             )
 

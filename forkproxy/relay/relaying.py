@@ -2,20 +2,19 @@
 
 `OpenRelays` keeps each `Relay` (splice.py) the connector hands it; when one closes it
 returns its admission through `connection_ended`, records its duration and logs an
-error that was not a peer going away. It runs the --idle-timeout sweep over the open
-relays, and aborts them all at the graceful timeout. Never connects, accepts or admits.
+error that was not a peer going away. It aborts them all at the graceful timeout (the
+--idle-timeout sweeps are each route's, plans.py). Never connects, accepts or admits.
 """
 
 import logging
-import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
-from forkproxy.relay.splice import NO_TOKEN, PEER_GONE_ERRNOS, Direction, IdleDirection, Relay
-from forkproxy.relay.timeouts import GRACEFUL_ERROR, LazySweep, sweep_idle, sweep_interval
+from forkproxy.relay.splice import NO_TOKEN, PEER_GONE_ERRNOS, Relay
+from forkproxy.relay.timeouts import GRACEFUL_ERROR
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.shared.scoreboard import (
     CONNECTION_DURATION_BOUNDS,
@@ -33,28 +32,15 @@ class OpenRelays:
     """The relays of a worker, each from `add` until its `on_relay_closed`."""
 
     def __init__(self, worker: "Worker", crashed: Callable[[Relay, Exception], None]) -> None:
-        config = worker.config
         self.slot = worker.slot
         self.connection_ended = worker.connection_ended
         self.crashed = crashed  # the connector's: an exception escaped from a relay
         self.relays: set[Relay] = set()
         self.failures = logs.RateLimitedLog(log, logging.WARNING)
-        self.idle_timeout = config.idle_timeout
-        self.direction: type[Direction] = Direction
-        self.idle_sweep: LazySweep | None = None
-        if config.idle_timeout != math.inf:
-            self.direction = IdleDirection
-            self.idle_sweep = LazySweep(
-                worker.loop, sweep_interval(config.idle_timeout), self.relays, self._sweep_idle
-            )
 
     def add(self, relay: Relay) -> None:
         """`relay` holds a connection's sockets and admission: ours until it closes."""
         self.relays.add(relay)
-        idle_sweep = self.idle_sweep
-        if idle_sweep is not None:
-            relay.quiet_since = time.monotonic()
-            idle_sweep.arm()
 
     def on_relay_closed(self, relay: Relay) -> None:
         """A relay's `on_close`: give its admission back, exactly once whatever else fails."""
@@ -79,9 +65,6 @@ class OpenRelays:
         finally:
             if token != NO_TOKEN:
                 self.connection_ended(token)
-
-    def _sweep_idle(self, now: float) -> None:
-        sweep_idle(self.relays, now, self.idle_timeout, self.crashed)
 
     def abort_all(self) -> None:
         """The graceful timeout: abort every open relay (an RST to both peers)."""

@@ -8,7 +8,7 @@ protocol. Its clients are taken off the listeners it inherited by its `Acceptor`
 admitter (a connection's admission goes back to it when the connection ends). On SIGTERM
 it stops accepting and lets open connections finish until the graceful timeout. It exits
 by itself if its master dies. Never forks. The relay options cost nothing per connection
-while off: their per-worker parts are built once, here and in the two parts' set-up.
+while off: what each listener's settings need is built once, in its plan (plans.py).
 """
 
 import ctypes
@@ -26,10 +26,9 @@ from forkproxy import logs
 from forkproxy.relay.accepting import Acceptor
 from forkproxy.relay.connecting import Connector
 from forkproxy.relay.failpoints import WORKER_CRASH, failpoint_from_environment
+from forkproxy.relay.pipes import PipePool
+from forkproxy.relay.plans import make_plans
 from forkproxy.relay.poller import Poller
-from forkproxy.relay.splice import PipePool
-from forkproxy.relay.targets import route_groups
-from forkproxy.settings.options import tcp_socket_options
 from forkproxy.shared.protocol import (
     EVENT_FORMAT,
     EVENT_IDLE,
@@ -39,7 +38,6 @@ from forkproxy.shared.protocol import (
     EXIT_OK,
     MASTER_DEATH_SIGNAL,
     WorkerSpec,
-    pipe_pool_keep,
 )
 from forkproxy.shared.scoreboard import (
     ACTIVE,
@@ -95,7 +93,7 @@ class Worker:
         self.admitter = spec.admission.admitter(spec.slot)
         self.slot = spec.scoreboard.slot(spec.slot)
         self.listeners = spec.listeners
-        self.pool = PipePool(config.pipe_size, pipe_pool_keep(config.pipe_size))
+        self.pools: dict[int, PipePool] = {}  # by pipe size: one per size a listener uses
         self.draining = False
         self.report_idle = config.exit_idle_time != float("inf")
         self._reset_signals()
@@ -110,15 +108,12 @@ class Worker:
         self.poller = Poller(self.loop, self.on_callback_error)
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
-        tcp_options = tcp_socket_options(config.nodelay, config.keepalive)
-        failpoint = failpoint_from_environment()
-        self.connector = Connector(self, tcp_options, failpoint)
+        failpoint = failpoint_from_environment()  # tests only: see failpoints.py
+        self.connector = Connector(self, failpoint)
         self.internal_errors = self.connector.internal_errors
-        groups = route_groups(
-            self.listeners, config.targets, config.routes, self.connector.make_group
-        )
+        plans = make_plans(self.listeners, config, self.connector, self.pools)
         # Last: it measures the descriptors left once everything above took its own.
-        self.acceptor = Acceptor(self, groups, tcp_options, failpoint)
+        self.acceptor = Acceptor(self, plans, failpoint)
 
     @staticmethod
     def _reset_signals() -> None:
@@ -147,7 +142,8 @@ class Worker:
             self.loop.run_forever()
         finally:
             self.poller.close()
-            self.pool.close()
+            for pool in self.pools.values():
+                pool.close()
         return EXIT_OK
 
     def connection_ended(self, token: int) -> None:

@@ -140,18 +140,32 @@ def test_accept_instance_with_a_scoped_target_without_its_interface(
     ],
     ids=["accept", "connected", "connected-resolved", "readable"],
 )
-@pytest.mark.parametrize("per_source", [False, True], ids=["cap", "cap-and-per-source"])
+@pytest.mark.parametrize(
+    "per_source", ["", "global", "listener"], ids=["cap", "cap-and-per-source", "listener"]
+)
 def test_an_exception_in_a_callback_releases_that_connection_only(
-    workdir: Path, stage: str, hostname: bool, per_source: bool
+    workdir: Path, stage: str, hostname: bool, per_source: str
 ) -> None:
-    """With a per-source limit of 2 too, the victim's one admission holds a row of the
-    per-source table: the third client, from the same address, needs that back as well."""
-    limits = ["-c", "2"] + (["--max-connections-per-source=2"] if per_source else [])
+    """With a per-source limit of 2 too (global, or the listener's own from a
+    configuration file), the victim's one admission holds a row of the per-source table:
+    the third client, from the same address, needs that back as well."""
+    limits = ["-c", "2"] + (["--max-connections-per-source=2"] if per_source == "global" else [])
     with run_backend("echo") as backend:
         target = f"localhost:{backend.port}" if hostname else backend.target
+        names: tuple[str, ...] = ()
+        if per_source == "listener":
+            if sys.version_info < (3, 11):
+                pytest.skip("--config needs tomllib")
+            config = workdir / "forkproxy.toml"
+            config.write_text(
+                f'[listeners.web]\ntargets = ["{target}"]\nconnections-max-per-source = 2\n'
+            )
+            limits += ["--config", str(config)]
+            names = ("web",)
         with run_proxy(
-            ["-w", "1", *limits, target],
+            ["-w", "1", *limits] + ([] if names else [target]),
             workdir,
+            names=names,
             env={"FORKPROXY_FAILPOINT": f"{stage}:2"},
         ) as proxy:
             (worker,) = proxy.workers()

@@ -15,6 +15,7 @@ from forkproxy.relay import accepting
 from forkproxy.relay.accepting import Acceptor
 from forkproxy.relay.failpoints import Failpoint
 from forkproxy.relay.internal_error import InternalErrors
+from forkproxy.relay.plans import ListenerPlan
 from forkproxy.relay.poller import Poller
 from forkproxy.settings.address import parse_target
 from forkproxy.settings.config import Config
@@ -51,7 +52,7 @@ class Stage:
         config = Config(
             targets=(parse_target("127.0.0.1:9"),),
             connections_max=capacity,
-            max_connections_per_source=per_source,
+            connections_max_per_source=per_source,
             on_limit=ON_LIMIT_QUEUE if queue else ON_LIMIT_REFUSE,
         )
         self.worker = SimpleNamespace(
@@ -65,12 +66,14 @@ class Stage:
             connector=SimpleNamespace(connect=self._connect, internal_errors=InternalErrors(log)),
             draining=False,
         )
-        groups = {self.listener.fd: object()}
-        self.acceptor = Acceptor(self.worker, groups, (), failpoint)  # type: ignore[arg-type]
+        route = object()  # the connector's business: only passed on
+        plan = ListenerPlan(self.listener, (), per_source, route)  # type: ignore[arg-type]
+        plans = {self.listener.fd: plan}
+        self.acceptor = Acceptor(self.worker, plans, failpoint)  # type: ignore[arg-type]
         self.acceptor.start()
         self.clients: list[socket.socket] = []
 
-    def _connect(self, client: socket.socket, token: int, peer: object, group: object) -> None:
+    def _connect(self, client: socket.socket, token: int, peer: object, route: object) -> None:
         self.connected.append((client, token))
 
     def client(self) -> socket.socket:
@@ -157,7 +160,7 @@ def test_an_exception_while_holding_a_client_refuses_it_and_stops_waiting(
     assert stage.acceptor.held is not None and not stage.acceptor.accepting
     assert stage.waiters() == (1, 1)
 
-    def broken_admit(key: bytes | None) -> int:
+    def broken_admit(key: bytes | None, limit: int) -> int:
         raise RuntimeError("admission broke")
 
     real = stage.acceptor.admitter

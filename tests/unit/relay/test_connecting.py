@@ -11,11 +11,13 @@ import uvloop
 
 from forkproxy.relay.connecting import Connector
 from forkproxy.relay.failpoints import Failpoint
+from forkproxy.relay.pipes import PipePool
+from forkproxy.relay.plans import make_plans
 from forkproxy.relay.poller import Poller
-from forkproxy.relay.splice import PipePool
 from forkproxy.settings.address import parse_target
 from forkproxy.settings.config import Config
 from forkproxy.shared.admission import ADMITTED
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import CONNECT_ERRORS, SLOT_WORDS
 
 # The admission the client holds, which the connector must give back once: ADMITTED (no
@@ -35,19 +37,21 @@ class Stage:
         target = parse_target(f"127.0.0.1:{self.server.getsockname()[1]}")
         self.ended: list[int] = []
         self.slot = memoryview(bytearray(SLOT_WORDS * 8)).cast("q")
-        self.pool = PipePool(0, 4)
+        self.pools: dict[int, PipePool] = {}
+        listener = socket.create_server(("127.0.0.1", 0))
+        config = Config(targets=(target,), proxy_protocol=proxy_protocol)
         self.worker = SimpleNamespace(
-            config=Config(targets=(target,), proxy_protocol=proxy_protocol),
+            config=config,
             loop=self.loop,
-            pool=self.pool,
+            listeners=(Listener(listener, "", "127.0.0.1"),),
             slot=self.slot,
             draining=False,
             connection_ended=self.ended.append,
         )
         self.worker.poller = self.poller = Poller(self.loop, self._on_callback_error)
-        self.connector = Connector(self.worker, (), failpoint)  # type: ignore[arg-type]
-        self.group = self.connector.make_group([target])
-        listener = socket.create_server(("127.0.0.1", 0))
+        self.connector = Connector(self.worker, failpoint)  # type: ignore[arg-type]
+        plans = make_plans(self.worker.listeners, config, self.connector, self.pools)
+        self.route = plans[listener.fileno()].route
         self.client_app = socket.create_connection(listener.getsockname(), timeout=5)
         self.client, peer = listener.accept()
         listener.close()
@@ -60,7 +64,7 @@ class Stage:
         self.connector.crashed(owner, error)
 
     def connect(self) -> None:
-        self.connector.connect(self.client, self.token, self.peer, self.group)
+        self.connector.connect(self.client, self.token, self.peer, self.route)
 
     def turns(self, count: int = 5) -> None:
         for _ in range(count):
@@ -83,7 +87,8 @@ class Stage:
     def close(self) -> None:
         self.connector.close_all()
         self.poller.close()
-        self.pool.close()
+        for pool in self.pools.values():
+            pool.close()
         self.loop.close()
         self.client_app.close()
         self.server.close()
@@ -104,7 +109,7 @@ def test_a_proxy_header_that_cannot_be_made_fails_the_connect(stages: list[Stage
     def broken_encoder(client: object, local: object, family: int) -> bytes:
         raise ValueError("invalid IPv4 address 'x'")
 
-    stage.connector.proxy_header = broken_encoder
+    stage.route.proxy_header = broken_encoder
     stage.connect()
     stage.turns()
     assert stage.ended == [stage.token]
