@@ -15,8 +15,9 @@ import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
-from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay
+from forkproxy.relay.splice import Direction, IdleDirection, Relay
 from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions
 from forkproxy.relay.targets import TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_idle, sweep_interval
@@ -139,9 +140,10 @@ def _route(
     timeout = settings.idle_timeout
     if timeout != math.inf:
         relays: set[Relay] = set()
+        on_error = connector.crashed  # an exception escaped from one relay: abort it
 
         def sweep(now: float) -> None:
-            sweep_idle(relays, now, timeout)
+            sweep_idle(relays, now, timeout, on_error)
 
         idle = (LazySweep(connector.loop, sweep_interval(timeout), relays, sweep), relays)
     return Route(group, proxy_header, pool, connector.on_relay_closed, idle)

@@ -18,15 +18,17 @@ import os
 import signal
 import struct
 import time
+from typing import Any
 
 from setproctitle import setproctitle
 
 from forkproxy import logs
 from forkproxy.relay.accepting import Acceptor
 from forkproxy.relay.connecting import Connector
+from forkproxy.relay.failpoints import WORKER_CRASH, failpoint_from_environment
+from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.plans import make_plans
 from forkproxy.relay.poller import Poller
-from forkproxy.relay.splice import PipePool
 from forkproxy.shared.protocol import (
     EVENT_FORMAT,
     EVENT_IDLE,
@@ -67,14 +69,12 @@ _MASTERS_SIGNALS = (
     signal.SIGWINCH,
     signal.SIGURG,
 )
-# Fault injection for tests: FORKPROXY_FAILPOINT=worker-crash makes every worker crash at
-# start, as a bug would (uncaught exception, exit status 70).
-_FAILPOINT = "FORKPROXY_FAILPOINT"
 
 
 def run_worker(spec: WorkerSpec) -> int:
     """The whole life of a worker process; returns its exit status."""
-    if os.environ.get(_FAILPOINT) == "worker-crash":
+    failpoint = failpoint_from_environment()  # tests only: see failpoints.py
+    if failpoint is not None and failpoint.stage == WORKER_CRASH:
         raise RuntimeError("crashing at start, as FORKPROXY_FAILPOINT=worker-crash asks")
     logs.set_process_tag(f"worker {spec.slot}: ")
     setproctitle(f"forkproxy: worker {spec.slot}")
@@ -103,14 +103,17 @@ class Worker:
         import uvloop
 
         self.loop = uvloop.new_event_loop()
+        self.loop.set_exception_handler(self.on_loop_error)
         # Connection sockets are watched through this epoll, which the loop sees as one fd.
-        self.poller = Poller(self.loop)
+        self.poller = Poller(self.loop, self.on_callback_error)
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
-        self.connector = Connector(self)
+        failpoint = failpoint_from_environment()  # tests only: see failpoints.py
+        self.connector = Connector(self, failpoint)
+        self.internal_errors = self.connector.internal_errors
         plans = make_plans(self.listeners, config, self.connector, self.pools)
         # Last: it measures the descriptors left once everything above took its own.
-        self.acceptor = Acceptor(self, plans)
+        self.acceptor = Acceptor(self, plans, failpoint)
 
     @staticmethod
     def _reset_signals() -> None:
@@ -159,6 +162,28 @@ class Worker:
     def _idle(self) -> bool:
         connector = self.connector
         return not connector.relays and not connector.pending and self.acceptor.held is None
+
+    # -- internal errors -----------------------------------------------------------------
+
+    def on_callback_error(self, fd: int, error: Exception) -> None:
+        """The poller's `on_error`: a callback for `fd` raised. Release its connection, or
+        for a listener, pause accepting (a fault that repeats then cannot spin)."""
+        connection = self.connector.owner_of(fd)
+        if connection is not None:
+            self.connector.crashed(connection, error)
+            return
+        if any(listener.fd == fd for listener in self.listeners):
+            self.internal_errors.report_other(f"accepting on fd {fd}", error)
+            self.acceptor.pause()  # it watches the listener again afterwards
+            return
+        self.internal_errors.report_other(f"in a callback for fd {fd}", error)
+
+    def on_loop_error(self, loop: object, context: dict[str, Any]) -> None:
+        """The loop's exception handler: a timer, a task or a signal handler raised."""
+        error = context.get("exception")
+        if not isinstance(error, Exception):
+            error = RuntimeError(context.get("message", "unknown error"))
+        self.internal_errors.report_other("in the event loop", error)
 
     # -- lifecycle -----------------------------------------------------------------------
 

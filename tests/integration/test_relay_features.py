@@ -267,7 +267,8 @@ def test_idle_connection_is_closed_and_an_active_one_is_not(workdir: Path) -> No
             wait = max(0.0, min(next_byte, end) - time.monotonic())
             readable, _, _ = select.select(watch, [], [], wait)
             if readable:
-                assert idle.recv(1) == b""
+                with pytest.raises(ConnectionResetError):  # aborted: the stream is cut short
+                    idle.recv(1)
                 idle_closed_after = time.monotonic() - idle_since
             if time.monotonic() >= next_byte:  # a byte every half timeout
                 active.sendall(b"a")
@@ -323,9 +324,14 @@ def test_per_source_cap_refuses_the_third_from_one_address_only(workdir: Path) -
         assert backend.total == 3
         wait_until(lambda: "per source reached" in proxy.stderr(), 10, "the warning")
         held.pop().close()
-        wait_until(lambda: backend.current == 2, 10, "the close to reach the backend")
-        with _client_from("127.0.0.1", proxy) as again:
-            assert outcome(again) == "admitted"  # the closed one's unit came back
+
+        def admitted_again() -> bool:
+            # The backend counts a connection gone before its close reaches the proxy,
+            # which releases the unit only then: a client may still be refused meanwhile.
+            with _client_from("127.0.0.1", proxy) as again:
+                return outcome(again) == "admitted"
+
+        wait_until(admitted_again, 10, "the closed one's unit to come back")
         # Every worker killed: the kernel returns their units, nothing leaks.
         old = proxy.workers()
         for pid in old:
