@@ -46,13 +46,14 @@ FD_HEADROOM = 32
 class _ListenerPlan:
     """What a worker does with the clients of one listener, worked out once."""
 
-    __slots__ = ("listener", "family", "group", "client_options")
+    __slots__ = ("listener", "family", "kind", "group", "client_options")
 
     def __init__(
         self, listener: Listener, group: TargetGroup, client_options: SocketOptions
     ) -> None:
         self.listener = listener
         self.family = listener.sock.family
+        self.kind = listener.kind  # stream or sequential-packet: what accept() returns
         self.group = group  # where its clients go (--route, else the positional targets)
         self.client_options = client_options  # setsockopt(2) on each client: TCP only
 
@@ -173,7 +174,7 @@ class Acceptor:
         slot = self.slot
         slot[ACCEPTED] += 1
         slot[ACTIVE] += 1
-        client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        client = socket.socket(family, plan.kind, 0, fd)
         client.setblocking(False)
         if plan.client_options:
             try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from forkproxy import logs
 from forkproxy.relay.accepting import ACCEPT_PAUSE
 from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
+from forkproxy.relay.seqpacket import MessageRelay
 from forkproxy.relay.splice import PEER_GONE_ERRNOS, Direction, IdleDirection, Relay
 from forkproxy.relay.target_connect import (
     TCP_FAMILIES,
@@ -31,6 +32,7 @@ from forkproxy.relay.target_connect import (
 from forkproxy.relay.targets import COOLDOWN, FailoverConnect, TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
+from forkproxy.settings.kinds import SEQPACKET
 from forkproxy.shared.scoreboard import (
     BYTES_TO_CLIENT,
     BYTES_TO_TARGET,
@@ -186,19 +188,22 @@ class Connector:
             CONNECT_DURATION_SUM_NS,
             time.monotonic() - pending.started,
         )
-        if self.proxy_header is not None and not self._send_proxy_header(pending, target):
+        if target.type == SEQPACKET:  # messages, not bytes: no PROXY header, no splice
+            relay: Relay = self._message_relay(pending.client, target)
+        elif self.proxy_header is not None and not self._send_proxy_header(pending, target):
             return
-        relay = Relay(
-            self.poller,
-            self.pool,
-            pending.client,
-            target,
-            slot,
-            BYTES_TO_TARGET,
-            BYTES_TO_CLIENT,
-            self.on_relay_closed,
-            self.direction,
-        )
+        else:
+            relay = Relay(
+                self.poller,
+                self.pool,
+                pending.client,
+                target,
+                slot,
+                BYTES_TO_TARGET,
+                BYTES_TO_CLIENT,
+                self.on_relay_closed,
+                self.direction,
+            )
         relay.token = pending.token
         relay.source_token = pending.source_token
         relay.started = pending.started
@@ -209,6 +214,22 @@ class Connector:
             relay.quiet_since = time.monotonic()
             idle_sweep.arm()
         relay.start()
+
+    def _message_relay(self, client: socket.socket, target: socket.socket) -> Relay:
+        buffer = self.worker.message_buffer
+        assert buffer is not None  # made for the worker's sequential-packet listeners
+        return MessageRelay(
+            self.poller,
+            self.pool,
+            buffer,
+            client,
+            target,
+            self.slot,
+            BYTES_TO_TARGET,
+            BYTES_TO_CLIENT,
+            self.on_relay_closed,
+            self.idle_sweep is not None,
+        )
 
     def _send_proxy_header(self, pending: _PendingClient, target: socket.socket) -> bool:
         """--proxy-protocol: the header first, in one send(2); False if that failed."""

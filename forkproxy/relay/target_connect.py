@@ -149,7 +149,7 @@ class TargetConnect:
             self._next += 1
             try:
                 sock = socket.socket(
-                    family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+                    family, self._target.kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
                 )
             except OSError as error:
                 self._error = error

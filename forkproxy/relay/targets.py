@@ -20,6 +20,7 @@ from forkproxy.errors import ForkproxyError
 from forkproxy.relay.splice import Readiness
 from forkproxy.relay.target_connect import SocketOptions, TargetConnect
 from forkproxy.settings.address import TargetAddress
+from forkproxy.settings.kinds import kind_mismatch
 from forkproxy.settings.options import Route
 from forkproxy.shared.listener import Listener
 
@@ -210,3 +211,17 @@ def check_routes(routes: Sequence[Route], listeners: Sequence[Listener]) -> None
                 f"--route={route.name}=...: no listening socket is named '{route.name}' "
                 f"(named: {known}; name them with FileDescriptorName= or --listen NAME=ADDR)"
             )
+
+
+def check_kinds(
+    listeners: Sequence[Listener], default: Sequence[TargetAddress], routes: Sequence[Route]
+) -> None:
+    """ForkproxyError if a listener's targets (its route's, else the default ones) cannot
+    take what it receives: datagrams, stream connections or sequential-packet ones."""
+    by_name = {route.name: route.targets for route in routes}
+    for listener in listeners:
+        targets = by_name.get(listener.name, default)
+        why = kind_mismatch(listener.kind, targets)
+        if why is not None:
+            via = f" (--route={listener.name}=...)" if listener.name in by_name else ""
+            raise ForkproxyError(f"cannot relay listener {listener.label}{via}: {why}")

@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import struct
 import time
 
@@ -23,10 +24,14 @@ from setproctitle import setproctitle
 from forkproxy import logs
 from forkproxy.relay.accepting import Acceptor
 from forkproxy.relay.connecting import Connector
+from forkproxy.relay.datagram import DatagramRelay
+from forkproxy.relay.messages import MessageBuffer, message_buffer
 from forkproxy.relay.poller import Poller
 from forkproxy.relay.splice import PipePool
 from forkproxy.relay.targets import route_groups
+from forkproxy.settings.kinds import STREAM
 from forkproxy.settings.options import tcp_socket_options
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.protocol import (
     EVENT_FORMAT,
     EVENT_IDLE,
@@ -37,6 +42,7 @@ from forkproxy.shared.protocol import (
     MASTER_DEATH_SIGNAL,
     WorkerSpec,
     pipe_pool_keep,
+    reads_datagram_listener,
 )
 from forkproxy.shared.scoreboard import (
     ACTIVE,
@@ -95,7 +101,15 @@ class Worker:
         self.admission.spread_from(spec.slot)
         self.per_source = spec.per_source
         self.slot = spec.scoreboard.slot(spec.slot)
-        self.listeners = spec.listeners
+        # Stream and sequential-packet listeners are accepted on; datagram ones are read,
+        # each by one worker of a generation only (supervisor/ranks.py).
+        self.listeners = tuple(listener for listener in spec.listeners if not listener.is_datagram)
+        datagram_listeners = self._datagram_listeners(spec)
+        self.message_buffer: MessageBuffer | None = None  # datagrams, sequential packets
+        messaging = [*datagram_listeners, *(one for one in self.listeners if one.kind != STREAM)]
+        if messaging:
+            unix = any(listener.sock.family == socket.AF_UNIX for listener in messaging)
+            self.message_buffer = message_buffer(unix)
         self.pool = PipePool(config.pipe_size, pipe_pool_keep(config.pipe_size))
         self.draining = False
         self.report_idle = config.exit_idle_time != float("inf")
@@ -115,8 +129,24 @@ class Worker:
         groups = route_groups(
             self.listeners, config.targets, config.routes, self.connector.make_group
         )
+        self.datagrams: DatagramRelay | None = None
+        if datagram_listeners:
+            assert self.message_buffer is not None
+            self.datagrams = DatagramRelay(self, datagram_listeners, self.message_buffer)
         # Last: it measures the descriptors left once everything above took its own.
         self.acceptor = Acceptor(self, groups, tcp_options)
+
+    @staticmethod
+    def _datagram_listeners(spec: WorkerSpec) -> list[Listener]:
+        """The datagram listeners this worker reads; it closes its copies of the others."""
+        datagram = [listener for listener in spec.listeners if listener.is_datagram]
+        mine = []
+        for index, listener in enumerate(datagram):
+            if reads_datagram_listener(index, spec.rank, spec.generation_size):
+                mine.append(listener)
+            else:
+                listener.sock.close()  # our copy only: the master keeps its own
+        return mine
 
     @staticmethod
     def _reset_signals() -> None:
@@ -131,6 +161,8 @@ class Worker:
         slot[PID] = os.getpid()
         self.check_master()
         self.acceptor.start()
+        if self.datagrams is not None:
+            self.datagrams.start()
         slot[STATE] = SlotState.SERVING
         self._heartbeat()
         self._send_event(EVENT_READY)
@@ -162,9 +194,23 @@ class Worker:
         if self.draining and self._idle():
             self.loop.stop()
 
+    def on_drained_part(self) -> None:
+        """Something that kept a draining worker alive has ended (a datagram session)."""
+        if self.draining and self._idle():
+            self.loop.stop()
+
     def _idle(self) -> bool:
         connector = self.connector
-        return not connector.relays and not connector.pending and self.acceptor.held is None
+        return (
+            not connector.relays
+            and not connector.pending
+            and self.acceptor.held is None
+            and not self.datagrams
+        )
+
+    def _open_count(self) -> int:
+        """Connections and datagram sessions open."""
+        return self.connector.open_count() + len(self.datagrams or ())
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -190,21 +236,28 @@ class Worker:
         self.draining = True
         self.slot[STATE] = SlotState.DRAINING
         self.acceptor.close()
+        if self.datagrams is not None:
+            self.datagrams.stop_reading()  # its sessions still pass replies back
         if self._idle():
             self.loop.stop()
             return
         log.info(
-            "stopping: waiting up to %gs for %d connections",
+            "stopping: waiting up to %gs for %d connections and datagram sessions",
             self.config.graceful_timeout,
-            self.connector.open_count(),
+            self._open_count(),
         )
         if self.config.graceful_timeout != float("inf"):
             self.loop.call_later(self.config.graceful_timeout, self._on_graceful_timeout)
 
     def _on_graceful_timeout(self) -> None:
-        log.warning("graceful timeout: closing %d open connections", self.connector.open_count())
+        log.warning(
+            "graceful timeout: closing %d open connections and datagram sessions",
+            self._open_count(),
+        )
         self.acceptor.drop_held()  # queue mode: a client still waiting for capacity
         self.connector.close_all()
+        if self.datagrams is not None:
+            self.datagrams.close_all()
         self.loop.stop()
 
     def _send_event(self, event: int) -> None:

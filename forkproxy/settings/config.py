@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import ListenAddress, TargetAddress
+from forkproxy.settings.kinds import check_one_kind
 from forkproxy.settings.options import (
     ON_LIMIT_MODES,
     ON_LIMIT_REFUSE,
@@ -36,6 +37,8 @@ DEFAULT_PIPE_SIZE = 256 * 1024  # systemd-socket-proxyd's too; measured in docs/
 PIPE_SIZE_MIN = 4096  # one page: the smallest pipe F_SETPIPE_SZ makes
 PIPE_SIZE_MAX = 1 << 30
 MAX_CONNECTIONS_PER_SOURCE = 32767  # SEMVMX: the most a SysV semaphore counts
+DEFAULT_DATAGRAM_TIMEOUT = 30.0  # a datagram session ends after this long without traffic
+MAX_DATAGRAM_REPLIES = 1 << 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,8 @@ class Config:
     on_limit: str = ON_LIMIT_REFUSE
     max_connections_per_source: int = 0  # 0: no per-source limit
     routes: tuple[Route, ...] = ()  # per-listener targets; `targets` serve the rest
+    datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT
+    datagram_replies: int = 0  # a session ends after this many replies; 0: no limit
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -109,11 +114,21 @@ class Config:
                 f"--max-connections-per-source= must be in 0-{MAX_CONNECTIONS_PER_SOURCE}, "
                 f"got {self.max_connections_per_source}"
             )
+        if self.datagram_timeout <= 0:
+            raise UsageError("--datagram-timeout= must be longer than 0")
+        if not 0 <= self.datagram_replies <= MAX_DATAGRAM_REPLIES:
+            raise UsageError(
+                f"--datagram-replies= must be in 0-{MAX_DATAGRAM_REPLIES}, "
+                f"got {self.datagram_replies}"
+            )
         route_names = [route.name for route in self.routes]
         if len(route_names) != len(set(route_names)):
             raise UsageError("--route= names must be unique")
         if any(not route.targets for route in self.routes):
             raise UsageError("--route= needs a target")
+        check_one_kind(self.targets, "the targets")
+        for route in self.routes:
+            check_one_kind(route.targets, f"the targets of --route={route.name}=...")
 
     @property
     def target(self) -> TargetAddress:

@@ -14,6 +14,7 @@ from forkproxy.errors import UsageError
 from forkproxy.settings.address import TargetAddress, parse_route
 from forkproxy.settings.config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DATAGRAM_TIMEOUT,
     DEFAULT_NODELAY,
     DEFAULT_PIPE_SIZE,
     PIPE_SIZE_MAX,
@@ -116,6 +117,18 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="relay connections from the listener named NAME (FileDescriptorName=, "
         "--listen NAME=ADDR) to TARGET instead; repeatable",
+    )
+    parser.add_argument(
+        "--datagram-timeout",
+        metavar="TIME",
+        help="end a datagram session (UDP, unix datagram) after TIME without a datagram "
+        f"either way (default {format_timespan(DEFAULT_DATAGRAM_TIMEOUT)})",
+    )
+    parser.add_argument(
+        "--datagram-replies",
+        metavar="N",
+        help="end a datagram session after N replies to its client, as for DNS "
+        "(default 0: no limit)",
     )
 
 
@@ -222,6 +235,10 @@ def relay_settings(args: argparse.Namespace) -> dict[str, Any]:
             args.max_connections_per_source, "--max-connections-per-source"
         ),
         "routes": _routes(args.route),
+        "datagram_timeout": _span(
+            args.datagram_timeout, "--datagram-timeout", DEFAULT_DATAGRAM_TIMEOUT
+        ),
+        "datagram_replies": _whole(args.datagram_replies, "--datagram-replies"),
     }
 
 

@@ -21,6 +21,12 @@ Slot layout (index: field, unit, writer):
      ACCEPTED, REFUSED, CONNECT_ERRORS, BYTES_TO_TARGET, BYTES_TO_CLIENT, CLOSED,
      then two histograms, each as per-bucket counts (bucket i counts observations
      <= bounds[i], the last bucket +Inf) followed by the sum of observations in ns.
+ 43-47 unused
+ 48  SESSIONS_ACTIVE     datagram sessions open now   worker (a gauge: read only for
+                                                      live slots, though folded too)
+ 49- datagram counters, monotonic totals folded like the others: SESSIONS (opened),
+     DATAGRAMS_TO_TARGET, DATAGRAMS_TO_CLIENT, DATAGRAM_BYTES_TO_TARGET,
+     DATAGRAM_BYTES_TO_CLIENT, then datagrams dropped by reason (DROPPED_BY_REASON).
 """
 
 import enum
@@ -79,8 +85,29 @@ CONNECT_DURATION_SUM_NS = CONNECT_DURATION_BUCKETS + len(CONNECT_DURATION_BOUNDS
 CONNECTION_DURATION_BUCKETS = CONNECT_DURATION_SUM_NS + 1
 CONNECTION_DURATION_SUM_NS = CONNECTION_DURATION_BUCKETS + len(CONNECTION_DURATION_BOUNDS) + 1
 
+# Datagram listeners (relay/datagram.py).
+SESSIONS_ACTIVE = 48
+SESSIONS = 49
+DATAGRAMS_TO_TARGET = 50
+DATAGRAMS_TO_CLIENT = 51
+DATAGRAM_BYTES_TO_TARGET = 52
+DATAGRAM_BYTES_TO_CLIENT = 53
+DROPPED_CAP = 54  # a new client's datagram at the connection cap
+DROPPED_PER_SOURCE = 55  # ... at its source's cap (--max-connections-per-source)
+DROPPED_SEND_ERROR = 56  # the kernel refused to send it (ICMP error, EMSGSIZE, ENOBUFS)
+DROPPED_TRUNCATED = 57  # larger than the worker's buffer: never sent cut short
+DROPPED_NO_SESSION = 58  # no session could be opened (no socket, target unreachable)
+# Drop reasons as metrics label them, and their words.
+DROPPED_BY_REASON = {
+    "cap": DROPPED_CAP,
+    "per_source": DROPPED_PER_SOURCE,
+    "send_error": DROPPED_SEND_ERROR,
+    "truncated": DROPPED_TRUNCATED,
+    "no_session": DROPPED_NO_SESSION,
+}
+
 SLOT_WORDS = 64
-assert CONNECTION_DURATION_SUM_NS < SLOT_WORDS
+assert CONNECTION_DURATION_SUM_NS < SESSIONS_ACTIVE and DROPPED_NO_SESSION < SLOT_WORDS
 
 _WORD = 8
 

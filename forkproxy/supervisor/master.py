@@ -25,7 +25,7 @@ from setproctitle import setproctitle
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.relay.splice import check_pipe_size
-from forkproxy.relay.targets import check_routes
+from forkproxy.relay.targets import check_kinds, check_routes
 from forkproxy.settings.config import MAX_WORKERS, Config
 from forkproxy.settings.timespan import format_timespan
 from forkproxy.shared.admission import Admission
@@ -107,6 +107,7 @@ class Master:
         self.admission = Admission(self.config.connections_max)
         # What can only be checked with the listeners and the kernel at hand.
         check_routes(self.config.routes, self.listeners)
+        check_kinds(self.listeners, self.config.targets, self.config.routes)
         check_pipe_size(self.config.pipe_size)
         self.per_source = _source_limit(self.config)
         self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -33,8 +33,15 @@ from forkproxy.shared.scoreboard import (
     CONNECT_ERRORS,
     CONNECTION_DURATION_BOUNDS,
     CONNECTION_DURATION_BUCKETS,
+    DATAGRAM_BYTES_TO_CLIENT,
+    DATAGRAM_BYTES_TO_TARGET,
+    DATAGRAMS_TO_CLIENT,
+    DATAGRAMS_TO_TARGET,
+    DROPPED_BY_REASON,
     HEARTBEAT_NS,
     REFUSED,
+    SESSIONS,
+    SESSIONS_ACTIVE,
     STATE,
     Scoreboard,
     SlotState,
@@ -155,10 +162,51 @@ class ScoreboardCollector(Collector):
             "Workers started to replace workers that died unexpectedly.",
             value=master.restarts,
         )
+        yield from self._datagrams(live)
         yield from self._per_worker(live)
         yield InfoMetricFamily(
             "forkproxy_build", "The running forkproxy version.", value={"version": __version__}
         )
+
+    def _datagrams(self, live: set[int]) -> Iterable[Metric]:
+        """Datagram listeners' sessions and datagrams, over all workers."""
+        board = self.scoreboard
+        yield GaugeMetricFamily(
+            "forkproxy_datagram_sessions_active",
+            "Datagram sessions open now (each also holds a unit of the connection cap).",
+            value=sum(board.get(slot, SESSIONS_ACTIVE) for slot in live),
+        )
+        yield CounterMetricFamily(
+            "forkproxy_datagram_sessions",
+            "Datagram sessions opened: a client address's first datagram admitted.",
+            value=board.total(SESSIONS),
+        )
+        datagrams = CounterMetricFamily(
+            "forkproxy_datagrams",
+            "Datagrams relayed: to_target from clients, to_client from targets.",
+            labels=["direction"],
+        )
+        datagrams.add_metric(["to_target"], board.total(DATAGRAMS_TO_TARGET))
+        datagrams.add_metric(["to_client"], board.total(DATAGRAMS_TO_CLIENT))
+        yield datagrams
+        relayed = CounterMetricFamily(
+            "forkproxy_datagram_bytes",
+            "Bytes of the datagrams relayed, by direction.",
+            labels=["direction"],
+        )
+        relayed.add_metric(["to_target"], board.total(DATAGRAM_BYTES_TO_TARGET))
+        relayed.add_metric(["to_client"], board.total(DATAGRAM_BYTES_TO_CLIENT))
+        yield relayed
+        dropped = CounterMetricFamily(
+            "forkproxy_datagrams_dropped",
+            "Datagrams dropped, by reason: cap, per_source (a new client over a cap), "
+            "truncated (larger than the buffer), send_error (the kernel refused to send "
+            "it), no_session (no socket to a target could be opened).",
+            labels=["reason"],
+        )
+        for reason, field in DROPPED_BY_REASON.items():
+            dropped.add_metric([reason], board.total(field))
+        yield dropped
 
     def _per_worker(self, live: set[int]) -> Iterable[Metric]:
         """By slot (a worker's identity): every live slot and every slot that ever accepted."""

@@ -1,0 +1,192 @@
+"""A worker's datagram listeners (UDP, unix datagram): sessions by client address.
+
+`DatagramRelay` holds the datagram listeners a worker reads (a `DatagramListener`
+each: datagram_listener.py), the --datagram-timeout sweep over their sessions, host-name
+resolution for session sockets, and the accounting of sessions.
+
+A datagram from a client address this worker has no session for opens one: it takes a
+unit of the connection cap and of its source's cap, like a connection (over either, the
+datagram is dropped and counted: there is nothing to refuse), and a socket of its own
+connected to a target of the listener's route (datagram_session.py). That datagram and
+every later one from the client go out through it, whole; what the target sends back
+goes to the client from the listening socket. Sessions are found by client address in a
+dict per listener. A session ends after --datagram-timeout without a datagram either
+way, after --datagram-replies replies, when its target refuses (an ICMP error), or at
+the worker's graceful timeout; `DatagramRelay.session_ended` is where each ends, with
+its reason.
+
+Only one worker reads a datagram listener (supervisor/ranks.py): all of a client's
+datagrams reach the process that holds its session. A datagram is read into the worker's
+message buffer (messages.py) and sent from it at once: nothing is allocated per datagram
+but what Python's socket calls make. When a target cannot take a datagram now (a unix
+target's queue is full), it is held and the listener is not read until the target takes
+it: backpressure, as the kernel gives a unix datagram sender. A datagram the kernel
+refuses to send (ECONNREFUSED from an ICMP error, EMSGSIZE, ENOBUFS) is counted and
+dropped (datagram_drops.py); nothing here ends the worker. Never accepts, and never
+logs above warning.
+"""
+
+import logging
+import math
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from forkproxy import logs
+from forkproxy.relay.datagram_drops import Drops
+from forkproxy.relay.datagram_listener import DatagramListener
+from forkproxy.relay.datagram_session import END_STOPPED, END_TIMEOUT, Session, open_session_socket
+from forkproxy.relay.messages import MessageBuffer
+from forkproxy.relay.targets import COOLDOWN, TargetGroup, route_groups
+from forkproxy.relay.timeouts import LazySweep, sweep_interval
+from forkproxy.settings.address import TargetAddress
+from forkproxy.shared.listener import Listener
+from forkproxy.shared.scoreboard import LAST_ACTIVITY_NS, SESSIONS, SESSIONS_ACTIVE
+
+if TYPE_CHECKING:
+    from forkproxy.relay.worker import Worker
+
+log = logging.getLogger("forkproxy")
+
+
+class DatagramRelay:
+    """The datagram listeners a worker reads, their sessions, and their timeout sweep."""
+
+    def __init__(
+        self,
+        worker: "Worker",
+        listeners: Sequence[Listener],
+        buffer: MessageBuffer,
+    ) -> None:
+        config = worker.config
+        self.worker = worker  # told when the last session of a draining worker ends
+        self.loop = worker.loop
+        self.poller = worker.poller
+        self.slot = worker.slot
+        self.admission = worker.admission
+        self.per_source = worker.per_source
+        self.connections_max = config.connections_max
+        self.replies_max = config.datagram_replies
+        self.timeout = config.datagram_timeout
+        self.draining = False
+        self.sessions: set[Session] = set()  # open, of every listener: what the sweep watches
+        self.drops = Drops(self.slot)
+        self.target_failures = logs.RateLimitedLog(log, logging.WARNING)
+        groups: Mapping[int, TargetGroup] = route_groups(
+            listeners, config.targets, config.routes, self._make_group
+        )
+        self.listeners = [
+            DatagramListener(self, listener, groups[listener.fd], buffer) for listener in listeners
+        ]
+        self.sweep: LazySweep | None = None
+        if self.timeout != math.inf:
+            self.sweep = LazySweep(
+                self.loop, sweep_interval(self.timeout), self.sessions, self._sweep
+            )
+
+    def __len__(self) -> int:
+        """Sessions open."""
+        return len(self.sessions)
+
+    def _make_group(self, targets: Sequence[TargetAddress]) -> TargetGroup:
+        return TargetGroup(targets, on_target_failed=self._on_target_failed)
+
+    def _on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
+        if newly:
+            self.target_failures.log(
+                "datagram target '%s' refused: %s; new sessions go to the other targets, "
+                "and to it only after them for %gs",
+                target.text,
+                error.strerror or error,
+                COOLDOWN,
+            )
+
+    def start(self) -> None:
+        for listener in self.listeners:
+            listener.start()
+
+    def stop_reading(self) -> None:
+        """The worker drains: read no more datagrams; sessions go on passing replies back
+        until they end by themselves or at the graceful timeout."""
+        self.draining = True
+        for listener in self.listeners:
+            listener.stop()
+
+    def close_all(self) -> None:
+        """The graceful timeout: end every session."""
+        for session in list(self.sessions):
+            owner = session.owner
+            if owner is not None:
+                owner.end_session(session, END_STOPPED)
+
+    def session_opened(self, session: Session) -> None:
+        slot = self.slot
+        slot[SESSIONS] += 1
+        slot[SESSIONS_ACTIVE] += 1
+        self.sessions.add(session)
+        sweep = self.sweep
+        if sweep is not None and not sweep.armed:
+            sweep.arm()
+
+    def session_ended(self, listener: DatagramListener, session: Session, reason: str) -> None:
+        """Where every session ends, once: its units go back, and `reason` (END_*) is
+        known here, with its client, listener and byte counts (the access log's hook)."""
+        self.admission.release(session.token)
+        if session.source_token >= 0 and self.per_source is not None:
+            self.per_source.release(session.source_token)
+        slot = self.slot
+        slot[SESSIONS_ACTIVE] -= 1
+        slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
+        self.sessions.discard(session)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "datagram session of %s on %s ended (%s): %d bytes in, %d bytes out",
+                listener.client_text(session.client),
+                listener.listener.label,
+                reason,
+                session.bytes_to_target,
+                session.bytes_to_client,
+            )
+        if self.draining and not self.sessions:
+            self.worker.on_drained_part()
+
+    def resolve(self, listener: DatagramListener, session: Session, index: int) -> None:
+        """Resolve target `index` of `listener`'s group for `session`, off the loop."""
+        self.loop.create_task(self._resolve(listener, session, index))
+
+    async def _resolve(self, listener: DatagramListener, session: Session, index: int) -> None:
+        target = listener.group.targets[index]
+        error: OSError
+        try:
+            infos = await self.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as failure:
+            error = OSError(failure.args[0] if failure.args else 0, str(failure))
+            infos = []
+        else:
+            error = OSError(0, "no address")
+        if session.closed:
+            return
+        for family, _, _, _, sockaddr in infos:
+            try:
+                sock = open_session_socket(family, sockaddr)
+            except OSError as failure:
+                error = failure
+                continue
+            listener.attach(session, sock, index)
+            return
+        listener.group.failed(index, error)
+        listener.no_session(session, error)
+
+    def _sweep(self, now: float) -> None:
+        """End sessions without a datagram either way for --datagram-timeout (met late by
+        up to two sweep intervals, as --idle-timeout is: timeouts.sweep_idle)."""
+        timeout = self.timeout
+        for session in list(self.sessions):
+            if session.active:
+                session.active = False
+                session.quiet_since = now
+            elif now - session.quiet_since >= timeout:
+                owner = session.owner
+                if owner is not None:
+                    owner.end_session(session, END_TIMEOUT)

@@ -1,0 +1,319 @@
+"""One datagram listener a worker reads: its clients' datagrams into their sessions.
+
+`DatagramListener` reads the listening socket in batches (recvfrom_into the worker's
+message buffer, MSG_TRUNC telling a datagram too large for it), finds the client's
+`Session` by address in a dict, opens one for a new client (admission, per-source
+unit, a socket to a target of the listener's group: datagram_session.py), and sends
+the datagram on through it from the buffer. A target that cannot take a datagram now
+gets it held (copied) while the listener is not read: backpressure. It ends sessions
+(`end_session`) and hands each to its `DatagramRelay` (datagram.py) for the accounting.
+Never logs itself: what it drops goes to `Drops` (datagram_drops.py).
+"""
+
+import errno
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from forkproxy.relay.datagram_drops import client_text
+from forkproxy.relay.datagram_session import (
+    END_ERROR,
+    PENDING_MAX,
+    Session,
+    is_refusal,
+    open_session_socket,
+)
+from forkproxy.relay.messages import MessageBuffer, grow_send_buffer
+from forkproxy.relay.targets import LOCAL_ERRNOS, TargetGroup
+from forkproxy.shared.admission import NO_TOKEN
+from forkproxy.shared.listener import Listener
+from forkproxy.shared.per_source import BUSY, source_key
+from forkproxy.shared.scoreboard import DATAGRAM_BYTES_TO_TARGET, DATAGRAMS_TO_TARGET
+
+if TYPE_CHECKING:
+    from forkproxy.relay.datagram import DatagramRelay
+
+READS_PER_WAKEUP = 64  # datagrams read from a listener per readable event, at most
+_MSG_TRUNC = socket.MSG_TRUNC
+
+
+class DatagramListener:
+    """One datagram listener this worker reads, and the sessions of its clients."""
+
+    __slots__ = (
+        "relay",
+        "listener",
+        "family",
+        "fd",
+        "recvfrom_into",
+        "reply",
+        "group",
+        "sessions",
+        "buffer",
+        "view",
+        "size",
+        "slot",
+        "drops",
+        "replies_max",
+        "reading",
+        "held",
+        "held_datagram",
+        "on_readable",
+    )
+
+    def __init__(
+        self, relay: "DatagramRelay", listener: Listener, group: TargetGroup, buffer: MessageBuffer
+    ) -> None:
+        self.relay = relay
+        self.listener = listener
+        sock = listener.sock
+        self.family = sock.family
+        self.fd = sock.fileno()
+        self.recvfrom_into = sock.recvfrom_into
+        self.reply = sock.sendto  # replies go to their client from the listening socket
+        self.group = group
+        self.sessions: dict[object, Session] = {}  # by client address
+        self.buffer = buffer.memory
+        self.view = buffer.view
+        self.size = buffer.size
+        self.slot = relay.slot
+        self.drops = relay.drops
+        self.replies_max = relay.replies_max
+        self.reading = False
+        self.held: Session | None = None  # whose datagram waits for its target to take it
+        self.held_datagram = b""
+        self.on_readable = self._on_readable
+
+    def start(self) -> None:
+        if not self.reading and self.held is None:
+            self.reading = True
+            self.relay.poller.add_reader(self.fd, self.on_readable)
+
+    def stop(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.relay.poller.remove_reader(self.fd)
+
+    # -- from clients --------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        recvfrom_into = self.recvfrom_into
+        buffer = self.buffer
+        view = self.view
+        size = self.size
+        sessions = self.sessions
+        slot = self.slot
+        for _ in range(READS_PER_WAKEUP):
+            if not self.reading:  # a datagram is held: its target must take it first
+                return
+            try:
+                count, client = recvfrom_into(buffer, 0, _MSG_TRUNC)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as error:
+                self.drops.read_error(self.listener.label, error)
+                return
+            if count > size:
+                self.drops.truncated(self.family, client, count, size)
+                continue
+            session = sessions.get(client)
+            if session is None:
+                session = self._open(client)
+                if session is None:
+                    continue
+            session.active = True
+            send = session.send
+            if send is None:  # its target's name is being resolved
+                self._keep_pending(session, view[:count])
+                continue
+            try:
+                send(view[:count])
+            except BlockingIOError:
+                self._hold(session, bytes(view[:count]))
+                return
+            except OSError as error:
+                self._on_send_error(session, view[:count], error)
+                continue
+            session.bytes_to_target += count
+            slot[DATAGRAMS_TO_TARGET] += 1
+            slot[DATAGRAM_BYTES_TO_TARGET] += count
+
+    def _open(self, client: object) -> Session | None:
+        """A session for a new client, or None (its datagram dropped and counted)."""
+        relay = self.relay
+        token = relay.admission.try_acquire()
+        if token == NO_TOKEN:
+            self.drops.cap(self.family, client, relay.connections_max)
+            return None
+        source_token = -1
+        per_source = relay.per_source
+        if per_source is not None:
+            key = source_key(self.family, client)
+            if key is not None:
+                source_token = per_source.try_acquire(key)
+                if source_token < 0:
+                    relay.admission.release(token)
+                    busy = source_token == BUSY
+                    self.drops.per_source(self.family, client, per_source.per_source, busy)
+                    return None
+        session = Session(self, client, token, source_token, time.monotonic())
+        self.sessions[client] = session
+        relay.session_opened(session)
+        self._connect(session)
+        return None if session.closed else session
+
+    def _connect(self, session: Session) -> None:
+        """Open the session's socket to the first target of the group that takes it."""
+        group = self.group
+        targets = group.targets
+        error: OSError | None = None
+        for index in group.order() if len(targets) > 1 else (0,):
+            target = targets[index]
+            if target.needs_resolving:
+                session.pending = []
+                self.relay.resolve(self, session, index)
+                return
+            try:
+                sock = open_session_socket(target.family, target.sockaddr)
+            except OSError as failure:
+                error = failure
+                if failure.errno in LOCAL_ERRNOS:
+                    break
+                group.failed(index, failure)
+                continue
+            self.attach(session, sock, index)
+            return
+        assert error is not None
+        self.no_session(session, error)
+
+    def attach(self, session: Session, sock: socket.socket, index: int) -> None:
+        """`session`'s socket is connected: watch it, and send what it held meanwhile."""
+        session.attach(sock, index)
+        self.relay.poller.add_reader(session.fd, session.on_readable)  # type: ignore[arg-type]
+        pending = session.pending
+        session.pending = None
+        for datagram in pending or ():
+            try:
+                sock.send(datagram)
+            except OSError as error:
+                self._on_send_error(session, memoryview(datagram), error)
+                if session.closed:
+                    return
+                continue
+            self._sent(session, len(datagram))
+
+    def _sent(self, session: Session, count: int) -> None:
+        session.bytes_to_target += count
+        slot = self.slot
+        slot[DATAGRAMS_TO_TARGET] += 1
+        slot[DATAGRAM_BYTES_TO_TARGET] += count
+
+    def no_session(self, session: Session, error: OSError) -> None:
+        """No socket to any target could be opened: drop what the session holds."""
+        count = 1 + len(session.pending or ())
+        self.drops.no_session(self.family, session.client, self.group.label, error, count)
+        self.end_session(session, END_ERROR)
+
+    def _keep_pending(self, session: Session, datagram: memoryview) -> None:
+        pending = session.pending
+        if pending is not None and len(pending) < PENDING_MAX:
+            pending.append(bytes(datagram))
+        else:
+            self.drops.pending()
+
+    # -- backpressure and errors towards the target ------------------------------------------
+
+    def _hold(self, session: Session, datagram: bytes) -> None:
+        """The target cannot take `datagram` now: keep it, read no more until it can."""
+        self.held = session
+        self.held_datagram = datagram
+        self.stop()
+        self.relay.poller.add_writer(session.fd, session.on_writable)  # type: ignore[arg-type]
+
+    def on_session_writable(self, session: Session) -> None:
+        datagram = self.held_datagram
+        if self.held is not session or session.send is None:
+            return
+        try:
+            session.send(datagram)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._release_held()
+            self._on_send_error(session, memoryview(datagram), error)
+            return
+        self._sent(session, len(datagram))
+        self._release_held()
+
+    def _release_held(self) -> None:
+        session = self.held
+        if session is not None:
+            self.held = None
+            self.held_datagram = b""
+            if not session.closed:
+                self.relay.poller.remove_writer(session.fd)
+            if not self.relay.draining:
+                self.start()
+
+    def _on_send_error(self, session: Session, datagram: memoryview, error: OSError) -> None:
+        """The kernel would not send a datagram of `session` to its target."""
+        sock = session.sock
+        # EMSGSIZE from a unix target: our send buffer may be smaller than the client's.
+        if error.errno == errno.EMSGSIZE and sock is not None and self._resend(sock, datagram):
+            self._sent(session, len(datagram))
+            return
+        self.drops.to_target(self.family, session.client, self._target_text(session), error)
+        if is_refusal(error):
+            self._target_refused(session, error)
+
+    def _resend(self, sock: socket.socket, datagram: memoryview) -> bool:
+        if sock.family != socket.AF_UNIX or not grow_send_buffer(sock, len(datagram)):
+            return False
+        try:
+            sock.send(datagram)
+        except OSError:
+            return False
+        return True
+
+    def on_session_error(self, session: Session, error: OSError) -> None:
+        """Reading a session's socket failed: ECONNREFUSED is an earlier datagram the
+        target's host refused (an ICMP port unreachable); anything else ends it too."""
+        self.drops.refused(self.family, session.client, self._target_text(session), error)
+        self._target_refused(session, error)
+
+    def _target_refused(self, session: Session, error: OSError) -> None:
+        """End the session, so the client's next datagram opens a new one, on another
+        target if the group has several (this one cools down)."""
+        if session.target_index >= 0 and is_refusal(error):
+            self.group.failed(session.target_index, error)
+        self.end_session(session, END_ERROR)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def end_session(self, session: Session, reason: str) -> None:
+        """Close `session`'s socket and hand it to the relay; `reason`: why (END_*)."""
+        if session.closed:
+            return
+        session.closed = True
+        if self.sessions.get(session.client) is session:
+            del self.sessions[session.client]
+        if self.held is session:
+            self.drops.held()  # the datagram it held goes nowhere now
+            self._release_held()
+        sock = session.sock
+        if sock is not None:
+            self.relay.poller.forget(session.fd)  # the close takes it out of the epoll
+            sock.close()
+        session.owner = None
+        session.on_readable = session.on_writable = None
+        session.send = None
+        self.relay.session_ended(self, session, reason)
+
+    def client_text(self, client: object) -> str:
+        return client_text(self.family, client)
+
+    def _target_text(self, session: Session) -> str:
+        index = session.target_index
+        return f"'{self.group.targets[index].text}'" if index >= 0 else self.group.label
