@@ -14,6 +14,7 @@ from forkproxy.errors import ForkproxyError
 from forkproxy.settings.address import parse_target
 from forkproxy.settings.arguments import parse_args as parse_forkproxy_args
 from forkproxy.settings.config import Config
+from forkproxy.settings.kinds import DATAGRAM, SEQPACKET, STREAM, kind_mismatch
 from forkproxy.units.request import PROG, UnitRequest
 
 # forkproxy options that would fight the generated units, and what to use instead.
@@ -35,6 +36,7 @@ _EXECUTABLE = re.compile(r"(/[A-Za-z0-9_.+@:-]+)+")
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path less its NUL (or an abstract name's leading NUL)
+_UNIX_FLAG_OF = {"--listen-datagram": "--listen-unix-datagram"}
 
 
 def check_name(name: str) -> str:
@@ -62,7 +64,8 @@ def check_target(target: str) -> str:
 def check_inet(address: str, flag: str) -> str:
     """ListenStream= syntax for IP (systemd.socket(5)): PORT, IPV4:PORT or [IPV6]:PORT."""
     if address[:1] in ("/", "@"):
-        raise ForkproxyError(f"invalid {flag} '{address}': use --listen-unix for unix sockets")
+        unix_flag = _UNIX_FLAG_OF.get(flag, "--listen-unix")
+        raise ForkproxyError(f"invalid {flag} '{address}': use {unix_flag} for unix sockets")
     if address.startswith("["):
         literal, _, port = address[1:].partition("]:")
         if not port or "%" in literal or not _is_ip(literal, 6):
@@ -196,9 +199,34 @@ def forkproxy_config(request: UnitRequest) -> Config:
     return config
 
 
+def _check_kinds(r: UnitRequest, config: Config) -> None:
+    """Each socket's targets must take what it receives, as forkproxy checks at start."""
+    # Without FileDescriptorName=, systemd names every socket of the unit after it.
+    routes = {route.name: route.targets for route in config.routes}
+    targets = routes.get(f"{r.name}.socket", config.targets)
+    for flag, addresses, kind in (
+        ("--listen-stream", r.listen_stream, STREAM),
+        ("--listen-unix", r.listen_unix, STREAM),
+        ("--listen-datagram", r.listen_datagram, DATAGRAM),
+        ("--listen-unix-datagram", r.listen_unix_datagram, DATAGRAM),
+        ("--listen-sequential-packet", r.listen_sequential_packet, SEQPACKET),
+    ):
+        why = kind_mismatch(kind, targets) if addresses else None
+        if why is not None:
+            raise ForkproxyError(f"cannot relay {flag} {addresses[0]}: {why}")
+
+
 def check_combinations(r: UnitRequest) -> None:
-    if not r.listen_stream and not r.listen_unix:
-        raise ForkproxyError("nothing to listen on: give --listen-stream or --listen-unix")
+    if not (r.listen_stream or r.listen_unix or r.listen_datagram or r.unix_paths):
+        raise ForkproxyError(
+            "nothing to listen on: give --listen-stream, --listen-unix, --listen-datagram, "
+            "--listen-unix-datagram or --listen-sequential-packet"
+        )
+    if r.accept and (r.listen_datagram or r.listen_unix_datagram or r.listen_sequential_packet):
+        raise ForkproxyError(
+            "--accept relays stream connections only: give datagram and sequential-packet "
+            "sockets to a unit without --accept"
+        )
     if r.max_connections is not None and not r.accept:
         raise ForkproxyError(
             "--max-connections needs --accept; without it, pass --connections-max=N "
@@ -223,7 +251,7 @@ def check_combinations(r: UnitRequest) -> None:
             )
         if r.share_namespace:
             raise ForkproxyError("--share-namespace cannot be used with --user")
-    if not any(path.startswith("/") for path in r.listen_unix):
+    if not any(path.startswith("/") for path in r.unix_paths):
         for flag, value in (
             ("--socket-user", r.socket_user),
             ("--socket-group", r.socket_group),
@@ -239,7 +267,8 @@ def check_combinations(r: UnitRequest) -> None:
     for short, long, hint in _OWNED_OPTIONS:
         if _has_option(r.forkproxy_args, short, long):
             raise ForkproxyError(f"forkproxy option '{long}' would bypass the socket unit: {hint}")
-    forkproxy_config(r)  # what forkproxy would refuse fails here, not when systemd starts it
+    config = forkproxy_config(r)  # what forkproxy would refuse fails here, not at start
+    _check_kinds(r, config)
     longest = max((*r.socket_names, r.service_name), key=len)
     if len(longest) > _UNIT_NAME_MAX:
         raise ForkproxyError(f"unit name '{longest}' is longer than {_UNIT_NAME_MAX} characters")

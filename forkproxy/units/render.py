@@ -91,12 +91,19 @@ def _header(filename: str, purpose: str, r: UnitRequest) -> list[str]:
 def _socket_unit(r: UnitRequest) -> str:
     if r.accept:
         purpose = f"starts an instance of {r.service_name} for each connection."
+    elif r.listen_datagram or r.listen_unix_datagram:
+        first = "connection or datagram" if r.listen_stream or r.listen_unix else "datagram"
+        purpose = f"starts {r.service_name} on the first {first}."
     else:
         purpose = f"starts {r.service_name} on the first connection."
     lines = [*_header(f"{r.name}.socket", purpose, r), "[Unit]"]
     lines += [f"Description={_description(r)} (socket)", "", "[Socket]"]
     lines += [f"ListenStream={_specifiers(address)}" for address in r.listen_stream]
     lines += [f"ListenStream={_specifiers(path)}" for path in r.listen_unix]
+    for address in (*r.listen_datagram, *r.listen_unix_datagram):
+        lines.append(f"ListenDatagram={_specifiers(address)}")
+    for path in r.listen_sequential_packet:
+        lines.append(f"ListenSequentialPacket={_specifiers(path)}")
     if r.socket_user is not None:
         lines.append(f"SocketUser={r.socket_user}")
     if r.socket_group is not None:
@@ -254,7 +261,13 @@ def _network(r: UnitRequest) -> list[str]:
         lines.append("RestrictAddressFamilies=AF_UNIX")
         if not r.user:
             lines.append("IPAddressDeny=any")
-            if r.target.startswith("/") and not r.share_namespace:
+            file = isinstance(target.sockaddr, str) and target.sockaddr.startswith("/")
+            if file and target.kind == socket.SOCK_DGRAM:
+                lines += [
+                    "# No PrivateNetwork=: the target replies to an @abstract address of",
+                    "# forkproxy's, which exists only in forkproxy's network namespace.",
+                ]
+            elif file and not r.share_namespace:
                 lines += [
                     "# A socket file is reachable from any network namespace (an @abstract",
                     "# one is not), so the service gets a private one.",

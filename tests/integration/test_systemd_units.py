@@ -131,6 +131,12 @@ GENERATED = [
     "f --listen-stream 80 --metrics /run/f-metrics.sock -- 10.0.0.1:80 --exit-idle-time=5min",
     "g --listen-stream 80 --upstream-unit nginx.service --share-namespace -- @nginx",
     "h --listen-stream 80 --executable /usr/local/bin/forkproxy -- [fe80::1%eth0]:80",
+    "i --listen-datagram 53 --listen-datagram [::1]:53 -- udp:127.0.0.1:5353 "
+    "--datagram-replies=1",
+    "j --listen-unix-datagram /run/j/log.sock --socket-mode 0660 -- unix-dgram:/run/log.sock "
+    "--datagram-timeout=5min",
+    "k --listen-sequential-packet @k -- seqpacket:/run/k.sock",
+    "l --listen-datagram 127.0.0.1:8125 --metrics 127.0.0.1:9102 -- udp:statsd.example:8125",
 ]
 
 
@@ -150,6 +156,7 @@ def test_generated_system_units_verify_without_warnings(root: Path, command: str
         "u --listen-stream 8080 -- 127.0.0.1:9000",
         "v --listen-unix /tmp/v.sock --socket-mode 600 --metrics 127.0.0.1:9100 -- /run/v",
         "w --listen-stream 8080 --accept -- example.org:80",
+        "x --listen-datagram 5353 -- udp:[::1]:53",
     ],
 )
 def test_generated_user_units_verify_without_warnings(tmp_path: Path, command: str) -> None:

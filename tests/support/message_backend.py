@@ -8,6 +8,8 @@ MODE:
            answered "ok N" (N: its sequence number) or "bad ..."; a sequential-packet
            connection is answered message by message and gets "end N" (the count) at
            its end, before the target shuts down its side
+  log      every message must be a framed one, checked on arrival, and a line "ok N" or
+           "bad ..." is printed on stdout for it; nothing is answered
   silent   reads datagrams and never answers
 
 ADDRESS: udp:HOST:PORT (PORT 0 picks a free one), unix-dgram:/path, unix-dgram:@name,
@@ -82,6 +84,9 @@ def bind(address: str) -> tuple[socket.socket, str]:
 def serve_datagrams(sock: socket.socket, mode: str) -> None:
     while True:
         message, sender = sock.recvfrom(1 << 23)
+        if mode == "log":
+            print(_answer(message).decode(), flush=True)
+            continue
         if mode == "silent" or not sender:
             continue
         try:
@@ -107,7 +112,7 @@ def serve_connection(conn: socket.socket, mode: str) -> None:
 
 def main() -> None:
     mode, address = sys.argv[1], sys.argv[2]
-    if mode not in ("echo", "check", "silent"):
+    if mode not in ("echo", "check", "log", "silent"):
         raise SystemExit(f"unknown mode {mode!r}")
     sock, target = bind(address)
     print(f"READY {target}", flush=True)
