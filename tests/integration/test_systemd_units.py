@@ -131,8 +131,7 @@ GENERATED = [
     "f --listen-stream 80 --metrics /run/f-metrics.sock -- 10.0.0.1:80 --exit-idle-time=5min",
     "g --listen-stream 80 --upstream-unit nginx.service --share-namespace -- @nginx",
     "h --listen-stream 80 --executable /usr/local/bin/forkproxy -- [fe80::1%eth0]:80",
-    "i --listen-datagram 53 --listen-datagram [::1]:53 -- udp:127.0.0.1:5353 "
-    "--datagram-replies=1",
+    "i --listen-datagram 53 --listen-datagram [::1]:53 -- udp:127.0.0.1:5353 --datagram-replies=1",
     "j --listen-unix-datagram /run/j/log.sock --socket-mode 0660 -- unix-dgram:/run/log.sock "
     "--datagram-timeout=5min",
     "k --listen-sequential-packet @k -- seqpacket:/run/k.sock",
