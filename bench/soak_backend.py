@@ -13,9 +13,10 @@ at its own close(), before forkproxy can see that end and release the connection
 of capacity. It handles every ready connection before accepting (and reads each to
 EAGAIN, so an EOF that has arrived is seen). So `current` never exceeds the number of
 connections forkproxy holds admitted, and `peak` is the backend's view of the cap.
-A SIGKILLed worker's connections are the exception: the kernel returns its capacity
-(SEM_UNDO) before it closes its sockets, so the soak declares them ended (`mark_dead`)
-before the kill. Never signals a process; never asserts.
+A SIGKILLed worker's connections are the exception: forkproxy learns of their end (the
+master reaps the worker and returns its capacity) without the backend having read it
+first, so the soak declares them ended (`mark_dead`) before the kill. Never signals a
+process; never asserts.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class SoakBackend:
 
     def mark_dead(self, peer_ports: Iterable[int]) -> None:
         """These connections (by the proxy's local port) belong to a worker about to be
-        SIGKILLed: they end now, as the kernel will return their capacity first."""
+        SIGKILLed: they end now, as their capacity may come back before we read their end."""
         ports = set(peer_ports)
         with self.lock:
             self.dead = set(ports)  # older leftovers were never accepted: forget them

@@ -29,6 +29,7 @@ from bench.settings import Settings
 from bench.tools import Tools
 
 ATTACH_TIMEOUT = 10.0
+SETTLE_SECONDS = 0.5  # a socket set unchanged this long is the idle tree's
 QUIET_TIMEOUT = 5.0
 CLIENT_TIMEOUT = 5.0
 # Untraced connections first, so one-time work (pools, lazy allocations) is not counted.
@@ -184,13 +185,20 @@ def _one_connection(port: int, body_bytes: int) -> None:
 
 
 def _settled_sockets(pids: list[int]) -> set[int]:
-    """The tree's sockets once it holds no connected TCP socket: listeners, unix sockets."""
+    """The tree's sockets once it holds no connected TCP socket and their set has not
+    changed for SETTLE_SECONDS: listeners, unix sockets. (A worker that was still starting
+    when the probe went through another one opens its loop's sockets a little later.)"""
     deadline = time.monotonic() + QUIET_TIMEOUT
+    previous: set[int] = set()
+    stable_since = time.monotonic()
     while True:
         sockets = _socket_inodes(pids)
-        if not sockets & _connected_tcp_inodes():
+        now = time.monotonic()
+        if sockets != previous or sockets & _connected_tcp_inodes():
+            previous, stable_since = sockets, now
+        elif now - stable_since >= SETTLE_SECONDS:
             return sockets
-        if time.monotonic() > deadline:
+        if now > deadline:
             raise LoadError("the proxy still held connections with no client")
         time.sleep(0.01)
 

@@ -9,7 +9,7 @@ import pytest
 # Tests run the code from this checkout; the backends are started as `-m tests.support...`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-pytest_plugins = ["tests.support.nginx"]
+pytest_plugins = ["tests.support.nginx", "tests.support.systemd_boot"]
 
 
 @pytest.fixture

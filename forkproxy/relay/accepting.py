@@ -1,12 +1,13 @@
 """A worker's accepting: bounded accept batches, admission, refusal, queue mode.
 
 `Acceptor` takes clients off the listeners a worker inherited, in batches of
-ACCEPT_BATCH per wakeup, admits each through the global `Admission` and the per-source
-table, or refuses it (accepted and closed at once, nothing sent to a target), and hands
-an admitted client to the worker's `Connector`. Accepting pauses while descriptors run
-short, so a flood of clients waits in the listen backlog instead of taking the pipes
-of connections already relaying. With --on-limit=queue it holds the one client that met
-the cap and stops accepting until a helper thread finds capacity (capacity_wait.py).
+ACCEPT_BATCH per wakeup, admits each under the global and the per-source caps (its
+`Admitter`, shared/admission.py), or refuses it (accepted and closed at once, nothing
+sent to a target), and hands an admitted client to the worker's `Connector`. Accepting
+pauses while descriptors run short, so a flood of clients waits in the listen backlog
+instead of taking the pipes of connections already relaying. With --on-limit=queue it
+holds the one client that met the cap and stops accepting until capacity comes back
+(capacity_wait.py).
 Never connects, relays or blocks.
 """
 
@@ -25,9 +26,9 @@ from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions, set_sock
 from forkproxy.relay.targets import TargetGroup
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.options import ON_LIMIT_QUEUE
-from forkproxy.shared.admission import NO_TOKEN
+from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
 from forkproxy.shared.listener import Listener
-from forkproxy.shared.per_source import BUSY, source_key
+from forkproxy.shared.per_source import source_key
 from forkproxy.shared.scoreboard import ACCEPTED, ACTIVE, REFUSED
 
 if TYPE_CHECKING:
@@ -58,6 +59,18 @@ class _ListenerPlan:
         self.client_options = client_options  # setsockopt(2) on each client: TCP only
 
 
+class _Held:
+    """Queue mode: the client a worker holds while it waits for capacity."""
+
+    __slots__ = ("fd", "peer", "plan", "key")
+
+    def __init__(self, fd: int, peer: object, plan: _ListenerPlan, key: bytes | None) -> None:
+        self.fd = fd
+        self.peer = peer
+        self.plan = plan
+        self.key = key  # its source, for the per-source limit
+
+
 class Acceptor:
     """Takes a worker's clients off its listeners and admits or refuses each."""
 
@@ -69,8 +82,8 @@ class Acceptor:
         self.loop = worker.loop
         self.poller = worker.poller
         self.listeners = worker.listeners
-        self.admission = worker.admission
-        self.per_source = worker.per_source
+        self.admitter = worker.admitter
+        self.per_source = self.config.max_connections_per_source  # 0: no key to look up
         self.slot = worker.slot
         self.events_fd = worker.spec.events_fd  # any descriptor of ours, to probe the lowest free
         self.connect = worker.connector.connect
@@ -91,7 +104,7 @@ class Acceptor:
             for listener in self.listeners
         }
         self.queue_on_limit = self.config.on_limit == ON_LIMIT_QUEUE
-        self.held: tuple[int, object, _ListenerPlan] | None = None  # queue: fd, peer, plan
+        self.held: _Held | None = None  # queue mode: the client waiting for capacity
         self.waiter: CapacityWaiter | None = None  # queue: started when first needed
         self.fd_ceiling = _fd_ceiling(self.events_fd)
 
@@ -118,8 +131,8 @@ class Acceptor:
         accept = listener.sock._accept  # type: ignore[attr-defined]  # fd, no socket object
         family = listener.sock.family
         plan = self.plans[listener.fd]
-        admission = self.admission
-        slot = self.slot
+        admit = self.admitter.admit
+        per_source = self.per_source
         for _ in range(ACCEPT_BATCH):
             if not self.accepting:  # paused by the client before: short of descriptors
                 return
@@ -144,95 +157,98 @@ class Acceptor:
                     ACCEPT_PAUSE,
                 )
                 self.pause()
-            token = admission.try_acquire()
-            if token == NO_TOKEN and self.queue_on_limit:
-                self._hold(fd, peer, plan)
+            key = source_key(family, peer) if per_source else None
+            token = admit(key)
+            if token >= ADMITTED:
+                self._admit(fd, peer, plan, token)
+            elif token == REFUSED_CAP and self.queue_on_limit:
+                self._hold(_Held(fd, peer, plan, key))
                 return
-            if token == NO_TOKEN:
-                slot[REFUSED] += 1  # before the close: a kill between them must not hide it
-                os.close(fd)
-                self.refusals.log(
-                    "connection cap %d reached, refusing connection from %s",
-                    self.config.connections_max,
-                    format_sockaddr(family, peer),
-                )
-                continue
-            self._admit(fd, peer, plan, token)
+            else:
+                self._refuse(fd, family, peer, token)
 
     def _admit(self, fd: int, peer: object, plan: _ListenerPlan, token: int) -> None:
-        """A client holding a global token: check its source, then connect it to a target."""
-        family = plan.family
-        source_token = -1
-        per_source = self.per_source
-        if per_source is not None:
-            key = source_key(family, peer)
-            if key is not None:
-                source_token = per_source.try_acquire(key)
-                if source_token < 0:
-                    self._refuse_source(fd, family, peer, token, source_token)
-                    return
+        """An admitted client: connect it to a target (`token` goes back to the admitter)."""
         slot = self.slot
         slot[ACCEPTED] += 1
         slot[ACTIVE] += 1
-        client = socket.socket(family, plan.kind, 0, fd)
+        client = socket.socket(plan.family, plan.kind, 0, fd)
         client.setblocking(False)
         if plan.client_options:
             try:
                 set_socket_options(client, plan.client_options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
-        self.connect(client, token, peer, plan.group, source_token)
+        self.connect(client, token, peer, plan.group)
 
-    def _refuse_source(self, fd: int, family: int, peer: object, token: int, why: int) -> None:
-        self.slot[REFUSED] += 1
+    def _refuse(self, fd: int, family: int, peer: object, why: int) -> None:
+        self.slot[REFUSED] += 1  # before the close: a kill between them must not hide it
         os.close(fd)
-        self.admission.release(token)
-        assert self.per_source is not None
-        if why == BUSY:
-            self.source_refusals.log(
-                "per-source connection table busy, refusing connection from %s",
+        if why == REFUSED_CAP:
+            self.refusals.log(
+                "connection cap %d reached, refusing connection from %s",
+                self.config.connections_max,
+                format_sockaddr(family, peer),
+            )
+        elif why == REFUSED_BUSY:
+            self.refusals.log(
+                "admission lock busy, refusing connection from %s",
                 format_sockaddr(family, peer),
             )
         else:
             self.source_refusals.log(
                 "connection limit %d per source reached, refusing connection from %s",
-                self.per_source.per_source,
+                self.per_source,
                 format_sockaddr(family, peer),
             )
 
     # -- --on-limit=queue ----------------------------------------------------------------
 
-    def _hold(self, fd: int, peer: object, plan: _ListenerPlan) -> None:
+    def _hold(self, held: "_Held") -> None:
         """At the cap in queue mode: keep this client, stop accepting so the next ones wait
         in the listen backlog, and wait for capacity (why a thread: capacity_wait.py)."""
         if self.held is not None:  # not reached: accepting stops while a client is held
             self.slot[REFUSED] += 1
-            os.close(fd)
+            os.close(held.fd)
             return
-        self.held = (fd, peer, plan)
+        self.held = held
         self.stop()
         if self.waiter is None:
-            self.waiter = CapacityWaiter(self.admission, self.loop, self.on_capacity)
-        self.waiter.request()
+            self.waiter = CapacityWaiter(
+                self.admitter.admission.seq_address, self.loop, self.on_capacity
+            )
+        self.admitter.wait_begin()
+        self.on_capacity()  # once more, now counted as a waiter: no release is missed
 
-    def on_capacity(self, token: int) -> None:
-        """The helper thread took a unit of capacity for us: serve the held client."""
+    def on_capacity(self) -> None:
+        """Capacity may have come back: try to admit the held client, else wait again."""
         held = self.held
         if held is None:  # closed by the graceful timeout meanwhile
-            self.admission.release(token)
             return
+        admitter = self.admitter
+        seq = admitter.capacity_seq()  # before the attempt: a release after it changes seq
+        token = admitter.admit(held.key)
+        if token in (REFUSED_CAP, REFUSED_BUSY):
+            assert self.waiter is not None
+            self.waiter.wait(seq)
+            return
+        admitter.wait_end()
         self.held = None
-        fd, peer, plan = held
-        self._admit(fd, peer, plan, token)
+        if token >= ADMITTED:
+            self._admit(held.fd, held.peer, held.plan, token)
+        else:
+            self._refuse(held.fd, held.plan.family, held.peer, token)
         if not self.worker.draining:
             self.start()
 
     def drop_held(self) -> None:
         """The graceful timeout: refuse a client still waiting for capacity (queue mode)."""
-        if self.held is not None:
-            self.slot[REFUSED] += 1
-            os.close(self.held[0])
+        held = self.held
+        if held is not None:
             self.held = None
+            self.admitter.wait_end()
+            self.slot[REFUSED] += 1
+            os.close(held.fd)
 
     # -- running short of descriptors ------------------------------------------------------
 

@@ -65,7 +65,6 @@ class _PendingClient:
         "peer",
         "connect",
         "group",
-        "source_token",
     )
 
     def __init__(
@@ -75,16 +74,14 @@ class _PendingClient:
         token: int,
         peer: object,
         group: TargetGroup,
-        source_token: int,
     ) -> None:
         self.connector = connector
         self.client = client
-        self.token = token
+        self.token = token  # its admission, for Admitter.release
         self.started = time.monotonic()
         self.peer = peer
         self.connect: TargetConnect | FailoverConnect | None = None
         self.group = group
-        self.source_token = source_token  # the per-source unit held, or -1
 
     def on_connected(self, target: socket.socket) -> None:
         self.connector.on_target_connected(self, target)
@@ -146,9 +143,8 @@ class Connector:
         token: int,
         peer: object,
         group: TargetGroup,
-        source_token: int,
     ) -> None:
-        pending = _PendingClient(self, client, token, peer, group, source_token)
+        pending = _PendingClient(self, client, token, peer, group)
         self.pending.add(pending)
         self._start_connect(pending)
 
@@ -188,7 +184,7 @@ class Connector:
             CONNECT_DURATION_SUM_NS,
             time.monotonic() - pending.started,
         )
-        if target.type == SEQPACKET:  # messages, not bytes: no PROXY header, no splice
+        if pending.group.targets[0].kind == SEQPACKET:  # messages: no PROXY header, no splice
             relay: Relay = self._message_relay(pending.client, target)
         elif self.proxy_header is not None and not self._send_proxy_header(pending, target):
             return
@@ -205,7 +201,6 @@ class Connector:
                 self.direction,
             )
         relay.token = pending.token
-        relay.source_token = pending.source_token
         relay.started = pending.started
         relay.peer = pending.peer
         self.relays.add(relay)
@@ -271,7 +266,7 @@ class Connector:
             error.strerror or error,
         )
         pending.client.close()
-        self.connection_ended(pending.token, pending.source_token)
+        self.connection_ended(pending.token)
 
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:
@@ -299,7 +294,7 @@ class Connector:
             CONNECTION_DURATION_SUM_NS,
             time.monotonic() - relay.started,
         )
-        self.connection_ended(relay.token, relay.source_token)
+        self.connection_ended(relay.token)
 
     def close_all(self) -> None:
         """The graceful timeout: close every connection still connecting or relaying."""
@@ -308,7 +303,7 @@ class Connector:
                 pending.connect.cancel()
             pending.client.close()
             self.pending.discard(pending)
-            self.connection_ended(pending.token, pending.source_token)
+            self.connection_ended(pending.token)
         for relay in list(self.relays):
             relay.close()
 

@@ -34,15 +34,14 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
-from forkproxy.relay.datagram_drops import Drops
 from forkproxy.relay.datagram_listener import DatagramListener
 from forkproxy.relay.datagram_session import END_STOPPED, END_TIMEOUT, Session, open_session_socket
 from forkproxy.relay.messages import MessageBuffer
 from forkproxy.relay.targets import COOLDOWN, TargetGroup, route_groups
 from forkproxy.relay.timeouts import LazySweep, sweep_interval
 from forkproxy.settings.address import TargetAddress
+from forkproxy.shared.layout import DG_SESSIONS, DG_SESSIONS_ACTIVE, LAST_ACTIVITY_NS
 from forkproxy.shared.listener import Listener
-from forkproxy.shared.scoreboard import LAST_ACTIVITY_NS, SESSIONS, SESSIONS_ACTIVE
 
 if TYPE_CHECKING:
     from forkproxy.relay.worker import Worker
@@ -56,28 +55,32 @@ class DatagramRelay:
     def __init__(
         self,
         worker: "Worker",
-        listeners: Sequence[Listener],
+        listeners: Sequence[tuple[Listener, memoryview]],
         buffer: MessageBuffer,
     ) -> None:
+        """`listeners`: the datagram listeners this worker reads, each with its row of
+        counters in the worker's slot."""
         config = worker.config
         self.worker = worker  # told when the last session of a draining worker ends
         self.loop = worker.loop
         self.poller = worker.poller
         self.slot = worker.slot
-        self.admission = worker.admission
-        self.per_source = worker.per_source
+        admitter = worker.admitter
+        self.admit = admitter.admit
+        self.release = admitter.release
+        self.per_source = config.max_connections_per_source  # 0: no key to look up
         self.connections_max = config.connections_max
         self.replies_max = config.datagram_replies
         self.timeout = config.datagram_timeout
         self.draining = False
         self.sessions: set[Session] = set()  # open, of every listener: what the sweep watches
-        self.drops = Drops(self.slot)
         self.target_failures = logs.RateLimitedLog(log, logging.WARNING)
         groups: Mapping[int, TargetGroup] = route_groups(
-            listeners, config.targets, config.routes, self._make_group
+            [listener for listener, _ in listeners], config.targets, config.routes, self._make_group
         )
         self.listeners = [
-            DatagramListener(self, listener, groups[listener.fd], buffer) for listener in listeners
+            DatagramListener(self, listener, row, groups[listener.fd], buffer)
+            for listener, row in listeners
         ]
         self.sweep: LazySweep | None = None
         if self.timeout != math.inf:
@@ -120,10 +123,9 @@ class DatagramRelay:
             if owner is not None:
                 owner.end_session(session, END_STOPPED)
 
-    def session_opened(self, session: Session) -> None:
-        slot = self.slot
-        slot[SESSIONS] += 1
-        slot[SESSIONS_ACTIVE] += 1
+    def session_opened(self, session: Session, row: memoryview) -> None:
+        row[DG_SESSIONS] += 1
+        row[DG_SESSIONS_ACTIVE] += 1
         self.sessions.add(session)
         sweep = self.sweep
         if sweep is not None and not sweep.armed:
@@ -132,12 +134,9 @@ class DatagramRelay:
     def session_ended(self, listener: DatagramListener, session: Session, reason: str) -> None:
         """Where every session ends, once: its units go back, and `reason` (END_*) is
         known here, with its client, listener and byte counts (the access log's hook)."""
-        self.admission.release(session.token)
-        if session.source_token >= 0 and self.per_source is not None:
-            self.per_source.release(session.source_token)
-        slot = self.slot
-        slot[SESSIONS_ACTIVE] -= 1
-        slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
+        self.release(session.token)  # its socket is closed: `end_session` closed it
+        listener.row[DG_SESSIONS_ACTIVE] -= 1
+        self.slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
         self.sessions.discard(session)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

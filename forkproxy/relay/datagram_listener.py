@@ -15,7 +15,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from forkproxy.relay.datagram_drops import client_text
+from forkproxy.relay.datagram_drops import Drops, client_text
 from forkproxy.relay.datagram_session import (
     END_ERROR,
     PENDING_MAX,
@@ -25,10 +25,10 @@ from forkproxy.relay.datagram_session import (
 )
 from forkproxy.relay.messages import MessageBuffer, grow_send_buffer
 from forkproxy.relay.targets import LOCAL_ERRNOS, TargetGroup
-from forkproxy.shared.admission import NO_TOKEN
+from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
+from forkproxy.shared.layout import DG_BYTES_TO_TARGET, DG_TO_TARGET
 from forkproxy.shared.listener import Listener
-from forkproxy.shared.per_source import BUSY, source_key
-from forkproxy.shared.scoreboard import DATAGRAM_BYTES_TO_TARGET, DATAGRAMS_TO_TARGET
+from forkproxy.shared.per_source import source_key
 
 if TYPE_CHECKING:
     from forkproxy.relay.datagram import DatagramRelay
@@ -52,7 +52,7 @@ class DatagramListener:
         "buffer",
         "view",
         "size",
-        "slot",
+        "row",
         "drops",
         "replies_max",
         "reading",
@@ -62,7 +62,12 @@ class DatagramListener:
     )
 
     def __init__(
-        self, relay: "DatagramRelay", listener: Listener, group: TargetGroup, buffer: MessageBuffer
+        self,
+        relay: "DatagramRelay",
+        listener: Listener,
+        row: memoryview,
+        group: TargetGroup,
+        buffer: MessageBuffer,
     ) -> None:
         self.relay = relay
         self.listener = listener
@@ -76,8 +81,8 @@ class DatagramListener:
         self.buffer = buffer.memory
         self.view = buffer.view
         self.size = buffer.size
-        self.slot = relay.slot
-        self.drops = relay.drops
+        self.row = row  # the listener's counters in the worker's slot
+        self.drops = Drops(row)
         self.replies_max = relay.replies_max
         self.reading = False
         self.held: Session | None = None  # whose datagram waits for its target to take it
@@ -102,7 +107,7 @@ class DatagramListener:
         view = self.view
         size = self.size
         sessions = self.sessions
-        slot = self.slot
+        row = self.row
         for _ in range(READS_PER_WAKEUP):
             if not self.reading:  # a datagram is held: its target must take it first
                 return
@@ -137,30 +142,25 @@ class DatagramListener:
                 self._on_send_error(session, view[:count], error)
                 continue
             session.bytes_to_target += count
-            slot[DATAGRAMS_TO_TARGET] += 1
-            slot[DATAGRAM_BYTES_TO_TARGET] += count
+            row[DG_TO_TARGET] += 1
+            row[DG_BYTES_TO_TARGET] += count
 
     def _open(self, client: object) -> Session | None:
         """A session for a new client, or None (its datagram dropped and counted)."""
         relay = self.relay
-        token = relay.admission.try_acquire()
-        if token == NO_TOKEN:
-            self.drops.cap(self.family, client, relay.connections_max)
-            return None
-        source_token = -1
         per_source = relay.per_source
-        if per_source is not None:
-            key = source_key(self.family, client)
-            if key is not None:
-                source_token = per_source.try_acquire(key)
-                if source_token < 0:
-                    relay.admission.release(token)
-                    busy = source_token == BUSY
-                    self.drops.per_source(self.family, client, per_source.per_source, busy)
-                    return None
-        session = Session(self, client, token, source_token, time.monotonic())
+        token = relay.admit(source_key(self.family, client) if per_source else None)
+        if token < ADMITTED:
+            if token == REFUSED_CAP:
+                self.drops.cap(self.family, client, relay.connections_max)
+            elif token == REFUSED_BUSY:
+                self.drops.busy(self.family, client)
+            else:
+                self.drops.per_source(self.family, client, per_source)
+            return None
+        session = Session(self, client, token, time.monotonic())
         self.sessions[client] = session
-        relay.session_opened(session)
+        relay.session_opened(session, self.row)
         self._connect(session)
         return None if session.closed else session
 
@@ -206,9 +206,9 @@ class DatagramListener:
 
     def _sent(self, session: Session, count: int) -> None:
         session.bytes_to_target += count
-        slot = self.slot
-        slot[DATAGRAMS_TO_TARGET] += 1
-        slot[DATAGRAM_BYTES_TO_TARGET] += count
+        row = self.row
+        row[DG_TO_TARGET] += 1
+        row[DG_BYTES_TO_TARGET] += count
 
     def no_session(self, session: Session, error: OSError) -> None:
         """No socket to any target could be opened: drop what the session holds."""

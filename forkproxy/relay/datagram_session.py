@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from forkproxy.shared.scoreboard import DATAGRAM_BYTES_TO_CLIENT, DATAGRAMS_TO_CLIENT
+from forkproxy.shared.layout import DG_BYTES_TO_CLIENT, DG_TO_CLIENT
 
 if TYPE_CHECKING:
     from forkproxy.relay.datagram import DatagramListener
@@ -61,7 +61,6 @@ class Session:
         "send",
         "target_index",
         "token",
-        "source_token",
         "replies",
         "active",
         "quiet_since",
@@ -79,7 +78,6 @@ class Session:
         owner: "DatagramListener",
         client: Address,
         token: int,
-        source_token: int,
         started: float,
     ) -> None:
         self.owner: DatagramListener | None = owner  # None once ended: no cycle outlives it
@@ -88,8 +86,7 @@ class Session:
         self.fd = -1
         self.send: Callable[[memoryview | bytes], int] | None = None
         self.target_index = -1  # in its owner's target group
-        self.token = token  # the admission unit it holds
-        self.source_token = source_token  # the per-source unit, or -1
+        self.token = token  # what its admission returned: the admitter takes it back
         self.replies = 0
         self.active = True  # a datagram either way since the last sweep
         self.quiet_since = started
@@ -119,7 +116,7 @@ class Session:
         view = owner.view
         size = owner.size
         reply = owner.reply
-        slot = owner.slot
+        row = owner.row
         recv_into = sock.recv_into
         client = self.client
         for _ in range(REPLIES_PER_WAKEUP):
@@ -142,8 +139,8 @@ class Session:
                 owner.drops.reply(owner.family, client, error)
                 continue
             self.bytes_to_client += count
-            slot[DATAGRAMS_TO_CLIENT] += 1
-            slot[DATAGRAM_BYTES_TO_CLIENT] += count
+            row[DG_TO_CLIENT] += 1
+            row[DG_BYTES_TO_CLIENT] += count
             self.replies += 1
             if self.replies == owner.replies_max:
                 owner.end_session(self, END_REPLIES)

@@ -350,7 +350,6 @@ class Relay:
         "started",
         "peer",
         "error",
-        "source_token",
         "active",
         "quiet_since",
     )
@@ -377,7 +376,6 @@ class Relay:
         self.started = 0.0  # when the client was accepted; set by the worker
         self.peer: object = None  # the client's address, for logs; set by the worker
         self.error: OSError | None = None  # what ended the connection, if not a clean EOF
-        self.source_token = -1  # the per-source admission held, if any; set by the worker
         # --idle-timeout: an IdleDirection sets `active` on a read; the worker's sweep
         # clears it and keeps `quiet_since`, when it last found the relay inactive.
         self.active = False

@@ -1,13 +1,14 @@
 """One worker process after fork: reset, uvloop loop, heartbeat, drain on stop.
 
-A worker owns its scoreboard slot and writes nothing else that is shared. Its clients
-are taken off the listeners it inherited by its `Acceptor` (accepting.py) and connected
-to their target and relayed by its `Connector` (connecting.py); the worker holds what
-both share: the loop, the poller, its slot, the admission tokens a connection returns
-when it ends. On SIGTERM it stops accepting and lets open connections finish until the
-graceful timeout. It exits by itself if its master dies. Never forks. The relay options
-cost nothing per connection while off: their per-worker parts are built once, here and
-in the two parts' set-up.
+A worker owns its scoreboard slot and its column of the per-source table; of what else is
+shared it writes only per-source keys and queue-mode futex words, under admission's
+protocol. Its clients are taken off the listeners it inherited by its `Acceptor`
+(accepting.py) and connected to their target and relayed by its `Connector`
+(connecting.py); the worker holds what both share: the loop, the poller, its slot, its
+admitter (a connection's admission goes back to it when the connection ends). On SIGTERM
+it stops accepting and lets open connections finish until the graceful timeout. It exits
+by itself if its master dies. Never forks. The relay options cost nothing per connection
+while off: their per-worker parts are built once, here and in the two parts' set-up.
 """
 
 import ctypes
@@ -31,6 +32,7 @@ from forkproxy.relay.splice import PipePool
 from forkproxy.relay.targets import route_groups
 from forkproxy.settings.kinds import STREAM
 from forkproxy.settings.options import tcp_socket_options
+from forkproxy.shared.layout import MAX_LISTENERS, ROW_WORDS
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.protocol import (
     EVENT_FORMAT,
@@ -97,16 +99,17 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.config = config = spec.config
-        self.admission = spec.admission
-        self.admission.spread_from(spec.slot)
-        self.per_source = spec.per_source
+        self.admitter = spec.admission.admitter(spec.slot)
         self.slot = spec.scoreboard.slot(spec.slot)
         # Stream and sequential-packet listeners are accepted on; datagram ones are read,
         # each by one worker of a generation only (supervisor/ranks.py).
         self.listeners = tuple(listener for listener in spec.listeners if not listener.is_datagram)
         datagram_listeners = self._datagram_listeners(spec)
         self.message_buffer: MessageBuffer | None = None  # datagrams, sequential packets
-        messaging = [*datagram_listeners, *(one for one in self.listeners if one.kind != STREAM)]
+        messaging = [
+            *(listener for listener, _ in datagram_listeners),
+            *(one for one in self.listeners if one.kind != STREAM),
+        ]
         if messaging:
             unix = any(listener.sock.family == socket.AF_UNIX for listener in messaging)
             self.message_buffer = message_buffer(unix)
@@ -137,15 +140,19 @@ class Worker:
         self.acceptor = Acceptor(self, groups, tcp_options)
 
     @staticmethod
-    def _datagram_listeners(spec: WorkerSpec) -> list[Listener]:
-        """The datagram listeners this worker reads; it closes its copies of the others."""
-        datagram = [listener for listener in spec.listeners if listener.is_datagram]
+    def _datagram_listeners(spec: WorkerSpec) -> list[tuple[Listener, memoryview]]:
+        """The datagram listeners this worker reads, each with its row of counters in our
+        slot (by its index among all listeners); it closes its copies of the others."""
         mine = []
-        for index, listener in enumerate(datagram):
-            if reads_datagram_listener(index, spec.rank, spec.generation_size):
-                mine.append(listener)
+        datagram = 0
+        for index, listener in enumerate(spec.listeners):
+            if not listener.is_datagram:
+                continue
+            if reads_datagram_listener(datagram, spec.rank, spec.generation_size):
+                mine.append((listener, _listener_row(spec, index)))
             else:
                 listener.sock.close()  # our copy only: the master keeps its own
+            datagram += 1
         return mine
 
     @staticmethod
@@ -180,11 +187,10 @@ class Worker:
             self.pool.close()
         return EXIT_OK
 
-    def connection_ended(self, token: int, source_token: int = -1) -> None:
-        """An admitted connection is gone: return its admission and count it closed."""
-        self.admission.release(token)
-        if source_token >= 0 and self.per_source is not None:
-            self.per_source.release(source_token)
+    def connection_ended(self, token: int) -> None:
+        """An admitted connection is gone (its descriptors closed): return its admission
+        and count it closed."""
+        self.admitter.release(token)
         slot = self.slot
         slot[ACTIVE] -= 1
         slot[CLOSED] += 1
@@ -224,9 +230,6 @@ class Worker:
         if os.getppid() == self.spec.master_pid:
             return
         log.warning("master process %d is gone, exiting", self.spec.master_pid)
-        self.admission.remove()
-        if self.per_source is not None:
-            self.per_source.remove()
         os._exit(EXIT_MASTER_GONE)
 
     def on_sigterm(self) -> None:
@@ -265,6 +268,14 @@ class Worker:
             os.write(self.spec.events_fd, struct.pack(EVENT_FORMAT, self.spec.slot, event))
         except OSError as error:
             log.debug("cannot notify the master: %s", error)
+
+
+def _listener_row(spec: WorkerSpec, index: int) -> memoryview:
+    """Listener `index`'s row in our slot; one of our own past MAX_LISTENERS listeners
+    (their counters are not reported: the master says so at start)."""
+    if index < MAX_LISTENERS:
+        return spec.scoreboard.row(spec.slot, index)
+    return memoryview(bytearray(ROW_WORDS * 8)).cast("q")
 
 
 def _set_parent_death_signal(signum: int) -> None:

@@ -20,6 +20,9 @@ from forkproxy.settings.options import (
 from forkproxy.settings.timespan import format_timespan
 
 DEFAULT_CONNECTIONS_MAX = 256  # systemd-socket-proxyd's default
+# systemd-socket-proxyd's range for -c (an unsigned int); admission counts in 64-bit words
+# and sizes nothing by the cap beyond a bounded per-source table (shared/layout.py).
+CONNECTIONS_MAX_LIMIT = (1 << 32) - 1
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_WORKER_TIMEOUT = 30.0
 # A worker's loop can stall for tens of milliseconds without anything wrong (a burst of
@@ -36,7 +39,7 @@ DEFAULT_NODELAY = True
 DEFAULT_PIPE_SIZE = 256 * 1024  # systemd-socket-proxyd's too; measured in docs/relay-options.md
 PIPE_SIZE_MIN = 4096  # one page: the smallest pipe F_SETPIPE_SZ makes
 PIPE_SIZE_MAX = 1 << 30
-MAX_CONNECTIONS_PER_SOURCE = 32767  # SEMVMX: the most a SysV semaphore counts
+MAX_CONNECTIONS_PER_SOURCE = 32767  # fits the per-slot uint16 counts of the per-source table
 DEFAULT_DATAGRAM_TIMEOUT = 30.0  # a datagram session ends after this long without traffic
 MAX_DATAGRAM_REPLIES = 1 << 32
 
@@ -72,6 +75,11 @@ class Config:
             raise UsageError("missing target: give HOST:PORT or a unix socket path")
         if self.connections_max < 1:
             raise UsageError(f"--connections-max= must be at least 1, got {self.connections_max}")
+        if self.connections_max > CONNECTIONS_MAX_LIMIT:
+            raise UsageError(
+                f"--connections-max= must be at most {CONNECTIONS_MAX_LIMIT}, "
+                f"got {self.connections_max}"
+            )
         if not 1 <= self.workers <= MAX_WORKERS:
             raise UsageError(f"--workers= must be in 1-{MAX_WORKERS}, got {self.workers}")
         if not self.worker_timeout >= MIN_WORKER_TIMEOUT:

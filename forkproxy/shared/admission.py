@@ -1,139 +1,309 @@
-"""The global connection cap shared by all workers: a SysV semaphore set with SEM_UNDO.
+"""The connection caps, global and per source, kept exact in the shared mapping.
 
-How the cap is exact
---------------------
-The semaphores' values are the free capacity; they start summing to --connections-max=N.
-Admitting a connection is one semop(-1, IPC_NOWAIT|SEM_UNDO): the kernel decrements
-atomically or fails with EAGAIN, so no interleaving of accepts in any number of workers
-can take more than N (we admit while free > 0, never N+1). Closing is semop(+1, SEM_UNDO).
+How the caps are exact
+----------------------
+The truth is per slot and has one writer: a worker's HELD word counts the connections it
+admitted and has not released, and its column of the per-source table counts them per
+source (per_source.py). Decisions are serialized by one process-shared, robust pthread
+mutex in the header, called through ctypes. `admit`: lock; if the sum of HELD over slots
+[0, SLOT_HIGH_WATER) is below CAPACITY (and, with a per-source limit, the source's row
+sum is below it), count the connection in our own words; unlock. `release`: our words
+-= 1 without the lock, after the connection's descriptors are closed. A concurrent
+admitter that still reads the old value refuses, which orders that admission before the
+release; so at no instant do more than CAPACITY connections hold units, across any
+number of workers of either engine (the compiled one follows the same protocol).
 
-SEM_UNDO makes the kernel keep, per process, the sum of that process's adjustments and
-apply its inverse when the process exits, however it exits. A SIGKILLed worker's tokens
-therefore return at the instant it dies, with no window between "took a token" and
-"recorded that it did" for a kill to fall into (the flaw of an eventfd counter, or of any
-count kept in user space), and no lock is ever held that a dead process could leave
-locked. fork() does not inherit adjustments, so each worker's are its own.
+What a death does: nothing global can be left inconsistent. A worker killed while
+holding the mutex hands it to the next locker with EOWNERDEAD (a robust mutex: the kernel
+marks it when the holder dies), who repairs the per-source key it may have torn and
+calls pthread_mutex_consistent; counts need no repair. A worker killed while holding
+connections keeps its HELD and its column until the master reaps it (`reclaim`), when
+the kernel has closed its descriptors: its capacity comes back then, not at the instant
+of death; until then the count is high, never low, so the cap is never exceeded.
 
-A semaphore holds at most SEMVMX (32767), so a larger cap is spread over several
-semaphores in one set; a token remembers which one it came from.
+An event loop never waits on the mutex for long: it tries it, then SPIN_TRIES more times
+(a running holder is out within microseconds); a holder still in is most likely
+preempted, so it then sleeps on it in the kernel, which lets the holder run, for at most
+LOCK_BUDGET, and past that refuses the client as busy (spinning instead, on a loaded
+machine, refused clients while the holder waited for a CPU). A SIGSTOPped holder makes
+everyone refuse until the master's worker timeout kills it; EOWNERDEAD then hands the lock
+on. The common path makes no system call at all.
 
-The master creates the set before forking and removes it at exit (IPC_RMID). A worker
-that outlives its master removes it too, so only a simultaneous SIGKILL of every process
-can leak it (systemd's RemoveIPC=, implied by DynamicUser=, cleans that up).
+--on-limit=queue: a worker holding a client at the cap counts itself in WAITERS (and
+raises its slot's WAITING flag, so the master can take it back if it dies), reads
+CAPACITY_SEQ, tries again, and waits on CAPACITY_SEQ with FUTEX_WAIT (capacity_wait.py).
+A releaser that finds WAITERS above 0 increments CAPACITY_SEQ and wakes them, in one
+FUTEX_WAKE_OP (futex.py); so does the master after a reap. A worker killed between
+counting itself and raising its flag leaves WAITERS one too high: releases then make one
+needless wake each; no admission is ever wrong.
 """
 
 import ctypes
 import errno
+import os
+import time
 
-from forkproxy.shared.sysv import GETVAL as _GETVAL
-from forkproxy.shared.sysv import IPC_CREAT as _IPC_CREAT
-from forkproxy.shared.sysv import IPC_NOWAIT as _IPC_NOWAIT
-from forkproxy.shared.sysv import IPC_PRIVATE as _IPC_PRIVATE
-from forkproxy.shared.sysv import IPC_RMID as _IPC_RMID
-from forkproxy.shared.sysv import SEM_UNDO as _SEM_UNDO
-from forkproxy.shared.sysv import SEMVMX
-from forkproxy.shared.sysv import SETVAL as _SETVAL
-from forkproxy.shared.sysv import SemBuf as _SemBuf
-from forkproxy.shared.sysv import Timespec as _Timespec
-from forkproxy.shared.sysv import last_error as _oserror
-from forkproxy.shared.sysv import semctl as _semctl
-from forkproxy.shared.sysv import semget as _semget
-from forkproxy.shared.sysv import semop as _semop
-from forkproxy.shared.sysv import semtimedop as _semtimedop
+from forkproxy.shared import futex
+from forkproxy.shared.layout import (
+    CAPACITY,
+    CAPACITY_SEQ,
+    HELD,
+    MAX_SLOTS,
+    MUTEX,
+    MUTEX_BYTES,
+    SLOT_BYTES,
+    SLOT_HIGH_WATER,
+    SLOT_STRIDE,
+    SLOT_WORDS,
+    SLOTS,
+    SOURCE_LIMIT,
+    WAITERS,
+    WAITING,
+    WORD,
+)
+from forkproxy.shared.mapping import SharedMapping
+from forkproxy.shared.per_source import SourceTable
 
-NO_TOKEN = -1
-GONE = -2  # wait_acquire: the set was removed (the group is stopping)
+# What `Admitter.admit` returns besides a per-source row (>= 0).
+ADMITTED = -1  # admitted; no per-source row held (no limit, or a client without an address)
+REFUSED_CAP = -2  # the global cap is reached
+REFUSED_SOURCE = -3  # the client's source has its limit, or the table has no free row
+REFUSED_BUSY = -4  # the mutex stayed taken through SPIN_TRIES and LOCK_BUDGET
+
+SPIN_TRIES = 16  # trylocks before sleeping on the mutex: a running holder is done by then
+LOCK_BUDGET = 0.05  # seconds: then refuse as busy rather than stall the event loop longer
+
+_HIGH_WATER = SLOT_HIGH_WATER // WORD  # header word indexes
+_CAPACITY = CAPACITY // WORD
+_SOURCE_LIMIT = SOURCE_LIMIT // WORD
+
+_PTHREAD_PROCESS_SHARED = 1
+_PTHREAD_MUTEX_ROBUST = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_trylock = _libc.pthread_mutex_trylock
+_trylock.argtypes = (ctypes.c_void_p,)
+_trylock.restype = ctypes.c_int
+_unlock = _libc.pthread_mutex_unlock
+_unlock.argtypes = (ctypes.c_void_p,)
+_unlock.restype = ctypes.c_int
+_clocklock = _libc.pthread_mutex_clocklock  # glibc 2.30
+_clocklock.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+_clocklock.restype = ctypes.c_int
+_consistent = _libc.pthread_mutex_consistent
+_consistent.argtypes = (ctypes.c_void_p,)
+_consistent.restype = ctypes.c_int
+
+
+def _u32(mapping: SharedMapping, offset: int) -> memoryview:
+    """A one-item uint32 view of the header word at byte `offset`."""
+    return memoryview(mapping.memory)[offset : offset + 4].cast("I")
 
 
 class Admission:
-    """Admits connections while the group holds fewer than `capacity`.
+    """The caps in the shared mapping: set up and reclaimed by the master, read by it for
+    metrics, and used by each worker through its `Admitter`."""
 
-    Created once by the master before forking; every worker uses the same set.
-    """
+    def __init__(self, mapping: SharedMapping) -> None:
+        self.mapping = mapping
+        self.table = SourceTable(mapping)
+        self._header = mapping.words
+        slots = memoryview(mapping.memory)[SLOTS : SLOTS + MAX_SLOTS * SLOT_BYTES].cast("q")
+        self._slots = slots
+        self._held = slots[HELD::SLOT_STRIDE]  # every slot's HELD, by slot
+        self._waiters = _u32(mapping, WAITERS)
+        self.mutex_address = mapping.base + MUTEX
+        self.seq_address = mapping.base + CAPACITY_SEQ
+        self.waiters_address = mapping.base + WAITERS
 
-    __slots__ = ("capacity", "_semid", "_takes", "_gives", "_start")
+    @classmethod
+    def set_up(cls, mapping: SharedMapping, capacity: int, per_source: int) -> "Admission":
+        """The master, before the first fork: the mutex and the limits. Raises OSError."""
+        attr = ctypes.create_string_buffer(MUTEX_BYTES)  # pthread_mutexattr_t fits
+        address = ctypes.c_void_p(mapping.base + MUTEX)
+        for call, args in (
+            (_libc.pthread_mutexattr_init, (attr,)),
+            (_libc.pthread_mutexattr_setpshared, (attr, _PTHREAD_PROCESS_SHARED)),
+            (_libc.pthread_mutexattr_setrobust, (attr, _PTHREAD_MUTEX_ROBUST)),
+            (_libc.pthread_mutex_init, (address, attr)),
+        ):
+            code = call(*args)
+            if code:
+                raise OSError(code, f"{call.__name__}: {os.strerror(code)}")
+        _libc.pthread_mutexattr_destroy(attr)
+        mapping.set_header(CAPACITY, capacity)
+        mapping.set_header(SOURCE_LIMIT, per_source)
+        return cls(mapping)
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        count = -(-capacity // SEMVMX)
-        semid = _semget(_IPC_PRIVATE, count, _IPC_CREAT | 0o600)
-        if semid < 0:
-            raise _oserror("semget")
-        self._semid = semid
-        for index in range(count):
-            value = min(SEMVMX, capacity - index * SEMVMX)
-            if _semctl(semid, ctypes.c_int(index), ctypes.c_int(_SETVAL), ctypes.c_int(value)) < 0:
-                error = _oserror("semctl(SETVAL)")
-                self.remove()
-                raise error
-        # Built once: the hot path passes prepared buffers and allocates nothing.
-        self._takes = tuple(
-            ctypes.pointer(_SemBuf(index, -1, _IPC_NOWAIT | _SEM_UNDO)) for index in range(count)
-        )
-        self._gives = tuple(ctypes.pointer(_SemBuf(index, 1, _SEM_UNDO)) for index in range(count))
-        self._start = 0
+    @property
+    def capacity(self) -> int:
+        return self.mapping.header(CAPACITY)
 
-    def spread_from(self, index: int) -> None:
-        """Start looking for capacity at semaphore `index` (spreads workers over a set)."""
-        self._start = index % len(self._takes)
+    @property
+    def per_source(self) -> int:
+        """--max-connections-per-source, 0 when off."""
+        return self.mapping.header(SOURCE_LIMIT)
 
-    def try_acquire(self) -> int:
-        """Take one unit of capacity: return a token for release(), or NO_TOKEN at the cap.
-
-        Guarantee: at no instant do all processes together hold more than `capacity`
-        tokens, and tokens held by a process that dies are returned by the kernel.
-        """
-        takes = self._takes
-        count = len(takes)
-        for step in range(count):
-            index = (self._start + step) % count
-            while _semop(self._semid, takes[index], 1) < 0:
-                code = ctypes.get_errno()
-                if code == errno.EINTR:
-                    continue
-                if code == errno.EAGAIN:
-                    break
-                return NO_TOKEN  # EIDRM/EINVAL: the set was removed, the group is stopping
-            else:
-                return index
-        return NO_TOKEN
-
-    def wait_acquire(self, timeout: float) -> int:
-        """Block up to `timeout` seconds for a unit (--on-limit=queue's helper thread):
-        a token, NO_TOKEN when the time ran out, or GONE once the set is removed.
-
-        Waits on this process's own semaphore (see `spread_from`); on a timeout it also
-        looks once at every other one, so capacity freed anywhere is found. ctypes
-        releases the GIL for the wait. The same guarantee as `try_acquire`.
-        """
-        index = self._start
-        take = _SemBuf(index, -1, _SEM_UNDO)
-        limit = _Timespec(int(timeout), int(timeout % 1 * 1e9))
-        while _semtimedop(self._semid, ctypes.byref(take), 1, ctypes.byref(limit)) < 0:
-            code = ctypes.get_errno()
-            if code == errno.EINTR:
-                continue
-            if code == errno.EAGAIN:
-                return self.try_acquire()
-            return GONE
-        return index
-
-    def release(self, token: int) -> None:
-        """Give back the capacity `token` stands for."""
-        while _semop(self._semid, self._gives[token], 1) < 0:
-            if ctypes.get_errno() != errno.EINTR:
-                return  # set removed at shutdown: nothing left to give back to
+    def high_water(self) -> int:
+        return min(self._header[SLOT_HIGH_WATER // WORD], MAX_SLOTS)
 
     def in_use(self) -> int:
         """Connections admitted and not yet released, across all workers (exact)."""
-        free = 0
-        for index in range(len(self._takes)):
-            value = _semctl(self._semid, ctypes.c_int(index), ctypes.c_int(_GETVAL))
-            if value < 0:
-                return 0
-            free += value
-        return self.capacity - free
+        return sum(self._held[: self.high_water()])
 
-    def remove(self) -> None:
-        """Destroy the set; later calls in any process fail as if at the cap."""
-        _semctl(self._semid, ctypes.c_int(0), ctypes.c_int(_IPC_RMID))
+    def source_in_use(self, key: bytes) -> int:
+        """Connections of source `key` now, across all workers (tests, diagnostics)."""
+        row = self.table.find(key)
+        return 0 if row < 0 else self.table.total(row, self.high_water())
+
+    def admitter(self, slot: int) -> "Admitter":
+        """What the worker in `slot` admits and releases through."""
+        return Admitter(self, slot)
+
+    def reclaim(self, slot: int) -> None:
+        """The master, after reaping the worker in `slot` (the kernel has closed its
+        descriptors): its units come back, and waiters hear of it."""
+        words = self._slots[slot * SLOT_STRIDE : slot * SLOT_STRIDE + SLOT_WORDS]
+        if words[WAITING]:
+            words[WAITING] = 0
+            futex.add(self.waiters_address, -1)
+        words[HELD] = 0
+        self.table.clear_column(slot)
+        if self._waiters[0]:
+            futex.bump_and_wake(self.seq_address)
+
+
+class Admitter:
+    """One worker's admissions, in its own slot's words. Used by the worker's loop thread
+    only: HELD and its per-source column have this one writer."""
+
+    __slots__ = (
+        "admission",
+        "slot",
+        "_mutex",
+        "_header",
+        "_held",
+        "_high_water",
+        "_live_held",
+        "_words",
+        "_table",
+        "_own_counts",
+        "_waiters",
+        "_seq",
+    )
+
+    def __init__(self, admission: Admission, slot: int) -> None:
+        self.admission = admission
+        self.slot = slot
+        self._mutex = admission.mutex_address
+        self._header = admission._header
+        self._held = admission._held
+        self._high_water = 0
+        self._live_held = self._held[:0]  # HELD of slots [0, _high_water)
+        start = slot * SLOT_STRIDE
+        self._words = admission._slots[start : start + SLOT_WORDS]
+        self._table = admission.table
+        self._own_counts = admission.table.counts_of(slot)
+        self._waiters = admission._waiters
+        self._seq = _u32(admission.mapping, CAPACITY_SEQ)
+
+    def admit(self, key: bytes | None) -> int:
+        """Admit one connection from source `key` (None: not limited per source).
+
+        Returns the per-source row it holds (>= 0) or ADMITTED, both to be passed to
+        `release`; or REFUSED_CAP, REFUSED_SOURCE, REFUSED_BUSY. Guarantee: at no instant
+        do all processes together hold more than CAPACITY admissions, nor more than
+        SOURCE_LIMIT for one source.
+        """
+        mutex = self._mutex
+        code = _trylock(mutex)
+        if code and not self._lock_contended(code):
+            return REFUSED_BUSY
+        try:
+            header = self._header
+            high_water = header[_HIGH_WATER]
+            if high_water > MAX_SLOTS:
+                high_water = MAX_SLOTS
+            if self.slot >= high_water:
+                high_water = self.slot + 1
+            if high_water != self._high_water:  # rare: a slot above the others was prepared
+                self._high_water = high_water
+                self._live_held = self._held[:high_water]
+            if sum(self._live_held) >= header[_CAPACITY]:
+                return REFUSED_CAP
+            row = ADMITTED
+            if key is not None:
+                limit = header[_SOURCE_LIMIT]
+                if limit > 0:
+                    table = self._table
+                    row = table.find_or_claim(key, high_water)
+                    if row < 0 or table.total(row, high_water) >= limit:
+                        return REFUSED_SOURCE
+                    self._own_counts[row] += 1
+            self._words[HELD] += 1
+            return row
+        finally:
+            _unlock(mutex)
+
+    def release(self, row: int) -> None:
+        """Give back what `admit` returned: call once the connection's fds are closed."""
+        if row >= 0:
+            self._own_counts[row] -= 1
+        self._words[HELD] -= 1
+        if self._waiters[0]:
+            futex.bump_and_wake(self.admission.seq_address)
+
+    # -- --on-limit=queue (the loop thread; the helper thread only waits) -----------------
+
+    def wait_begin(self) -> None:
+        """Count this worker among the waiters (until `wait_end`)."""
+        futex.add(self.admission.waiters_address, 1)
+        self._words[WAITING] = 1  # after the add: a kill in between only leaves WAITERS high
+
+    def wait_end(self) -> None:
+        self._words[WAITING] = 0  # before the sub, for the same reason
+        futex.add(self.admission.waiters_address, -1)
+
+    def capacity_seq(self) -> int:
+        """CAPACITY_SEQ now: read it before an admit attempt, wait on it after a failed one."""
+        return int(self._seq[0])
+
+    # -- the mutex ---------------------------------------------------------------------------
+
+    def _lock(self) -> bool:
+        """Take the mutex (tests take it this way to hold it)."""
+        code = _trylock(self._mutex)
+        return not code or self._lock_contended(code)
+
+    def _lock_contended(self, code: int) -> bool:
+        """The first trylock returned `code`: recover, or wait within the budget."""
+        mutex = self._mutex
+        tries = 0
+        while code == errno.EBUSY and tries < SPIN_TRIES:
+            tries += 1
+            code = _trylock(mutex)
+        if code == errno.EBUSY:
+            # Held longer than a few admissions take: its holder was likely preempted.
+            # Sleep in the kernel, so it gets the CPU, until unlocked or LOCK_BUDGET.
+            code = _lock_within(mutex, LOCK_BUDGET)
+        if code == 0:
+            return True
+        if code == errno.EOWNERDEAD:
+            # Its holder died inside admit(): counts need no repair (the master zeroes its
+            # words when it reaps it), only a key it may have torn.
+            self._table.repair()
+            _consistent(mutex)
+            return True
+        return False  # ETIMEDOUT: refuse as busy; ENOTRECOVERABLE: refuse, never guess
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def _lock_within(mutex: int, timeout: float) -> int:
+    """pthread_mutex_clocklock(3) on CLOCK_MONOTONIC for at most `timeout` seconds: 0,
+    EOWNERDEAD, ETIMEDOUT or another error number. ctypes releases the GIL meanwhile."""
+    deadline = time.monotonic_ns() + int(timeout * 1e9)
+    limit = _Timespec(deadline // 1_000_000_000, deadline % 1_000_000_000)
+    return int(_clocklock(mutex, time.CLOCK_MONOTONIC, ctypes.byref(limit)))

@@ -1,75 +1,57 @@
-"""--max-connections-per-source=N: at most N connections per client IP, across all workers.
+"""--max-connections-per-source=N: the per-source table of the shared mapping.
 
-How the limit is exact
-----------------------
-Like the global cap (`admission.py`), the counts live in a SysV semaphore set whose
-operations use SEM_UNDO, so the kernel, not a process, keeps them: a SIGKILLed worker's
-connections are returned at the instant it dies. Semaphore 0 is a lock; semaphores
-1..M are *entries*, each starting at N. A shared anonymous mapping (created by the master
-before forking) holds, per entry, the 16-byte key of the source it serves (IPv4 as
-IPv4-mapped IPv6, so a client counts once whichever listener it used):
+Rows of {16-byte key, one uint16 count per slot} (layout.py). A source's connections are
+the sum of its row's counts over slots [0, SLOT_HIGH_WATER); each count has one writer,
+the slot's worker, and the master zeroes a reaped slot's column. Rows are found by
+open addressing (linear probing from `source_row`, a hash the compiled engine computes
+identically), and changed only under the admission mutex (admission.py), which also
+makes the decision: find or claim the source's row, and count the connection there if
+the row's sum is below N. Releasing is the owner's count -= 1 without the mutex: it can
+only make a row less used.
 
-    offset 0   DIRTY: entry index + 1 being rewritten by the lock holder, else 0
-    offset 64  M keys of 16 bytes; all zeros: never used; all ones: cleared
+Invariants, kept under the mutex: a key is in at most one row, and a row whose counts are
+not all zero (*in use*) keeps its key. A probe for key K walks from K's hash row until it
+finds K or a never-used row (all-zero key), noting the first free row (in use by no one)
+on its way; not found, K claims that free row, else the never-used one. A free row just
+before a never-used one is on no live key's probe path, so such rows are turned back into
+never-used ones before claiming, and probes stay short however many sources came and went.
 
-An entry is *in use* while its semaphore is below N. Invariants, kept under the lock:
-a key appears in at most one entry, and the key of an in-use entry never changes.
-So all of a source's connections hold units of the one entry with its key, and that
-semaphore (never below 0) admits at most N of them.
+Why a death cannot break it: a holder killed in the middle leaves the mutex to the next
+locker with EOWNERDEAD. Counts need no repair (the dead slot's column is zeroed by the
+master when it reaps it). The only multi-word write is a key, done with DIRTY = row + 1
+around it; the locker that finds DIRTY set overwrites that row's possibly torn key with
+all ones (a key no client has) and the row is simply free.
 
-Admitting a client from source S: take the lock; find S's entry (a C-speed search of
-the keys), or claim an entry that is not in use (one GETALL) and write S into it; then
-one semop that both takes a unit of the entry (IPC_NOWAIT) and releases the lock, so
-nothing can happen in between. EAGAIN means S already has N. Releasing is one
-semop(+1) on the entry, without the lock: it can only make an entry less used.
-
-Why a dead process cannot break it: the lock is taken with SEM_UNDO, so the kernel
-releases it when its holder dies. The holder changes shared memory only to claim an
-entry that is not in use, marking DIRTY first; the next lock holder finding DIRTY set
-overwrites that entry's possibly torn key with all ones (a key no client has). The
-entry is not in use (its claimer's units, if any, went back when it died), so nothing
-is lost, and a torn key can never duplicate a live one. The lock is taken with a
-timeout: a holder stopped by a signal makes others refuse rather than block their loop.
-
-At most `connections_max` connections are admitted globally (that is checked first),
-so with M = connections_max entries there is always a free one: the limit never refuses
-a source below N. SEMMSL (32000 semaphores per set) bounds M; past it, at most that
-many distinct sources can be connected at once and the next new one is refused.
+Sizing: the table has 2 x min(--connections-max, PER_SOURCE_SOURCES_MAX) rows (layout.py),
+so at most half of it is in use while at most `connections_max` sources are connected,
+and it never refuses a source below N. Past PER_SOURCE_SOURCES_MAX distinct addresses
+connected at once, probes grow longer; once every row is in use, a new address is
+refused (counted as a per-source refusal) until one of them has no connection left.
 
 Clients without an IP address (unix sockets, vsock) are not limited. Never logs.
 """
 
-import ctypes
-import errno
-import mmap
+import os
 import socket
 
-from forkproxy.shared.admission import NO_TOKEN, SEMVMX
-from forkproxy.shared.sysv import GETALL as _GETALL
-from forkproxy.shared.sysv import GETVAL as _GETVAL
-from forkproxy.shared.sysv import IPC_CREAT as _IPC_CREAT
-from forkproxy.shared.sysv import IPC_NOWAIT as _IPC_NOWAIT
-from forkproxy.shared.sysv import IPC_PRIVATE as _IPC_PRIVATE
-from forkproxy.shared.sysv import IPC_RMID as _IPC_RMID
-from forkproxy.shared.sysv import SEM_UNDO as _SEM_UNDO
-from forkproxy.shared.sysv import SETALL as _SETALL
-from forkproxy.shared.sysv import SemBuf as _SemBuf
-from forkproxy.shared.sysv import Timespec as _Timespec
-from forkproxy.shared.sysv import last_error as _oserror
-from forkproxy.shared.sysv import semctl as _semctl
-from forkproxy.shared.sysv import semget as _semget
-from forkproxy.shared.sysv import semop as _semop
-from forkproxy.shared.sysv import semtimedop as _semtimedop
+from forkproxy.shared.layout import (
+    KEY_SIZE,
+    SOURCE_COUNTS,
+    SOURCE_DIRTY,
+    SOURCE_ENTRIES,
+    SOURCE_ROW_BYTES,
+    SOURCE_TABLE,
+    WORD,
+)
+from forkproxy.shared.mapping import SharedMapping
 
-BUSY = -2  # the table's lock could not be had in LOCK_TIMEOUT: refuse, do not block
-
-LOCK_TIMEOUT = 0.05
-KEY_SIZE = 16
-HEADER_SIZE = 64
-EMPTY_KEY = bytes(KEY_SIZE)
+EMPTY_KEY = bytes(KEY_SIZE)  # a never-used row
 CLEARED_KEY = b"\xff" * KEY_SIZE  # ff00::/8 is multicast: never a TCP client
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"
-_SEMMSL_DEFAULT = 32000
+_ROW_COUNTS = SOURCE_ROW_BYTES // 2  # uint16 items from a row to the next
+_FIRST_COUNT = SOURCE_COUNTS // 2
+_MASK64 = (1 << 64) - 1
+_CLEAR_CHUNK_ROWS = 64  # rows read per pread when the master clears a column
 
 
 def source_key(family: int, peer: object) -> bytes | None:
@@ -82,160 +64,129 @@ def source_key(family: int, peer: object) -> bytes | None:
     return None
 
 
-def entries_for(connections_max: int) -> int:
-    """How many entries a table for `connections_max` connections gets (see above)."""
-    return max(1, min(connections_max, _semmsl() - 1))
+def source_row(key: bytes, entries: int) -> int:
+    """The row a probe for `key` starts at. The compiled engine computes the same: the key's
+    halves as little-endian uint64 `lo` and `hi`, x = lo * 0x9E3779B97F4A7C15 ^ hi, then
+    splitmix64's finalizer (every input bit reaches the low bits the modulo keeps: the
+    IPv4 part of a key is in the top half of `hi`), then x % entries."""
+    low = int.from_bytes(key[:8], "little")
+    high = int.from_bytes(key[8:], "little")
+    mixed = (low * 0x9E3779B97F4A7C15 & _MASK64) ^ high
+    mixed = (mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    mixed = (mixed ^ (mixed >> 27)) * 0x94D049BB133111EB & _MASK64
+    return (mixed ^ (mixed >> 31)) % entries
 
 
-class SourceLimit:
-    """At most `per_source` units held per source key, by all processes together.
+class SourceTable:
+    """The table's rows: read and changed under the admission mutex, and by the master
+    for a reaped slot."""
 
-    Created once by the master before forking; every worker uses the same set and table.
-    """
+    __slots__ = ("entries", "_memory", "_counts", "_words", "_fd")
 
-    __slots__ = (
-        "per_source",
-        "entries",
-        "_semid",
-        "_memory",
-        "_words",
-        "_lock_op",
-        "_lock_timeout",
-        "_take",
-        "_give",
-        "_unlock_op",
-    )
+    def __init__(self, mapping: SharedMapping) -> None:
+        self.entries = mapping.header(SOURCE_ENTRIES)
+        self._memory = mapping.memory
+        end = SOURCE_TABLE + self.entries * SOURCE_ROW_BYTES
+        self._counts = memoryview(mapping.memory)[SOURCE_TABLE:end].cast("H")
+        self._words = mapping.words
+        self._fd = mapping.fd
 
-    def __init__(self, per_source: int, entries: int) -> None:
-        if not 1 <= per_source <= SEMVMX:
-            raise ValueError(f"per_source must be in 1-{SEMVMX}, got {per_source}")
-        self.per_source = per_source
-        self.entries = entries
-        semid = _semget(_IPC_PRIVATE, entries + 1, _IPC_CREAT | 0o600)
-        if semid < 0:
-            raise _oserror("semget")
-        self._semid = semid
-        values = (ctypes.c_ushort * (entries + 1))(1, *([per_source] * entries))
-        if _semctl(semid, ctypes.c_int(0), ctypes.c_int(_SETALL), values) < 0:
-            error = _oserror("semctl(SETALL)")
-            self.remove()
-            raise error
-        self._memory = mmap.mmap(-1, HEADER_SIZE + entries * KEY_SIZE, flags=mmap.MAP_SHARED)
-        self._words = memoryview(self._memory).cast("q")  # word 0: DIRTY
-        self._lock_op = ctypes.pointer(_SemBuf(0, -1, _SEM_UNDO))
-        self._lock_timeout = ctypes.pointer(
-            _Timespec(int(LOCK_TIMEOUT), int(LOCK_TIMEOUT % 1 * 1e9))
-        )
-        self._unlock_op = ctypes.pointer(_SemBuf(0, 1, _SEM_UNDO))
-        # Built once, sem_num set per call (one thread uses them): take a unit of an
-        # entry and release the lock in one semop; give a unit back.
-        self._take = (_SemBuf * 2)(
-            _SemBuf(1, -1, _IPC_NOWAIT | _SEM_UNDO), _SemBuf(0, 1, _SEM_UNDO)
-        )
-        self._give = ctypes.pointer(_SemBuf(1, 1, _SEM_UNDO))
+    def counts_of(self, slot: int) -> memoryview:
+        """Slot `slot`'s column, indexed by row: what its worker adds to and takes from."""
+        return self._counts[_FIRST_COUNT + slot :: _ROW_COUNTS]
 
-    def try_acquire(self, key: bytes) -> int:
-        """Take a unit for source `key`: a token for release(), NO_TOKEN if the source
-        has `per_source` already, or BUSY if the table stayed locked too long.
+    def key(self, row: int) -> bytes:
+        start = SOURCE_TABLE + row * SOURCE_ROW_BYTES
+        return self._memory[start : start + KEY_SIZE]
 
-        Guarantee: at no instant do all processes together hold more than `per_source`
-        units for one key, and units held by a process that dies are returned.
-        """
-        if not self._lock():
-            return BUSY
-        locked = True
-        try:
-            words = self._words
-            if words[0]:
-                self._write_key(words[0] - 1, CLEARED_KEY)  # its claimer died mid-write
-                words[0] = 0
-            index = self._find(key)
-            if index < 0:
-                index = self._free_entry()
-                if index < 0:
-                    return NO_TOKEN
-                words[0] = index + 1
-                self._write_key(index, key)
-                words[0] = 0
-            take = self._take
-            take[0].sem_num = index + 1
-            while _semop(self._semid, take, 2) < 0:
-                code = ctypes.get_errno()
-                if code != errno.EINTR:
-                    return NO_TOKEN  # EAGAIN: at the limit; EIDRM: stopping
-            locked = False  # the same semop released the lock
-            return index
-        finally:
-            if locked:
-                self._unlock()
+    def total(self, row: int, high_water: int) -> int:
+        """Connections of row `row`'s source, over slots [0, high_water)."""
+        start = row * _ROW_COUNTS + _FIRST_COUNT
+        return sum(self._counts[start : start + high_water])
 
-    def release(self, token: int) -> None:
-        """Give back the unit `token` stands for."""
-        give = self._give
-        give.contents.sem_num = token + 1
-        while _semop(self._semid, give, 1) < 0:
-            if ctypes.get_errno() != errno.EINTR:
-                return  # set removed at shutdown
-
-    def in_use(self, key: bytes) -> int:
-        """Units held for `key` now, across all processes (for tests and diagnostics)."""
-        index = self._find(key)
-        if index < 0:
-            return 0
-        value = _semctl(self._semid, ctypes.c_int(index + 1), ctypes.c_int(_GETVAL))
-        return 0 if value < 0 else self.per_source - value
-
-    def remove(self) -> None:
-        """Destroy the set; later calls in any process refuse."""
-        _semctl(self._semid, ctypes.c_int(0), ctypes.c_int(_IPC_RMID))
-
-    def close(self) -> None:
-        """Unmap the table (after `remove`, or in a process that no longer needs it)."""
-        try:
-            self._words.release()
-            self._memory.close()
-        except BufferError:
-            pass
-
-    # -- under the lock ------------------------------------------------------------------
-
-    def _lock(self) -> bool:
-        while _semtimedop(self._semid, self._lock_op, 1, self._lock_timeout) < 0:
-            if ctypes.get_errno() != errno.EINTR:
-                return False  # EAGAIN: timed out; EIDRM/EINVAL: removed
-        return True
-
-    def _unlock(self) -> None:
-        while _semop(self._semid, self._unlock_op, 1) < 0:
-            if ctypes.get_errno() != errno.EINTR:
-                return
-
-    def _find(self, key: bytes) -> int:
-        memory = self._memory
-        end = HEADER_SIZE + self.entries * KEY_SIZE
-        position = memory.find(key, HEADER_SIZE, end)
-        while position >= 0 and (position - HEADER_SIZE) % KEY_SIZE:
-            position = memory.find(key, position + 1, end)
-        return -1 if position < 0 else (position - HEADER_SIZE) // KEY_SIZE
-
-    def _free_entry(self) -> int:
-        """An entry no one holds units of, or -1."""
-        values = (ctypes.c_ushort * (self.entries + 1))()
-        if _semctl(self._semid, ctypes.c_int(0), ctypes.c_int(_GETALL), values) < 0:
+    def find(self, key: bytes) -> int:
+        """The row holding `key`, or -1 (no mutex needed to look: for tests, diagnostics)."""
+        entries = self.entries
+        if not entries:
             return -1
-        try:
-            return values[:].index(self.per_source, 1) - 1
-        except ValueError:
-            return -1
+        row = source_row(key, entries)
+        for _ in range(entries):
+            stored = self.key(row)
+            if stored == key:
+                return row
+            if stored == EMPTY_KEY:
+                return -1
+            row = row + 1 if row + 1 < entries else 0
+        return -1
 
-    def _write_key(self, index: int, key: bytes) -> None:
-        start = HEADER_SIZE + index * KEY_SIZE
+    # -- under the admission mutex ---------------------------------------------------------
+
+    def repair(self) -> None:
+        """After EOWNERDEAD: clear the key a dead holder may have torn."""
+        dirty_index = SOURCE_DIRTY // WORD
+        dirty = self._words[dirty_index]
+        if 0 < dirty <= self.entries:
+            self._write_key(dirty - 1, CLEARED_KEY)
+        self._words[dirty_index] = 0
+
+    def find_or_claim(self, key: bytes, high_water: int) -> int:
+        """The row for `key`: its own, else a free one now holding it; -1 if none is free."""
+        entries = self.entries
+        if not entries:
+            return -1
+        row = source_row(key, entries)
+        reusable = end = -1
+        for _ in range(entries):
+            stored = self.key(row)
+            if stored == key:
+                return row
+            if stored == EMPTY_KEY:
+                end = row
+                break
+            if reusable < 0 and not self.total(row, high_water):
+                reusable = row
+            row = row + 1 if row + 1 < entries else 0
+        if end >= 0:
+            before = end
+            for _ in range(entries - 1):
+                before = before - 1 if before else entries - 1
+                if (
+                    before == reusable
+                    or self.total(before, high_water)
+                    or self.key(before) == EMPTY_KEY
+                ):
+                    break
+                self._write_key(before, EMPTY_KEY)
+        claim = reusable if reusable >= 0 else end
+        if claim >= 0:
+            self._write_key(claim, key)
+        return claim
+
+    def _write_key(self, row: int, key: bytes) -> None:
+        dirty_index = SOURCE_DIRTY // WORD
+        self._words[dirty_index] = row + 1
+        start = SOURCE_TABLE + row * SOURCE_ROW_BYTES
         self._memory[start : start + KEY_SIZE] = key
+        self._words[dirty_index] = 0
 
+    # -- the master ------------------------------------------------------------------------
 
-def _semmsl() -> int:
-    try:
-        with open("/proc/sys/kernel/sem") as limits:
-            return int(limits.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return _SEMMSL_DEFAULT
+    def clear_column(self, slot: int) -> None:
+        """Zero a reaped slot's counts. Reads the table with pread(2), not through the
+        mapping: a load from a never-touched page of a memfd mapping allocates it, a
+        read of it does not, and most of a large table is never touched."""
+        rows = self.entries
+        chunk_bytes = _CLEAR_CHUNK_ROWS * SOURCE_ROW_BYTES
+        zeros = bytes(chunk_bytes)
+        column = self.counts_of(slot)
+        for first in range(0, rows, _CLEAR_CHUNK_ROWS):
+            count = min(_CLEAR_CHUNK_ROWS, rows - first)
+            data = os.pread(
+                self._fd, count * SOURCE_ROW_BYTES, SOURCE_TABLE + first * SOURCE_ROW_BYTES
+            )
+            if data == zeros[: len(data)]:
+                continue
+            counts = memoryview(data).cast("H")[_FIRST_COUNT + slot :: _ROW_COUNTS]
+            for index, value in enumerate(counts):
+                if value:
+                    column[first + index] = 0

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from forkproxy.settings.config import Config
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.listener import Listener
-from forkproxy.shared.per_source import SourceLimit
 from forkproxy.shared.scoreboard import Scoreboard
 
 # Exit statuses of a worker.
@@ -51,11 +50,10 @@ class WorkerSpec:
     generation: int
     listeners: tuple[Listener, ...]
     scoreboard: Scoreboard
-    admission: Admission
+    admission: Admission  # the caps; a worker admits through admission.admitter(slot)
     events_fd: int
     master_pid: int
     heartbeat_interval: float
-    per_source: SourceLimit | None = None  # --max-connections-per-source; the master's
     # Its place in its generation (supervisor/ranks.py), for the datagram listeners.
     rank: int = 0
     generation_size: int = 1

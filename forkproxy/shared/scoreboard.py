@@ -1,115 +1,85 @@
-"""The scoreboard: anonymous shared memory with one fixed-size slot per worker.
+"""The scoreboard: one slot of int64 words per worker in the shared mapping, and the
+master's retired totals beside them.
 
-Created by the master before the first fork (MAP_SHARED | MAP_ANONYMOUS), so every
-worker sees the same pages. A slot is an array of signed 64-bit words; the worker that
-owns a slot is its only writer while it lives, and the master reads it at any time
-without asking. The master writes a slot only while no process owns it: before forking
-its worker, and after reaping it (`retire`). Plain aligned 8-byte stores: a reader sees
-each word old or new, never torn.
-
-Slot layout (index: field, unit, writer):
-
-  0  PID                 pid                          worker, at start
-  1  GENERATION          rotation number              master, before fork
-  2  STATE               SlotState                    master before fork, then worker
-  3  HEARTBEAT_NS        CLOCK_MONOTONIC ns           worker, every heartbeat interval
-  4  STARTED_NS          CLOCK_MONOTONIC ns           master, before fork
-  5  LAST_ACTIVITY_NS    CLOCK_MONOTONIC ns           worker, when a connection closes
-  6  ACTIVE              connections open now         worker
-  7- counters (from FIRST_COUNTER): monotonic totals, folded into the master's retired
-     totals when the worker dies, so what the master reports never goes backwards:
-     ACCEPTED, REFUSED, CONNECT_ERRORS, BYTES_TO_TARGET, BYTES_TO_CLIENT, CLOSED,
-     then two histograms, each as per-bucket counts (bucket i counts observations
-     <= bounds[i], the last bucket +Inf) followed by the sum of observations in ns.
- 43-47 unused
- 48  SESSIONS_ACTIVE     datagram sessions open now   worker (a gauge: read only for
-                                                      live slots, though folded too)
- 49- datagram counters, monotonic totals folded like the others: SESSIONS (opened),
-     DATAGRAMS_TO_TARGET, DATAGRAMS_TO_CLIENT, DATAGRAM_BYTES_TO_TARGET,
-     DATAGRAM_BYTES_TO_CLIENT, then datagrams dropped by reason (DROPPED_BY_REASON).
+The worker that owns a slot is its only writer while it lives, and the master reads it at
+any time without asking; the master writes a slot only while no process owns it: before
+forking its worker (`prepare`), and after reaping it (`retire`), when it folds the
+counters into RETIRED, also in the mapping, so a re-executed master reports the same
+totals and nothing goes backwards. Plain aligned 8-byte stores: a reader sees each word
+old or new, never torn. The fields, their units and writers: layout.py. Sums run over
+slots [0, SLOT_HIGH_WATER) only: slots never prepared are zero, and reading their pages
+would allocate them. So do the listener rows' sums and folds: over the rows of the
+listeners there are (`listener_rows`). Never logs and never decides policy.
 """
 
 import enum
-import mmap
 from collections.abc import Sequence
 
-PID = 0
-GENERATION = 1
-STATE = 2
-HEARTBEAT_NS = 3
-STARTED_NS = 4
-LAST_ACTIVITY_NS = 5
-ACTIVE = 6
-
-FIRST_COUNTER = 7
-ACCEPTED = 7
-REFUSED = 8
-CONNECT_ERRORS = 9
-BYTES_TO_TARGET = 10
-BYTES_TO_CLIENT = 11
-CLOSED = 12
-
-# Seconds to connect to the target, and lifetime of relayed connections.
-CONNECT_DURATION_BOUNDS: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
+from forkproxy.shared.layout import (
+    ACCEPTED,
+    ACTIVE,
+    BYTES_TO_CLIENT,
+    BYTES_TO_TARGET,
+    CLOSED,
+    CONNECT_DURATION_BOUNDS,
+    CONNECT_DURATION_BUCKETS,
+    CONNECT_DURATION_SUM_NS,
+    CONNECT_ERRORS,
+    CONNECTION_DURATION_BOUNDS,
+    CONNECTION_DURATION_BUCKETS,
+    CONNECTION_DURATION_SUM_NS,
+    COUNTERS_END,
+    FIRST_COUNTER,
+    GENERATION,
+    HEARTBEAT_NS,
+    LAST_ACTIVITY_NS,
+    LISTENER_ROWS,
+    MAX_LISTENERS,
+    MAX_SLOTS,
+    PID,
+    REFUSED,
+    RETIRED,
+    RETIRED_ROWS,
+    ROW_WORDS,
+    SLOT_BYTES,
+    SLOT_HIGH_WATER,
+    SLOT_STRIDE,
+    SLOT_WORDS,
+    SLOTS,
+    STARTED_NS,
+    STATE,
+    WORD,
 )
-CONNECTION_DURATION_BOUNDS: tuple[float, ...] = (
-    0.001,
-    0.01,
-    0.1,
-    0.5,
-    1.0,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-    1800.0,
-    3600.0,
-)
-CONNECT_DURATION_BUCKETS = 13
-CONNECT_DURATION_SUM_NS = CONNECT_DURATION_BUCKETS + len(CONNECT_DURATION_BOUNDS) + 1
-CONNECTION_DURATION_BUCKETS = CONNECT_DURATION_SUM_NS + 1
-CONNECTION_DURATION_SUM_NS = CONNECTION_DURATION_BUCKETS + len(CONNECTION_DURATION_BOUNDS) + 1
+from forkproxy.shared.mapping import SharedMapping
 
-# Datagram listeners (relay/datagram.py).
-SESSIONS_ACTIVE = 48
-SESSIONS = 49
-DATAGRAMS_TO_TARGET = 50
-DATAGRAMS_TO_CLIENT = 51
-DATAGRAM_BYTES_TO_TARGET = 52
-DATAGRAM_BYTES_TO_CLIENT = 53
-DROPPED_CAP = 54  # a new client's datagram at the connection cap
-DROPPED_PER_SOURCE = 55  # ... at its source's cap (--max-connections-per-source)
-DROPPED_SEND_ERROR = 56  # the kernel refused to send it (ICMP error, EMSGSIZE, ENOBUFS)
-DROPPED_TRUNCATED = 57  # larger than the worker's buffer: never sent cut short
-DROPPED_NO_SESSION = 58  # no session could be opened (no socket, target unreachable)
-# Drop reasons as metrics label them, and their words.
-DROPPED_BY_REASON = {
-    "cap": DROPPED_CAP,
-    "per_source": DROPPED_PER_SOURCE,
-    "send_error": DROPPED_SEND_ERROR,
-    "truncated": DROPPED_TRUNCATED,
-    "no_session": DROPPED_NO_SESSION,
-}
+__all__ = [
+    "ACCEPTED",
+    "ACTIVE",
+    "BYTES_TO_CLIENT",
+    "BYTES_TO_TARGET",
+    "CLOSED",
+    "CONNECT_DURATION_BOUNDS",
+    "CONNECT_DURATION_BUCKETS",
+    "CONNECT_DURATION_SUM_NS",
+    "CONNECT_ERRORS",
+    "CONNECTION_DURATION_BOUNDS",
+    "CONNECTION_DURATION_BUCKETS",
+    "CONNECTION_DURATION_SUM_NS",
+    "GENERATION",
+    "HEARTBEAT_NS",
+    "LAST_ACTIVITY_NS",
+    "PID",
+    "REFUSED",
+    "SLOT_WORDS",
+    "STARTED_NS",
+    "STATE",
+    "Scoreboard",
+    "SlotState",
+]
 
-SLOT_WORDS = 64
-assert CONNECTION_DURATION_SUM_NS < SESSIONS_ACTIVE and DROPPED_NO_SESSION < SLOT_WORDS
-
-_WORD = 8
+_ZEROS = memoryview(bytes(SLOT_WORDS * WORD)).cast("q")
+_ZERO_ROW = memoryview(bytes(ROW_WORDS * WORD)).cast("q")
+_ROWS = LISTENER_ROWS // WORD  # word index of a slot's first listener row
 
 
 class SlotState(enum.IntEnum):
@@ -120,47 +90,82 @@ class SlotState(enum.IntEnum):
 
 
 class Scoreboard:
-    """The shared slots, plus the master's private totals of retired workers."""
+    """The shared slots and their retired totals, in `mapping`."""
 
-    def __init__(self, slot_count: int) -> None:
-        self.slot_count = slot_count
-        self._memory = mmap.mmap(-1, slot_count * SLOT_WORDS * _WORD, flags=mmap.MAP_SHARED)
-        self._words = memoryview(self._memory).cast("q")
-        # Master only: counters of workers that have died, per slot.
-        self._retired = [[0] * SLOT_WORDS for _ in range(slot_count)]
+    def __init__(self, mapping: SharedMapping) -> None:
+        self.slot_count = MAX_SLOTS
+        self._mapping = mapping
+        memory = memoryview(mapping.memory)
+        self._words = memory[SLOTS : SLOTS + MAX_SLOTS * SLOT_BYTES].cast("q")
+        self._retired = memory[RETIRED : RETIRED + MAX_SLOTS * SLOT_WORDS * WORD].cast("q")
+        rows_bytes = MAX_LISTENERS * ROW_WORDS * WORD
+        self._retired_rows = memory[RETIRED_ROWS : RETIRED_ROWS + rows_bytes].cast("q")
+        # Listener rows [0, this) may be written: the master sets it to its listener count.
+        self.listener_rows = 0
 
     def slot(self, index: int) -> memoryview:
         """The words of slot `index`, for its owner to write with `slot[FIELD] += n`."""
-        start = index * SLOT_WORDS
+        start = index * SLOT_STRIDE
         return self._words[start : start + SLOT_WORDS]
 
     def get(self, index: int, field: int) -> int:
-        return self._words[index * SLOT_WORDS + field]
+        return self._words[index * SLOT_STRIDE + field]
+
+    def row(self, index: int, listener: int) -> memoryview:
+        """The words of slot `index`'s row for listener `listener` (< MAX_LISTENERS), for
+        the slot's owner to write with `row[WORD] += n`."""
+        start = index * SLOT_STRIDE + _ROWS + listener * ROW_WORDS
+        return self._words[start : start + ROW_WORDS]
+
+    def row_live(self, listener: int, word: int) -> int:
+        """A listener row's word summed over the live and prepared slots (a gauge)."""
+        offset = _ROWS + listener * ROW_WORDS + word
+        words = self._words
+        return sum(words[index * SLOT_STRIDE + offset] for index in range(self.high_water()))
+
+    def row_total(self, listener: int, word: int) -> int:
+        """A listener row's counter over all slots, past and present."""
+        return self._retired_rows[listener * ROW_WORDS + word] + self.row_live(listener, word)
+
+    def high_water(self) -> int:
+        """Slots [0, this) have ever been prepared."""
+        return min(self._mapping.header(SLOT_HIGH_WATER), MAX_SLOTS)
 
     def prepare(self, index: int, generation: int, started_ns: int) -> None:
         """Master, before forking a worker into a free slot."""
-        start = index * SLOT_WORDS
-        self._words[start : start + SLOT_WORDS] = memoryview(bytes(SLOT_WORDS * _WORD)).cast("q")
+        start = index * SLOT_STRIDE
+        self._words[start : start + SLOT_WORDS] = _ZEROS
         self._words[start + GENERATION] = generation
         self._words[start + STARTED_NS] = started_ns
         self._words[start + HEARTBEAT_NS] = started_ns
         self._words[start + STATE] = SlotState.STARTING
+        if index >= self.high_water():
+            # Before the fork: every admitter counts this slot's HELD from its first admit.
+            self._mapping.set_header(SLOT_HIGH_WATER, index + 1)
 
     def retire(self, index: int) -> None:
-        """Master, after reaping the slot's worker: keep its counters, free the slot."""
-        start = index * SLOT_WORDS
-        retired = self._retired[index]
-        for field in range(FIRST_COUNTER, SLOT_WORDS):
-            retired[field] += self._words[start + field]
-        self._words[start : start + SLOT_WORDS] = memoryview(bytes(SLOT_WORDS * _WORD)).cast("q")
+        """Master, after reaping the slot's worker (and `Admission.reclaim`): keep its
+        counters, free the slot."""
+        start = index * SLOT_STRIDE
+        retired = self._retired
+        base = index * SLOT_WORDS
+        for field in range(FIRST_COUNTER, COUNTERS_END):
+            retired[base + field] += self._words[start + field]
+        self._words[start : start + SLOT_WORDS] = _ZEROS
+        retired_rows = self._retired_rows
+        for listener in range(self.listener_rows):
+            row = start + _ROWS + listener * ROW_WORDS
+            for word in range(ROW_WORDS):
+                retired_rows[listener * ROW_WORDS + word] += self._words[row + word]
+            self._words[row : row + ROW_WORDS] = _ZERO_ROW
 
     def counter(self, index: int, field: int) -> int:
         """A slot's counter including every worker that ever ran in it."""
-        return self._retired[index][field] + self._words[index * SLOT_WORDS + field]
+        return self._retired[index * SLOT_WORDS + field] + self._words[index * SLOT_STRIDE + field]
 
     def total(self, field: int) -> int:
         """A counter summed over all slots, past and present."""
-        return sum(self.counter(index, field) for index in range(self.slot_count))
+        return sum(self.counter(index, field) for index in range(self.high_water()))
 
     def histogram(self, first_bucket: int, bounds: Sequence[float]) -> tuple[list[int], int]:
         """Cumulative bucket counts (last is +Inf) and the sum in ns, over all slots."""
@@ -173,8 +178,9 @@ class Scoreboard:
         return cumulative, self.total(first_bucket + len(bounds) + 1)
 
     def close(self) -> None:
-        try:
-            self._words.release()
-            self._memory.close()
-        except BufferError:
-            pass  # a slot view is still referenced; the mapping goes when it does
+        """Drop this process's views (the mapping itself is closed by its owner)."""
+        for view in (self._words, self._retired, self._retired_rows):
+            try:
+                view.release()
+            except BufferError:
+                pass

@@ -8,10 +8,12 @@ deadline; signal handlers do nothing, and the loop dispatches signal numbers thr
 sees a connection. Never relays bytes and never starts threads.
 """
 
+import errno
 import gc
 import logging
 import math
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -26,11 +28,12 @@ from setproctitle import setproctitle
 from forkproxy.errors import ForkproxyError
 from forkproxy.relay.splice import check_pipe_size
 from forkproxy.relay.targets import check_kinds, check_routes
-from forkproxy.settings.config import MAX_WORKERS, Config
+from forkproxy.settings.config import Config
 from forkproxy.settings.timespan import format_timespan
 from forkproxy.shared.admission import Admission
+from forkproxy.shared.layout import MAX_LISTENERS, mapping_bytes, source_entries
 from forkproxy.shared.listener import Listener
-from forkproxy.shared.per_source import SourceLimit, entries_for
+from forkproxy.shared.mapping import SharedMapping
 from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
 from forkproxy.shared.scoreboard import Scoreboard
 from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
@@ -62,9 +65,9 @@ class Master:
         self.exit_status = EXIT_OK
         self.shutdown_deadline = math.inf
         self.selector: selectors.BaseSelector | None = None
+        self.mapping: SharedMapping | None = None  # scoreboard and caps; ours to close
         self.scoreboard: Scoreboard | None = None
         self.admission: Admission | None = None
-        self.per_source: SourceLimit | None = None  # --max-connections-per-source
         self.wakeup: tuple[socket.socket, socket.socket] | None = None
         self.events: tuple[int, int] | None = None
         # Metrics sockets (the master's own: workers close them) and their responder.
@@ -103,13 +106,16 @@ class Master:
         elif self.config.metrics is not None:
             self.metrics_listeners = [bind_listener(self.config.metrics, self.config.socket_mode)]
         check_fd_limit(fd_limit, self.config.connections_max)
-        self.scoreboard = Scoreboard(2 * MAX_WORKERS)
-        self.admission = Admission(self.config.connections_max)
         # What can only be checked with the listeners and the kernel at hand.
         check_routes(self.config.routes, self.listeners)
         check_kinds(self.listeners, self.config.targets, self.config.routes)
         check_pipe_size(self.config.pipe_size)
-        self.per_source = _source_limit(self.config)
+        self.mapping = _shared_mapping(self.config)
+        self.scoreboard = Scoreboard(self.mapping)
+        self.scoreboard.listener_rows = min(len(self.listeners), MAX_LISTENERS)
+        self.admission = Admission.set_up(
+            self.mapping, self.config.connections_max, self.config.max_connections_per_source
+        )
         self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = socket.socketpair()
         for end in self.wakeup:
@@ -127,7 +133,6 @@ class Master:
             events_fd=self.events[1],
             master_pid=os.getpid(),
             heartbeat_interval=self.heartbeat_interval,
-            per_source=self.per_source,
         )
         self.pool = WorkerPool(spec, self.on_signal, self._drop_master_resources, self._on_fatal)
         self.readiness = Readiness(
@@ -144,7 +149,12 @@ class Master:
             from forkproxy.supervisor.metrics.endpoint import open_metrics
 
             self.metrics = open_metrics(
-                self.metrics_listeners, self.selector, self.pool, self.scoreboard, self.admission
+                self.metrics_listeners,
+                self.selector,
+                self.pool,
+                self.scoreboard,
+                self.admission,
+                self.listeners,
             )
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:
@@ -197,7 +207,10 @@ class Master:
         # SIGUSR1 would end the master (their default action), a SIGTERM leave what set-up
         # made so far behind. Left blocked if set-up fails: the master then exits anyway.
         signal.pthread_sigmask(signal.SIG_BLOCK, self.on_signal)
-        self._setup()
+        try:
+            self._setup()
+        except OSError as error:  # out of descriptors or memory: before any worker runs
+            raise ForkproxyError(f"cannot start: {_describe(error)}") from None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.on_signal)
         assert self.selector is not None
         log.info(
@@ -233,13 +246,10 @@ class Master:
         if self.metrics is not None:  # its clients, then the metrics listeners
             self.metrics.close()
         close_listeners(self.metrics_listeners)
-        if self.admission is not None:
-            self.admission.remove()
-        if self.per_source is not None:
-            self.per_source.remove()
-            self.per_source.close()
         if self.scoreboard is not None:
             self.scoreboard.close()
+        if self.mapping is not None:
+            self.mapping.close()
         self.notifier.close()
 
     def _on_wakeup(self) -> None:
@@ -343,15 +353,15 @@ class Master:
             self.listeners = []
 
 
-def _source_limit(config: Config) -> SourceLimit | None:
-    """The table for --max-connections-per-source, or None without it."""
-    if not config.max_connections_per_source:
-        return None
+def _shared_mapping(config: Config) -> SharedMapping:
+    """The memfd mapping shared with every worker (shared/mapping.py)."""
+    entries = source_entries(config.connections_max)
     try:
-        return SourceLimit(config.max_connections_per_source, entries_for(config.connections_max))
+        return SharedMapping.create(entries)
     except OSError as error:
+        size = mapping_bytes(entries) >> 20
         raise ForkproxyError(
-            f"cannot set up --max-connections-per-source: {error.strerror or error}"
+            f"cannot create the shared memory ({size} MiB): {_describe(error)}"
         ) from None
 
 
@@ -360,6 +370,15 @@ def _dispatch_rank(signum: int) -> int:
     if signum in STOP_SIGNALS:
         return 0
     return 2 if signum == signal.SIGCHLD else 1
+
+
+def _describe(error: OSError) -> str:
+    """An OSError of set-up as the end of a one-line message."""
+    text = error.strerror or str(error)
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        text += f" (the file descriptor limit is {limit}; raise LimitNOFILE= or ulimit -n)"
+    return text
 
 
 def _ignore_signal(signum: int, frame: object) -> None:

@@ -126,6 +126,7 @@ class WorkerProcesses:
 
     def _on_exit(self, worker: WorkerProcess, status: int) -> None:
         self.last_exit = time.monotonic()  # its connections, if any, just ended
+        self.spec.admission.reclaim(worker.slot)  # its units of the caps come back
         self.scoreboard.retire(worker.slot)
         how = describe_exit(status)
         if self.stopping or worker.stopping:

@@ -1,24 +1,40 @@
 """forkproxy-units' command line: flags, NAME, TARGET and forkproxy's options to a request.
 
-`forkproxy-units NAME [FLAGS...] [--] TARGET [FORKPROXY-OPTIONS...]`: flags before
-TARGET are the generator's, everything after it goes to forkproxy's ExecStart= as
-given. `canonical_args` is the inverse, for the "regenerate with" line of each unit.
-Never renders and never writes.
+`forkproxy-units NAME [FLAGS...] [--] TARGET [FORKPROXY-OPTIONS...]`, or `--unit NAME`
+among the flags instead of the first word: flags before TARGET are the generator's,
+TARGET and everything after it go to forkproxy's ExecStart= as given. `canonical_args`
+is the inverse, for the "regenerate with" line of each unit. Never renders and never
+writes.
 """
 
+import os
+import shutil
+
 from forkproxy.errors import ForkproxyError
-from forkproxy.units import checks
-from forkproxy.units.request import PROG, SYSTEM_EXECUTABLE, USER_EXECUTABLE, Output, UnitRequest
+from forkproxy.units import checks, listen
+from forkproxy.units.request import (
+    PACKAGED_EXECUTABLE,
+    PROG,
+    SYSTEM_EXECUTABLE,
+    USER_EXECUTABLE,
+    Output,
+    UnitRequest,
+)
 
 USAGE = f"""\
 usage: {PROG} NAME [FLAGS...] [--] TARGET [FORKPROXY-OPTIONS...]
+       {PROG} --unit NAME [FLAGS...] [--] TARGET [FORKPROXY-OPTIONS...]
 
 Generate NAME.socket and NAME.service (NAME@.service with --accept) that run
-`forkproxy TARGET` under socket activation. FORKPROXY-OPTIONS go to ExecStart=
-as given, e.g. --connections-max=1024 --exit-idle-time=5min.
+`forkproxy TARGET FORKPROXY-OPTIONS` under socket activation. FORKPROXY-OPTIONS
+(more targets, --route, e.g. --connections-max=1024 --exit-idle-time=5min) go
+to ExecStart= as given, after TARGET; the sandbox lets every target through.
 
 flags:
-  --listen-stream ADDR   listen on PORT, IPV4:PORT or [IPV6]:PORT (repeatable)
+  --unit NAME            name the units NAME.socket, NAME.service (instead of
+                         the first word; for a NAME that starts with '-')
+  --listen-stream ADDR   listen on PORT, IPV4:PORT, [IPV6]:PORT, [IPV6%DEV]:PORT
+                         (repeatable)
   --listen-unix PATH     listen on a unix socket, /path or @abstract (repeatable)
   --listen-datagram ADDR receive UDP datagrams on PORT, IPV4:PORT or [IPV6]:PORT
                          (ListenDatagram=; repeatable; TARGET is then udp:HOST:PORT
@@ -40,19 +56,23 @@ flags:
   --upstream-unit UNIT   the unit serving TARGET, started first (Requires=, After=)
   --share-namespace      run in UNIT's network namespace (JoinsNamespaceOf=)
   --description TEXT     Description= of the units
-  --executable PATH      forkproxy's absolute path (default {SYSTEM_EXECUTABLE},
-                         with --user {USER_EXECUTABLE})
+  --executable PATH      forkproxy's absolute path (default
+                         {SYSTEM_EXECUTABLE}; {PACKAGED_EXECUTABLE} when run
+                         as /usr/bin/{PROG}; {USER_EXECUTABLE}
+                         with --user)
   --user                 units for a user manager (systemctl --user)
   --output-dir DIR       write the files to DIR (default: print them; a dry run)
   --force                with --output-dir: replace existing files
   -h, --help             show this help and exit
   --version              show the version and exit
+
+See man {PROG} for the units, their sandbox and more examples.
 """
 
 _VALUE_FLAGS = frozenset({
     "--listen-stream", "--listen-unix", "--socket-user", "--socket-group", "--socket-mode",
     "--backlog", "--max-connections", "--metrics", "--upstream-unit", "--description",
-    "--executable", "--output-dir",
+    "--executable", "--output-dir", "--unit",
 })  # fmt: skip
 # The flags of sockets of other kinds than streams, and the request field of each.
 _MESSAGE_FLAGS = {
@@ -69,6 +89,8 @@ _INFO_FLAGS = frozenset({"-h", "--help", "--version"})
 def parse_args(argv: list[str]) -> tuple[UnitRequest, Output]:
     """A command line (without the program name) to what to render and where to put it."""
     values, positional, rest = split_args(argv)
+    if "--unit" in values:
+        positional.insert(0, values["--unit"][0])
     if not positional:
         raise ForkproxyError(f"missing unit NAME (see '{PROG} --help')")
     if len(positional) < 2:
@@ -80,8 +102,21 @@ def parse_args(argv: list[str]) -> tuple[UnitRequest, Output]:
     return request, output
 
 
+def default_executable(program: str) -> str:
+    """forkproxy's path when --executable is not given: the packaged one when this
+    forkproxy-units is the package's (/usr/bin, also as /bin), else SYSTEM_EXECUTABLE."""
+    if program and os.sep not in program:
+        program = shutil.which(program) or ""
+    if program:
+        here = os.path.realpath(os.path.dirname(os.path.abspath(program)))
+        if here == os.path.dirname(PACKAGED_EXECUTABLE):
+            return PACKAGED_EXECUTABLE
+    return SYSTEM_EXECUTABLE
+
+
 def split_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], list[str]]:
-    """Flags (name to values), NAME and TARGET, and the forkproxy options after TARGET."""
+    """Flags (name to values), NAME (unless --unit gives it) and TARGET, and the forkproxy
+    options after TARGET."""
     for arg in argv:
         try:
             arg.encode("utf-8")
@@ -90,11 +125,11 @@ def split_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], list[s
     values: dict[str, list[str]] = {}
     positional: list[str] = []
     i = 0
-    while i < len(argv) and len(positional) < 2:
+    while i < len(argv) and len(positional) < (1 if "--unit" in values else 2):
         arg = argv[i]
         i += 1
         if arg == "--":
-            if not positional:
+            if not positional and "--unit" not in values:
                 raise ForkproxyError("missing unit NAME before '--'")
             positional.extend(argv[i : i + 1])
             i += 1
@@ -115,6 +150,10 @@ def split_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], list[s
                 raise ForkproxyError(
                     f"unknown option '{flag}' (forkproxy's own options go after TARGET)"
                 )
+            if flag == "--unit" and positional:
+                raise ForkproxyError(
+                    f"unit name given twice: '{positional[0]}', and '{value}' with --unit"
+                )
             values.setdefault(flag, []).append(value)
     for flag, given in values.items():
         if len(given) > 1 and flag not in _REPEATABLE:
@@ -132,7 +171,8 @@ def split_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], list[s
 def canonical_args(request: UnitRequest) -> list[str]:
     """The command line that renders `request`, flags in a fixed order."""
     r = request
-    args = [r.name]
+    # A NAME that looks like a flag is given with --unit.
+    args = ["--unit", r.name] if r.name.startswith("-") else [r.name]
     args += [word for address in r.listen_stream for word in ("--listen-stream", address)]
     args += [word for path in r.listen_unix for word in ("--listen-unix", path)]
     for flag, field in _MESSAGE_FLAGS.items():
@@ -172,6 +212,7 @@ def _build_request(
         return None if text is None else checks.parse_count(text, flag, 2**32 - 1)
 
     mode = _one(values, "--socket-mode")
+    metrics = _one(values, "--metrics")
     streams = values.get("--listen-stream", [])
     unix_paths = values.get("--listen-unix", [])
     datagrams = values.get("--listen-datagram", [])
@@ -181,14 +222,18 @@ def _build_request(
         name=checks.check_name(name),
         target=checks.check_target(target),
         forkproxy_args=forkproxy_args,
-        listen_stream=tuple(checks.check_inet(address, "--listen-stream") for address in streams),
-        listen_unix=tuple(checks.check_unix(path, "--listen-unix") for path in unix_paths),
-        listen_datagram=tuple(checks.check_inet(a, "--listen-datagram") for a in datagrams),
+        listen_stream=tuple(
+            listen.parse_inet(address, "--listen-stream").text for address in streams
+        ),
+        listen_unix=tuple(listen.parse_unix(path, "--listen-unix").text for path in unix_paths),
+        listen_datagram=tuple(
+            listen.parse_inet(address, "--listen-datagram").text for address in datagrams
+        ),
         listen_unix_datagram=tuple(
-            checks.check_unix(path, "--listen-unix-datagram") for path in unix_datagrams
+            listen.parse_unix(path, "--listen-unix-datagram").text for path in unix_datagrams
         ),
         listen_sequential_packet=tuple(
-            checks.check_unix(path, "--listen-sequential-packet") for path in packets
+            listen.parse_unix(path, "--listen-sequential-packet").text for path in packets
         ),
         socket_user=checks.check_user_group(_one(values, "--socket-user"), "--socket-user"),
         socket_group=checks.check_user_group(_one(values, "--socket-group"), "--socket-group"),
@@ -196,7 +241,7 @@ def _build_request(
         backlog=number("--backlog"),
         accept="--accept" in values,
         max_connections=number("--max-connections"),
-        metrics=checks.check_metrics(_one(values, "--metrics")),
+        metrics=None if metrics is None else listen.parse_metrics(metrics).text,
         target_unit=checks.check_target_unit(_one(values, "--upstream-unit")),
         share_namespace="--share-namespace" in values,
         description=checks.check_description(_one(values, "--description")),

@@ -7,14 +7,17 @@ never fails when systemd starts it. Never renders and never writes.
 
 import contextlib
 import io
-import ipaddress
+import os
 import re
+import socket
 
 from forkproxy.errors import ForkproxyError
-from forkproxy.settings.address import parse_target
+from forkproxy.settings.address import TargetAddress, parse_target
 from forkproxy.settings.arguments import parse_args as parse_forkproxy_args
 from forkproxy.settings.config import Config
 from forkproxy.settings.kinds import DATAGRAM, SEQPACKET, STREAM, kind_mismatch
+from forkproxy.units import listen
+from forkproxy.units.listen import CONTROL
 from forkproxy.units.request import PROG, UnitRequest
 
 # forkproxy options that would fight the generated units, and what to use instead.
@@ -22,6 +25,27 @@ _OWNED_OPTIONS = (
     ("-l", "--listen", "use --listen-stream or --listen-unix"),
     ("", "--inetd", "use --accept"),
 )
+# forkproxy options that mean nothing to an Accept=yes instance, which relays its one
+# connection in one process and exits (forkproxy/oneshot.py): the option, the Config
+# field it sets, two values to probe for it (see _given), and why. --graceful-timeout
+# does mean something: a stopped instance lets its connection finish for that long.
+_NOT_PER_CONNECTION = (
+    ("--connections-max", "connections_max", ("1000", "1001"),
+     "use --max-connections (MaxConnections=), which caps the instances"),
+    ("--workers", "workers", ("1", "2"), "an instance runs no workers"),
+    ("--worker-timeout", "worker_timeout", ("100", "200"), "an instance runs no workers"),
+    ("--exit-idle-time", "exit_idle_time", ("100", "200"),
+     "an instance exits when its connection ends"),
+    ("--on-limit", "on_limit", ("refuse", "queue"),
+     "an instance has no cap to meet (--max-connections caps the instances)"),
+    ("--max-connections-per-source", "max_connections_per_source", ("1", "2"),
+     "an instance has one connection (MaxConnectionsPerSource= in the socket unit limits "
+     "sources)"),
+)  # fmt: skip
+
+# What the system units' sandbox hides or makes private: socket file targets there.
+PRIVATE_TMP = ("/tmp/", "/var/tmp/")
+HOMES = ("/home/", "/root/", "/run/user/")
 
 # unit_name_is_valid() in systemd's unit-name.c: these characters, 255 at most in all.
 _UNIT_PREFIX = re.compile(r"[A-Za-z0-9:_.\\-]+")
@@ -33,10 +57,6 @@ _UNIT_NAME_MAX = 255
 # valid_user_group_name() in its strict form, or a numeric id.
 _USER_GROUP = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|[0-9]{1,10}")
 _EXECUTABLE = re.compile(r"(/[A-Za-z0-9_.+@:-]+)+")
-_PORT = re.compile(r"[1-9][0-9]{0,4}")
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path less its NUL (or an abstract name's leading NUL)
-_UNIX_FLAG_OF = {"--listen-datagram": "--listen-unix-datagram"}
 
 
 def check_name(name: str) -> str:
@@ -61,63 +81,6 @@ def check_target(target: str) -> str:
     return target
 
 
-def check_inet(address: str, flag: str) -> str:
-    """ListenStream= syntax for IP (systemd.socket(5)): PORT, IPV4:PORT or [IPV6]:PORT."""
-    if address[:1] in ("/", "@"):
-        unix_flag = _UNIX_FLAG_OF.get(flag, "--listen-unix")
-        raise ForkproxyError(f"invalid {flag} '{address}': use {unix_flag} for unix sockets")
-    if address.startswith("["):
-        literal, _, port = address[1:].partition("]:")
-        if not port or "%" in literal or not _is_ip(literal, 6):
-            raise ForkproxyError(
-                f"invalid {flag} '{address}': expected [IPV6]:PORT, as in '[::1]:8080'"
-            )
-    elif ":" in address:
-        host, _, port = address.rpartition(":")
-        if not _is_ip(host, 4):
-            raise ForkproxyError(
-                f"invalid {flag} '{address}': '{host}' is not an IPv4 address "
-                "(write PORT, IPV4:PORT or [IPV6]:PORT)"
-            )
-    else:
-        port = address
-    if not (_PORT.fullmatch(port) and int(port) <= 65535):
-        raise ForkproxyError(
-            f"invalid {flag} '{address}': port '{port}' is not a number in 1-65535"
-        )
-    return address
-
-
-def _is_ip(text: str, version: int) -> bool:
-    try:
-        parsed = ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return parsed.version == version
-
-
-def check_unix(path: str, flag: str) -> str:
-    if not path.startswith(("/", "@")):
-        raise ForkproxyError(f"invalid {flag} '{path}': give an absolute /path or an @name")
-    if CONTROL.search(path) or path != path.strip() or path.endswith("\\"):
-        raise ForkproxyError(
-            f"invalid {flag} {path!r}: no control characters, edge spaces or final '\\'"
-        )
-    if path in ("/", "@"):
-        raise ForkproxyError(f"invalid {flag} '{path}': no socket name after '{path}'")
-    if len(path.encode()) - (1 if path.startswith("@") else 0) > _SUN_PATH_MAX:
-        raise ForkproxyError(f"invalid {flag} '{path}': longer than {_SUN_PATH_MAX} bytes")
-    return path
-
-
-def check_metrics(address: str | None) -> str | None:
-    if address is None:
-        return None
-    if address[:1] in ("/", "@"):
-        return check_unix(address, "--metrics")
-    return check_inet(address, "--metrics")
-
-
 def check_user_group(name: str | None, flag: str) -> str | None:
     if name is not None and not _USER_GROUP.fullmatch(name):
         raise ForkproxyError(
@@ -134,7 +97,9 @@ def parse_mode(text: str) -> int:
 
 
 def parse_count(text: str, flag: str, maximum: int) -> int:
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= maximum):
+    # The length first: int() refuses numbers of more than 4,300 digits with a ValueError.
+    short = len(text) <= len(str(maximum))
+    if not (short and text.isascii() and text.isdigit() and 1 <= int(text) <= maximum):
         raise ForkproxyError(f"invalid {flag} '{text}': expected an integer in 1-{maximum}")
     return int(text)
 
@@ -180,40 +145,48 @@ def _has_option(args: tuple[str, ...], short: str, long: str) -> bool:
 
 def forkproxy_config(request: UnitRequest) -> Config:
     """The `Config` forkproxy builds from ExecStart=, by forkproxy's own parser."""
-    argv = [*request.forkproxy_args, request.target]
+    config = _parse_forkproxy([request.target, *request.forkproxy_args])
+    for given, option, hint in (
+        (config.listen, "--listen", "use --listen-stream or --listen-unix"),
+        (config.inetd, "--inetd", "use --accept"),
+        (config.metrics, "--metrics", f"give {PROG}'s --metrics before TARGET"),
+    ):
+        if given:
+            raise ForkproxyError(
+                f"forkproxy option '{option}' would bypass the socket unit: {hint}"
+            )
+    return config
+
+
+def every_target(config: Config) -> tuple[TargetAddress, ...]:
+    """The targets, then each route's, in the order given."""
+    return (*config.targets, *(target for route in config.routes for target in route.targets))
+
+
+def _parse_forkproxy(argv: list[str]) -> Config:
     # argparse prints and exits for --help and --version; keep both out of our output.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            config = parse_forkproxy_args(argv)
+            return parse_forkproxy_args(argv)
         except ForkproxyError as error:
             raise ForkproxyError(f"forkproxy would not start: {error}") from None
         except SystemExit:
             raise ForkproxyError(
                 "forkproxy would not start: --help and --version only print and exit"
             ) from None
-    if config.listen:
-        raise ForkproxyError(
-            "forkproxy option '--listen' would bypass the socket unit: "
-            "use --listen-stream or --listen-unix"
-        )
-    return config
+        except ValueError as error:  # forkproxy would fail with a traceback: a bug there
+            raise ForkproxyError(f"forkproxy would not start: {error}") from None
 
 
-def _check_kinds(r: UnitRequest, config: Config) -> None:
-    """Each socket's targets must take what it receives, as forkproxy checks at start."""
-    # Without FileDescriptorName=, systemd names every socket of the unit after it.
-    routes = {route.name: route.targets for route in config.routes}
-    targets = routes.get(f"{r.name}.socket", config.targets)
-    for flag, addresses, kind in (
-        ("--listen-stream", r.listen_stream, STREAM),
-        ("--listen-unix", r.listen_unix, STREAM),
-        ("--listen-datagram", r.listen_datagram, DATAGRAM),
-        ("--listen-unix-datagram", r.listen_unix_datagram, DATAGRAM),
-        ("--listen-sequential-packet", r.listen_sequential_packet, SEQPACKET),
-    ):
-        why = kind_mismatch(kind, targets) if addresses else None
-        if why is not None:
-            raise ForkproxyError(f"cannot relay {flag} {addresses[0]}: {why}")
+def _given(request: UnitRequest, option: str, field: str, probes: tuple[str, ...]) -> bool:
+    """Whether forkproxy's parser finds `option` in the forkproxy options, in any spelling
+    it takes: then the user's value wins over any value put before it."""
+    argv = [request.target, *request.forkproxy_args]
+    try:
+        values = {getattr(_parse_forkproxy([f"{option}={p}", *argv]), field) for p in probes}
+    except ForkproxyError:  # a probe value clashed with another option: look at the text
+        return _has_option(request.forkproxy_args, "", option)
+    return len(values) == 1
 
 
 def check_combinations(r: UnitRequest) -> None:
@@ -222,6 +195,7 @@ def check_combinations(r: UnitRequest) -> None:
             "nothing to listen on: give --listen-stream, --listen-unix, --listen-datagram, "
             "--listen-unix-datagram or --listen-sequential-packet"
         )
+    _check_distinct(r)
     if r.accept and (r.listen_datagram or r.listen_unix_datagram or r.listen_sequential_packet):
         raise ForkproxyError(
             "--accept relays stream connections only: give datagram and sequential-packet "
@@ -235,11 +209,6 @@ def check_combinations(r: UnitRequest) -> None:
     if r.accept and r.metrics is not None:
         raise ForkproxyError(
             "--metrics cannot be used with --accept: an instance serves one connection"
-        )
-    if r.accept and _has_option(r.forkproxy_args, "-c", "--connections-max"):
-        raise ForkproxyError(
-            "forkproxy option --connections-max has no effect with --accept "
-            "(one connection per instance): use --max-connections"
         )
     if r.share_namespace and r.target_unit is None:
         raise ForkproxyError("--share-namespace needs --upstream-unit: whose namespace to join")
@@ -267,8 +236,112 @@ def check_combinations(r: UnitRequest) -> None:
     for short, long, hint in _OWNED_OPTIONS:
         if _has_option(r.forkproxy_args, short, long):
             raise ForkproxyError(f"forkproxy option '{long}' would bypass the socket unit: {hint}")
-    config = forkproxy_config(r)  # what forkproxy would refuse fails here, not at start
+    config = forkproxy_config(r)  # what forkproxy would refuse fails here, not in systemd
     _check_kinds(r, config)
+    if r.accept:
+        _check_per_connection(r, config)
+    if not r.user:
+        _check_reachable(config)
     longest = max((*r.socket_names, r.service_name), key=len)
     if len(longest) > _UNIT_NAME_MAX:
         raise ForkproxyError(f"unit name '{longest}' is longer than {_UNIT_NAME_MAX} characters")
+
+
+def _check_distinct(r: UnitRequest) -> None:
+    """Addresses the kernel would not let both be bound: the same IP address and port of
+    one protocol (TCP, UDP), the same socket file whatever its type, the same abstract
+    name of one type (unix(7): the abstract namespace is per socket type)."""
+    files = [
+        (flag, path)
+        for flag, paths in (
+            ("--listen-unix-datagram", r.listen_unix_datagram),
+            ("--listen-sequential-packet", r.listen_sequential_packet),
+        )
+        for path in paths
+        if path.startswith("/")
+    ]
+    listen.check_distinct(
+        [("--listen-stream", address) for address in r.listen_stream]
+        + [("--listen-unix", path) for path in r.listen_unix]
+        + files
+        + ([("--metrics", r.metrics)] if r.metrics is not None else [])
+    )
+    listen.check_distinct(
+        [("--listen-datagram", address) for address in r.listen_datagram]
+        + [("--listen-unix-datagram", path) for path in r.listen_unix_datagram]
+    )
+    listen.check_distinct(
+        [("--listen-sequential-packet", path) for path in r.listen_sequential_packet]
+    )
+
+
+def _check_kinds(r: UnitRequest, config: Config) -> None:
+    """Each socket's targets must take what it receives, as forkproxy checks at start."""
+    given = [
+        (flag, addresses[0], kind)
+        for flag, addresses, kind in (
+            ("--listen-stream", r.listen_stream, STREAM),
+            ("--listen-unix", r.listen_unix, STREAM),
+            ("--listen-datagram", r.listen_datagram, DATAGRAM),
+            ("--listen-unix-datagram", r.listen_unix_datagram, DATAGRAM),
+            ("--listen-sequential-packet", r.listen_sequential_packet, SEQPACKET),
+        )
+        if addresses
+    ]
+    first_flag, _, first_kind = given[0]
+    for flag, _, kind in given[1:]:
+        if kind != first_kind:
+            raise ForkproxyError(
+                f"{first_flag} and {flag} make sockets of different kinds, which cannot "
+                "share their targets (systemd names every socket of a unit alike, so one "
+                "--route would take them all): give each kind a unit of its own"
+            )
+    # Without FileDescriptorName=, systemd names every socket of the unit after it.
+    routes = {route.name: route.targets for route in config.routes}
+    targets = routes.get(f"{r.name}.socket", config.targets)
+    flag, address, kind = given[0]
+    why = kind_mismatch(kind, targets)
+    if why is not None:
+        raise ForkproxyError(f"cannot relay {flag} {address}: {why}")
+
+
+def socket_file_under(target: TargetAddress, directories: tuple[str, ...]) -> str | None:
+    """The one of `directories` (each ending in '/') that holds a socket file target."""
+    path = socket_file(target)
+    if path is None:
+        return None
+    path = "/" + os.path.normpath(path).lstrip("/")
+    return next((directory for directory in directories if path.startswith(directory)), None)
+
+
+def socket_file(target: TargetAddress) -> str | None:
+    """The path of a target that is a unix socket file (of any type), or None."""
+    sockaddr = target.sockaddr
+    if target.family == socket.AF_UNIX and isinstance(sockaddr, str) and sockaddr[:1] == "/":
+        return sockaddr
+    return None
+
+
+def _check_reachable(config: Config) -> None:
+    """A system unit's /tmp and /var/tmp are its own (PrivateTmp=, which DynamicUser=
+    implies and nothing turns off): a socket file there cannot be reached."""
+    for target in every_target(config):
+        directory = socket_file_under(target, PRIVATE_TMP)
+        if directory is not None:
+            raise ForkproxyError(
+                f"target '{target.text}' is in {directory}, which is private to the service "
+                "(PrivateTmp=, implied by DynamicUser=yes): put the socket elsewhere, "
+                "such as in /run"
+            )
+
+
+def _check_per_connection(r: UnitRequest, config: Config) -> None:
+    """Refuse the forkproxy options an Accept=yes instance would ignore."""
+    for option, field, probes, why in _NOT_PER_CONNECTION:
+        if _given(r, option, field, probes):
+            raise ForkproxyError(f"forkproxy option '{option}' means nothing with --accept: {why}")
+    if config.routes:
+        raise ForkproxyError(
+            "forkproxy option '--route' means nothing with --accept: an instance gets a "
+            "connection, not a named listener (give the targets instead)"
+        )

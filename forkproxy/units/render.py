@@ -10,10 +10,16 @@ import re
 import shlex
 import socket
 
-from forkproxy.settings.address import parse_target
 from forkproxy.settings.config import Config
 from forkproxy.units.arguments import canonical_args
-from forkproxy.units.checks import CONTROL, forkproxy_config
+from forkproxy.units.checks import (
+    HOMES,
+    every_target,
+    forkproxy_config,
+    socket_file,
+    socket_file_under,
+)
+from forkproxy.units.listen import CONTROL, parse_listen
 from forkproxy.units.request import PROG, SYSTEM_EXECUTABLE, USER_EXECUTABLE, UnitRequest
 
 # A relayed connection holds up to 6 fds (client, target, two splice pipes in flight);
@@ -23,6 +29,11 @@ FDS_SPARE = 160
 # The master pings the watchdog while workers' heartbeats are fresh, and pings every half
 # WatchdogSec=; three worker timeouts leave it time to replace a stuck worker first.
 WATCHDOG_PER_WORKER_TIMEOUT = 3
+# On stop the master SIGKILLs what is left KILL_MARGIN (supervisor/workers.py) after the
+# graceful timeout, then reaps and exits; TimeoutStopSec= must outlast all of it.
+MASTER_KILL_MARGIN = 2.0
+STOP_SLACK = 5.0
+DEFAULT_TIMEOUT_STOP_SEC = 90  # DefaultTimeoutStopSec= in systemd-system.conf(5)
 # ExecStart= words that need no quotes once '%' and '$' are doubled.
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%$+=:,./\[\]-]+")
 _C_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
@@ -44,9 +55,9 @@ def _hex_escape(c: str) -> str:
 
 
 def exec_start(request: UnitRequest) -> str:
-    """The ExecStart= value: forkproxy, its options, then the target (forkproxy(1) order)."""
+    """The ExecStart= value: forkproxy, TARGET, then the forkproxy options, as given."""
     executable = request.executable or (USER_EXECUTABLE if request.user else SYSTEM_EXECUTABLE)
-    words = [*request.forkproxy_args, request.target]
+    words = [request.target, *request.forkproxy_args]
     return " ".join([executable, *(quote_exec_arg(word) for word in words)])
 
 
@@ -63,12 +74,21 @@ def watchdog_sec(config: Config) -> int | None:
     return math.ceil(WATCHDOG_PER_WORKER_TIMEOUT * config.worker_timeout)
 
 
+def timeout_stop_sec(config: Config) -> str | None:
+    """TimeoutStopSec= when systemd's default would kill a draining forkproxy, else None."""
+    if math.isinf(config.graceful_timeout):
+        return "infinity"
+    needed = math.ceil(config.graceful_timeout + MASTER_KILL_MARGIN + STOP_SLACK)
+    return f"{needed}s" if needed > DEFAULT_TIMEOUT_STOP_SEC else None
+
+
 def render(request: UnitRequest) -> dict[str, str]:
     """File name to unit text, sockets first."""
-    files = {f"{request.name}.socket": _socket_unit(request)}
+    config = forkproxy_config(request)
+    files = {f"{request.name}.socket": _socket_unit(request, config)}
     if request.metrics is not None:
-        files[f"{request.name}-metrics.socket"] = _metrics_socket_unit(request)
-    files[request.service_name] = _service_unit(request)
+        files[f"{request.name}-metrics.socket"] = _metrics_socket_unit(request, config)
+    files[request.service_name] = _service_unit(request, config)
     return files
 
 
@@ -76,8 +96,13 @@ def _specifiers(text: str) -> str:
     return text.replace("%", "%%")
 
 
-def _description(r: UnitRequest) -> str:
-    return _specifiers(r.description or f"forkproxy relay to {r.target}")
+def _targets(config: Config) -> str:
+    """The targets (not the routes') as the user wrote them."""
+    return ", ".join(target.text for target in config.targets)
+
+
+def _description(r: UnitRequest, config: Config) -> str:
+    return _specifiers(r.description or f"forkproxy relay to {_targets(config)}")
 
 
 def _header(filename: str, purpose: str, r: UnitRequest) -> list[str]:
@@ -88,7 +113,7 @@ def _header(filename: str, purpose: str, r: UnitRequest) -> list[str]:
     ]
 
 
-def _socket_unit(r: UnitRequest) -> str:
+def _socket_unit(r: UnitRequest, config: Config) -> str:
     if r.accept:
         purpose = f"starts an instance of {r.service_name} for each connection."
     elif r.listen_datagram or r.listen_unix_datagram:
@@ -97,13 +122,14 @@ def _socket_unit(r: UnitRequest) -> str:
     else:
         purpose = f"starts {r.service_name} on the first connection."
     lines = [*_header(f"{r.name}.socket", purpose, r), "[Unit]"]
-    lines += [f"Description={_description(r)} (socket)", "", "[Socket]"]
-    lines += [f"ListenStream={_specifiers(address)}" for address in r.listen_stream]
-    lines += [f"ListenStream={_specifiers(path)}" for path in r.listen_unix]
-    for address in (*r.listen_datagram, *r.listen_unix_datagram):
-        lines.append(f"ListenDatagram={_specifiers(address)}")
-    for path in r.listen_sequential_packet:
-        lines.append(f"ListenSequentialPacket={_specifiers(path)}")
+    lines += [f"Description={_description(r, config)} (socket)", "", "[Socket]"]
+    for key, addresses in (
+        ("ListenStream", (*r.listen_stream, *r.listen_unix)),
+        ("ListenDatagram", (*r.listen_datagram, *r.listen_unix_datagram)),
+        ("ListenSequentialPacket", r.listen_sequential_packet),
+    ):
+        for address in addresses:
+            lines.append(f"{key}={_specifiers(parse_listen(address).listen_stream)}")
     if r.socket_user is not None:
         lines.append(f"SocketUser={r.socket_user}")
     if r.socket_group is not None:
@@ -119,13 +145,14 @@ def _socket_unit(r: UnitRequest) -> str:
     return _join(lines + _INSTALL)
 
 
-def _metrics_socket_unit(r: UnitRequest) -> str:
+def _metrics_socket_unit(r: UnitRequest, config: Config) -> str:
     assert r.metrics is not None
     filename = f"{r.name}-metrics.socket"
     purpose = f"the metrics socket of {r.service_name} (fd name 'metrics')."
     lines = [*_header(filename, purpose, r), "[Unit]"]
-    lines += [f"Description={_description(r)} (metrics socket)", "", "[Socket]"]
-    lines += [f"ListenStream={_specifiers(r.metrics)}", "FileDescriptorName=metrics"]
+    lines += [f"Description={_description(r, config)} (metrics socket)", "", "[Socket]"]
+    metrics = parse_listen(r.metrics).listen_stream
+    lines += [f"ListenStream={_specifiers(metrics)}", "FileDescriptorName=metrics"]
     lines.append(f"Service={r.service_name}")
     return _join(lines + _INSTALL)
 
@@ -133,20 +160,20 @@ def _metrics_socket_unit(r: UnitRequest) -> str:
 _INSTALL = ["", "[Install]", "WantedBy=sockets.target"]
 
 
-def _service_unit(r: UnitRequest) -> str:
+def _service_unit(r: UnitRequest, config: Config) -> str:
     if r.accept:
-        purpose = f"forkproxy relaying one connection of {r.name}.socket to {r.target}."
+        purpose = f"forkproxy relaying one connection of {r.name}.socket to {_targets(config)}."
     else:
-        purpose = f"forkproxy relaying {r.name}.socket to {r.target}."
+        purpose = f"forkproxy relaying {r.name}.socket to {_targets(config)}."
     lines = [*_header(r.service_name, purpose, r), "[Unit]"]
     if r.accept:
         lines += [
-            f"Description={_description(r)} (connection %i)",
+            f"Description={_description(r, config)} (connection %i)",
             "# Clean up failed instances too, so that they do not pile up.",
             "CollectMode=inactive-or-failed",
         ]
     else:
-        lines.append(f"Description={_description(r)}")
+        lines.append(f"Description={_description(r, config)}")
         for name in r.socket_names:
             lines += [f"Requires={name}", f"After={name}"]
     if r.target_unit is not None:
@@ -161,7 +188,6 @@ def _service_unit(r: UnitRequest) -> str:
             f"ExecStart={exec_start(r)}",
         ]
     else:
-        config = forkproxy_config(r)
         lines += ["Type=notify", f"ExecStart={exec_start(r)}", "Restart=on-failure"]
         watchdog = watchdog_sec(config)
         if watchdog is not None:
@@ -174,11 +200,19 @@ def _service_unit(r: UnitRequest) -> str:
             "# SIGTERM goes to the master, which drains its workers; anything left when",
             "# TimeoutStopSec= (keep it above --graceful-timeout=) runs out is killed.",
             "KillMode=mixed",
-            f"# {FDS_PER_CONNECTION} fds per connection (client, upstream, two pipes) for "
+            f"# {FDS_PER_CONNECTION} fds per connection (client, target, two pipes) for "
             f"--connections-max={config.connections_max}, plus {FDS_SPARE}.",
             f"LimitNOFILE={limit_nofile(config)}",
         ]
-    lines += ["", *(_USER_HARDENING if r.user else _SYSTEM_HARDENING), *_network(r)]
+    stop = timeout_stop_sec(config)
+    if stop is not None:
+        lines += [
+            f"# Above systemd's default {DEFAULT_TIMEOUT_STOP_SEC}s: the graceful timeout, "
+            f"then {MASTER_KILL_MARGIN:g}s to kill",
+            f"# what is left and {STOP_SLACK:g}s to exit.",
+            f"TimeoutStopSec={stop}",
+        ]
+    lines += ["", *(_USER_HARDENING if r.user else _system_hardening(config)), *_network(r, config)]
     return _join(lines)
 
 
@@ -192,16 +226,31 @@ _COMMON_HARDENING = [
     "RestrictSUIDSGID=yes",
     "UMask=0077",
     "SystemCallArchitectures=native",
-    "# @system-service has the SysV semaphore calls (@ipc) of the cross-worker connection",
-    "# cap; the rest of the list fails with EPERM (no uid, clock or scheduling changes).",
+    "# @system-service has the calls of the cross-worker connection cap (memfd_create,",
+    "# futex); the rest of the list fails with EPERM (no uid, clock or scheduling changes).",
     "SystemCallFilter=@system-service",
     "SystemCallFilter=~@privileged @resources",
     "SystemCallErrorNumber=EPERM",
 ]
+
+
+def _system_hardening(config: Config) -> list[str]:
+    home = [t.text for t in every_target(config) if socket_file_under(t, HOMES) is not None]
+    if not home:
+        return _SYSTEM_HARDENING
+    protect_home = _SYSTEM_HARDENING.index("ProtectHome=yes")
+    return [
+        *_SYSTEM_HARDENING[:protect_home],
+        f"# Read-only, not hidden: the target {home[0]} is in a home directory.",
+        "ProtectHome=read-only",
+        *_SYSTEM_HARDENING[protect_home + 1 :],
+    ]
+
+
 _SYSTEM_HARDENING = [
-    "# Hardening: forkproxy needs only its passed sockets, the target and its own memory.",
-    "# DynamicUser= implies RemoveIPC=yes, which removes the SysV semaphore of the",
-    "# connection cap when the service stops.",
+    "# Hardening: forkproxy needs only its passed sockets, the targets and its own memory.",
+    "# The connection cap lives in a memfd that goes with forkproxy's last process: no",
+    "# System V IPC object for RemoveIPC= (implied by DynamicUser=) to clean up.",
     "DynamicUser=yes",
     "CapabilityBoundingSet=",
     "AmbientCapabilities=",
@@ -228,51 +277,54 @@ _USER_HARDENING = [
 ]
 
 
-def _network(r: UnitRequest) -> list[str]:
-    """Address families and IP access for the target only; passed sockets are exempt."""
-    target = parse_target(r.target)
-    if target.family == socket.AF_VSOCK:  # vsock:CID:PORT targets
-        lines = [
-            "# Network: AF_UNIX for sd_notify(3), AF_VSOCK for the target; no IP at all.",
-            "RestrictAddressFamilies=AF_UNIX AF_VSOCK",
-        ]
-        if not r.user:
-            lines.append("IPAddressDeny=any")
-        if r.share_namespace:
-            lines += [f"# {r.target_unit} needs PrivateNetwork=yes too.", "PrivateNetwork=yes"]
-        return lines
-    lines = ["# Network: AF_UNIX for sd_notify(3); AF_VSOCK is left out (no vsock targets)."]
-    if target.family == 0:
+def _network(r: UnitRequest, config: Config) -> list[str]:
+    """Address families and IP access for what every target and route needs; the passed
+    sockets are not subject to these, only the connections forkproxy opens."""
+    targets = every_target(config)
+    names = [t.text for t in targets if t.needs_resolving]
+    addresses = list(dict.fromkeys(
+        t.host.partition("%")[0] for t in targets if t.family in (socket.AF_INET, socket.AF_INET6)
+    ))  # fmt: skip
+    families = ["AF_UNIX"]
+    for family, needed in (
+        ("AF_INET", names or any(t.family == socket.AF_INET for t in targets)),
+        ("AF_INET6", names or any(t.family == socket.AF_INET6 for t in targets)),
+        ("AF_VSOCK", any(t.family == socket.AF_VSOCK for t in targets)),
+    ):
+        if needed:
+            families.append(family)
+    lines = [
+        "# Network: the address families of the targets, and AF_UNIX for sd_notify(3).",
+        f"RestrictAddressFamilies={' '.join(families)}",
+    ]
+    if r.user:
+        pass  # a user manager cannot filter IP traffic (that needs BPF privileges)
+    elif names:
         lines += [
-            f"# {r.target} is resolved at connect time, so any IP address may be reached.",
-            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            f"# {names[0]} is resolved when connecting, so any IP address may be needed: no",
+            "# IPAddressDeny=. To narrow it, add IPAddressDeny=any and IPAddressAllow=RANGES.",
         ]
-    elif target.family in (socket.AF_INET, socket.AF_INET6):
-        family = "AF_INET" if target.family == socket.AF_INET else "AF_INET6"
-        lines.append(f"RestrictAddressFamilies=AF_UNIX {family}")
-        if not r.user:
-            address = target.host.partition("%")[0]
-            lines += [
-                f"# IP traffic to and from {address} only; change it with the target.",
-                "IPAddressDeny=any",
-                f"IPAddressAllow={_specifiers(address)}",
-            ]
     else:
-        lines.append("RestrictAddressFamilies=AF_UNIX")
-        if not r.user:
-            lines.append("IPAddressDeny=any")
-            file = isinstance(target.sockaddr, str) and target.sockaddr.startswith("/")
-            if file and target.kind == socket.SOCK_DGRAM:
-                lines += [
-                    "# No PrivateNetwork=: the target replies to an @abstract address of",
-                    "# forkproxy's, which exists only in forkproxy's network namespace.",
-                ]
-            elif file and not r.share_namespace:
-                lines += [
-                    "# A socket file is reachable from any network namespace (an @abstract",
-                    "# one is not), so the service gets a private one.",
-                    "PrivateNetwork=yes",
-                ]
+        if addresses:
+            lines += [
+                "# IP traffic to and from the targets' addresses only; change it with them.",
+                "IPAddressDeny=any",
+                f"IPAddressAllow={_specifiers(' '.join(addresses))}",
+            ]
+        else:
+            lines += ["# No IP traffic at all: no target is an IP address.", "IPAddressDeny=any"]
+        replied = any(t.family == socket.AF_UNIX and t.kind == socket.SOCK_DGRAM for t in targets)
+        if replied and not r.share_namespace:
+            lines += [
+                "# No PrivateNetwork=: a unix datagram target replies to an @abstract address",
+                "# of forkproxy's, which exists only in forkproxy's network namespace.",
+            ]
+        elif all(socket_file(t) for t in targets) and not r.share_namespace:
+            lines += [
+                "# A socket file is reachable from any network namespace (an @abstract",
+                "# one is not), so the service gets a private one.",
+                "PrivateNetwork=yes",
+            ]
     if r.share_namespace:
         lines += [f"# {r.target_unit} needs PrivateNetwork=yes too.", "PrivateNetwork=yes"]
     return lines

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 PROG = "forkproxy-units"
 SYSTEM_EXECUTABLE = "/usr/local/bin/forkproxy"  # where `pip install forkproxy` as root puts it
+PACKAGED_EXECUTABLE = "/usr/bin/forkproxy"  # the Debian package's, beside its forkproxy-units
 USER_EXECUTABLE = "%h/.local/bin/forkproxy"  # `pip install --user` or pipx; %h is $HOME
 
 

@@ -30,6 +30,7 @@ from tests.support.proxy import FORKPROXY, REPO, run_cli
         ),
         (["--bogus", "x:1"], "unrecognized arguments: --bogus"),
         (["-c", "0", "x:1"], "--connections-max= must be at least 1"),
+        (["-c", "4294967296", "x:1"], "--connections-max= must be at most 4294967295, got"),
         (["-c", "abc", "x:1"], "invalid --connections-max= value 'abc'"),
         (["-c"], "option '--connections-max': expected one argument"),
         (["--exit-idle-time=5 minutess", "x:1"], "unknown unit 'minutess'"),

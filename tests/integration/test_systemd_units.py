@@ -121,6 +121,8 @@ def test_forkproxy_service_exposure(root: Path) -> None:
     assert exposure <= MAX_EXPOSURE, report
 
 
+# The mixed targets of the acceptance test; tests/integration/test_systemd_boot.py runs them.
+ACCEPTANCE = "web --listen-stream 8080 -- 127.0.0.1:9001 [::1]:9002 /run/app.sock"
 GENERATED = [
     "a --listen-stream 8080 -- 127.0.0.1:9000",
     "b --listen-stream 127.0.0.1:8080 --listen-stream [::1]:8080 -- [::1]:9000 -c 1000",
@@ -131,11 +133,18 @@ GENERATED = [
     "f --listen-stream 80 --metrics /run/f-metrics.sock -- 10.0.0.1:80 --exit-idle-time=5min",
     "g --listen-stream 80 --upstream-unit nginx.service --share-namespace -- @nginx",
     "h --listen-stream 80 --executable /usr/local/bin/forkproxy -- [fe80::1%eth0]:80",
-    "i --listen-datagram 53 --listen-datagram [::1]:53 -- udp:127.0.0.1:5353 --datagram-replies=1",
-    "j --listen-unix-datagram /run/j/log.sock --socket-mode 0660 -- unix-dgram:/run/log.sock "
+    "i --listen-stream [fe80::1%lo]:80 --listen-stream [::1]:80%lo --metrics [fe80::2%lo]:9100 "
+    "-- 127.0.0.1:80 --graceful-timeout=5min --route admin=vsock:2:80",
+    "j --listen-stream 80 --accept -- 127.0.0.1:80 /run/j.sock --graceful-timeout=infinity",
+    "k --listen-stream 80 -- /run/k.sock --route admin=db.example:5432",
+    "l --listen-stream 80 -- /home/l/l.sock",
+    ACCEPTANCE,
+    "m --listen-datagram 127.0.0.1:53 --listen-datagram [::1]:53 -- udp:127.0.0.1:5353 "
+    "--datagram-replies=1",
+    "n --listen-unix-datagram /run/n/log.sock --socket-mode 0660 -- unix-dgram:/run/log.sock "
     "--datagram-timeout=5min",
-    "k --listen-sequential-packet @k -- seqpacket:/run/k.sock",
-    "l --listen-datagram 127.0.0.1:8125 --metrics 127.0.0.1:9102 -- udp:statsd.example:8125",
+    "o --listen-sequential-packet @o -- seqpacket:/run/o.sock",
+    "p --listen-datagram 127.0.0.1:8125 --metrics 127.0.0.1:9102 -- udp:statsd.example:8125",
 ]
 
 
@@ -147,6 +156,16 @@ def test_generated_system_units_verify_without_warnings(root: Path, command: str
         (unit_dir(root) / name).write_text(text)
     analysis = verify_system(root, list(files))
     assert analysis.clean, analysis.output
+
+
+@pytest.mark.parametrize("command", [ACCEPTANCE, GENERATED[1], GENERATED[-2]])
+def test_generated_service_exposure(root: Path, command: str) -> None:
+    request, _ = parse_args(shlex.split(command))
+    for name, text in render(request).items():
+        (unit_dir(root) / name).write_text(text)
+    exposure, report = security_exposure(root, request.service_name)
+    print(f"{command}: exposure {exposure}")
+    assert exposure <= MAX_EXPOSURE, report
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""A forked helper process for tests of what processes share (semaphores, shared memory).
+"""A forked helper process for tests of what processes share (the shared mapping).
 
 The child waits for `start()`, runs one action, reports its integer result on a pipe,
-then holds whatever it took until `finish()` (a normal exit) or `kill()` (SIGKILL).
+then holds whatever it took until `finish()` (runs `then`, if given, and exits normally)
+or `kill()` (SIGKILL).
 """
 
 import os
@@ -10,7 +11,7 @@ from collections.abc import Callable
 
 
 class Child:
-    def __init__(self, action: Callable[[], int]) -> None:
+    def __init__(self, action: Callable[[], int], then: Callable[[], object] | None = None) -> None:
         report_read, report_write = os.pipe()
         go_read, go_write = os.pipe()
         pid = os.fork()
@@ -23,6 +24,8 @@ class Child:
                 result = action()
                 os.write(report_write, result.to_bytes(4, "little", signed=True))
                 os.read(go_read, 1)  # hold what it took until told (EOF) or killed
+                if then is not None:
+                    then()
             except BaseException:
                 status = 1
             finally:

@@ -1,11 +1,12 @@
-"""Prometheus metric families read from the scoreboard, the admission set and the master.
+"""Prometheus metric families read from the scoreboard, the admission count and the master.
 
 `ScoreboardCollector` turns what the master can read (scoreboard slots and retired
-totals, the admission semaphore, its worker records) into metric families when a scrape
+totals, the admission count, its worker records) into metric families when a scrape
 asks, and answers /healthz. Never keeps metric state of its own: every value is read at
 scrape time, so counters are as monotonic as the scoreboard's retired totals make them.
 """
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
@@ -23,6 +24,18 @@ from prometheus_client.utils import floatToGoString
 
 from forkproxy import __version__
 from forkproxy.shared.admission import Admission
+from forkproxy.shared.layout import (
+    DG_BYTES_TO_CLIENT,
+    DG_BYTES_TO_TARGET,
+    DG_DROP_REASONS,
+    DG_DROPPED,
+    DG_SESSIONS,
+    DG_SESSIONS_ACTIVE,
+    DG_TO_CLIENT,
+    DG_TO_TARGET,
+    MAX_LISTENERS,
+)
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import (
     ACCEPTED,
     ACTIVE,
@@ -33,20 +46,15 @@ from forkproxy.shared.scoreboard import (
     CONNECT_ERRORS,
     CONNECTION_DURATION_BOUNDS,
     CONNECTION_DURATION_BUCKETS,
-    DATAGRAM_BYTES_TO_CLIENT,
-    DATAGRAM_BYTES_TO_TARGET,
-    DATAGRAMS_TO_CLIENT,
-    DATAGRAMS_TO_TARGET,
-    DROPPED_BY_REASON,
     HEARTBEAT_NS,
     REFUSED,
-    SESSIONS,
-    SESSIONS_ACTIVE,
     STATE,
     Scoreboard,
     SlotState,
 )
 from forkproxy.supervisor.workers import STALE_HEARTBEATS
+
+log = logging.getLogger("forkproxy")
 
 # -- what the collector reads -------------------------------------------------------------
 
@@ -90,12 +98,20 @@ class MasterView(Protocol):
 
 
 class ScoreboardCollector(Collector):
-    """Metric families read from the scoreboard, the admission set and the master."""
+    """Metric families read from the scoreboard, the admission count and the master."""
 
-    def __init__(self, master: MasterView, scoreboard: Scoreboard, admission: Admission) -> None:
+    def __init__(
+        self,
+        master: MasterView,
+        scoreboard: Scoreboard,
+        admission: Admission,
+        datagram_listeners: Sequence[tuple[int, str]] = (),
+    ) -> None:
         self.master = master
         self.scoreboard = scoreboard
         self.admission = admission
+        # (listener row, its `listener` label) of each datagram listener that has a row
+        self.datagram_listeners = datagram_listeners
 
     def collect(self) -> Iterable[Metric]:
         board = self.scoreboard
@@ -162,51 +178,58 @@ class ScoreboardCollector(Collector):
             "Workers started to replace workers that died unexpectedly.",
             value=master.restarts,
         )
-        yield from self._datagrams(live)
+        yield from self._datagrams()
         yield from self._per_worker(live)
         yield InfoMetricFamily(
             "forkproxy_build", "The running forkproxy version.", value={"version": __version__}
         )
 
-    def _datagrams(self, live: set[int]) -> Iterable[Metric]:
-        """Datagram listeners' sessions and datagrams, over all workers."""
+    def _datagrams(self) -> Iterable[Metric]:
+        """Datagram listeners' sessions, datagrams and drops, by listener (their rows)."""
+        listeners = self.datagram_listeners
+        if not listeners:
+            return
         board = self.scoreboard
-        yield GaugeMetricFamily(
+        active = GaugeMetricFamily(
             "forkproxy_datagram_sessions_active",
-            "Datagram sessions open now (each also holds a unit of the connection cap).",
-            value=sum(board.get(slot, SESSIONS_ACTIVE) for slot in live),
+            "Datagram sessions open now (each holds a unit of the connection cap).",
+            labels=["listener"],
         )
-        yield CounterMetricFamily(
+        opened = CounterMetricFamily(
             "forkproxy_datagram_sessions",
-            "Datagram sessions opened: a client address's first datagram admitted.",
-            value=board.total(SESSIONS),
+            "Datagram sessions opened: a new client address's first datagram admitted.",
+            labels=["listener"],
         )
         datagrams = CounterMetricFamily(
             "forkproxy_datagrams",
             "Datagrams relayed: to_target from clients, to_client from targets.",
-            labels=["direction"],
+            labels=["listener", "direction"],
         )
-        datagrams.add_metric(["to_target"], board.total(DATAGRAMS_TO_TARGET))
-        datagrams.add_metric(["to_client"], board.total(DATAGRAMS_TO_CLIENT))
-        yield datagrams
         relayed = CounterMetricFamily(
             "forkproxy_datagram_bytes",
             "Bytes of the datagrams relayed, by direction.",
-            labels=["direction"],
+            labels=["listener", "direction"],
         )
-        relayed.add_metric(["to_target"], board.total(DATAGRAM_BYTES_TO_TARGET))
-        relayed.add_metric(["to_client"], board.total(DATAGRAM_BYTES_TO_CLIENT))
-        yield relayed
         dropped = CounterMetricFamily(
             "forkproxy_datagrams_dropped",
-            "Datagrams dropped, by reason: cap, per_source (a new client over a cap), "
-            "truncated (larger than the buffer), send_error (the kernel refused to send "
-            "it), no_session (no socket to a target could be opened).",
-            labels=["reason"],
+            "Datagrams dropped, by reason: cap, per_source and busy (a new client at the "
+            "connection cap, at its source's, or the admission lock taken), truncated "
+            "(larger than the buffer), send_error (the kernel refused to send it), "
+            "no_session (no socket to a target could be opened).",
+            labels=["listener", "reason"],
         )
-        for reason, field in DROPPED_BY_REASON.items():
-            dropped.add_metric([reason], board.total(field))
-        yield dropped
+        for row, name in listeners:
+            active.add_metric([name], board.row_live(row, DG_SESSIONS_ACTIVE))
+            opened.add_metric([name], board.row_total(row, DG_SESSIONS))
+            for direction, count, size in (
+                ("to_target", DG_TO_TARGET, DG_BYTES_TO_TARGET),
+                ("to_client", DG_TO_CLIENT, DG_BYTES_TO_CLIENT),
+            ):
+                datagrams.add_metric([name, direction], board.row_total(row, count))
+                relayed.add_metric([name, direction], board.row_total(row, size))
+            for index, reason in enumerate(DG_DROP_REASONS):
+                dropped.add_metric([name, reason], board.row_total(row, DG_DROPPED + index))
+        yield from (active, opened, datagrams, relayed, dropped)
 
     def _per_worker(self, live: set[int]) -> Iterable[Metric]:
         """By slot (a worker's identity): every live slot and every slot that ever accepted."""
@@ -226,7 +249,7 @@ class ScoreboardCollector(Collector):
             "Bytes relayed, by worker slot and direction (past workers in the slot included).",
             labels=["worker", "direction"],
         )
-        for slot in range(board.slot_count):
+        for slot in range(board.high_water()):
             count = board.counter(slot, ACCEPTED)
             if slot not in live and not count:
                 continue
@@ -272,6 +295,25 @@ def _histogram(
     upper = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
     buckets = list(zip(upper, cumulative, strict=True))
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum_ns / 1e9)
+
+
+def datagram_rows(listeners: Sequence[Listener]) -> list[tuple[int, str]]:
+    """(row, metrics label) of each datagram listener, by its index among the listeners;
+    past MAX_LISTENERS there are no rows (said in the log)."""
+    rows = []
+    for index, listener in enumerate(listeners):
+        if not listener.is_datagram:
+            continue
+        if index >= MAX_LISTENERS:
+            log.warning(
+                "datagram listener %s is listener %d: metrics are kept for the first %d only",
+                listener.label,
+                index + 1,
+                MAX_LISTENERS,
+            )
+            continue
+        rows.append((index, listener.name or listener.label))
+    return rows
 
 
 def make_registry(collector: Collector) -> CollectorRegistry:

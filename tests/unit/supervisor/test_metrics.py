@@ -21,7 +21,7 @@ from forkproxy import __version__
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import parse_metrics
 from forkproxy.settings.arguments import parse_args
-from forkproxy.shared.admission import Admission
+from forkproxy.shared.admission import ADMITTED, Admission
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import (
     ACCEPTED,
@@ -44,6 +44,7 @@ from forkproxy.shared.scoreboard import (
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.metrics.collector import ScoreboardCollector, make_registry
 from forkproxy.supervisor.metrics.endpoint import MAX_REQUEST_SIZE, MetricsEndpoint
+from tests.support.shared_memory import Shared, make_shared
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -81,17 +82,20 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def board() -> Iterator[Scoreboard]:
-    scoreboard = Scoreboard(8)
-    yield scoreboard
-    scoreboard.close()
+def shared() -> Iterator[Shared]:
+    made = make_shared(10, slots=0)
+    yield made
+    made.close()
 
 
 @pytest.fixture
-def admission() -> Iterator[Admission]:
-    made = Admission(10)
-    yield made
-    made.remove()
+def board(shared: Shared) -> Scoreboard:
+    return shared.scoreboard
+
+
+@pytest.fixture
+def admission(shared: Shared) -> Admission:
+    return shared.admission
 
 
 def _serving(board: Scoreboard, master: FakeMaster, slot: int, generation: int = 0) -> None:
@@ -120,11 +124,12 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     zero[BYTES_TO_TARGET], one[BYTES_TO_TARGET] = 1000, 1 << 40
     zero[BYTES_TO_CLIENT], one[BYTES_TO_CLIENT] = 3, 9
     zero[ACTIVE], one[ACTIVE] = 1, 2
-    tokens = [admission.try_acquire() for _ in range(3)]
+    admitter = admission.admitter(1)
+    assert [admitter.admit(None) for _ in range(3)] == [ADMITTED] * 3
 
     samples = _scrape(master, board, admission)
 
-    assert _value(samples, "forkproxy_connections_active") == 3  # from the semaphore
+    assert _value(samples, "forkproxy_connections_active") == 3  # the sum of HELD
     assert _value(samples, "forkproxy_connections_max") == 10
     assert _value(samples, "forkproxy_connections_accepted_total") == 12
     assert _value(samples, "forkproxy_connections_refused_total") == 3
@@ -147,8 +152,8 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     assert _value(samples, "process_resident_memory_bytes") > 0
     # Slots that never had a worker are left out.
     assert not [key for key in samples if ("worker", "5") in key[1]]
-    for token in tokens:
-        admission.release(token)
+    for _ in range(3):
+        admitter.release(ADMITTED)
 
 
 def test_histograms_are_cumulative_with_seconds(board: Scoreboard, admission: Admission) -> None:

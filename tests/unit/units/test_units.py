@@ -98,12 +98,12 @@ GOOD = [
     (
         "web --listen-stream 80 --executable /opt/forkproxy/bin/forkproxy 127.0.0.1:8080 -w 4",
         "web.service",
-        ["ExecStart=/opt/forkproxy/bin/forkproxy -w 4 127.0.0.1:8080"],
+        ["ExecStart=/opt/forkproxy/bin/forkproxy 127.0.0.1:8080 -w 4"],
     ),
     (
         "web --listen-stream 80 -- 127.0.0.1:8080 --exit-idle-time='5min 20s'",
         "web.service",
-        ['ExecStart=/usr/local/bin/forkproxy "--exit-idle-time=5min 20s" 127.0.0.1:8080'],
+        ['ExecStart=/usr/local/bin/forkproxy 127.0.0.1:8080 "--exit-idle-time=5min 20s"'],
     ),
     (
         "web --listen-stream 80 -- [fe80::1%eth0]:8080",
@@ -144,7 +144,7 @@ def test_file_names() -> None:
         "web.socket",
         "web@.service",
     ]
-    assert list(units("web --listen-stream 80 --metrics 9100 127.0.0.1:80")) == [
+    assert list(units("web --listen-stream 80 --metrics 127.0.0.1:9100 127.0.0.1:80")) == [
         "web.socket",
         "web-metrics.socket",
         "web.service",
@@ -319,7 +319,7 @@ BAD = [
         "invalid unit name 'wéb': use only letters, digits and ':', '-', '_', '.', '\\'",
     ),
     (
-        "a" * 248 + " --listen-stream 80 --metrics 9100 127.0.0.1:80",
+        "a" * 248 + " --listen-stream 80 --metrics 127.0.0.1:9100 127.0.0.1:80",
         "unit name '" + "a" * 248 + "-metrics.socket' is longer than 255 characters",
     ),
     (
@@ -385,8 +385,11 @@ BAD = [
         "invalid --listen-stream '[1.2.3.4]:80': expected [IPV6]:PORT, as in '[::1]:8080'",
     ),
     (
-        "web --listen-stream [fe80::1%eth0]:80 127.0.0.1:80",
-        "invalid --listen-stream '[fe80::1%eth0]:80': expected [IPV6]:PORT, as in '[::1]:8080'",
+        "web --listen-stream [fe80::1%]:80 127.0.0.1:80",
+        (
+            "invalid --listen-stream '[fe80::1%]:80': '%' is not an interface name or number "
+            "(at most 15 characters, none of ':', '/', '%', space)"
+        ),
     ),
     (
         "web --listen-stream /run/x 127.0.0.1:80",
@@ -470,14 +473,14 @@ BAD = [
         "invalid --max-connections 'x': expected an integer in 1-4294967295",
     ),
     (
-        "web --listen-stream 80 --accept --metrics 9100 127.0.0.1:80",
+        "web --listen-stream 80 --accept --metrics 127.0.0.1:9100 127.0.0.1:80",
         "--metrics cannot be used with --accept: an instance serves one connection",
     ),
     (
         "web --listen-stream 80 --accept 127.0.0.1:80 -c 5",
         (
-            "forkproxy option --connections-max has no effect with --accept (one connection per "
-            "instance): use --max-connections"
+            "forkproxy option '--connections-max' means nothing with --accept: use "
+            "--max-connections (MaxConnections=), which caps the instances"
         ),
     ),
     (
@@ -668,9 +671,9 @@ def test_quote_exec_arg(arg: str, quoted: str) -> None:
     assert quote_exec_arg(arg) == quoted
 
 
-def test_forkproxy_options_precede_the_target_in_exec_start() -> None:
+def test_exec_start_keeps_the_order_given() -> None:
     got = lines("web --listen-stream 80 -- /run/a -c 10 --exit-idle-time '1 min'", "web.service")
-    assert 'ExecStart=/usr/local/bin/forkproxy -c 10 --exit-idle-time "1 min" /run/a' in got
+    assert 'ExecStart=/usr/local/bin/forkproxy /run/a -c 10 --exit-idle-time "1 min"' in got
 
 
 # ---- the program ------------------------------------------------------------------------
@@ -758,7 +761,7 @@ def test_output_dir_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     argv[-1] = "127.0.0.1:80"
     assert run(argv) == 1
     assert capsys.readouterr().err == (
-        f"forkproxy-units: cannot write '{tmp_path / 'file'}': File exists\n"
+        f"forkproxy-units: cannot create directory '{tmp_path / 'file'}': File exists\n"
     )
 
 
