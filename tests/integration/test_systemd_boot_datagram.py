@@ -20,11 +20,13 @@ def start(booted: BootedSystemd, command: str, unit: str) -> None:
     booted.systemctl("start", f"{unit}.socket")
 
 
-def udp_exchanges(booted: BootedSystemd, target: socket.socket, port: int) -> list[bytes]:
+def udp_exchanges(
+    booted: BootedSystemd, target: socket.socket, port: int, source: str = "127.0.0.1"
+) -> list[bytes]:
     """Three queries through the unit from one client; the target answers each."""
     target.settimeout(CLIENT_TIMEOUT)
     replies = []
-    with booted.socket(socket.AF_INET, socket.SOCK_DGRAM, bind=["127.0.0.1", 0]) as client:
+    with booted.socket(socket.AF_INET, socket.SOCK_DGRAM, bind=[source, 0]) as client:
         client.settimeout(CLIENT_TIMEOUT)
         client.connect(("127.0.0.1", port))
         for number in range(3):
@@ -44,6 +46,18 @@ def test_a_listen_datagram_unit_relays_to_a_udp_target(systemd_boot: BootedSyste
             ]
         finally:
             print(systemd_boot.journal("dns.socket", "dns.service"))
+
+
+def test_replies_leave_through_the_passed_socket_whatever_the_ip_allow_list(
+    systemd_boot: BootedSystemd,
+) -> None:
+    """IPAddressAllow= names the target only: a client at 127.0.0.2 still gets its
+    replies, sent from the socket systemd made, which the service's list does not filter."""
+    start(systemd_boot, "dns --listen-datagram 5303 -- udp:127.0.0.1:9054", "dns")
+    with systemd_boot.socket(socket.AF_INET, socket.SOCK_DGRAM, bind=["127.0.0.1", 9054]) as t:
+        assert udp_exchanges(systemd_boot, t, 5303, source="127.0.0.2") == [
+            b"answer to query %d" % number for number in range(3)
+        ]
 
 
 def test_a_unix_datagram_target_replies_under_the_sandbox(systemd_boot: BootedSystemd) -> None:
