@@ -10,6 +10,7 @@ gets it held (copied) while the listener is not read: backpressure. It ends sess
 Never logs itself: what it drops goes to `Drops` (datagram_drops.py).
 """
 
+import _socket
 import errno
 import socket
 import time
@@ -188,7 +189,7 @@ class DatagramListener:
         assert error is not None
         self.no_session(session, error)
 
-    def attach(self, session: Session, sock: socket.socket, index: int) -> None:
+    def attach(self, session: Session, sock: _socket.socket, index: int) -> None:
         """`session`'s socket is connected: watch it, and send what it held meanwhile."""
         session.attach(sock, index)
         self.relay.poller.add_reader(session.fd, session.on_readable)  # type: ignore[arg-type]
@@ -268,7 +269,7 @@ class DatagramListener:
         if is_refusal(error):
             self._target_refused(session, error)
 
-    def _resend(self, sock: socket.socket, datagram: memoryview) -> bool:
+    def _resend(self, sock: _socket.socket, datagram: memoryview) -> bool:
         if sock.family != socket.AF_UNIX or not grow_send_buffer(sock, len(datagram)):
             return False
         try:

@@ -10,6 +10,7 @@ few, copied) while the name is resolved. Never reads the listener, admits or log
 its `DatagramListener` (datagram.py) does.
 """
 
+import _socket
 import errno
 import socket
 from collections.abc import Callable
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from forkproxy.relay.datagram import DatagramListener
 
 _MSG_TRUNC = socket.MSG_TRUNC
-REPLIES_PER_WAKEUP = 8  # replies a session moves per readable event, at most
+_SESSION_TYPE = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 PENDING_MAX = 16  # datagrams held while the target's name is resolved; more are dropped
 
 # Why a session ended (the access log's end=, once it exists).
@@ -36,10 +37,14 @@ Address = Any
 _NO_ADDRESS = OSError(errno.EDESTADDRREQ, "the client has no address to reply to")
 
 
-def open_session_socket(family: int, sockaddr: object) -> socket.socket:
+def open_session_socket(family: int, sockaddr: object) -> _socket.socket:
     """A non-blocking datagram socket connected to a target, bound to an address of its
-    own where the target's replies come back; OSError if it cannot be made."""
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    own where the target's replies come back; OSError if it cannot be made.
+
+    A bare `_socket.socket`: the `socket.socket` subclass adds nothing a session uses and
+    costs a Python-level constructor per session (--datagram-replies=1: one per request).
+    """
+    sock = _socket.socket(family, _SESSION_TYPE)
     try:
         if family == socket.AF_UNIX:
             sock.bind("")  # autobind: an abstract name of its own (unix(7))
@@ -82,7 +87,7 @@ class Session:
     ) -> None:
         self.owner: DatagramListener | None = owner  # None once ended: no cycle outlives it
         self.client = client  # its address, the key of its owner's sessions
-        self.sock: socket.socket | None = None  # None while its target is resolved
+        self.sock: _socket.socket | None = None  # None while its target is resolved
         self.fd = -1
         self.send: Callable[[memoryview | bytes], int] | None = None
         self.target_index = -1  # in its owner's target group
@@ -99,7 +104,7 @@ class Session:
         self.on_readable: Callable[[], None] | None = self._on_readable
         self.on_writable: Callable[[], None] | None = self._on_writable
 
-    def attach(self, sock: socket.socket, target_index: int) -> None:
+    def attach(self, sock: _socket.socket, target_index: int) -> None:
         """The session's socket is connected to target `target_index`: use it."""
         self.sock = sock
         self.fd = sock.fileno()
@@ -107,44 +112,40 @@ class Session:
         self.target_index = target_index
 
     def _on_readable(self) -> None:
-        """Replies from the target: each to the client, from the listening socket."""
+        """A reply from the target: to the client, from the listening socket. One per
+        readable event: most sessions get one at a time, and a second read would mostly
+        find nothing (EAGAIN, an exception); a session with more queued is ready again at
+        once (the poller is level-triggered)."""
         owner = self.owner
         sock = self.sock
         if owner is None or sock is None:
             return
-        buffer = owner.buffer
-        view = owner.view
-        size = owner.size
-        reply = owner.reply
-        row = owner.row
-        recv_into = sock.recv_into
+        try:
+            count = sock.recv_into(owner.buffer, 0, _MSG_TRUNC)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            owner.on_session_error(self, error)
+            return
+        self.active = True
         client = self.client
-        for _ in range(REPLIES_PER_WAKEUP):
-            try:
-                count = recv_into(buffer, 0, _MSG_TRUNC)
-            except BlockingIOError:
-                return
-            except OSError as error:
-                owner.on_session_error(self, error)
-                return
-            self.active = True
-            if count > size:
-                owner.drops.truncated(owner.family, client, count, size)
-                continue
-            try:
-                if client is None:
-                    raise _NO_ADDRESS
-                reply(view[:count], client)
-            except OSError as error:
-                owner.drops.reply(owner.family, client, error)
-                continue
-            self.bytes_to_client += count
-            row[DG_TO_CLIENT] += 1
-            row[DG_BYTES_TO_CLIENT] += count
-            self.replies += 1
-            if self.replies == owner.replies_max:
-                owner.end_session(self, END_REPLIES)
-                return
+        if count > owner.size:
+            owner.drops.truncated(owner.family, client, count, owner.size)
+            return
+        try:
+            if client is None:
+                raise _NO_ADDRESS
+            owner.reply(owner.view[:count], client)
+        except OSError as error:
+            owner.drops.reply(owner.family, client, error)
+            return
+        self.bytes_to_client += count
+        row = owner.row
+        row[DG_TO_CLIENT] += 1
+        row[DG_BYTES_TO_CLIENT] += count
+        self.replies += 1
+        if self.replies == owner.replies_max:
+            owner.end_session(self, END_REPLIES)
 
     def _on_writable(self) -> None:
         """The target can take the datagram its owner holds for this session."""

@@ -11,6 +11,7 @@ is anonymous and private: a page is touched only once a message that large comes
 Never reads or sends itself.
 """
 
+import _socket
 import mmap
 import socket
 
@@ -47,7 +48,7 @@ def message_buffer(unix: bool) -> MessageBuffer:
     return MessageBuffer(max(UDP_MESSAGE_MAX, unix_message_max()) if unix else UDP_MESSAGE_MAX)
 
 
-def grow_send_buffer(sock: socket.socket, size: int) -> bool:
+def grow_send_buffer(sock: _socket.socket, size: int) -> bool:
     """Make room for a message of `size` bytes in `sock`'s send buffer (a unix message
     must fit it whole: EMSGSIZE otherwise). False if the kernel keeps it smaller: it
     doubles what is asked, up to twice net.core.wmem_max."""
