@@ -1,32 +1,48 @@
-"""The `forkproxy` command: argv to settings, then run; an error becomes one stderr line.
+"""The `forkproxy` command: argv to settings, then run or check; errors become stderr lines.
 
-Parsing is `settings.arguments`, running is `supervisor.run`. A `ForkproxyError` is
-printed as `forkproxy: <message>` with exit status 1, as systemd-socket-proxyd's errors
-are; anything else is a bug and keeps its traceback.
+Parsing is `settings.arguments`, running is `supervisor.run`, `--check` is
+`supervisor.check`. A `ForkproxyError` is printed as `forkproxy: <message>` on one line
+with exit status 1, as systemd-socket-proxyd's errors are; --check prints every error
+found, one line each, and exits 2, as `nginx -t` and `haproxy -c` fail. Anything else
+is a bug and keeps its traceback.
 """
 
 import signal
 import sys
 from typing import NoReturn
 
-from forkproxy.errors import ForkproxyError
-from forkproxy.settings.arguments import parse_args
+from forkproxy.errors import ForkproxyError, UsageErrors
+from forkproxy.settings.arguments import parse_args, wants_check
 from forkproxy.settings.quoting import printable
 from forkproxy.supervisor.signals import MASTER_SIGNALS
 
 EXIT_FAILURE = 1
+EXIT_CHECK_FAILED = 2
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Console entry point: run forkproxy and exit with its status."""
+    """Console entry point: run forkproxy (or check its settings) and exit with its status."""
     signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see supervisor/signals.py
+    if argv is None:
+        argv = sys.argv[1:]
+    check = wants_check(argv)
     try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
+        config = parse_args(argv)
+        if check:
+            from forkproxy.supervisor.check import check_settings
+
+            # No master will handle them: a SIGTERM during a slow lookup ends the check.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+            for line in check_settings(config):
+                print(printable(line))
+            sys.exit(0)
         from forkproxy.supervisor.run import run  # after parsing: --help stays fast
 
         status = run(config)
     except ForkproxyError as error:
-        # One line whatever the message quotes: no newline or terminal escape gets out.
-        print(f"forkproxy: {printable(str(error))}", file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
+        lines = error.messages if check and isinstance(error, UsageErrors) else [str(error)]
+        for line in lines:
+            # One line whatever the message quotes: no newline or terminal escape gets out.
+            print(f"forkproxy: {printable(line)}", file=sys.stderr)
+        sys.exit(EXIT_CHECK_FAILED if check else EXIT_FAILURE)
     sys.exit(status)

@@ -4,9 +4,10 @@ Two ways to get here: Accept=yes, where the only socket passed (LISTEN_FDS=1) is
 connected stream socket rather than a listener; and --inetd (StandardInput=socket), where
 the connection is standard input. No workers, no scoreboard: one uvloop loop in this
 process runs the same target connect and splice relay as a worker does, with the same
-relay options (several targets, timeouts, socket options, PROXY header, pipe size);
---route and --metrics do not apply, there being neither listener nor master. Exit status
-0 when the connection ends, 1 if no target can be reached.
+relay options (several targets, timeouts, socket options, PROXY header, pipe size), the
+global ones: --route, listener sections and --metrics do not apply, there being neither
+listener nor master. Exit status 0 when the connection ends, 1 if no target can be
+reached.
 """
 
 import logging
@@ -53,9 +54,17 @@ def relay_connection(config: Config, fd: int, what: str, notifier: Notifier) -> 
     if not is_connection(fd):
         raise ForkproxyError(f"{what} is not a connected stream socket")
     # --inetd refuses them on the command line; Accept=yes is known only now.
-    for option, value in (("--metrics", config.metrics), ("--route", config.routes)):
+    for option, value in (
+        ("--metrics", config.metrics),
+        ("--route/listener sections", config.listeners),
+    ):
         if value:
             log.warning("%s does not apply to one connection (Accept=yes), ignoring it", option)
+    if not config.targets:
+        raise ForkproxyError(
+            f"no target for {what}: per-listener targets do not apply to one connection "
+            "(Accept=yes); give targets as arguments or at the top of the configuration file"
+        )
     client = socket.socket(fileno=fd)
     client.setblocking(False)
     try:

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.capacity_wait import CapacityWaiter
-from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions, set_socket_options
-from forkproxy.relay.targets import TargetGroup
+from forkproxy.relay.target_connect import set_socket_options
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.options import ON_LIMIT_QUEUE
 from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
@@ -32,6 +31,7 @@ from forkproxy.shared.per_source import source_key
 from forkproxy.shared.scoreboard import ACCEPTED, ACTIVE, REFUSED
 
 if TYPE_CHECKING:
+    from forkproxy.relay.plans import ListenerPlan
     from forkproxy.relay.worker import Worker
 
 log = logging.getLogger("forkproxy")
@@ -44,27 +44,12 @@ ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
 FD_HEADROOM = 32
 
 
-class _ListenerPlan:
-    """What a worker does with the clients of one listener, worked out once."""
-
-    __slots__ = ("listener", "family", "kind", "group", "client_options")
-
-    def __init__(
-        self, listener: Listener, group: TargetGroup, client_options: SocketOptions
-    ) -> None:
-        self.listener = listener
-        self.family = listener.sock.family
-        self.kind = listener.kind  # stream or sequential-packet: what accept() returns
-        self.group = group  # where its clients go (--route, else the positional targets)
-        self.client_options = client_options  # setsockopt(2) on each client: TCP only
-
-
 class _Held:
     """Queue mode: the client a worker holds while it waits for capacity."""
 
     __slots__ = ("fd", "peer", "plan", "key")
 
-    def __init__(self, fd: int, peer: object, plan: _ListenerPlan, key: bytes | None) -> None:
+    def __init__(self, fd: int, peer: object, plan: "ListenerPlan", key: bytes | None) -> None:
         self.fd = fd
         self.peer = peer
         self.plan = plan
@@ -74,16 +59,13 @@ class _Held:
 class Acceptor:
     """Takes a worker's clients off its listeners and admits or refuses each."""
 
-    def __init__(
-        self, worker: "Worker", groups: Mapping[int, TargetGroup], tcp_options: SocketOptions
-    ) -> None:
+    def __init__(self, worker: "Worker", plans: Mapping[int, "ListenerPlan"]) -> None:
         self.worker = worker  # draining or not
         self.config = worker.config
         self.loop = worker.loop
         self.poller = worker.poller
         self.listeners = worker.listeners
         self.admitter = worker.admitter
-        self.per_source = self.config.max_connections_per_source  # 0: no key to look up
         self.slot = worker.slot
         self.events_fd = worker.spec.events_fd  # any descriptor of ours, to probe the lowest free
         self.connect = worker.connector.connect
@@ -95,14 +77,7 @@ class Acceptor:
         self.accept_callbacks = {
             listener.fd: partial(self.on_listener_readable, listener) for listener in self.listeners
         }
-        self.plans = {
-            listener.fd: _ListenerPlan(
-                listener,
-                groups[listener.fd],
-                tcp_options if listener.sock.family in TCP_FAMILIES else (),
-            )
-            for listener in self.listeners
-        }
+        self.plans = plans  # by listener fd: its family, options, per-source limit, route
         self.queue_on_limit = self.config.on_limit == ON_LIMIT_QUEUE
         self.held: _Held | None = None  # queue mode: the client waiting for capacity
         self.waiter: CapacityWaiter | None = None  # queue: started when first needed
@@ -132,7 +107,7 @@ class Acceptor:
         family = listener.sock.family
         plan = self.plans[listener.fd]
         admit = self.admitter.admit
-        per_source = self.per_source
+        source_limit = plan.source_limit  # 0: no key to look up
         for _ in range(ACCEPT_BATCH):
             if not self.accepting:  # paused by the client before: short of descriptors
                 return
@@ -157,17 +132,17 @@ class Acceptor:
                     ACCEPT_PAUSE,
                 )
                 self.pause()
-            key = source_key(family, peer) if per_source else None
-            token = admit(key)
+            key = source_key(family, peer) if source_limit else None
+            token = admit(key, source_limit)
             if token >= ADMITTED:
                 self._admit(fd, peer, plan, token)
             elif token == REFUSED_CAP and self.queue_on_limit:
                 self._hold(_Held(fd, peer, plan, key))
                 return
             else:
-                self._refuse(fd, family, peer, token)
+                self._refuse(fd, plan, peer, token)
 
-    def _admit(self, fd: int, peer: object, plan: _ListenerPlan, token: int) -> None:
+    def _admit(self, fd: int, peer: object, plan: "ListenerPlan", token: int) -> None:
         """An admitted client: connect it to a target (`token` goes back to the admitter)."""
         slot = self.slot
         slot[ACCEPTED] += 1
@@ -179,9 +154,10 @@ class Acceptor:
                 set_socket_options(client, plan.client_options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
-        self.connect(client, token, peer, plan.group)
+        self.connect(client, token, peer, plan.route)
 
-    def _refuse(self, fd: int, family: int, peer: object, why: int) -> None:
+    def _refuse(self, fd: int, plan: "ListenerPlan", peer: object, why: int) -> None:
+        family = plan.family
         self.slot[REFUSED] += 1  # before the close: a kill between them must not hide it
         os.close(fd)
         if why == REFUSED_CAP:
@@ -198,7 +174,7 @@ class Acceptor:
         else:
             self.source_refusals.log(
                 "connection limit %d per source reached, refusing connection from %s",
-                self.per_source,
+                plan.source_limit,
                 format_sockaddr(family, peer),
             )
 
@@ -227,7 +203,7 @@ class Acceptor:
             return
         admitter = self.admitter
         seq = admitter.capacity_seq()  # before the attempt: a release after it changes seq
-        token = admitter.admit(held.key)
+        token = admitter.admit(held.key, held.plan.source_limit)
         if token in (REFUSED_CAP, REFUSED_BUSY):
             assert self.waiter is not None
             self.waiter.wait(seq)
@@ -237,7 +213,7 @@ class Acceptor:
         if token >= ADMITTED:
             self._admit(held.fd, held.peer, held.plan, token)
         else:
-            self._refuse(held.fd, held.plan.family, held.peer, token)
+            self._refuse(held.fd, held.plan, held.peer, token)
         if not self.worker.draining:
             self.start()
 

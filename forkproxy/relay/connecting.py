@@ -1,12 +1,13 @@
 """A worker's admitted clients on their way to a relay: connect, time out, fail, retry.
 
-`Connector` opens each admitted client's connection to its target group (targets.py,
-target_connect.py) without blocking, keeps the clients whose connect is under way as
-`_PendingClient`s for the --connect-timeout sweep, sends the PROXY header when asked,
-and hands both sockets to a `Relay` (splice.py). A connect that fails closes its client
-with one warning; one that found no free descriptor keeps its client and pauses
-accepting instead. Owns the open relays until they close and the --idle-timeout sweep
-over them. Never accepts or admits.
+`Connector` opens each admitted client's connection to the target group of its
+listener's `Route` (plans.py, targets.py, target_connect.py) without blocking, keeps
+the clients whose connect is under way as `_PendingClient`s for the --connect-timeout
+sweep, sends the PROXY header when the route asks, and hands both sockets to a `Relay`
+(splice.py). A connect that fails closes its client with one warning; one that found
+no free descriptor keeps its client and pauses accepting instead. Owns the open relays
+until they close (a route's --idle-timeout sweep watches its own). Never accepts or
+admits.
 """
 
 import errno
@@ -15,22 +16,17 @@ import math
 import socket
 import time
 from bisect import bisect_left
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.accepting import ACCEPT_PAUSE
-from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
+from forkproxy.relay.plans import Route, min_connect_timeout
+from forkproxy.relay.proxy_protocol import HeaderEncoder
 from forkproxy.relay.seqpacket import MessageRelay
-from forkproxy.relay.splice import PEER_GONE_ERRNOS, Direction, IdleDirection, Relay
-from forkproxy.relay.target_connect import (
-    TCP_FAMILIES,
-    SocketOptions,
-    TargetConnect,
-    send_proxy_header,
-)
-from forkproxy.relay.targets import COOLDOWN, FailoverConnect, TargetGroup
-from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
+from forkproxy.relay.splice import PEER_GONE_ERRNOS, Relay
+from forkproxy.relay.target_connect import TCP_FAMILIES, TargetConnect, send_proxy_header
+from forkproxy.relay.targets import COOLDOWN, FailoverConnect
+from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.settings.kinds import SEQPACKET
 from forkproxy.shared.scoreboard import (
@@ -64,7 +60,7 @@ class _PendingClient:
         "started",
         "peer",
         "connect",
-        "group",
+        "route",
     )
 
     def __init__(
@@ -73,7 +69,7 @@ class _PendingClient:
         client: socket.socket,
         token: int,
         peer: object,
-        group: TargetGroup,
+        route: Route,
     ) -> None:
         self.connector = connector
         self.client = client
@@ -81,7 +77,7 @@ class _PendingClient:
         self.started = time.monotonic()
         self.peer = peer
         self.connect: TargetConnect | FailoverConnect | None = None
-        self.group = group
+        self.route = route  # its listener's: target group, PROXY header, pipes
 
     def on_connected(self, target: socket.socket) -> None:
         self.connector.on_target_connected(self, target)
@@ -93,43 +89,26 @@ class _PendingClient:
 class Connector:
     """Connects a worker's admitted clients and keeps their relays until they close."""
 
-    def __init__(self, worker: "Worker", tcp_options: SocketOptions) -> None:
+    def __init__(self, worker: "Worker") -> None:
         self.worker = worker  # draining or not; its acceptor, paused when short of fds
-        config = self.config = worker.config
+        self.config = worker.config
         self.loop = worker.loop
         self.poller = worker.poller
-        self.pool = worker.pool
         self.slot = worker.slot
-        self.tcp_options = tcp_options
         self.connection_ended = worker.connection_ended
         self.pending: set[_PendingClient] = set()
         self.relays: set[Relay] = set()
         self.connect_failures = logs.RateLimitedLog(log, logging.WARNING)
         self.relay_failures = logs.RateLimitedLog(log, logging.WARNING)
         self.target_failures = logs.RateLimitedLog(log, logging.WARNING)
-        self.proxy_header: HeaderEncoder | None = None
-        if config.proxy_protocol:
-            self.proxy_header = header_encoder(1 if config.proxy_protocol == 1 else 2)
-        self.direction: type[Direction] = Direction
-        self.idle_sweep: LazySweep | None = None
-        if config.idle_timeout != math.inf:
-            self.direction = IdleDirection
-            self.idle_sweep = LazySweep(
-                self.loop, sweep_interval(config.idle_timeout), self.relays, self._sweep_idle
-            )
+        # One sweep for every listener's connects, as often as the shortest timeout needs:
+        # each attempt keeps its own deadline.
         self.connect_sweep: LazySweep | None = None
-        if config.connect_timeout != math.inf:
+        connect_timeout = min_connect_timeout(worker.listeners, self.config)
+        if connect_timeout != math.inf:
             self.connect_sweep = LazySweep(
-                self.loop,
-                sweep_interval(config.connect_timeout),
-                self.pending,
-                self._sweep_connects,
+                self.loop, sweep_interval(connect_timeout), self.pending, self._sweep_connects
             )
-
-    def make_group(self, targets: Sequence[TargetAddress]) -> TargetGroup:
-        return TargetGroup(
-            targets, self.config.connect_timeout, self.tcp_options, self._on_target_failed
-        )
 
     def open_count(self) -> int:
         """Connections open: relaying, or still connecting."""
@@ -142,14 +121,14 @@ class Connector:
         client: socket.socket,
         token: int,
         peer: object,
-        group: TargetGroup,
+        route: Route,
     ) -> None:
-        pending = _PendingClient(self, client, token, peer, group)
+        pending = _PendingClient(self, client, token, peer, route)
         self.pending.add(pending)
         self._start_connect(pending)
 
     def _start_connect(self, pending: _PendingClient) -> None:
-        attempt = pending.group.connect(
+        attempt = pending.route.group.connect(
             self.loop, self.poller, pending.on_connected, pending.on_failed
         )
         # On loopback the connect usually ended (on_target_connected or on_connect_failed ran)
@@ -163,7 +142,7 @@ class Connector:
     def _sweep_connects(self, now: float) -> None:
         sweep_connects([p.connect for p in self.pending if p.connect is not None], now)
 
-    def _on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
+    def on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
         if newly:
             self.target_failures.log(
                 "cannot connect to upstream '%s': %s; trying the other targets, and it only "
@@ -184,56 +163,62 @@ class Connector:
             CONNECT_DURATION_SUM_NS,
             time.monotonic() - pending.started,
         )
-        if pending.group.targets[0].kind == SEQPACKET:  # messages: no PROXY header, no splice
-            relay: Relay = self._message_relay(pending.client, target)
-        elif self.proxy_header is not None and not self._send_proxy_header(pending, target):
+        route = pending.route
+        proxy_header = route.proxy_header
+        if route.group.targets[0].kind == SEQPACKET:  # messages: no PROXY header, no splice
+            relay: Relay = self._message_relay(pending.client, target, route)
+        elif proxy_header is not None and not self._send_proxy_header(
+            pending, target, proxy_header
+        ):
             return
         else:
             relay = Relay(
                 self.poller,
-                self.pool,
+                route.pool,
                 pending.client,
                 target,
                 slot,
                 BYTES_TO_TARGET,
                 BYTES_TO_CLIENT,
-                self.on_relay_closed,
-                self.direction,
+                route.on_relay_closed,
+                route.direction,
             )
         relay.token = pending.token
         relay.started = pending.started
         relay.peer = pending.peer
         self.relays.add(relay)
-        idle_sweep = self.idle_sweep
+        idle_sweep = route.idle_sweep
         if idle_sweep is not None:
             relay.quiet_since = time.monotonic()
+            route.idle_relays.add(relay)
             idle_sweep.arm()
         relay.start()
 
-    def _message_relay(self, client: socket.socket, target: socket.socket) -> Relay:
+    def _message_relay(self, client: socket.socket, target: socket.socket, route: Route) -> Relay:
         buffer = self.worker.message_buffer
         assert buffer is not None  # made for the worker's sequential-packet listeners
         return MessageRelay(
             self.poller,
-            self.pool,
+            route.pool,
             buffer,
             client,
             target,
             self.slot,
             BYTES_TO_TARGET,
             BYTES_TO_CLIENT,
-            self.on_relay_closed,
-            self.idle_sweep is not None,
+            route.on_relay_closed,
+            route.idle_sweep is not None,
         )
 
-    def _send_proxy_header(self, pending: _PendingClient, target: socket.socket) -> bool:
+    def _send_proxy_header(
+        self, pending: _PendingClient, target: socket.socket, encode: HeaderEncoder
+    ) -> bool:
         """--proxy-protocol: the header first, in one send(2); False if that failed."""
-        assert self.proxy_header is not None
         client = pending.client
         family = client.family
         try:
             local = client.getsockname() if family in TCP_FAMILIES else None
-            send_proxy_header(target, self.proxy_header(pending.peer, local, family))
+            send_proxy_header(target, encode(pending.peer, local, family))
         except OSError as error:
             target.close()
             reason = f"sending the PROXY protocol header: {error.strerror or error}"
@@ -250,7 +235,7 @@ class Connector:
             acceptor = self.worker.acceptor
             acceptor.failures.log(
                 "cannot open a connection to upstream %s: %s; pausing accepts for %gs",
-                pending.group.label,
+                pending.route.group.label,
                 error.strerror or error,
                 ACCEPT_PAUSE,
             )
@@ -261,7 +246,7 @@ class Connector:
         self.slot[CONNECT_ERRORS] += 1
         self.connect_failures.log(
             "cannot connect to upstream %s for %s: %s, closing connection",
-            pending.group.label,
+            pending.route.group.label,
             format_sockaddr(pending.client.family, pending.peer),
             error.strerror or error,
         )
@@ -274,9 +259,6 @@ class Connector:
         self._start_connect(pending)
 
     # -- relaying and closing ------------------------------------------------------------
-
-    def _sweep_idle(self, now: float) -> None:
-        sweep_idle(self.relays, now, self.config.idle_timeout)
 
     def on_relay_closed(self, relay: Relay) -> None:
         self.relays.discard(relay)

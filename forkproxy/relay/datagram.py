@@ -30,14 +30,14 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.datagram_listener import DatagramListener
 from forkproxy.relay.datagram_session import END_STOPPED, END_TIMEOUT, Session, open_session_socket
 from forkproxy.relay.messages import MessageBuffer
-from forkproxy.relay.targets import COOLDOWN, TargetGroup, route_groups
+from forkproxy.relay.targets import COOLDOWN, TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_interval
 from forkproxy.settings.address import TargetAddress
 from forkproxy.shared.layout import DG_SESSIONS, DG_SESSIONS_ACTIVE, LAST_ACTIVITY_NS
@@ -68,32 +68,32 @@ class DatagramRelay:
         admitter = worker.admitter
         self.admit = admitter.admit
         self.release = admitter.release
-        self.per_source = config.max_connections_per_source  # 0: no key to look up
         self.connections_max = config.connections_max
-        self.replies_max = config.datagram_replies
-        self.timeout = config.datagram_timeout
         self.draining = False
         self.sessions: set[Session] = set()  # open, of every listener: what the sweep watches
         self.target_failures = logs.RateLimitedLog(log, logging.WARNING)
-        groups: Mapping[int, TargetGroup] = route_groups(
-            [listener for listener, _ in listeners], config.targets, config.routes, self._make_group
-        )
-        self.listeners = [
-            DatagramListener(self, listener, row, groups[listener.fd], buffer)
-            for listener, row in listeners
-        ]
+        # Each listener's settings (its [listeners.NAME] section or --route, else the
+        # global ones); listeners with the same targets share a group, and so its
+        # round-robin and cool-down.
+        groups: dict[tuple[TargetAddress, ...], TargetGroup] = {}
+        self.listeners = []
+        for listener, row in listeners:
+            settings = config.settings_for(listener.name)
+            group = groups.get(settings.targets)
+            if group is None:
+                group = groups[settings.targets] = TargetGroup(
+                    settings.targets, on_target_failed=self._on_target_failed
+                )
+            self.listeners.append(DatagramListener(self, listener, row, group, buffer, settings))
+        timeouts = [listener.timeout for listener in self.listeners]
         self.sweep: LazySweep | None = None
-        if self.timeout != math.inf:
-            self.sweep = LazySweep(
-                self.loop, sweep_interval(self.timeout), self.sessions, self._sweep
-            )
+        if min(timeouts, default=math.inf) != math.inf:
+            interval = sweep_interval(min(timeouts))
+            self.sweep = LazySweep(self.loop, interval, self.sessions, self._sweep)
 
     def __len__(self) -> int:
         """Sessions open."""
         return len(self.sessions)
-
-    def _make_group(self, targets: Sequence[TargetAddress]) -> TargetGroup:
-        return TargetGroup(targets, on_target_failed=self._on_target_failed)
 
     def _on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
         if newly:
@@ -178,14 +178,14 @@ class DatagramRelay:
         listener.no_session(session, error)
 
     def _sweep(self, now: float) -> None:
-        """End sessions without a datagram either way for --datagram-timeout (met late by
-        up to two sweep intervals, as --idle-timeout is: timeouts.sweep_idle)."""
-        timeout = self.timeout
+        """End sessions without a datagram either way for their listener's
+        --datagram-timeout (met late by up to two sweep intervals of the shortest one, as
+        --idle-timeout is: timeouts.sweep_idle)."""
         for session in list(self.sessions):
             if session.active:
                 session.active = False
                 session.quiet_since = now
-            elif now - session.quiet_since >= timeout:
-                owner = session.owner
-                if owner is not None:
-                    owner.end_session(session, END_TIMEOUT)
+                continue
+            owner = session.owner
+            if owner is not None and now - session.quiet_since >= owner.timeout:
+                owner.end_session(session, END_TIMEOUT)

@@ -26,6 +26,7 @@ from forkproxy.relay.datagram_session import (
 )
 from forkproxy.relay.messages import MessageBuffer, grow_send_buffer
 from forkproxy.relay.targets import LOCAL_ERRNOS, TargetGroup
+from forkproxy.settings.config import ListenerSettings
 from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
 from forkproxy.shared.layout import DG_BYTES_TO_TARGET, DG_TO_TARGET
 from forkproxy.shared.listener import Listener
@@ -55,7 +56,9 @@ class DatagramListener:
         "size",
         "row",
         "drops",
+        "source_limit",
         "replies_max",
+        "timeout",
         "reading",
         "held",
         "held_datagram",
@@ -69,6 +72,7 @@ class DatagramListener:
         row: memoryview,
         group: TargetGroup,
         buffer: MessageBuffer,
+        settings: ListenerSettings,
     ) -> None:
         self.relay = relay
         self.listener = listener
@@ -84,7 +88,9 @@ class DatagramListener:
         self.size = buffer.size
         self.row = row  # the listener's counters in the worker's slot
         self.drops = Drops(row)
-        self.replies_max = relay.replies_max
+        self.source_limit = settings.connections_max_per_source  # 0: no key to look up
+        self.replies_max = settings.datagram_replies  # 0: never reached
+        self.timeout = settings.datagram_timeout
         self.reading = False
         self.held: Session | None = None  # whose datagram waits for its target to take it
         self.held_datagram = b""
@@ -149,7 +155,7 @@ class DatagramListener:
     def _open(self, client: object) -> Session | None:
         """A session for a new client, or None (its datagram dropped and counted)."""
         relay = self.relay
-        per_source = relay.per_source
+        per_source = self.source_limit
         token = relay.admit(source_key(self.family, client) if per_source else None)
         if token < ADMITTED:
             if token == REFUSED_CAP:

@@ -1,11 +1,12 @@
-"""Which target a connection goes to: routes by listener name, round-robin, cool-down.
+"""Which target a connection goes to: round-robin and cool-down over a group of targets.
 
-Each listener gets a `TargetGroup`: its `--route NAME=TARGET` targets, or the positional
-targets. A group of one target connects to it directly (nothing extra per connection).
-A group of several spreads connections round-robin over the healthy ones; a target that
-fails to connect is skipped for `COOLDOWN` seconds and the connection tries the next, so
-a client fails only when every target has. The state is per worker: each learns of a
-failure by meeting it, which needs no shared memory. Never logs; the worker passes
+Each listener's route (plans.py) has a `TargetGroup`: the targets its settings give
+(`[listeners.NAME]` targets, `--route NAME=TARGET`), else the global ones. A group of
+one target connects to it directly (nothing extra per connection). A group of several
+spreads connections round-robin over the healthy ones; a target that fails to connect
+is skipped for `COOLDOWN` seconds and the connection tries the next, so a client fails
+only when every target has. The state is per worker: each learns of a failure by
+meeting it, which needs no shared memory. Never logs; the worker passes
 `on_target_failed` to report failures.
 """
 
@@ -13,16 +14,12 @@ import errno
 import math
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from forkproxy.errors import ForkproxyError
 from forkproxy.relay.splice import Readiness
 from forkproxy.relay.target_connect import SocketOptions, TargetConnect
 from forkproxy.settings.address import TargetAddress
-from forkproxy.settings.kinds import kind_mismatch
-from forkproxy.settings.options import Route
-from forkproxy.shared.listener import Listener
 
 if TYPE_CHECKING:
     import asyncio
@@ -177,51 +174,3 @@ class FailoverConnect:
         if current is not None:
             self.current = None
             current.cancel()
-
-
-def route_groups(
-    listeners: Iterable[Listener],
-    default: Sequence[TargetAddress],
-    routes: Sequence[Route],
-    make_group: Callable[[Sequence[TargetAddress]], TargetGroup],
-) -> dict[int, TargetGroup]:
-    """Each listener's group, by fd: its route's targets, else the default targets.
-
-    Listeners that share targets share one group (and so one round-robin and cool-down).
-    """
-    by_name = {route.name: route.targets for route in routes}
-    groups: dict[tuple[TargetAddress, ...], TargetGroup] = {}
-    result: dict[int, TargetGroup] = {}
-    for listener in listeners:
-        targets = tuple(by_name.get(listener.name, default))
-        group = groups.get(targets)
-        if group is None:
-            group = groups[targets] = make_group(targets)
-        result[listener.fd] = group
-    return result
-
-
-def check_routes(routes: Sequence[Route], listeners: Sequence[Listener]) -> None:
-    """ForkproxyError if a --route names no listener we have."""
-    names = {listener.name for listener in listeners if listener.name}
-    for route in routes:
-        if route.name not in names:
-            known = ", ".join(f"'{name}'" for name in sorted(names)) or "none"
-            raise ForkproxyError(
-                f"--route={route.name}=...: no listening socket is named '{route.name}' "
-                f"(named: {known}; name them with FileDescriptorName= or --listen NAME=ADDR)"
-            )
-
-
-def check_kinds(
-    listeners: Sequence[Listener], default: Sequence[TargetAddress], routes: Sequence[Route]
-) -> None:
-    """ForkproxyError if a listener's targets (its route's, else the default ones) cannot
-    take what it receives: datagrams, stream connections or sequential-packet ones."""
-    by_name = {route.name: route.targets for route in routes}
-    for listener in listeners:
-        targets = by_name.get(listener.name, default)
-        why = kind_mismatch(listener.kind, targets)
-        if why is not None:
-            via = f" (--route={listener.name}=...)" if listener.name in by_name else ""
-            raise ForkproxyError(f"cannot relay listener {listener.label}{via}: {why}")

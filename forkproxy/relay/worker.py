@@ -8,7 +8,7 @@ protocol. Its clients are taken off the listeners it inherited by its `Acceptor`
 admitter (a connection's admission goes back to it when the connection ends). On SIGTERM
 it stops accepting and lets open connections finish until the graceful timeout. It exits
 by itself if its master dies. Never forks. The relay options cost nothing per connection
-while off: their per-worker parts are built once, here and in the two parts' set-up.
+while off: what each listener's settings need is built once, in its plan (plans.py).
 """
 
 import ctypes
@@ -27,11 +27,10 @@ from forkproxy.relay.accepting import Acceptor
 from forkproxy.relay.connecting import Connector
 from forkproxy.relay.datagram import DatagramRelay
 from forkproxy.relay.messages import MessageBuffer, message_buffer
+from forkproxy.relay.plans import make_plans
 from forkproxy.relay.poller import Poller
 from forkproxy.relay.splice import PipePool
-from forkproxy.relay.targets import route_groups
 from forkproxy.settings.kinds import STREAM
-from forkproxy.settings.options import tcp_socket_options
 from forkproxy.shared.layout import MAX_LISTENERS, ROW_WORDS
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.protocol import (
@@ -43,7 +42,6 @@ from forkproxy.shared.protocol import (
     EXIT_OK,
     MASTER_DEATH_SIGNAL,
     WorkerSpec,
-    pipe_pool_keep,
     reads_datagram_listener,
 )
 from forkproxy.shared.scoreboard import (
@@ -113,7 +111,7 @@ class Worker:
         if messaging:
             unix = any(listener.sock.family == socket.AF_UNIX for listener in messaging)
             self.message_buffer = message_buffer(unix)
-        self.pool = PipePool(config.pipe_size, pipe_pool_keep(config.pipe_size))
+        self.pools: dict[int, PipePool] = {}  # by pipe size: one per size a listener uses
         self.draining = False
         self.report_idle = config.exit_idle_time != float("inf")
         self._reset_signals()
@@ -127,17 +125,14 @@ class Worker:
         self.poller = Poller(self.loop)
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
-        tcp_options = tcp_socket_options(config.nodelay, config.keepalive)
-        self.connector = Connector(self, tcp_options)
-        groups = route_groups(
-            self.listeners, config.targets, config.routes, self.connector.make_group
-        )
+        self.connector = Connector(self)
+        plans = make_plans(self.listeners, config, self.connector, self.pools)
         self.datagrams: DatagramRelay | None = None
         if datagram_listeners:
             assert self.message_buffer is not None
             self.datagrams = DatagramRelay(self, datagram_listeners, self.message_buffer)
         # Last: it measures the descriptors left once everything above took its own.
-        self.acceptor = Acceptor(self, groups, tcp_options)
+        self.acceptor = Acceptor(self, plans)
 
     @staticmethod
     def _datagram_listeners(spec: WorkerSpec) -> list[tuple[Listener, memoryview]]:
@@ -184,7 +179,8 @@ class Worker:
             self.loop.run_forever()
         finally:
             self.poller.close()
-            self.pool.close()
+            for pool in self.pools.values():
+                pool.close()
         return EXIT_OK
 
     def connection_ended(self, token: int) -> None:

@@ -135,6 +135,11 @@ def parse_route(text: str) -> tuple[str, TargetAddress]:
     return name, parse_target(target)
 
 
+def is_listener_name(name: str) -> bool:
+    """Whether `name` can name a listener (FileDescriptorName=, --listen NAME=ADDR)."""
+    return bool(_LISTENER_NAME.match(name))
+
+
 def _parse_vsock(text: str) -> TargetAddress:
     cid_text, colon, port_text = text[len(_VSOCK_PREFIX) :].partition(":")
     if not colon:

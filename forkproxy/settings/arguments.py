@@ -3,7 +3,8 @@
 The options and their spelling are systemd-socket-proxyd's (getopt_long: `--opt=value`
 and `--opt value`, options after the target, unambiguous prefixes of its own options),
 so a unit file's ExecStart= can switch programs and nothing else; forkproxy's other
-options are never abbreviated. The relay options' part is in relay_arguments.py.
+options are never abbreviated. The relay options' part is in relay_arguments.py; the
+values are read by option_values.py, and merged with a --config file's by assemble.py.
 Raises `UsageError` for what the user got wrong; never prints (but for argparse's
 --help and --version), never exits on an error, never touches sockets.
 """
@@ -14,30 +15,28 @@ from typing import NoReturn
 
 from forkproxy import __version__
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import parse_listen, parse_metrics, parse_target
+from forkproxy.settings.assemble import assemble_config
 from forkproxy.settings.config import (
     DEFAULT_CONNECTIONS_MAX,
     DEFAULT_GRACEFUL_TIMEOUT,
-    DEFAULT_SOCKET_MODE,
     DEFAULT_WORKER_TIMEOUT,
     MAX_WORKERS,
     Config,
-    default_workers,
 )
-from forkproxy.settings.quoting import quote, whole_number
+from forkproxy.settings.quoting import quote
 from forkproxy.settings.relay_arguments import (
+    BARE_VALUES,
     OPTIONAL_VALUE_TERMS,
     add_relay_arguments,
     attach_optional_values,
-    relay_settings,
 )
-from forkproxy.settings.timespan import format_timespan, parse_timespan
+from forkproxy.settings.timespan import format_timespan
 
 _LONG_REPR = re.compile(r"'([^']{100,})'")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 _USAGE = """forkproxy [OPTIONS...] HOST:PORT
        forkproxy [OPTIONS...] UNIX-DOMAIN-SOCKET-PATH
-       forkproxy [OPTIONS...] TARGET TARGET...   (round-robin, skipping failed ones)"""
+       forkproxy [OPTIONS...] TARGET TARGET...   (round-robin, skipping failed ones)
+       forkproxy [--check] --config FILE [OPTIONS...] [TARGET...]"""
 _DESCRIPTION = "Bidirectionally proxy local sockets to another (possibly remote) socket."
 _EPILOG = f"""\
 Sockets come from systemd (sd_listen_fds(3): LISTEN_FDS, LISTEN_FDNAMES) or, when none
@@ -144,72 +143,35 @@ def _build_parser() -> argparse.ArgumentParser:
         help="relay the one connection on standard input (StandardInput=socket), then exit",
     )
     add_relay_arguments(parser)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from the TOML file FILE (see CONFIGURATION FILE in "
+        "forkproxy(8)); options given here override its top level",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the settings (and the --config file), resolve the targets, print "
+        "each listener's route and exit: 0 if all is well, 2 with every error if not",
+    )
     parser.add_argument("--version", action="version", version=f"forkproxy {__version__}")
     return parser
 
 
 def parse_args(argv: list[str]) -> Config:
-    """Turn argv (without the program name) into a Config; raise UsageError if bad."""
+    """Turn argv (without the program name), and the --config file it names, into a
+    Config; raise UsageError if bad (`UsageErrors` with every one, if several)."""
     parser = _build_parser()
     args, unknown = parser.parse_known_intermixed_args(attach_optional_values(argv, parser))
     if unknown:
         shown = [arg if arg.isprintable() and len(arg) <= 40 else quote(arg) for arg in unknown]
         more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
         raise UsageError(f"unrecognized arguments: {' '.join(shown[:3])}{more}")
-    if args.inetd:
-        for option, value in (("--metrics", args.metrics), ("--route", args.route)):
-            if value:
-                raise UsageError(
-                    f"{option} cannot be used with --inetd: a connection on standard "
-                    "input has no listener to route, nor a master to serve metrics"
-                )
-    if not args.targets:
-        raise UsageError("missing target: give HOST:PORT or a unix socket path (see --help)")
-    return Config(
-        targets=tuple(parse_target(text) for text in args.targets),
-        connections_max=_count(args.connections_max, "--connections-max", DEFAULT_CONNECTIONS_MAX),
-        exit_idle_time=_span(args.exit_idle_time, "--exit-idle-time", float("inf")),
-        workers=_count(args.workers, "--workers", default_workers()),
-        listen=tuple(parse_listen(text) for text in args.listen),
-        socket_mode=_mode(args.socket_mode),
-        graceful_timeout=_span(
-            args.graceful_timeout, "--graceful-timeout", DEFAULT_GRACEFUL_TIMEOUT
-        ),
-        worker_timeout=_span(args.worker_timeout, "--worker-timeout", DEFAULT_WORKER_TIMEOUT),
-        log_level=_log_level(args.log_level),
-        inetd=args.inetd,
-        metrics=None if args.metrics is None else parse_metrics(args.metrics),
-        **relay_settings(args),
-    )
+    return assemble_config(args, parser, BARE_VALUES)
 
 
-def _count(text: str | None, option: str, default: int) -> int:
-    if text is None:
-        return default
-    return whole_number(text, f"{option}= value")
-
-
-def _span(text: str | None, option: str, default: float) -> float:
-    if text is None:
-        return default
-    return parse_timespan(text, f"{option}= value")
-
-
-def _mode(text: str | None) -> int:
-    if text is None:
-        return DEFAULT_SOCKET_MODE
-    stripped = text.strip()
-    digits = stripped.lstrip("0")
-    if not stripped or len(digits) > 3 or any(digit not in "01234567" for digit in digits):
-        raise UsageError(f"invalid --socket-mode= value {quote(text)}: expected octal 0000-0777")
-    return int(digits or "0", 8)
-
-
-def _log_level(text: str | None) -> str:
-    if text is None:
-        return "info"
-    if text not in _LOG_LEVELS:
-        raise UsageError(
-            f"invalid --log-level= value {quote(text)}: expected debug, info, warning or error"
-        )
-    return text
+def wants_check(argv: list[str]) -> bool:
+    """Whether argv asks for --check: known even when the rest of it is wrong."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--check" in options

@@ -1,8 +1,13 @@
 """The frozen `Config` a master and its workers run with, and the checks across fields.
 
-Built by `cli` from argv; never parses argv and never does I/O.
+A `Config` holds the global settings and, per named listener that has settings of its
+own (a `[listeners.NAME]` section of the configuration file, or `--route NAME=TARGET`),
+a frozen `ListenerSettings`: its targets and relay options, the global ones filled in
+for what it does not set. Built by `settings.arguments.parse_args`; never parses argv
+and never does I/O.
 """
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -14,7 +19,6 @@ from forkproxy.settings.options import (
     ON_LIMIT_MODES,
     ON_LIMIT_REFUSE,
     KeepAlive,
-    Route,
     format_size,
 )
 from forkproxy.settings.timespan import format_timespan
@@ -45,8 +49,47 @@ MAX_DATAGRAM_REPLIES = 1 << 32
 
 
 @dataclass(frozen=True, slots=True)
-class Config:
+class ListenerSettings:
+    """Where the clients of one named listener go, and how they are relayed.
+
+    Its fields but `name`, `targets` and `origin` are the per-listener relay options:
+    each is also a `Config` field of the same name (the global value) and the dest of
+    the command-line option that sets it (RELAY_OPTIONS).
+    """
+
+    name: str
     targets: tuple[TargetAddress, ...]
+    proxy_protocol: int = 0  # PROXY protocol version sent to the target; 0: none
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    idle_timeout: float = math.inf
+    keepalive: KeepAlive | None = None
+    nodelay: bool = DEFAULT_NODELAY
+    pipe_size: int = DEFAULT_PIPE_SIZE
+    connections_max_per_source: int = 0  # 0: no per-source limit
+    datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT  # datagram listeners' sessions
+    datagram_replies: int = 0  # a session ends after this many replies; 0: no limit
+    # Where it was set, for messages ("[listeners.web] in /etc/forkproxy.toml:7").
+    origin: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        _check_relay_options(self)
+        check_one_kind(self.targets, f"the targets of listener '{self.name}'")
+
+    def relay_options(self) -> dict[str, object]:
+        """The relay options by field name (RELAY_OPTIONS)."""
+        return {name: getattr(self, name) for name in RELAY_OPTIONS}
+
+
+RELAY_OPTIONS = tuple(
+    field.name
+    for field in dataclasses.fields(ListenerSettings)
+    if field.name not in ("name", "targets", "origin")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    targets: tuple[TargetAddress, ...]  # empty only if every listener has its own
     connections_max: int = DEFAULT_CONNECTIONS_MAX
     exit_idle_time: float = math.inf
     workers: int = 1
@@ -65,13 +108,14 @@ class Config:
     nodelay: bool = DEFAULT_NODELAY
     pipe_size: int = DEFAULT_PIPE_SIZE
     on_limit: str = ON_LIMIT_REFUSE
-    max_connections_per_source: int = 0  # 0: no per-source limit
-    routes: tuple[Route, ...] = ()  # per-listener targets; `targets` serve the rest
+    connections_max_per_source: int = 0  # 0: no per-source limit
     datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT
-    datagram_replies: int = 0  # a session ends after this many replies; 0: no limit
+    datagram_replies: int = 0  # a datagram session ends after this many replies; 0: none
+    # Named listeners with settings of their own; the others use the global ones.
+    listeners: tuple[ListenerSettings, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.targets:
+        if not self.targets and not self.listeners:
             raise UsageError("missing target: give HOST:PORT or a unix socket path")
         if self.connections_max < 1:
             raise UsageError(f"--connections-max= must be at least 1, got {self.connections_max}")
@@ -100,52 +144,66 @@ class Config:
             for listen in self.listen
         ):
             raise UsageError(f"--metrics={self.metrics.text} is also a --listen= address")
-        self._check_relay_options()
-
-    def _check_relay_options(self) -> None:
-        """Ranges of the relay options, and routes naming distinct listeners."""
-        if self.proxy_protocol not in (0, 1, 2):
-            raise UsageError(f"--proxy-protocol= must be v1 or v2, got {self.proxy_protocol}")
-        if self.connect_timeout <= 0:
-            raise UsageError("--connect-timeout= must be longer than 0")
-        if self.idle_timeout <= 0:
-            raise UsageError("--idle-timeout= must be longer than 0")
-        if not PIPE_SIZE_MIN <= self.pipe_size <= PIPE_SIZE_MAX:
-            raise UsageError(
-                f"--pipe-size= must be in {format_size(PIPE_SIZE_MIN)}-"
-                f"{format_size(PIPE_SIZE_MAX)}, got {format_size(self.pipe_size)}"
-            )
+        _check_relay_options(self)
+        check_one_kind(self.targets, "the targets")
         if self.on_limit not in ON_LIMIT_MODES:
             raise UsageError(f"--on-limit= must be refuse or queue, got '{self.on_limit}'")
-        if not 0 <= self.max_connections_per_source <= MAX_CONNECTIONS_PER_SOURCE:
-            raise UsageError(
-                f"--max-connections-per-source= must be in 0-{MAX_CONNECTIONS_PER_SOURCE}, "
-                f"got {self.max_connections_per_source}"
-            )
-        if self.datagram_timeout <= 0:
-            raise UsageError("--datagram-timeout= must be longer than 0")
-        if not 0 <= self.datagram_replies <= MAX_DATAGRAM_REPLIES:
-            raise UsageError(
-                f"--datagram-replies= must be in 0-{MAX_DATAGRAM_REPLIES}, "
-                f"got {self.datagram_replies}"
-            )
-        route_names = [route.name for route in self.routes]
-        if len(route_names) != len(set(route_names)):
-            raise UsageError("--route= names must be unique")
-        if any(not route.targets for route in self.routes):
-            raise UsageError("--route= needs a target")
-        check_one_kind(self.targets, "the targets")
-        for route in self.routes:
-            check_one_kind(route.targets, f"the targets of --route={route.name}=...")
+        listener_names = [settings.name for settings in self.listeners]
+        if len(listener_names) != len(set(listener_names)):
+            raise UsageError("listener settings must name distinct listeners")
+        for settings in self.listeners:
+            if not settings.targets:
+                raise UsageError(f"listener '{settings.name}' has no target")
 
     @property
-    def target(self) -> TargetAddress:
-        return self.targets[0]
+    def target(self) -> TargetAddress | None:
+        return self.targets[0] if self.targets else None
 
     @property
     def heartbeat_interval(self) -> float:
         """How often a worker proves its loop runs: 4 times per worker timeout at least."""
         return min(1.0, self.worker_timeout / 4)
+
+    def settings_for(self, name: str) -> ListenerSettings:
+        """The settings of the listener named `name` (FileDescriptorName=, --listen
+        NAME=): its own, else the global ones (whose targets are empty if every named
+        listener has its own; the master refuses a listener left without)."""
+        for settings in self.listeners:
+            if settings.name == name:
+                return settings
+        return self.global_settings(name)
+
+    def global_settings(self, name: str = "") -> ListenerSettings:
+        """The global targets and relay options, as a listener without settings gets them."""
+        options = {field: getattr(self, field) for field in RELAY_OPTIONS}
+        return ListenerSettings(name, self.targets, **options)
+
+
+def _check_relay_options(settings: "Config | ListenerSettings") -> None:
+    """Ranges of the relay options, global or of one listener."""
+    if settings.proxy_protocol not in (0, 1, 2):
+        raise UsageError(f"--proxy-protocol= must be v1 or v2, got {settings.proxy_protocol}")
+    if settings.connect_timeout <= 0:
+        raise UsageError("--connect-timeout= must be longer than 0")
+    if settings.idle_timeout <= 0:
+        raise UsageError("--idle-timeout= must be longer than 0")
+    if not PIPE_SIZE_MIN <= settings.pipe_size <= PIPE_SIZE_MAX:
+        raise UsageError(
+            f"--pipe-size= must be in {format_size(PIPE_SIZE_MIN)}-"
+            f"{format_size(PIPE_SIZE_MAX)}, got {format_size(settings.pipe_size)}"
+        )
+    if not 0 <= settings.connections_max_per_source <= MAX_CONNECTIONS_PER_SOURCE:
+        raise UsageError(
+            f"--connections-max-per-source= must be in 0-{MAX_CONNECTIONS_PER_SOURCE}, "
+            f"got {settings.connections_max_per_source}"
+        )
+    if settings.datagram_timeout <= 0:
+        raise UsageError("--datagram-timeout= must be longer than 0")
+    if not 0 <= settings.datagram_replies <= MAX_DATAGRAM_REPLIES:
+        raise UsageError(
+            f"--datagram-replies= must be in 0-{MAX_DATAGRAM_REPLIES}, "
+            f"got {settings.datagram_replies}"
+        )
 
 
 def _refuse_duplicate_listen(listen: tuple[ListenAddress, ...]) -> None:

@@ -10,7 +10,6 @@ import socket
 from dataclasses import dataclass
 
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import TargetAddress
 from forkproxy.settings.quoting import quote, whole_number
 from forkproxy.settings.timespan import parse_timespan
 
@@ -36,26 +35,21 @@ class KeepAlive:
     probes: int | None = None  # unanswered probes before the connection is dropped
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Connections accepted on the listener named `name` go to `targets`."""
+def parse_size(text: str, option: str, what: str | None = None) -> int:
+    """BYTES with an optional K or M suffix (base 1024): 65536, 64K, 1M.
 
-    name: str
-    targets: tuple[TargetAddress, ...]
-
-
-def parse_size(text: str, option: str) -> int:
-    """BYTES with an optional K or M suffix (base 1024): 65536, 64K, 1M."""
+    An error quotes `text` as "invalid `what`" (default: "`option`= value")."""
+    what = what or f"{option}= value"
     stripped = text.strip()
     number, unit = stripped, ""
     if stripped[-1:].upper() in ("K", "M"):
         number, unit = stripped[:-1], stripped[-1].upper()
     if not (number.isascii() and number.isdigit()):
         raise UsageError(
-            f"invalid {option}= value {quote(text)}: expected a number of bytes, "
+            f"invalid {what} {quote(text)}: expected a number of bytes, "
             "optionally with K or M (base 1024)"
         )
-    return whole_number(number, f"{option}= value") * _SIZE_UNITS[unit]
+    return whole_number(number, what) * _SIZE_UNITS[unit]
 
 
 def format_size(size: int) -> str:
@@ -66,54 +60,53 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-def parse_keepalive(text: str) -> KeepAlive:
+def parse_keepalive(text: str, what: str = "--keepalive= value") -> KeepAlive:
     """IDLE,INTERVAL,PROBES: two time spans (whole seconds) and a count."""
     parts = text.split(",")
     if len(parts) != 3:
         raise UsageError(
-            f"invalid --keepalive= value {quote(text)}: expected IDLE,INTERVAL,PROBES "
+            f"invalid {what} {quote(text)}: expected IDLE,INTERVAL,PROBES "
             "(as in 60s,10s,6), or no value for the kernel's timings"
         )
-    idle = _keepalive_seconds(parts[0], text, "IDLE")
-    interval = _keepalive_seconds(parts[1], text, "INTERVAL")
+    idle = _keepalive_seconds(parts[0], text, "IDLE", what)
+    interval = _keepalive_seconds(parts[1], text, "INTERVAL", what)
     probes_text = parts[2].strip()
     if not (probes_text.isascii() and probes_text.isdigit()):
         raise UsageError(
-            f"invalid --keepalive= value {quote(text)}: "
-            f"PROBES {quote(parts[2])} is not a whole number"
+            f"invalid {what} {quote(text)}: PROBES {quote(parts[2])} is not a whole number"
         )
     probes = whole_number(probes_text, "--keepalive= PROBES")
     if not 1 <= probes <= KEEPALIVE_PROBES_MAX:
         raise UsageError(
-            f"invalid --keepalive= value {quote(text)}: PROBES must be in 1-{KEEPALIVE_PROBES_MAX}"
+            f"invalid {what} {quote(text)}: PROBES must be in 1-{KEEPALIVE_PROBES_MAX}"
         )
     return KeepAlive(idle, interval, probes)
 
 
-def _keepalive_seconds(part: str, text: str, what: str) -> int:
-    seconds = parse_timespan(part, f"--keepalive= {what}")
+def _keepalive_seconds(part: str, text: str, field: str, what: str) -> int:
+    seconds = parse_timespan(part, f"--keepalive= {field}")
     if not 1 <= seconds <= KEEPALIVE_SECONDS_MAX or seconds != int(seconds):
         raise UsageError(
-            f"invalid --keepalive= value {quote(text)}: {what} must be whole seconds "
+            f"invalid {what} {quote(text)}: {field} must be whole seconds "
             f"in 1s-{KEEPALIVE_SECONDS_MAX}s"
         )
     return int(seconds)
 
 
-def parse_proxy_protocol(text: str) -> int:
+def parse_proxy_protocol(text: str, what: str = "--proxy-protocol= value") -> int:
     """v1 or v2: the PROXY protocol version to send."""
     versions = {"v1": 1, "v2": 2}
     version = versions.get(text.strip().lower())
     if version is None:
-        raise UsageError(f"invalid --proxy-protocol= value {quote(text)}: expected v1 or v2")
+        raise UsageError(f"invalid {what} {quote(text)}: expected v1 or v2")
     return version
 
 
-def parse_on_limit(text: str) -> str:
+def parse_on_limit(text: str, what: str = "--on-limit= value") -> str:
     """refuse or queue: what happens to a client while the connection cap is reached."""
     mode = text.strip().lower()
     if mode not in ON_LIMIT_MODES:
-        raise UsageError(f"invalid --on-limit= value {quote(text)}: expected refuse or queue")
+        raise UsageError(f"invalid {what} {quote(text)}: expected refuse or queue")
     return mode
 
 

@@ -1,42 +1,30 @@
 """The relay options' part of the command line, for `arguments`.
 
 Their argparse definitions with help text, the getopt-style optional values of
-`-p/--proxy-protocol[=v1|v2]` and `--keepalive[=IDLE,INTERVAL,PROBES]`, the prefixes of
-systemd-socket-proxyd's own options, and the `Config` fields the parsed values fill.
+`-p/--proxy-protocol[=v1|v2]` and `--keepalive[=IDLE,INTERVAL,PROBES]` and the prefixes
+of systemd-socket-proxyd's own options. Their values are read by option_values.py.
 Part of `arguments`: never touches sockets or processes.
 """
 
 import argparse
 import re
-from typing import Any
 
 from forkproxy.errors import UsageError
-from forkproxy.settings.address import TargetAddress, parse_route
 from forkproxy.settings.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DATAGRAM_TIMEOUT,
     DEFAULT_NODELAY,
     DEFAULT_PIPE_SIZE,
-    PIPE_SIZE_MAX,
-    PIPE_SIZE_MIN,
 )
-from forkproxy.settings.options import (
-    ON_LIMIT_REFUSE,
-    KeepAlive,
-    Route,
-    format_size,
-    parse_keepalive,
-    parse_on_limit,
-    parse_proxy_protocol,
-    parse_size,
-)
-from forkproxy.settings.quoting import quote, whole_number
+from forkproxy.settings.option_values import BARE_KEEPALIVE
+from forkproxy.settings.options import format_size
+from forkproxy.settings.quoting import quote
 from forkproxy.settings.timespan import format_timespan, parse_timespan
 
-# What a bare -p/--proxy-protocol or --keepalive stands for. A NUL can never come from a
-# real argv (exec passes C strings), so it marks "no value given" unambiguously.
-_BARE_KEEPALIVE = "\0"
-_BARE = {"--proxy-protocol": "v1", "--keepalive": _BARE_KEEPALIVE}
+# What a bare -p/--proxy-protocol or --keepalive stands for.
+_BARE = {"--proxy-protocol": "v1", "--keepalive": BARE_KEEPALIVE}
+# The same by dest: what `true` stands for in a configuration file.
+BARE_VALUES = {option[2:].replace("-", "_"): text for option, text in _BARE.items()}
 # systemd-socket-proxyd's own long options (--proxy-protocol since its PROXY protocol
 # support). It reads them with getopt_long, which takes any unambiguous prefix, so
 # `--conn=10` or `--exit-idle=5min` may stand in a unit file written for it: such a
@@ -105,10 +93,14 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         "queue (stop accepting; clients wait in the listen backlog)",
     )
     parser.add_argument(
-        "--max-connections-per-source",
+        "--connections-max-per-source",
         metavar="N",
         help="most connections from one client IP address at once, across all workers; "
         "more are refused (default 0: no limit)",
+    )
+    # Its first spelling, kept working; --help shows the one above.
+    parser.add_argument(
+        "--max-connections-per-source", dest="connections_max_per_source", help=argparse.SUPPRESS
     )
     parser.add_argument(
         "--route",
@@ -210,67 +202,3 @@ def _looks_like_value_of(option: str, word: str) -> bool:
     except UsageError:
         return False
     return True
-
-
-def relay_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The `Config` fields the relay options set, parsed and checked."""
-    keepalive: KeepAlive | None = None
-    if args.keepalive == _BARE_KEEPALIVE:
-        keepalive = KeepAlive()
-    elif args.keepalive is not None:
-        keepalive = parse_keepalive(args.keepalive)
-    return {
-        "proxy_protocol": (
-            0 if args.proxy_protocol is None else parse_proxy_protocol(args.proxy_protocol)
-        ),
-        "connect_timeout": _span(
-            args.connect_timeout, "--connect-timeout", DEFAULT_CONNECT_TIMEOUT
-        ),
-        "idle_timeout": _span(args.idle_timeout, "--idle-timeout", float("inf")),
-        "keepalive": keepalive,
-        "nodelay": DEFAULT_NODELAY if args.nodelay is None else args.nodelay,
-        "pipe_size": _pipe_size(args.pipe_size),
-        "on_limit": ON_LIMIT_REFUSE if args.on_limit is None else parse_on_limit(args.on_limit),
-        "max_connections_per_source": _whole(
-            args.max_connections_per_source, "--max-connections-per-source"
-        ),
-        "routes": _routes(args.route),
-        "datagram_timeout": _span(
-            args.datagram_timeout, "--datagram-timeout", DEFAULT_DATAGRAM_TIMEOUT
-        ),
-        "datagram_replies": _whole(args.datagram_replies, "--datagram-replies"),
-    }
-
-
-def _routes(texts: list[str]) -> tuple[Route, ...]:
-    """Repeated names add targets to one route, in the order given."""
-    targets: dict[str, list[TargetAddress]] = {}
-    for text in texts:
-        name, target = parse_route(text)
-        targets.setdefault(name, []).append(target)
-    return tuple(Route(name, tuple(addresses)) for name, addresses in targets.items())
-
-
-def _span(text: str | None, option: str, default: float) -> float:
-    if text is None:
-        return default
-    return parse_timespan(text, f"{option}= value")
-
-
-def _whole(text: str | None, option: str) -> int:
-    if text is None:
-        return 0
-    return whole_number(text, f"{option}= value")
-
-
-def _pipe_size(text: str | None) -> int:
-    """--pipe-size, its range checked here so the error quotes what the user typed."""
-    if text is None:
-        return DEFAULT_PIPE_SIZE
-    size = parse_size(text, "--pipe-size")
-    if not PIPE_SIZE_MIN <= size <= PIPE_SIZE_MAX:
-        raise UsageError(
-            f"--pipe-size= must be in {format_size(PIPE_SIZE_MIN)}-{format_size(PIPE_SIZE_MAX)}, "
-            f"got {quote(text)}"
-        )
-    return size

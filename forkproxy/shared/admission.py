@@ -141,7 +141,7 @@ class Admission:
 
     @property
     def per_source(self) -> int:
-        """--max-connections-per-source, 0 when off."""
+        """The highest --connections-max-per-source of any listener, 0 when off."""
         return self.mapping.header(SOURCE_LIMIT)
 
     def high_water(self) -> int:
@@ -207,13 +207,15 @@ class Admitter:
         self._waiters = admission._waiters
         self._seq = _u32(admission.mapping, CAPACITY_SEQ)
 
-    def admit(self, key: bytes | None) -> int:
-        """Admit one connection from source `key` (None: not limited per source).
+    def admit(self, key: bytes | None, limit: int = 0) -> int:
+        """Admit one connection from source `key` (None: not limited per source), if the
+        source has fewer than `limit` (0: SOURCE_LIMIT) connections, of any listener.
 
         Returns the per-source row it holds (>= 0) or ADMITTED, both to be passed to
         `release`; or REFUSED_CAP, REFUSED_SOURCE, REFUSED_BUSY. Guarantee: at no instant
-        do all processes together hold more than CAPACITY admissions, nor more than
-        SOURCE_LIMIT for one source.
+        do all processes together hold more than CAPACITY admissions, nor does a source
+        get a connection while it holds `limit` (a listener's own limit: the count is
+        the source's, across listeners).
         """
         mutex = self._mutex
         code = _trylock(mutex)
@@ -233,7 +235,8 @@ class Admitter:
                 return REFUSED_CAP
             row = ADMITTED
             if key is not None:
-                limit = header[_SOURCE_LIMIT]
+                if limit <= 0:
+                    limit = header[_SOURCE_LIMIT]
                 if limit > 0:
                     table = self._table
                     row = table.find_or_claim(key, high_water)

@@ -20,7 +20,7 @@ Header (absolute byte offsets; int64 unless marked):
   144     CAPACITY_SEQ     uint32 futex word: changes when      any process, atomically
                            capacity comes back to waiters
   148     WAITERS          uint32: queue-mode waiters now       any process, atomically
-  152     SOURCE_LIMIT     --max-connections-per-source, 0 off  master
+  152     SOURCE_LIMIT     --connections-max-per-source, 0 off  master
   160     SOURCE_ENTRIES   rows of the per-source table         master, at creation
   168     SOURCE_DIRTY     row + 1 whose key is being written   the admission mutex's
                            under the mutex, else 0              holder

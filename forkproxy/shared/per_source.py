@@ -1,4 +1,4 @@
-"""--max-connections-per-source=N: the per-source table of the shared mapping.
+"""--connections-max-per-source=N: the per-source table of the shared mapping.
 
 Rows of {16-byte key, one uint16 count per slot} (layout.py). A source's connections are
 the sum of its row's counts over slots [0, SLOT_HIGH_WATER); each count has one writer,

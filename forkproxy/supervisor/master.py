@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING
 
 from setproctitle import setproctitle
 
-from forkproxy.errors import ForkproxyError
+from forkproxy.errors import ForkproxyError, UsageErrors
 from forkproxy.relay.splice import check_pipe_size
-from forkproxy.relay.targets import check_kinds, check_routes
-from forkproxy.settings.config import Config
+from forkproxy.settings.config import Config, ListenerSettings
 from forkproxy.settings.timespan import format_timespan
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.layout import MAX_LISTENERS, mapping_bytes, source_entries
@@ -37,6 +36,7 @@ from forkproxy.shared.mapping import SharedMapping
 from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
 from forkproxy.shared.scoreboard import Scoreboard
 from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
+from forkproxy.supervisor.check import kind_problems, listener_problems
 from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
@@ -107,14 +107,21 @@ class Master:
             self.metrics_listeners = [bind_listener(self.config.metrics, self.config.socket_mode)]
         check_fd_limit(fd_limit, self.config.connections_max)
         # What can only be checked with the listeners and the kernel at hand.
-        check_routes(self.config.routes, self.listeners)
-        check_kinds(self.listeners, self.config.targets, self.config.routes)
-        check_pipe_size(self.config.pipe_size)
+        problems = listener_problems(
+            self.config, [(listener.name, listener.label) for listener in self.listeners]
+        )
+        problems += kind_problems(
+            self.config, [(one.name, one.label, one.kind) for one in self.listeners]
+        )
+        if problems:
+            raise UsageErrors(problems)
+        for size in {self._settings(listener).pipe_size for listener in self.listeners}:
+            check_pipe_size(size)
         self.mapping = _shared_mapping(self.config)
         self.scoreboard = Scoreboard(self.mapping)
         self.scoreboard.listener_rows = min(len(self.listeners), MAX_LISTENERS)
         self.admission = Admission.set_up(
-            self.mapping, self.config.connections_max, self.config.max_connections_per_source
+            self.mapping, self.config.connections_max, _source_limit(self.config)
         )
         self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = socket.socketpair()
@@ -159,7 +166,10 @@ class Master:
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:
             signal.signal(signum, _ignore_signal)
-        setproctitle(f"forkproxy: master {self.config.target.text}")
+        setproctitle(f"forkproxy: master {self._settings(self.listeners[0]).targets[0].text}")
+
+    def _settings(self, listener: Listener) -> ListenerSettings:
+        return self.config.settings_for(listener.name)
 
     def _open_listeners(self) -> list[Listener]:
         passed = self.passed
@@ -213,13 +223,26 @@ class Master:
             raise ForkproxyError(f"cannot start: {_describe(error)}") from None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.on_signal)
         assert self.selector is not None
-        log.info(
-            "relaying %s to %s with %d workers, at most %d connections",
-            ", ".join(listener.label for listener in self.listeners),
-            ", ".join(target.text for target in self.config.targets),
-            self.pool.target_workers,
-            self.config.connections_max,
-        )
+        if self.config.listeners:  # per-listener routes: one line each
+            for listener in self.listeners:
+                log.info(
+                    "relaying %s to %s",
+                    listener.label,
+                    ", ".join(target.text for target in self._settings(listener).targets),
+                )
+            log.info(
+                "with %d workers, at most %d connections",
+                self.pool.target_workers,
+                self.config.connections_max,
+            )
+        else:
+            log.info(
+                "relaying %s to %s with %d workers, at most %d connections",
+                ", ".join(listener.label for listener in self.listeners),
+                ", ".join(target.text for target in self.config.targets),
+                self.pool.target_workers,
+                self.config.connections_max,
+            )
         self.notifier.status(f"starting {self.pool.target_workers} workers")
         gc.freeze()  # keep the heap's pages shared with workers after fork
         self.pool.start()
@@ -351,6 +374,17 @@ class Master:
             # clients for the next start.
             close_listeners(self.listeners)
             self.listeners = []
+
+
+def _source_limit(config: Config) -> int:
+    """The highest --connections-max-per-source of any listener (0: no limit anywhere).
+
+    One table counts a source across listeners; each listener admits against its own
+    limit (Admitter.admit), this one is the table's, for the metrics."""
+    return max(
+        [config.connections_max_per_source]
+        + [settings.connections_max_per_source for settings in config.listeners]
+    )
 
 
 def _shared_mapping(config: Config) -> SharedMapping:

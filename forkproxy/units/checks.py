@@ -38,7 +38,7 @@ _NOT_PER_CONNECTION = (
      "an instance exits when its connection ends"),
     ("--on-limit", "on_limit", ("refuse", "queue"),
      "an instance has no cap to meet (--max-connections caps the instances)"),
-    ("--max-connections-per-source", "max_connections_per_source", ("1", "2"),
+    ("--connections-max-per-source", "connections_max_per_source", ("1", "2"),
      "an instance has one connection (MaxConnectionsPerSource= in the socket unit limits "
      "sources)"),
 )  # fmt: skip
@@ -159,8 +159,11 @@ def forkproxy_config(request: UnitRequest) -> Config:
 
 
 def every_target(config: Config) -> tuple[TargetAddress, ...]:
-    """The targets, then each route's, in the order given."""
-    return (*config.targets, *(target for route in config.routes for target in route.targets))
+    """The targets, then each named listener's (--route, a [listeners.NAME] section)."""
+    return (
+        *config.targets,
+        *(target for settings in config.listeners for target in settings.targets),
+    )
 
 
 def _parse_forkproxy(argv: list[str]) -> Config:
@@ -297,8 +300,7 @@ def _check_kinds(r: UnitRequest, config: Config) -> None:
                 "--route would take them all): give each kind a unit of its own"
             )
     # Without FileDescriptorName=, systemd names every socket of the unit after it.
-    routes = {route.name: route.targets for route in config.routes}
-    targets = routes.get(f"{r.name}.socket", config.targets)
+    targets = config.settings_for(f"{r.name}.socket").targets
     flag, address, kind = given[0]
     why = kind_mismatch(kind, targets)
     if why is not None:
@@ -340,8 +342,9 @@ def _check_per_connection(r: UnitRequest, config: Config) -> None:
     for option, field, probes, why in _NOT_PER_CONNECTION:
         if _given(r, option, field, probes):
             raise ForkproxyError(f"forkproxy option '{option}' means nothing with --accept: {why}")
-    if config.routes:
+    if config.listeners:
         raise ForkproxyError(
             "forkproxy option '--route' means nothing with --accept: an instance gets a "
-            "connection, not a named listener (give the targets instead)"
+            "connection, not a named listener (give the targets instead; nor do the "
+            "[listeners.NAME] sections of a --config file apply)"
         )

@@ -28,6 +28,7 @@ from tests.support.proxy import (
     Proxy,
     free_port,
     run_backend,
+    run_cli,
     run_proxy,
     wait_until,
 )
@@ -446,3 +447,19 @@ def test_listen_binds_datagram_sockets(workdir: Path, listen: str) -> None:
         with client:
             client.settimeout(10)
             assert exchange(client, b"bound by forkproxy") == b"bound by forkproxy"
+
+
+def test_check_finds_a_datagram_listener_with_a_stream_target() -> None:
+    result = run_cli(["--check", "--listen", "udp:127.0.0.1:5300", "127.0.0.1:53"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "forkproxy: cannot relay listener udp:127.0.0.1:5300: it receives datagrams but target "
+        "'127.0.0.1:53' is a stream target (write udp:HOST:PORT, unix-dgram:/path or "
+        "unix-dgram:@name)"
+    )
+    routed = ["--check", "--listen", "dns=udp:127.0.0.1:5300", "--route=dns=udp:127.0.0.1:53"]
+    result = run_cli([*routed, "--datagram-replies=1", "127.0.0.1:80"])
+    assert (result.returncode, result.stdout) == (
+        0,
+        "'dns' udp:127.0.0.1:5300 -> udp:127.0.0.1:53  (datagram-replies=1)\n",
+    )

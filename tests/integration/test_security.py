@@ -190,10 +190,13 @@ DAEMON_OPTIONS = (
     "--no-nodelay",
     "--pipe-size",
     "--on-limit",
+    "--connections-max-per-source",
     "--max-connections-per-source",
     "--route",
+    "--config",
 )
 INETD_OPTIONS = ("--inetd",)
+CHECK_OPTIONS = ("--check",)
 NOT_RUN = ("--help", "--version")  # they print and exit
 
 # strace(1) lines of calls that create, change or remove a file.
@@ -240,7 +243,7 @@ def test_every_option_is_in_the_write_audit() -> None:
         for option in action.option_strings
         if option.startswith("--")
     }
-    assert known == set(DAEMON_OPTIONS + INETD_OPTIONS + NOT_RUN)
+    assert known == set(DAEMON_OPTIONS + INETD_OPTIONS + CHECK_OPTIONS + NOT_RUN)
 
 
 @pytest.mark.skipif(STRACE is None, reason="needs strace(1) to see every file call")
@@ -257,16 +260,19 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
         directory.mkdir()
     front, metrics, units = given / "front.sock", given / "metrics.sock", given / "units"
     env = {"HOME": str(home), "TMPDIR": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"}
-    before = listing([cwd, home, tmp, given])
     traces = []
 
     def traced(name: str) -> list[str]:
         traces.append(workdir / f"{name}.trace")
         return [STRACE, "-f", "-qq", "-e", "trace=%file,bind", "-o", str(traces[-1])]
 
+    config_file = given / "forkproxy.toml"
+    config_file.write_text('log-level = "debug"\n[listeners.web]\nidle-timeout = "2min"\n')
+    before = listing([cwd, home, tmp, given])
     with run_backend("echo") as backend, run_backend("echo") as routed:
         web_port = free_port()
         daemon = [
+            *("--config", str(config_file)),
             *("--connections-max", "10", "--exit-idle-time", "1h", "--workers", "2"),
             *("--listen", f"web=127.0.0.1:{web_port}", "--listen", str(front)),
             *("--socket-mode", "0640", "--metrics", str(metrics)),
@@ -274,10 +280,20 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
             *("--proxy-protocol=v2", "--connect-timeout", "5s", "--idle-timeout", "1min"),
             *("--keepalive=30,5,3", "--no-nodelay", "--nodelay", "--pipe-size", "128K"),
             *("--on-limit", "queue", "--max-connections-per-source", "5"),
+            *("--connections-max-per-source", "5"),
             *("--route", f"web={routed.target}", backend.target),
         ]
         options = {arg.partition("=")[0] for arg in daemon if arg.startswith("--")}
         assert options == set(DAEMON_OPTIONS)
+        # --check: the same settings checked, nothing bound, nothing written.
+        check = subprocess.run(
+            [*traced("check"), FORKPROXY, "--check", *daemon],
+            env={**os.environ, **env},
+            cwd=cwd,
+            capture_output=True,
+            timeout=60,
+        )
+        assert check.returncode == 0, check.stderr
         with forkproxy(daemon, workdir, env=env, cwd=cwd, prefix=traced("daemon")):
             with socket.create_connection(("127.0.0.1", web_port), timeout=10) as client:
                 assert send_all_then_read(client, b"web").endswith(b"web")  # after the header
@@ -342,6 +358,7 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
         assert written - temporary <= allowed, trace.name
         assert not any(Path(path).exists() for path in temporary)
     assert written_paths(workdir / "dry-run.trace", cwd) == set()
+    assert written_paths(workdir / "check.trace", cwd) == set()
     # The trace does see writes: the sockets it was told to make, the units it was asked for.
     assert written_paths(workdir / "daemon.trace", cwd) == {str(front), str(metrics)}
     assert unit_files <= written_paths(workdir / "units.trace", cwd)

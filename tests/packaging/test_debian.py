@@ -45,6 +45,8 @@ def test_every_man_page_is_installed() -> None:
     assert sorted(installed) == [f"man/{page}" for page in sources]
 
 
-def test_examples_are_the_shipped_units() -> None:
-    assert (DEBIAN / "forkproxy.examples").read_text().split() == ["systemd/*"]
+def test_examples_are_the_shipped_units_and_configuration_file() -> None:
+    shipped = (DEBIAN / "forkproxy.examples").read_text().split()
+    assert shipped == ["systemd/*", "examples/forkproxy.toml"]
     assert list((REPO / "systemd").glob("*.service"))
+    assert (REPO / "examples/forkproxy.toml").is_file()

@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from forkproxy.settings.arguments import _build_parser
 
+# --check answers with exit status 2 and checks no further (tests/integration/
+# test_config_file.py): the fuzzed command lines are those meant to run.
 OPTIONS = sorted(
     option
     for action in _build_parser()._actions
     for option in action.option_strings
-    if option not in ("-h", "--help", "--version")
+    if option not in ("-h", "--help", "--version", "--check")
 )
 # Spellings at the edges of the syntax: optional values, prefixes, attached short values.
 SPELLINGS = (

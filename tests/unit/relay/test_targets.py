@@ -1,4 +1,4 @@
-"""Target choice: round-robin, cool-down, failover with real sockets, routes by name."""
+"""Target choice: round-robin, cool-down, failover with real sockets."""
 
 import asyncio
 import errno
@@ -8,12 +8,9 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
-from forkproxy.errors import ForkproxyError
 from forkproxy.relay.poller import Poller
-from forkproxy.relay.targets import COOLDOWN, TargetGroup, check_routes, route_groups
+from forkproxy.relay.targets import COOLDOWN, TargetGroup
 from forkproxy.settings.address import TargetAddress, parse_target
-from forkproxy.settings.options import Route
-from forkproxy.shared.listener import Listener
 
 
 class Clock:
@@ -106,32 +103,3 @@ def test_one_target_connects_directly(loop: asyncio.AbstractEventLoop) -> None:
         group = TargetGroup([target], options=nodelay)
         with loop.run_until_complete(asyncio.wait_for(_connect(group, loop), 10)) as sock:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
-
-
-def _listener(name: str) -> Listener:
-    sock = socket.create_server(("127.0.0.1", 0))
-    return Listener(sock, name, name or "unnamed")
-
-
-def test_route_groups() -> None:
-    listeners = [_listener("web"), _listener("api"), _listener(""), _listener("other")]
-    default = (parse_target("d:1"),)
-    routes = (
-        Route("web", (parse_target("w:1"), parse_target("w:2"))),
-        Route("api", (parse_target("a:1"),)),
-    )
-    try:
-        groups = route_groups(listeners, default, routes, TargetGroup)
-        texts = [[t.text for t in groups[listener.fd].targets] for listener in listeners]
-        assert texts == [["w:1", "w:2"], ["a:1"], ["d:1"], ["d:1"]]
-        assert groups[listeners[2].fd] is groups[listeners[3].fd]  # one round-robin
-        check_routes(routes, listeners)
-        with pytest.raises(ForkproxyError) as error:
-            check_routes((Route("admin", default),), listeners)
-        assert str(error.value) == (
-            "--route=admin=...: no listening socket is named 'admin' (named: 'api', 'other', "
-            "'web'; name them with FileDescriptorName= or --listen NAME=ADDR)"
-        )
-    finally:
-        for listener in listeners:
-            listener.sock.close()

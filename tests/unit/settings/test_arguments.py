@@ -231,7 +231,7 @@ HUGE = "9" * 5000  # past Python's 4300-digit limit of int() and str()
     [
         (["-w", HUGE, "h:1"], "invalid --workers= value '999"),
         (["-c", HUGE, "h:1"], "invalid --connections-max= value '999"),
-        (["--max-connections-per-source", HUGE, "h:1"], "invalid --max-connections-per-source="),
+        (["--max-connections-per-source", HUGE, "h:1"], "invalid --connections-max-per-source="),
         (["--pipe-size", HUGE, "h:1"], "invalid --pipe-size= value '999"),
         (["--pipe-size", HUGE + "K", "h:1"], "invalid --pipe-size= value '999"),
         (["--socket-mode", HUGE, "h:1"], "invalid --socket-mode= value '999"),

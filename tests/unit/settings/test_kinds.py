@@ -64,7 +64,7 @@ def test_kind_names() -> None:
         ),
         (
             ["--route", "d=udp:1.1.1.1:53", "--route", "d=seqpacket:@x", "127.0.0.1:80"],
-            "the targets of --route=d=... mix socket kinds: 'udp:1.1.1.1:53' (datagram), "
+            "the targets of listener 'd' mix socket kinds: 'udp:1.1.1.1:53' (datagram), "
             "'seqpacket:@x' (sequential-packet); give targets of one kind",
         ),
     ],
@@ -111,3 +111,19 @@ def test_datagram_option_errors(argv: list[str], error: str) -> None:
     with pytest.raises(UsageError) as raised:
         parse_args(argv)
     assert str(raised.value).startswith(error)
+
+
+def test_datagram_options_per_listener_in_a_configuration_file(tmp_path) -> None:
+    path = tmp_path / "forkproxy.toml"
+    path.write_text(
+        'targets = ["udp:127.0.0.1:53"]\n'
+        'datagram-timeout = "10s"\n'
+        "[listeners.dns]\n"
+        'targets = ["udp:10.0.0.53:53"]\n'
+        "datagram-replies = 1\n"
+    )
+    config = parse_args([f"--config={path}"])
+    dns = config.settings_for("dns")
+    assert (dns.datagram_timeout, dns.datagram_replies) == (10.0, 1)
+    other = config.settings_for("other")
+    assert (other.datagram_timeout, other.datagram_replies) == (10.0, 0)

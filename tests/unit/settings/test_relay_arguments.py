@@ -7,8 +7,8 @@ import pytest
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import parse_target
 from forkproxy.settings.arguments import parse_args
-from forkproxy.settings.config import DEFAULT_NODELAY, DEFAULT_PIPE_SIZE, Config
-from forkproxy.settings.options import KeepAlive, Route
+from forkproxy.settings.config import DEFAULT_NODELAY, DEFAULT_PIPE_SIZE, Config, ListenerSettings
+from forkproxy.settings.options import KeepAlive
 
 
 def test_defaults() -> None:
@@ -20,8 +20,8 @@ def test_defaults() -> None:
     assert config.nodelay is DEFAULT_NODELAY
     assert config.pipe_size == DEFAULT_PIPE_SIZE
     assert config.on_limit == "refuse"
-    assert config.max_connections_per_source == 0
-    assert config.routes == ()
+    assert config.connections_max_per_source == 0
+    assert config.listeners == ()
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_every_option() -> None:
             "--no-nodelay",
             "--pipe-size=128K",
             "--on-limit=queue",
-            "--max-connections-per-source=8",
+            "--connections-max-per-source=8",
             "--route=web=/run/web.sock",
             "--route",
             "api=[::1]:8080",
@@ -89,9 +89,9 @@ def test_every_option() -> None:
     assert config.nodelay is False
     assert config.pipe_size == 128 * 1024
     assert config.on_limit == "queue"
-    assert config.max_connections_per_source == 8
+    assert config.connections_max_per_source == 8
     assert [target.text for target in config.targets] == ["a:1", "vsock:3:1024"]
-    assert [(r.name, [t.text for t in r.targets]) for r in config.routes] == [
+    assert [(r.name, [t.text for t in r.targets]) for r in config.listeners] == [
         ("web", ["/run/web.sock", "@web2"]),  # a repeated name adds a target
         ("api", ["[::1]:8080"]),
     ]
@@ -162,12 +162,12 @@ def test_optional_values_only_attached(argv: list[str], error: str) -> None:
         (["--connect-timeout=soon", "h:1"], "invalid --connect-timeout= value 'soon'"),
         (["--idle-timeout=0", "h:1"], "--idle-timeout= must be longer than 0"),
         (
-            ["--max-connections-per-source=x", "h:1"],
-            "invalid --max-connections-per-source= value 'x': expected a whole number",
+            ["--max-connections-per-source=x", "h:1"],  # the old spelling, still read
+            "invalid --connections-max-per-source= value 'x': expected a whole number",
         ),
         (
-            ["--max-connections-per-source=40000", "h:1"],
-            "--max-connections-per-source= must be in 0-32767, got 40000",
+            ["--connections-max-per-source=40000", "h:1"],
+            "--connections-max-per-source= must be in 0-32767, got 40000",
         ),
         (["--route=web", "h:1"], "invalid route 'web': expected NAME=TARGET"),
         (["--route==h:1", "h:1"], "invalid route '=h:1': name '' may only contain"),
@@ -184,9 +184,16 @@ def test_errors(argv: list[str], error: str) -> None:
     assert str(raised.value).startswith(error)
 
 
-def test_config_checks_routes() -> None:
+def test_old_spelling_of_the_per_source_limit() -> None:
+    assert parse_args(["--max-connections-per-source=3", "h:1"]).connections_max_per_source == 3
+
+
+def test_config_checks_listener_settings() -> None:
     target = parse_target("h:1")
-    with pytest.raises(UsageError, match="--route= names must be unique"):
-        Config(targets=(target,), routes=(Route("a", (target,)), Route("a", (target,))))
-    with pytest.raises(UsageError, match="--route= needs a target"):
-        Config(targets=(target,), routes=(Route("a", ()),))
+    web = ListenerSettings("web", (target,))
+    with pytest.raises(UsageError, match="listener settings must name distinct listeners"):
+        Config(targets=(target,), listeners=(web, web))
+    with pytest.raises(UsageError, match="listener 'web' has no target"):
+        Config(targets=(target,), listeners=(ListenerSettings("web", ()),))
+    with pytest.raises(UsageError, match="--idle-timeout= must be longer than 0"):
+        ListenerSettings("web", (target,), idle_timeout=0)

@@ -98,6 +98,34 @@ def test_limit_per_source(shared_of: Callable[..., Shared]) -> None:
     assert _admit(shared, 1, A) == first
 
 
+def test_a_listener_limit_counts_the_source_across_listeners(
+    shared_of: Callable[..., Shared],
+) -> None:
+    """Listeners with limits of their own share one count per source: a source with 2
+    connections is refused where the limit is 2 and admitted where it is 4."""
+    shared = shared_of(16, per_source=4)
+    admitter = shared.admission.admitter(0)
+
+    def admit(limit: int) -> int:
+        result = admitter.admit(A, limit)
+        while result == REFUSED_BUSY:
+            result = admitter.admit(A, limit)
+        return result
+
+    first = admit(2)
+    assert admit(2) == first >= 0
+    assert admit(2) == REFUSED_SOURCE
+    assert admit(1) == REFUSED_SOURCE
+    assert admit(4) == first  # 3
+    assert admit(0) == first  # 0: the table's limit, 4
+    assert admit(4) == REFUSED_SOURCE
+    assert admit(8) == first  # a listener with a higher limit still counts the same row
+    assert shared.admission.source_in_use(A) == 5
+    for _ in range(4):
+        admitter.release(first)
+    assert admit(2) == first  # 1 held: below 2 again
+
+
 def test_the_global_cap_comes_first(shared_of: Callable[..., Shared]) -> None:
     shared = shared_of(2, per_source=2)
     assert _admit(shared, 0, A) >= 0 and _admit(shared, 0, B) >= 0

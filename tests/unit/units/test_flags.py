@@ -73,7 +73,8 @@ PER_CONNECTION_REFUSED = [
     ("--exit-idle-time infinity", "--exit-idle-time"),
     ("--on-limit=queue", "--on-limit"),
     ("--on-limit refuse", "--on-limit"),
-    ("--max-connections-per-source=4", "--max-connections-per-source"),
+    ("--max-connections-per-source=4", "--connections-max-per-source"),  # its old spelling
+    ("--connections-max-per-source=4", "--connections-max-per-source"),
     ("--route admin=/run/x", "--route"),
 ]
 

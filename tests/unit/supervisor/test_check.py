@@ -1,0 +1,63 @@
+"""--check: listeners against the routes, targets resolved, one line per route."""
+
+import pytest
+
+from forkproxy.errors import UsageErrors
+from forkproxy.settings.arguments import parse_args
+from forkproxy.supervisor.check import check_settings, listener_problems
+
+NO_SOCKETS: dict[str, str] = {}
+
+
+def test_a_route_naming_no_listener() -> None:
+    config = parse_args(["--route=admin=h:1", "d:1"])
+    listeners = [("web", "fd 3 'web'"), ("api", "fd 4 'api'"), ("other", "fd 5"), ("", "fd 6")]
+    assert listener_problems(config, listeners) == [
+        "--route=admin=...: no listening socket is named 'admin' (named: 'api', 'other', "
+        "'web'; name them with FileDescriptorName= or --listen NAME=ADDR)"
+    ]
+    assert listener_problems(parse_args(["--route=web=h:1", "d:1"]), listeners) == []
+
+
+def test_a_listener_without_a_target() -> None:
+    config = parse_args(["--route=web=h:1", "--listen=web=127.0.0.1:1", "--listen=127.0.0.1:2"])
+    assert config.targets == ()
+    assert listener_problems(config, [("web", "'web'"), ("", "127.0.0.1:2")]) == [
+        "127.0.0.1:2: no target for this listener: give targets (or a [listeners.NAME] "
+        "section naming it) in the configuration file, or as arguments"
+    ]
+
+
+def test_routes_of_the_listen_addresses() -> None:
+    argv = ["-l", "8080", "-l", "web=127.0.0.1:81", "--route=web=127.0.0.1:9"]
+    argv += ["--idle-timeout=5min", "--no-nodelay", "--keepalive", "127.0.0.1:80"]
+    assert check_settings(parse_args(argv), NO_SOCKETS) == [
+        "8080 -> 127.0.0.1:80  (idle-timeout=5min, keepalive=true, nodelay=false)",
+        "'web' 127.0.0.1:81 -> 127.0.0.1:9  (idle-timeout=5min, keepalive=true, nodelay=false)",
+    ]
+
+
+def test_routes_by_name_without_listeners() -> None:
+    config = parse_args(["--route=web=/run/web.sock", "-pv2", "127.0.0.1:80"])
+    assert check_settings(config, NO_SOCKETS) == [
+        "'web' -> /run/web.sock  (proxy-protocol=v2)",
+        "other listeners -> 127.0.0.1:80  (proxy-protocol=v2)",
+    ]
+    assert check_settings(parse_args(["127.0.0.1:80"]), NO_SOCKETS) == [
+        "every listener -> 127.0.0.1:80"
+    ]
+
+
+def test_every_problem_at_once() -> None:
+    config = parse_args(
+        ["-l", "web=127.0.0.1:81", "--route=api=bad.invalid:80", "localhost:80", "nope.invalid"]
+    )
+    with pytest.raises(UsageErrors) as raised:
+        check_settings(config, NO_SOCKETS)
+    assert raised.value.messages[0].startswith("--route=api=...: no listening socket is named")
+    # The reason is the resolver's ("Name or service not known" where DNS answers).
+    resolving = [message.partition(": ")[0] for message in raised.value.messages[1:]]
+    assert resolving == [
+        "cannot resolve target 'nope.invalid'",
+        "cannot resolve target 'bad.invalid:80'",
+    ]
