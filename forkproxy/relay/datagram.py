@@ -86,6 +86,7 @@ class DatagramRelay:
                 )
             self.listeners.append(DatagramListener(self, listener, row, group, buffer, settings))
         timeouts = [listener.timeout for listener in self.listeners]
+        self.linger = math.inf  # draining: how long a quiet session is kept at most
         self.sweep: LazySweep | None = None
         if min(timeouts, default=math.inf) != math.inf:
             interval = sweep_interval(min(timeouts))
@@ -110,11 +111,17 @@ class DatagramRelay:
             listener.start()
 
     def stop_reading(self) -> None:
-        """The worker drains: read no more datagrams; sessions go on passing replies back
-        until they end by themselves or at the graceful timeout."""
+        """The worker drains: read no more datagrams. Its sessions only wait for late
+        replies now (their clients' next datagrams go to the workers that read the
+        listeners): each ends once quiet for one sweep interval, an eighth of the
+        shortest --datagram-timeout, or at the graceful timeout."""
         self.draining = True
         for listener in self.listeners:
             listener.stop()
+        if self.sweep is not None:
+            self.linger = self.sweep.interval
+            if self.sessions and not self.sweep.armed:
+                self.sweep.arm()
 
     def close_all(self) -> None:
         """The graceful timeout: end every session."""
@@ -187,5 +194,5 @@ class DatagramRelay:
                 session.quiet_since = now
                 continue
             owner = session.owner
-            if owner is not None and now - session.quiet_since >= owner.timeout:
+            if owner is not None and now - session.quiet_since >= min(owner.timeout, self.linger):
                 owner.end_session(session, END_TIMEOUT)
