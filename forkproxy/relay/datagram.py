@@ -87,6 +87,7 @@ class DatagramRelay:
             self.listeners.append(DatagramListener(self, listener, row, group, buffer, settings))
         timeouts = [listener.timeout for listener in self.listeners]
         self.linger = math.inf  # draining: how long a quiet session is kept at most
+        self.address_turns: dict[TargetAddress, int] = {}  # host-name targets, see _resolve
         self.sweep: LazySweep | None = None
         if min(timeouts, default=math.inf) != math.inf:
             interval = sweep_interval(min(timeouts))
@@ -173,7 +174,10 @@ class DatagramRelay:
             error = OSError(0, "no address")
         if session.closed:
             return
-        for family, _, _, _, sockaddr in infos:
+        # UDP connect(2) succeeds whatever is there: a host name's addresses are taken in
+        # turn from the one after the last that was refused (`address_refused`).
+        turn = self.address_turns.get(target, 0) % max(1, len(infos))
+        for family, _, _, _, sockaddr in infos[turn:] + infos[:turn]:
             try:
                 sock = open_session_socket(family, sockaddr)
             except OSError as failure:
@@ -183,6 +187,11 @@ class DatagramRelay:
             return
         listener.group.failed(index, error)
         listener.no_session(session, error)
+
+    def address_refused(self, target: TargetAddress) -> None:
+        """The address a host-name target resolved to refused: the next session of that
+        target tries the next one (IPv4 after IPv6 for localhost, say)."""
+        self.address_turns[target] = self.address_turns.get(target, 0) + 1
 
     def _sweep(self, now: float) -> None:
         """End sessions without a datagram either way for their listener's

@@ -293,8 +293,12 @@ class DatagramListener:
     def _target_refused(self, session: Session, error: OSError) -> None:
         """End the session, so the client's next datagram opens a new one, on another
         target if the group has several (this one cools down)."""
-        if session.target_index >= 0 and is_refusal(error):
-            self.group.failed(session.target_index, error)
+        index = session.target_index
+        if index >= 0 and is_refusal(error):
+            self.group.failed(index, error)
+            target = self.group.targets[index]
+            if target.needs_resolving:
+                self.relay.address_refused(target)
         self.end_session(session, END_ERROR)
 
     # -- the end ---------------------------------------------------------------------------

@@ -463,3 +463,43 @@ def test_check_finds_a_datagram_listener_with_a_stream_target() -> None:
         0,
         "'dns' udp:127.0.0.1:5300 -> udp:127.0.0.1:53  (datagram-replies=1)\n",
     )
+
+
+def test_a_host_name_target_is_resolved_when_a_session_opens(workdir: Path) -> None:
+    """The first datagrams wait (copied) while the name is resolved, then go out."""
+    with run_backend("echo", "udp:127.0.0.1:0", MESSAGES) as backend:
+        target = backend.target.replace("127.0.0.1", "localhost")
+        with (
+            run_proxy(["-w", "1", target], workdir, listeners=("udp",)) as proxy,
+            proxy.connect() as client,
+        ):
+            for number in range(3):
+                client.send(b"burst %d" % number)  # before the name is resolved, likely
+            assert sorted(client.recv(100) for _ in range(3)) == [
+                b"burst 0",
+                b"burst 1",
+                b"burst 2",
+            ]
+            assert exchange(client, b"then") == b"then"
+
+
+def test_unbound_unix_clients_are_relayed_without_replies(workdir: Path) -> None:
+    """As syslog clients do: they send from no address. Their datagrams reach the target
+    (in one session for all of them); nothing can be sent back, and that is counted."""
+    with (
+        run_backend("log", f"unix-dgram:{workdir}/target.sock", MESSAGES) as backend,
+        run_proxy(
+            ["-w", "1", backend.target],
+            workdir,
+            listeners=("unix-dgram", "tcp"),
+            names=("log", "metrics"),
+        ) as proxy,
+    ):
+        for sequence in range(5):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:  # never bound
+                client.sendto(framed(sequence, 100 + sequence), proxy.address(0))  # type: ignore[arg-type]
+        assert backend.process.stdout is not None
+        assert [backend.process.stdout.readline().strip() for _ in range(5)] == [
+            f"ok {sequence}" for sequence in range(5)
+        ]
+        assert metric(metrics_of(proxy), "forkproxy_datagram_sessions_total") == 1
