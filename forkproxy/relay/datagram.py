@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
+from forkproxy.relay.datagram_drops import client_text
 from forkproxy.relay.datagram_listener import DatagramListener
 from forkproxy.relay.datagram_session import END_STOPPED, END_TIMEOUT, Session, open_session_socket
 from forkproxy.relay.messages import MessageBuffer
@@ -149,7 +150,7 @@ class DatagramRelay:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "datagram session of %s on %s ended (%s): %d bytes in, %d bytes out",
-                listener.client_text(session.client),
+                client_text(listener.family, session.client),
                 listener.listener.label,
                 reason,
                 session.bytes_to_target,

@@ -16,7 +16,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from forkproxy.relay.datagram_drops import Drops, client_text
+from forkproxy.relay.datagram_drops import Drops
 from forkproxy.relay.datagram_session import (
     END_ERROR,
     PENDING_MAX,
@@ -60,8 +60,7 @@ class DatagramListener:
         "replies_max",
         "timeout",
         "reading",
-        "held",
-        "held_datagram",
+        "backpressure",
         "on_readable",
     )
 
@@ -92,12 +91,11 @@ class DatagramListener:
         self.replies_max = settings.datagram_replies  # 0: never reached
         self.timeout = settings.datagram_timeout
         self.reading = False
-        self.held: Session | None = None  # whose datagram waits for its target to take it
-        self.held_datagram = b""
+        self.backpressure = Backpressure(self)
         self.on_readable = self._on_readable
 
     def start(self) -> None:
-        if not self.reading and self.held is None:
+        if not self.reading and self.backpressure.session is None:
             self.reading = True
             self.relay.poller.add_reader(self.fd, self.on_readable)
 
@@ -143,10 +141,10 @@ class DatagramListener:
             try:
                 send(view[:count])
             except BlockingIOError:
-                self._hold(session, bytes(view[:count]))
+                self.backpressure.hold(session, bytes(view[:count]))
                 return
             except OSError as error:
-                self._on_send_error(session, view[:count], error)
+                self.on_send_error(session, view[:count], error)
                 continue
             session.bytes_to_target += count
             row[DG_TO_TARGET] += 1
@@ -156,7 +154,7 @@ class DatagramListener:
         """A session for a new client, or None (its datagram dropped and counted)."""
         relay = self.relay
         per_source = self.source_limit
-        token = relay.admit(source_key(self.family, client) if per_source else None)
+        token = relay.admit(source_key(self.family, client) if per_source else None, per_source)
         if token < ADMITTED:
             if token == REFUSED_CAP:
                 self.drops.cap(self.family, client, relay.connections_max)
@@ -205,13 +203,13 @@ class DatagramListener:
             try:
                 sock.send(datagram)
             except OSError as error:
-                self._on_send_error(session, memoryview(datagram), error)
+                self.on_send_error(session, memoryview(datagram), error)
                 if session.closed:
                     return
                 continue
-            self._sent(session, len(datagram))
+            self.sent(session, len(datagram))
 
-    def _sent(self, session: Session, count: int) -> None:
+    def sent(self, session: Session, count: int) -> None:
         session.bytes_to_target += count
         row = self.row
         row[DG_TO_TARGET] += 1
@@ -232,46 +230,14 @@ class DatagramListener:
 
     # -- backpressure and errors towards the target ------------------------------------------
 
-    def _hold(self, session: Session, datagram: bytes) -> None:
-        """The target cannot take `datagram` now: keep it, read no more until it can."""
-        self.held = session
-        self.held_datagram = datagram
-        self.stop()
-        self.relay.poller.add_writer(session.fd, session.on_writable)  # type: ignore[arg-type]
-
-    def on_session_writable(self, session: Session) -> None:
-        datagram = self.held_datagram
-        if self.held is not session or session.send is None:
-            return
-        try:
-            session.send(datagram)
-        except BlockingIOError:
-            return
-        except OSError as error:
-            self._release_held()
-            self._on_send_error(session, memoryview(datagram), error)
-            return
-        self._sent(session, len(datagram))
-        self._release_held()
-
-    def _release_held(self) -> None:
-        session = self.held
-        if session is not None:
-            self.held = None
-            self.held_datagram = b""
-            if not session.closed:
-                self.relay.poller.remove_writer(session.fd)
-            if not self.relay.draining:
-                self.start()
-
-    def _on_send_error(self, session: Session, datagram: memoryview, error: OSError) -> None:
+    def on_send_error(self, session: Session, datagram: memoryview, error: OSError) -> None:
         """The kernel would not send a datagram of `session` to its target."""
         sock = session.sock
         # EMSGSIZE from a unix target: our send buffer may be smaller than the client's.
         if error.errno == errno.EMSGSIZE and sock is not None and self._resend(sock, datagram):
-            self._sent(session, len(datagram))
+            self.sent(session, len(datagram))
             return
-        self.drops.to_target(self.family, session.client, self._target_text(session), error)
+        self.drops.to_target(self.family, session.client, _target_text(self.group, session), error)
         if is_refusal(error):
             self._target_refused(session, error)
 
@@ -287,7 +253,7 @@ class DatagramListener:
     def on_session_error(self, session: Session, error: OSError) -> None:
         """Reading a session's socket failed: ECONNREFUSED is an earlier datagram the
         target's host refused (an ICMP port unreachable); anything else ends it too."""
-        self.drops.refused(self.family, session.client, self._target_text(session), error)
+        self.drops.refused(self.family, session.client, _target_text(self.group, session), error)
         self._target_refused(session, error)
 
     def _target_refused(self, session: Session, error: OSError) -> None:
@@ -310,9 +276,9 @@ class DatagramListener:
         session.closed = True
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
-        if self.held is session:
+        if self.backpressure.session is session:
             self.drops.held()  # the datagram it held goes nowhere now
-            self._release_held()
+            self.backpressure.release()
         sock = session.sock
         if sock is not None:
             self.relay.poller.forget(session.fd)  # the close takes it out of the epoll
@@ -322,9 +288,55 @@ class DatagramListener:
         session.send = None
         self.relay.session_ended(self, session, reason)
 
-    def client_text(self, client: object) -> str:
-        return client_text(self.family, client)
 
-    def _target_text(self, session: Session) -> str:
-        index = session.target_index
-        return f"'{self.group.targets[index].text}'" if index >= 0 else self.group.label
+def _target_text(group: TargetGroup, session: Session) -> str:
+    """The target a session is connected to, else every target it may get."""
+    index = session.target_index
+    return f"'{group.targets[index].text}'" if index >= 0 else group.label
+
+
+class Backpressure:
+    """A datagram of one listener that its session's target could not take yet (a unix
+    datagram target's queue is full): held, copied, while the listener is not read, and
+    sent when the session's socket is writable. As the kernel makes a unix datagram
+    sender wait, and no datagram is dropped for it."""
+
+    __slots__ = ("listener", "session", "datagram")
+
+    def __init__(self, listener: DatagramListener) -> None:
+        self.listener = listener
+        self.session: Session | None = None  # whose datagram waits for its target
+        self.datagram = b""
+
+    def hold(self, session: Session, datagram: bytes) -> None:
+        self.session = session
+        self.datagram = datagram
+        self.listener.stop()
+        self.listener.relay.poller.add_writer(session.fd, session.on_writable)  # type: ignore[arg-type]
+
+    def on_writable(self, session: Session) -> None:
+        """The session's socket can take a datagram: send the held one, read again."""
+        datagram = self.datagram
+        if self.session is not session or session.send is None:
+            return
+        try:
+            session.send(datagram)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self.release()
+            self.listener.on_send_error(session, memoryview(datagram), error)
+            return
+        self.listener.sent(session, len(datagram))
+        self.release()
+
+    def release(self) -> None:
+        session = self.session
+        if session is not None:
+            self.session = None
+            self.datagram = b""
+            listener = self.listener
+            if not session.closed:
+                listener.relay.poller.remove_writer(session.fd)
+            if not listener.relay.draining:
+                listener.start()

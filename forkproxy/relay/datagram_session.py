@@ -151,7 +151,7 @@ class Session:
         """The target can take the datagram its owner holds for this session."""
         owner = self.owner
         if owner is not None:
-            owner.on_session_writable(self)
+            owner.backpressure.on_writable(self)
 
 
 def is_refusal(error: OSError) -> bool:

@@ -92,7 +92,7 @@ class SlotState(enum.IntEnum):
 class Scoreboard:
     """The shared slots and their retired totals, in `mapping`."""
 
-    def __init__(self, mapping: SharedMapping) -> None:
+    def __init__(self, mapping: SharedMapping, listeners: int = 0) -> None:
         self.slot_count = MAX_SLOTS
         self._mapping = mapping
         memory = memoryview(mapping.memory)
@@ -100,8 +100,8 @@ class Scoreboard:
         self._retired = memory[RETIRED : RETIRED + MAX_SLOTS * SLOT_WORDS * WORD].cast("q")
         rows_bytes = MAX_LISTENERS * ROW_WORDS * WORD
         self._retired_rows = memory[RETIRED_ROWS : RETIRED_ROWS + rows_bytes].cast("q")
-        # Listener rows [0, this) may be written: the master sets it to its listener count.
-        self.listener_rows = 0
+        # Listener rows [0, this) may be written: one per listener the master has.
+        self.listener_rows = min(listeners, MAX_LISTENERS)
 
     def slot(self, index: int) -> memoryview:
         """The words of slot `index`, for its owner to write with `slot[FIELD] += n`."""

@@ -6,8 +6,8 @@ would meet it: the listeners (the sockets systemd passed, by LISTEN_FDNAMES, els
 for; a target for every listener, of the kind the listener takes (`kind_problems`);
 host-name targets resolved (getaddrinfo(3)); pipes of each --pipe-size in use. The
 answer is one line per route, listener -> targets, with the relay options that differ
-from the defaults, or every problem found (`UsageErrors`). `listener_problems` and
-`kind_problems` are the master's checks too. Never binds, adopts a passed socket, forks
+from the defaults, or every problem found (`UsageErrors`). `listener_problems` (with
+`kind_problems`) is the master's check too. Never binds, adopts a passed socket, forks
 or prints (`cli` prints).
 """
 
@@ -26,9 +26,8 @@ from forkproxy.settings.options import KeepAlive
 from forkproxy.shared.listener import is_connection
 from forkproxy.supervisor.activation import METRICS_FD_NAME, passed_fds
 
-# (name, label): a listener as the routes see it; name "" if it has none.
-ListenerName = tuple[str, str]
-# (name, label, kind): and its socket type (SO_TYPE).
+# (name, label, kind): a listener as the routes see it (name "" if it has none) and its
+# socket type (SO_TYPE).
 ListenerKind = tuple[str, str, int]
 
 _DEFAULTS = {
@@ -41,11 +40,9 @@ _DEFAULTS = {
 def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
     """The route lines of `config`, or UsageErrors with every problem found."""
     problems: list[str] = []
-    kinds = _listeners(config, os.environ if environ is None else environ, problems)
-    listeners = [(name, label) for name, label, _ in kinds]
+    listeners = _listeners(config, os.environ if environ is None else environ, problems)
     if listeners:
         problems += listener_problems(config, listeners)
-        problems += kind_problems(config, kinds)
     problems += _resolve_targets(config)
     for size in sorted({settings.pipe_size for settings in _all_settings(config)}):
         try:
@@ -55,7 +52,7 @@ def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> 
     if problems:
         raise UsageErrors(problems)
     if listeners:
-        return [_route_line(label, config.settings_for(name)) for name, label in listeners]
+        return [_route_line(label, config.settings_for(name)) for name, label, _ in listeners]
     # No socket passed and no --listen: the routes by name, as systemd will name them.
     lines = [_route_line(f"'{settings.name}'", settings) for settings in config.listeners]
     if config.targets:
@@ -64,10 +61,11 @@ def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> 
     return lines
 
 
-def listener_problems(config: Config, listeners: Sequence[ListenerName]) -> list[str]:
-    """Settings for a listener that does not exist, and listeners left without a target."""
+def listener_problems(config: Config, listeners: Sequence[ListenerKind]) -> list[str]:
+    """Settings for a listener that does not exist, listeners left without a target, and
+    listeners whose targets cannot take what they receive (`kind_problems`)."""
     problems = []
-    names = {name for name, _ in listeners if name}
+    names = {name for name, _, _ in listeners if name}
     known = ", ".join(f"'{name}'" for name in sorted(names)) or "none"
     for settings in config.listeners:
         if settings.name not in names:
@@ -77,14 +75,14 @@ def listener_problems(config: Config, listeners: Sequence[ListenerName]) -> list
                 "--listen NAME=ADDR)"
             )
     if not config.targets:
-        for name, label in listeners:
+        for name, label, _ in listeners:
             if not config.settings_for(name).targets:
                 problems.append(
                     f"{label}: no target for this listener: give targets (or a "
                     "[listeners.NAME] section naming it) in the configuration file, or as "
                     "arguments"
                 )
-    return problems
+    return problems + kind_problems(config, listeners)
 
 
 def kind_problems(config: Config, listeners: Sequence[ListenerKind]) -> list[str]:

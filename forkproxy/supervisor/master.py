@@ -30,13 +30,13 @@ from forkproxy.relay.splice import check_pipe_size
 from forkproxy.settings.config import Config, ListenerSettings
 from forkproxy.settings.timespan import format_timespan
 from forkproxy.shared.admission import Admission
-from forkproxy.shared.layout import MAX_LISTENERS, mapping_bytes, source_entries
+from forkproxy.shared.layout import mapping_bytes, source_entries
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.mapping import SharedMapping
 from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
 from forkproxy.shared.scoreboard import Scoreboard
 from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
-from forkproxy.supervisor.check import kind_problems, listener_problems
+from forkproxy.supervisor.check import listener_problems
 from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
@@ -108,9 +108,6 @@ class Master:
         check_fd_limit(fd_limit, self.config.connections_max)
         # What can only be checked with the listeners and the kernel at hand.
         problems = listener_problems(
-            self.config, [(listener.name, listener.label) for listener in self.listeners]
-        )
-        problems += kind_problems(
             self.config, [(one.name, one.label, one.kind) for one in self.listeners]
         )
         if problems:
@@ -118,8 +115,7 @@ class Master:
         for size in {self._settings(listener).pipe_size for listener in self.listeners}:
             check_pipe_size(size)
         self.mapping = _shared_mapping(self.config)
-        self.scoreboard = Scoreboard(self.mapping)
-        self.scoreboard.listener_rows = min(len(self.listeners), MAX_LISTENERS)
+        self.scoreboard = Scoreboard(self.mapping, len(self.listeners))
         self.admission = Admission.set_up(
             self.mapping, self.config.connections_max, _source_limit(self.config)
         )
@@ -156,12 +152,7 @@ class Master:
             from forkproxy.supervisor.metrics.endpoint import open_metrics
 
             self.metrics = open_metrics(
-                self.metrics_listeners,
-                self.selector,
-                self.pool,
-                self.scoreboard,
-                self.admission,
-                self.listeners,
+                self.metrics_listeners, self.selector, self.pool, self.scoreboard, self.admission
             )
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:

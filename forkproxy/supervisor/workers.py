@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection
 from forkproxy.relay.worker import run_worker
 from forkproxy.settings.config import MAX_WORKERS
 from forkproxy.settings.timespan import format_timespan
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.protocol import EXIT_CANNOT_START, WorkerSpec
 from forkproxy.shared.scoreboard import HEARTBEAT_NS, PID
 from forkproxy.supervisor.ranks import Ranks
@@ -243,6 +244,11 @@ class WorkerPool(WorkerProcesses):
         self.generation_serving = False
         self.rotation_wanted = False  # a SIGHUP waits for the running rotation or for slots
         self.waiting_for_slots = False  # logged once per wait
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The listeners every worker is handed (what metrics label by)."""
+        return self.spec.listeners
 
     def start(self) -> None:
         self._settle()

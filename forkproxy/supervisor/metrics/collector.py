@@ -96,6 +96,9 @@ class MasterView(Protocol):
     @property
     def heartbeat_interval(self) -> float: ...
 
+    @property
+    def listeners(self) -> Sequence[Listener]: ...  # the proxied ones: datagram metrics
+
 
 class ScoreboardCollector(Collector):
     """Metric families read from the scoreboard, the admission count and the master."""
@@ -105,13 +108,12 @@ class ScoreboardCollector(Collector):
         master: MasterView,
         scoreboard: Scoreboard,
         admission: Admission,
-        datagram_listeners: Sequence[tuple[int, str]] = (),
     ) -> None:
         self.master = master
         self.scoreboard = scoreboard
         self.admission = admission
         # (listener row, its `listener` label) of each datagram listener that has a row
-        self.datagram_listeners = datagram_listeners
+        self.datagram_listeners = datagram_rows(master.listeners)
 
     def collect(self) -> Iterable[Metric]:
         board = self.scoreboard

@@ -30,12 +30,7 @@ from forkproxy import logs
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import Scoreboard
-from forkproxy.supervisor.metrics.collector import (
-    MasterView,
-    ScoreboardCollector,
-    datagram_rows,
-    make_registry,
-)
+from forkproxy.supervisor.metrics.collector import MasterView, ScoreboardCollector, make_registry
 
 log = logging.getLogger("forkproxy")
 
@@ -65,13 +60,11 @@ def open_metrics(
     master: MasterView,
     scoreboard: Scoreboard,
     admission: Admission,
-    proxied: Sequence[Listener] = (),
 ) -> "MetricsEndpoint | None":
-    """The master's metrics endpoint on `listeners` (None if there are none), for the
-    `proxied` listeners."""
+    """The master's metrics endpoint on `listeners` (None if there are none)."""
     if not listeners:
         return None
-    collector = ScoreboardCollector(master, scoreboard, admission, datagram_rows(proxied))
+    collector = ScoreboardCollector(master, scoreboard, admission)
     registry = make_registry(collector)
     endpoint = MetricsEndpoint(
         listeners, selector, partial(generate_latest, registry), collector.health
