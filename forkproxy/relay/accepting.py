@@ -169,7 +169,7 @@ class Acceptor:
         failure releases it here."""
         client = None
         try:
-            client = socket.socket(plan.family, socket.SOCK_STREAM, 0, fd)
+            client = socket.socket(plan.family, plan.kind, 0, fd)
             client.setblocking(False)
             failpoint = self.failpoint
             if failpoint is not None and failpoint.due("accept"):

@@ -30,11 +30,13 @@ from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
 from forkproxy.relay.plans import Route, min_connect_timeout
 from forkproxy.relay.proxy_protocol import HeaderEncoder
 from forkproxy.relay.relaying import OpenRelays, observe
+from forkproxy.relay.seqpacket import MessageRelay
 from forkproxy.relay.splice import NO_TOKEN, Relay, reset_on_close
 from forkproxy.relay.target_connect import TCP_FAMILIES, TargetConnect, send_proxy_header
 from forkproxy.relay.targets import COOLDOWN, FailoverConnect
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
+from forkproxy.settings.kinds import SEQPACKET
 from forkproxy.shared.scoreboard import (
     BYTES_TO_CLIENT,
     BYTES_TO_TARGET,
@@ -178,25 +180,32 @@ class Connector:
             )
             route = pending.route
             proxy_header = route.proxy_header
-            if proxy_header is not None and not self._send_proxy_header(
-                pending, target, proxy_header
+            seqpacket = route.group.targets[0].kind == SEQPACKET
+            # Messages: no PROXY header (a stream's), and no splice (it would merge them).
+            if (
+                not seqpacket
+                and proxy_header is not None
+                and not self._send_proxy_header(pending, target, proxy_header)
             ):
                 return
             direction = route.direction
             failpoint = self.failpoint
             if failpoint is not None and failpoint.due("readable"):
                 direction = FailingDirection
-            relay = Relay(
-                self.poller,
-                route.pool,
-                pending.client,
-                target,
-                slot,
-                BYTES_TO_TARGET,
-                BYTES_TO_CLIENT,
-                route.on_relay_closed,
-                direction,
-            )
+            if seqpacket:
+                relay = self._message_relay(pending.client, target, route)
+            else:
+                relay = Relay(
+                    self.poller,
+                    route.pool,
+                    pending.client,
+                    target,
+                    slot,
+                    BYTES_TO_TARGET,
+                    BYTES_TO_CLIENT,
+                    route.on_relay_closed,
+                    direction,
+                )
             # From here the relay owns both sockets and the admission.
             relay.token = pending.token
             pending.token = NO_TOKEN
@@ -217,6 +226,22 @@ class Connector:
                 self.crashed(pending, error)
             else:
                 self.crashed(relay, error)
+
+    def _message_relay(self, client: socket.socket, target: socket.socket, route: Route) -> Relay:
+        buffer = self.worker.message_buffer
+        assert buffer is not None  # made for the worker's sequential-packet listeners
+        return MessageRelay(
+            self.poller,
+            route.pool,
+            buffer,
+            client,
+            target,
+            self.slot,
+            BYTES_TO_TARGET,
+            BYTES_TO_CLIENT,
+            route.on_relay_closed,
+            route.idle_sweep is not None,
+        )
 
     def _send_proxy_header(
         self, pending: _PendingClient, target: socket.socket, encode: HeaderEncoder

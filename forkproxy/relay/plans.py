@@ -74,13 +74,14 @@ class Route:
 class ListenerPlan:
     """What a worker does with the clients of one listener."""
 
-    __slots__ = ("listener", "family", "client_options", "source_limit", "route")
+    __slots__ = ("listener", "family", "kind", "client_options", "source_limit", "route")
 
     def __init__(
         self, listener: Listener, client_options: SocketOptions, source_limit: int, route: Route
     ) -> None:
         self.listener = listener
         self.family = listener.sock.family
+        self.kind = listener.kind  # stream or sequential-packet: what accept() returns
         self.client_options = client_options  # setsockopt(2) on each client: TCP only
         self.source_limit = source_limit  # --connections-max-per-source; 0: none
         self.route = route

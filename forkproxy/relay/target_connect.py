@@ -181,7 +181,7 @@ class TargetConnect:
             sock = None
             try:
                 sock = socket.socket(
-                    family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+                    family, self._target.kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
                 )
                 if self._options and family in TCP_FAMILIES:
                     set_socket_options(sock, self._options)

@@ -108,14 +108,14 @@ class Master:
         check_fd_limit(fd_limit, self.config.connections_max)
         # What can only be checked with the listeners and the kernel at hand.
         problems = listener_problems(
-            self.config, [(listener.name, listener.label) for listener in self.listeners]
+            self.config, [(one.name, one.label, one.kind) for one in self.listeners]
         )
         if problems:
             raise UsageErrors(problems)
         for size in {self._settings(listener).pipe_size for listener in self.listeners}:
             check_pipe_size(size)
         self.mapping = _shared_mapping(self.config)
-        self.scoreboard = Scoreboard(self.mapping)
+        self.scoreboard = Scoreboard(self.mapping, len(self.listeners))
         self.admission = Admission.set_up(
             self.mapping, self.config.connections_max, _source_limit(self.config)
         )

@@ -2,15 +2,15 @@
 
 A `WorkerProcess` record per live worker, a respawn deadline per slot; the master's loop
 waits on `next_deadline()`. Forking happens here only; `respawn.RespawnPolicy` says when
-a replacement starts and when to give up (`on_fatal`). Signals change only what is wanted
-(`target_workers`, `rotation_wanted`); `_settle()`, run after each, and after each exit
-and READY, moves the processes towards it, so the count converges after any storm of
-SIGHUP, SIGTTIN and SIGTTOU. One generation starts at a time (SIGHUPs during a rotation
-start one more after it), and only with free slots: there are 2 x MAX_WORKERS, so old
-workers leaving always make room. Never relays bytes; never decides to shut down.
+a replacement starts and when to give up (`on_fatal`), `ranks.Ranks` what datagram
+listeners a new worker reads. Signals change only what is wanted (`target_workers`,
+`rotation_wanted`); `_settle()`, run after each, and after each exit and READY, moves the
+processes towards it, so the count converges after any storm of SIGHUP, SIGTTIN and
+SIGTTOU. One generation starts at a time (SIGHUPs during a rotation start one more after
+it), and only with free slots: there are 2 x MAX_WORKERS, so old workers leaving always
+make room. Never relays bytes; never decides to shut down.
 """
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -22,8 +22,10 @@ from collections.abc import Callable, Collection
 from forkproxy.relay.worker import run_worker
 from forkproxy.settings.config import MAX_WORKERS
 from forkproxy.settings.timespan import format_timespan
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.protocol import EXIT_CANNOT_START, WorkerSpec
 from forkproxy.shared.scoreboard import HEARTBEAT_NS, PID
+from forkproxy.supervisor.ranks import Ranks
 from forkproxy.supervisor.respawn import (
     CRASH_WINDOW,
     STABLE_AFTER,
@@ -31,6 +33,7 @@ from forkproxy.supervisor.respawn import (
     describe_exit,
     died_on_its_own,
 )
+from forkproxy.supervisor.worker_record import WorkerProcess
 
 log = logging.getLogger("forkproxy")
 
@@ -38,42 +41,6 @@ KILL_MARGIN = 2.0  # after the graceful timeout, how long before workers are SIG
 # A worker whose heartbeat is older than this many heartbeat intervals is not counted as
 # serving (/healthz, STATUS=, WATCHDOG=1); it is killed only after --worker-timeout.
 STALE_HEARTBEATS = 3
-
-
-class WorkerProcess:
-    """The master's record of one live worker process."""
-
-    __slots__ = (
-        "slot",
-        "pid",
-        "generation",
-        "started",
-        "ready",
-        "stopping",
-        "killed",
-        "hung",
-        "kill_deadline",
-    )
-
-    def __init__(self, slot: int, pid: int, generation: int) -> None:
-        self.slot = slot
-        self.pid = pid
-        self.generation = generation
-        self.started = time.monotonic()
-        self.ready = False
-        self.stopping = False  # asked to stop: its exit is expected, not replaced
-        self.killed = False  # SIGKILLed by us; waiting to be reaped
-        self.hung = False  # killed because its heartbeat stopped
-        self.kill_deadline = math.inf  # SIGKILL if still alive then
-
-    def kill(self) -> None:
-        self.killed = True
-        self.kill_deadline = math.inf
-        self.send(signal.SIGKILL)
-
-    def send(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):  # dead, not yet reaped
-            os.kill(self.pid, signum)
 
 
 class WorkerProcesses:
@@ -100,6 +67,8 @@ class WorkerProcesses:
         self.restarts = 0
         self.stopping = False
         self.last_exit = 0.0  # monotonic time a worker last exited (its connections ended)
+        datagram_listeners = sum(1 for listener in spec.listeners if listener.is_datagram)
+        self.ranks = Ranks(self.config.workers, datagram_listeners)
 
     def current(self) -> list[WorkerProcess]:
         """The workers of the newest generation."""
@@ -114,7 +83,10 @@ class WorkerProcesses:
 
     def spawn(self, slot: int) -> None:
         self.scoreboard.prepare(slot, self.generation, time.monotonic_ns())
-        spec = dataclasses.replace(self.spec, slot=slot, generation=self.generation)
+        rank, size = self.ranks.assign(slot), self.ranks.size
+        spec = dataclasses.replace(
+            self.spec, slot=slot, generation=self.generation, rank=rank, generation_size=size
+        )
         # Signals stay blocked across fork: a signal for the new worker must neither run
         # the master's handler in it (which would report it on the master's wakeup fd) nor
         # be lost; the worker unblocks once its own loop handles them.
@@ -273,6 +245,11 @@ class WorkerPool(WorkerProcesses):
         self.rotation_wanted = False  # a SIGHUP waits for the running rotation or for slots
         self.waiting_for_slots = False  # logged once per wait
 
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The listeners every worker is handed (what metrics label by)."""
+        return self.spec.listeners
+
     def start(self) -> None:
         self._settle()
 
@@ -368,6 +345,7 @@ class WorkerPool(WorkerProcesses):
         self.generation += 1
         self.generation_serving = False
         self.respawn_at.clear()
+        self.ranks.new_generation(self.target_workers)
         log.info("rotating workers: starting %d new workers", self.target_workers)
         self._converge()
         return True
@@ -385,12 +363,16 @@ class WorkerPool(WorkerProcesses):
             return
         for _ in range(-missing):
             if self.respawn_at:
-                del self.respawn_at[max(self.respawn_at)]
-                continue
-            # Not yet serving first, then the highest slot.
-            worker = max(active, key=lambda w: (not w.ready, w.slot))
-            active.remove(worker)
-            self._stop_worker(worker)
+                slot = max(self.respawn_at)
+                del self.respawn_at[slot]
+            else:  # not yet serving first, then the highest slot
+                worker = max(active, key=lambda w: (not w.ready, w.slot))
+                active.remove(worker)
+                self._stop_worker(worker)
+                slot = worker.slot
+            if self.ranks.free(slot) and not self.rotation_wanted:
+                log.info("a datagram listener lost its worker: rotating the workers")
+                self.rotation_wanted = True
 
     def _current_serving(self) -> bool:
         active = [w for w in self.current() if not w.stopping and not w.killed]

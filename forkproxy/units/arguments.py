@@ -36,6 +36,16 @@ flags:
   --listen-stream ADDR   listen on PORT, IPV4:PORT, [IPV6]:PORT, [IPV6%DEV]:PORT
                          (repeatable)
   --listen-unix PATH     listen on a unix socket, /path or @abstract (repeatable)
+  --listen-datagram ADDR receive UDP datagrams on PORT, IPV4:PORT or [IPV6]:PORT
+                         (ListenDatagram=; repeatable; TARGET is then udp:HOST:PORT
+                         or unix-dgram:PATH)
+  --listen-unix-datagram PATH
+                         receive datagrams on a unix socket, /path or @abstract
+                         (ListenDatagram=; repeatable)
+  --listen-sequential-packet PATH
+                         listen on a unix SOCK_SEQPACKET socket, /path or @abstract
+                         (ListenSequentialPacket=; repeatable; TARGET is then
+                         seqpacket:PATH)
   --socket-user USER     owner of the unix socket files (SocketUser=)
   --socket-group GROUP   group of the unix socket files (SocketGroup=)
   --socket-mode MODE     octal access mode of the unix socket files (SocketMode=)
@@ -64,7 +74,14 @@ _VALUE_FLAGS = frozenset({
     "--backlog", "--max-connections", "--metrics", "--upstream-unit", "--description",
     "--executable", "--output-dir", "--unit",
 })  # fmt: skip
-_REPEATABLE = frozenset({"--listen-stream", "--listen-unix"})
+# The flags of sockets of other kinds than streams, and the request field of each.
+_MESSAGE_FLAGS = {
+    "--listen-datagram": "listen_datagram",
+    "--listen-unix-datagram": "listen_unix_datagram",
+    "--listen-sequential-packet": "listen_sequential_packet",
+}
+_VALUE_FLAGS |= _MESSAGE_FLAGS.keys()
+_REPEATABLE = frozenset({"--listen-stream", "--listen-unix", *_MESSAGE_FLAGS})
 _SWITCHES = frozenset({"--accept", "--share-namespace", "--user", "--force"})
 _INFO_FLAGS = frozenset({"-h", "--help", "--version"})
 
@@ -158,6 +175,8 @@ def canonical_args(request: UnitRequest) -> list[str]:
     args = ["--unit", r.name] if r.name.startswith("-") else [r.name]
     args += [word for address in r.listen_stream for word in ("--listen-stream", address)]
     args += [word for path in r.listen_unix for word in ("--listen-unix", path)]
+    for flag, field in _MESSAGE_FLAGS.items():
+        args += [word for address in getattr(r, field) for word in (flag, address)]
     mode = None if r.socket_mode is None else f"{r.socket_mode:04o}"
     for flag, value in (
         ("--socket-user", r.socket_user),
@@ -196,6 +215,9 @@ def _build_request(
     metrics = _one(values, "--metrics")
     streams = values.get("--listen-stream", [])
     unix_paths = values.get("--listen-unix", [])
+    datagrams = values.get("--listen-datagram", [])
+    unix_datagrams = values.get("--listen-unix-datagram", [])
+    packets = values.get("--listen-sequential-packet", [])
     request = UnitRequest(
         name=checks.check_name(name),
         target=checks.check_target(target),
@@ -204,6 +226,15 @@ def _build_request(
             listen.parse_inet(address, "--listen-stream").text for address in streams
         ),
         listen_unix=tuple(listen.parse_unix(path, "--listen-unix").text for path in unix_paths),
+        listen_datagram=tuple(
+            listen.parse_inet(address, "--listen-datagram").text for address in datagrams
+        ),
+        listen_unix_datagram=tuple(
+            listen.parse_unix(path, "--listen-unix-datagram").text for path in unix_datagrams
+        ),
+        listen_sequential_packet=tuple(
+            listen.parse_unix(path, "--listen-sequential-packet").text for path in packets
+        ),
         socket_user=checks.check_user_group(_one(values, "--socket-user"), "--socket-user"),
         socket_group=checks.check_user_group(_one(values, "--socket-group"), "--socket-group"),
         socket_mode=None if mode is None else checks.parse_mode(mode),

@@ -139,6 +139,12 @@ GENERATED = [
     "k --listen-stream 80 -- /run/k.sock --route admin=db.example:5432",
     "l --listen-stream 80 -- /home/l/l.sock",
     ACCEPTANCE,
+    "m --listen-datagram 127.0.0.1:53 --listen-datagram [::1]:53 -- udp:127.0.0.1:5353 "
+    "--datagram-replies=1",
+    "n --listen-unix-datagram /run/n/log.sock --socket-mode 0660 -- unix-dgram:/run/log.sock "
+    "--datagram-timeout=5min",
+    "o --listen-sequential-packet @o -- seqpacket:/run/o.sock",
+    "p --listen-datagram 127.0.0.1:8125 --metrics 127.0.0.1:9102 -- udp:statsd.example:8125",
 ]
 
 
@@ -168,6 +174,7 @@ def test_generated_service_exposure(root: Path, command: str) -> None:
         "u --listen-stream 8080 -- 127.0.0.1:9000",
         "v --listen-unix /tmp/v.sock --socket-mode 600 --metrics 127.0.0.1:9100 -- /run/v",
         "w --listen-stream 8080 --accept -- example.org:80",
+        "x --listen-datagram 5353 -- udp:[::1]:53",
     ],
 )
 def test_generated_user_units_verify_without_warnings(tmp_path: Path, command: str) -> None:

@@ -67,6 +67,7 @@ class FakeMaster:
     restarts: int = 0
     stopping: bool = False
     heartbeat_interval: float = 1.0
+    listeners: tuple = ()
 
 
 def _samples(text: str) -> Samples:

@@ -295,7 +295,8 @@ BAD = [
     ),
     (
         "web 127.0.0.1:80",
-        "nothing to listen on: give --listen-stream or --listen-unix",
+        "nothing to listen on: give --listen-stream, --listen-unix, --listen-datagram, "
+        "--listen-unix-datagram or --listen-sequential-packet",
     ),
     (
         "web.service --listen-stream 80 127.0.0.1:80",
