@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from forkproxy import __version__
+from forkproxy import __version__, logs
 from forkproxy.logs import NOTICE
 from forkproxy.settings.address import TargetAddress
 from forkproxy.settings.timespan import format_timespan
@@ -184,7 +184,9 @@ class CheckedTarget:
             self.checker.finished(self, CheckReason.TIMEOUT, errno.ETIMEDOUT, why)
 
     def on_done(self, reason: CheckReason, detail: int) -> None:
-        self.probe = None
+        probe, self.probe = self.probe, None
+        if probe is not None and probe.crash is not None:
+            self.checker.crashed(self, probe.crash)
         self.checker.finished(self, reason, detail, "")
 
     def close(self) -> None:
@@ -221,6 +223,7 @@ class Checker:
             groups.setdefault(key, []).append(entry)
         self.targets = [CheckedTarget(self, entries) for entries in groups.values()]
         self.answers: dict[tuple[str, int, int], _Answer] = {}
+        self.internal_errors = logs.RateLimitedLog(log, logging.ERROR)
         now_ns = time.monotonic_ns()
         for checked in self.targets:  # a reload's rows agree with what is checked now
             for row in checked.rows:
@@ -240,20 +243,38 @@ class Checker:
 
     def run_deadlines(self, now: float) -> None:
         for checked in self.targets:
-            if checked.running:
-                if now >= checked.started + checked.timeout:
-                    checked.expire()
-            elif now >= checked.next_due:
-                checked.start(now)
+            try:
+                if checked.running:
+                    if now >= checked.started + checked.timeout:
+                        checked.expire()
+                elif now >= checked.next_due:
+                    checked.start(now)
+            except Exception as error:  # a bug must not stop the master supervising
+                checked.close()
+                checked.resolving = False
+                checked.next_due = now + checked.interval
+                self.crashed(checked, error)
+
+    def crashed(self, checked: "CheckedTarget", error: Exception) -> None:
+        """An exception escaped from a check (a bug): logged at most once per interval;
+        the check counts as failed, or is tried at the next interval."""
+        self.internal_errors.log(
+            "internal error checking target '%s', going on: %r", checked.target.text, error
+        )
 
     def close(self) -> None:
-        """Drop every check under way (at exit, and in a new worker: its copies)."""
+        """Drop every check under way and the view of the mapping (at exit, and in a new
+        worker: its copies)."""
         for checked in self.targets:
             checked.close()
         for answer in self.answers.values():
             if answer.running is not None:
                 answer.running.close()
                 answer.running = None
+        try:
+            self._histogram.release()
+        except BufferError:
+            pass
 
     # -- resolving host names --------------------------------------------------------------
 

@@ -83,9 +83,10 @@ class Probe:
         self.received = bytearray()
         self.started = time.monotonic()
         self.last_error = errno.EHOSTUNREACH  # no address at all: unreachable
+        self.crash: Exception | None = None  # a bug met in the check (the caller logs it)
 
     def start(self) -> None:
-        self._next_address()
+        self._guarded(self._next_address)
 
     def fileno(self) -> int:
         return -1 if self.sock is None else self.sock.fileno()
@@ -113,12 +114,23 @@ class Probe:
             code = sock.connect_ex(sockaddr)
             if code in (0, errno.EINPROGRESS):
                 self.sock = sock
-                self.selector.register(sock, selectors.EVENT_WRITE, self._on_ready)
+                self.selector.register(sock, selectors.EVENT_WRITE, self._on_event)
                 return
             sock.close()
             self.last_error = code
         code = self.last_error
         self._finish(error_reason(code), code)
+
+    def _on_event(self) -> None:
+        self._guarded(self._on_ready)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a step; an exception (a bug) fails the check instead of the master."""
+        try:
+            step()
+        except Exception as error:
+            self.crash = error
+            self._finish(CheckReason.ERROR, errno.EIO)
 
     def _on_ready(self) -> None:
         sock = self.sock
@@ -155,7 +167,7 @@ class Probe:
         if not self.http:
             self._finish(CheckReason.PASSED, 0)
             return
-        self.selector.modify(sock, selectors.EVENT_READ, self._on_ready)
+        self.selector.modify(sock, selectors.EVENT_READ, self._on_event)
 
     def _read(self, sock: socket.socket) -> None:
         try:

@@ -4,6 +4,7 @@ response), what a check sends (Host header, PROXY header), a reload's inherited 
 and host names resolved in a child process."""
 
 import http.server
+import itertools
 import logging
 import os
 import selectors
@@ -20,7 +21,8 @@ from forkproxy.settings.address import parse_target
 from forkproxy.settings.config import Config
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.targets_table import CheckReason
-from forkproxy.supervisor.health import Checker, CheckState, describe, host_header
+from forkproxy.supervisor.health import CheckedTarget, Checker, CheckState, describe, host_header
+from forkproxy.supervisor.probe import Probe
 from forkproxy.supervisor.resolver import Resolution
 from forkproxy.supervisor.target_rows import TargetRows
 from tests.support.shared_memory import Shared, make_shared
@@ -377,3 +379,44 @@ def test_a_host_name_is_resolved_in_a_child_process() -> None:
 def test_a_name_that_does_not_resolve_says_why() -> None:
     addresses, why = _resolve("no-such-host.invalid")
     assert addresses is None and why
+
+
+# -- a bug in a check is not the master's end ---------------------------------------------------
+
+
+def test_an_exception_in_a_check_fails_the_check_and_is_logged(
+    make_checks: Callable[..., Checks],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(self: Probe) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Probe, "_on_ready", broken)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        target = _address(server)
+        checks = make_checks([target], check_fall=1)
+        checks.run_until(lambda: not checks.up(target))
+    assert checks.reason(target)[0] == CheckReason.ERROR
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"internal error checking target '{target}', going on: RuntimeError('a bug')"]
+
+
+def test_an_exception_starting_a_check_is_tried_again_at_the_next_interval(
+    make_checks: Callable[..., Checks],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[float] = []
+
+    def broken(self: CheckedTarget, now: float) -> None:
+        calls.append(now)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(CheckedTarget, "start", broken)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        checks = make_checks([_address(server)])
+        checks.run_until(lambda: len(calls) >= 3)
+    # Not at once: each retry waits for the next interval (0.02s).
+    assert all(later - earlier > 0.019 for earlier, later in itertools.pairwise(calls))
+    assert [r.levelname for r in caplog.records if "internal error" in r.getMessage()] == ["ERROR"]
