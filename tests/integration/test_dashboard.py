@@ -69,11 +69,14 @@ LISTENERS = ("tcp", "tcp")
 NAMES = ("web", "metrics")
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB each way per exchange
 HELD = 2  # connections kept open through the test, so there is something active
+CAP = 5  # --connections-max: HELD and the loop's one (and one being closed) fit under it
 
 
 class ClientLoop:
     """Clients one after another through the proxy (each sends PAYLOAD, reads its echo,
-    closes), in a thread, until stopped; and HELD connections kept open meanwhile."""
+    closes), in a thread, until stopped; and HELD connections kept open meanwhile. Before
+    the loop starts, one client more than the cap is refused, so that the refusal
+    counters have counted something."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -97,12 +100,26 @@ class ClientLoop:
                     self.errors.append(f"echo of {len(echo)} bytes, not {len(PAYLOAD)}")
             self.stopping.wait(0.005)  # a steady load, not a flood
 
+    def admitted(self) -> socket.socket:
+        client = self.proxy.connect()
+        client.sendall(b"held")
+        assert client.recv(4) == b"held"
+        return client
+
+    def refused(self) -> None:
+        with self.proxy.connect() as client:
+            try:
+                assert client.recv(1) == b""  # closed at once, unanswered
+            except ConnectionResetError:
+                pass
+
     @contextlib.contextmanager
     def running(self) -> Iterator["ClientLoop"]:
-        self.held = [self.proxy.connect() for _ in range(HELD)]
-        for client in self.held:
-            client.sendall(b"held")
-            assert client.recv(4) == b"held"
+        self.held = [self.admitted() for _ in range(HELD)]
+        filling = [self.admitted() for _ in range(CAP - HELD)]
+        self.refused()
+        for client in filling:
+            client.close()
         self.thread.start()
         try:
             yield self
@@ -182,7 +199,7 @@ def test_every_rule_panel_and_variable_returns_data(workdir: Path) -> None:
         run_backend("echo") as target,
         refusing_target(workdir) as down,
         run_proxy(
-            ["-w", "2", "-c", "64", *later_options(workdir), target.target, down],
+            ["-w", "2", "-c", str(CAP), *later_options(workdir), target.target, down],
             workdir,
             listeners=LISTENERS,
             names=NAMES,
