@@ -153,21 +153,21 @@ class ScoreboardCollector(Collector):
         )
         yield CounterMetricFamily(
             "forkproxy_backend_connect_errors",
-            "Deprecated: the sum of forkproxy_target_connect_errors_total over its labels "
-            "(connect attempts to targets that failed).",
+            "Deprecated: use forkproxy_target_connect_errors_total (this is its sum over "
+            "its labels).",
             value=board.total(CONNECT_ERRORS),
         )
         relayed = CounterMetricFamily(
             "forkproxy_relayed_bytes",
-            "Bytes relayed: to_backend from clients, to_client from the backend.",
+            "Bytes relayed: to_target from clients, to_client from targets.",
             labels=["direction"],
         )
-        relayed.add_metric(["to_backend"], board.total(BYTES_TO_TARGET))
+        relayed.add_metric(["to_target"], board.total(BYTES_TO_TARGET))
         relayed.add_metric(["to_client"], board.total(BYTES_TO_CLIENT))
         yield relayed
         yield _histogram(
             "forkproxy_connect_duration_seconds",
-            "Time to connect to the backend, of connections that got one.",
+            "Time to connect to a target, of connections that got one.",
             board,
             CONNECT_DURATION_BUCKETS,
             CONNECT_DURATION_BOUNDS,
@@ -272,7 +272,7 @@ class ScoreboardCollector(Collector):
                 continue
             worker = str(slot)
             accepted.add_metric([worker], count)
-            relayed.add_metric([worker, "to_backend"], board.counter(slot, BYTES_TO_TARGET))
+            relayed.add_metric([worker, "to_target"], board.counter(slot, BYTES_TO_TARGET))
             relayed.add_metric([worker, "to_client"], board.counter(slot, BYTES_TO_CLIENT))
             if slot in live:
                 active.add_metric([worker], board.get(slot, ACTIVE))
