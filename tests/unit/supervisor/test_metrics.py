@@ -134,7 +134,6 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     assert _value(samples, "forkproxy_connections_max") == 10
     assert _value(samples, "forkproxy_connections_accepted_total") == 12
     assert _value(samples, "forkproxy_connections_refused_total") == 3
-    assert _value(samples, "forkproxy_target_connect_errors_total") == 4
     assert _value(samples, "forkproxy_backend_connect_errors_total") == 4  # deprecated alias
     relayed = "forkproxy_relayed_bytes_total"
     assert _value(samples, relayed, direction="to_target") == 1000 + (1 << 40)
