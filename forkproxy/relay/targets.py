@@ -70,8 +70,11 @@ class TargetGroup:
         io: Readiness,
         on_connected: OnConnected,
         on_failed: OnFailed,
+        family: int = 0,
+        peer: object = None,
     ) -> "TargetConnect | FailoverConnect":
-        """Start connecting one client; exactly one of the callbacks will run."""
+        """Start connecting one client; exactly one of the callbacks will run. (`family`
+        and `peer`, the client's address, are for a `Balancer`'s --balance source.)"""
         if len(self.targets) == 1:
             attempt: TargetConnect | FailoverConnect = TargetConnect(
                 loop, io, self.targets[0], on_connected, on_failed, self.timeout, self.options
