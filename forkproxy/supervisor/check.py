@@ -176,4 +176,6 @@ def _route_line(listener: str, settings: ListenerSettings) -> str:
 def _format(dest: str, value: object) -> str:
     if isinstance(value, bool) or value == KeepAlive():
         return "true" if value else "false"
+    if isinstance(value, tuple):  # a repeatable option's (--backup)
+        return ",".join(VALUES[dest].format(one) for one in value)
     return VALUES[dest].format(value)
