@@ -27,14 +27,20 @@ worker's `on_target_failed`.
 import errno
 import hashlib
 import math
-import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from forkproxy.relay.poller import Readiness
-from forkproxy.relay.target_connect import SocketOptions, TargetConnect
-from forkproxy.relay.targets import COOLDOWN, LOCAL_ERRNOS, OnTargetFailed
+from forkproxy.relay.target_connect import SocketOptions
+from forkproxy.relay.targets import (
+    COOLDOWN,
+    LOCAL_ERRNOS,
+    FailoverConnect,
+    OnConnected,
+    OnFailed,
+    OnTargetFailed,
+)
 from forkproxy.settings.address import TargetAddress
 from forkproxy.shared.layout import CONNECT_ERRORS, T_ACTIVE, T_CONNECT_ERRORS
 from forkproxy.shared.per_source import source_key
@@ -58,9 +64,6 @@ _RETRIED_LOCALLY = frozenset({errno.EMFILE, errno.ENFILE})
 _COOLDOWN_NS = int(COOLDOWN * 1e9)
 _MASK64 = (1 << 64) - 1
 _NO_KEY = bytes(16)
-
-OnConnected = Callable[[socket.socket, int], None]  # the socket, the target's index
-OnFailed = Callable[[OSError], None]
 
 
 def source_score(key: bytes, salt: int) -> int:
@@ -200,7 +203,8 @@ class Balancer:
         row = self.rows[index]
         newly = self.table.cooldown_until(row) <= now
         self.table.mark_failed(row, now + _COOLDOWN_NS)
-        if self.on_target_failed is not None:
+        # With one target the client's own failure says it all: no line of its own.
+        if self.on_target_failed is not None and len(self.targets) > 1:
             self.on_target_failed(self.targets[index], error, newly)
 
     def count_error(self, index: int, code: int | None) -> None:
@@ -212,25 +216,11 @@ class Balancer:
         self.table.clear_cooldown(self.rows[index])
 
 
-class BalancedConnect:
+class BalancedConnect(FailoverConnect):
     """One client's connection: each target in the balancer's order until one connects;
     with --connect-retry, more rounds while every target refuses."""
 
-    __slots__ = (
-        "balancer",
-        "loop",
-        "io",
-        "on_connected",
-        "on_failed",
-        "key",
-        "order",
-        "step",
-        "current",
-        "refused",
-        "retry_deadline",
-        "pause",
-        "timer",
-    )
+    __slots__ = ("balancer", "key", "refused", "retry_deadline", "pause", "timer")
 
     def __init__(
         self,
@@ -241,15 +231,9 @@ class BalancedConnect:
         on_failed: OnFailed,
         key: bytes,
     ) -> None:
+        FailoverConnect.__init__(self, balancer, loop, io, on_connected, on_failed)
         self.balancer = balancer
-        self.loop = loop
-        self.io = io
-        self.on_connected = on_connected
-        self.on_failed = on_failed
         self.key = key  # the client's source key, for --balance source
-        self.order: list[int] = []
-        self.step = 0
-        self.current: TargetConnect | None = None
         self.refused = True  # every attempt of this round was refused
         self.retry_deadline = time.monotonic() + balancer.retry if balancer.retry else 0.0
         self.pause = RETRY_FIRST_PAUSE
@@ -262,27 +246,10 @@ class BalancedConnect:
         self.refused = True
         self._try_next(None)
 
-    def _try_next(self, error: OSError | None) -> None:
-        order = self.order
-        if self.step >= len(order):
-            self.current = None
-            if self.refused and self._retry():
-                return
-            self.on_failed(error or OSError(errno.EHOSTUNREACH, "no target is up"))
+    def _exhausted(self, error: OSError | None) -> None:
+        if self.refused and self._retry():
             return
-        index = order[self.step]
-        self.step += 1
-        balancer = self.balancer
-        self.current = TargetConnect(
-            self.loop,
-            self.io,
-            balancer.targets[index],
-            self._on_connected,
-            self._on_target_failed,
-            balancer.timeout,
-            balancer.options,
-        )
-        self.current.start()
+        self.on_failed(error or OSError(errno.EHOSTUNREACH, "no target is up"))
 
     def _retry(self) -> bool:
         """--connect-retry: another round after a pause, if there is time left for it."""
@@ -294,39 +261,18 @@ class BalancedConnect:
         self.timer = self.loop.call_later(pause, self.start)
         return True
 
-    def _on_connected(self, sock: socket.socket) -> None:
-        self.current = None
-        index = self.order[self.step - 1]
-        self.balancer.succeeded(index)
-        self.on_connected(sock, index)
-
     def _on_target_failed(self, error: OSError) -> None:
         code = error.errno
         if code in LOCAL_ERRNOS:  # this machine's failure: no other target is tried
-            self.current = None
             if code not in _RETRIED_LOCALLY:
                 self.balancer.count_error(self.order[self.step - 1], code)
-            self.on_failed(error)
-            return
-        if code not in REFUSED_ERRNOS:
+        elif code not in REFUSED_ERRNOS:
             self.refused = False
-        self.balancer.failed(self.order[self.step - 1], error)
-        self._try_next(error)
-
-    def fileno(self) -> int:
-        current = self.current
-        return -1 if current is None else current.fileno()
-
-    def expire(self, now: float) -> bool:
-        current = self.current
-        return current is not None and current.expire(now)
+        FailoverConnect._on_target_failed(self, error)
 
     def cancel(self) -> None:
         timer = self.timer
         if timer is not None:
             self.timer = None
             timer.cancel()
-        current = self.current
-        if current is not None:
-            self.current = None
-            current.cancel()
+        FailoverConnect.cancel(self)
