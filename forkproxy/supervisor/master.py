@@ -170,6 +170,7 @@ class Master:
                 self.scoreboard,
                 self.admission,
                 targets=(targets, self.checker),
+                start_timeout=self.config.worker_timeout,  # how long a worker may take
             )
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:

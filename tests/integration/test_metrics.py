@@ -500,3 +500,23 @@ def test_promtool_finds_nothing_in_a_real_scrape(workdir: Path) -> None:
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, b"")
+
+
+def test_the_health_request_that_starts_forkproxy_gets_200_once_workers_serve(
+    workdir: Path, echo_target: str
+) -> None:
+    """Socket activation of the metrics socket: the probe's connection is what starts
+    forkproxy, so its request is read before any worker serves. It is answered when
+    they do (after READY=1), with 200, not with an early 503."""
+    with run_proxy(
+        ["-w", "2", echo_target], workdir, listeners=LISTENERS, names=NAMES, wait_ready=False
+    ) as proxy:
+        with socket.create_connection(proxy.address(1), timeout=30) as probe:  # type: ignore[arg-type]
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            response = bytearray()
+            while chunk := probe.recv(4096):
+                response += chunk
+        assert "READY=1" in proxy.notifications.lines()
+        assert bytes(response).startswith(b"HTTP/1.1 200 OK\r\n"), bytes(response)
+        assert bytes(response).endswith(b"\r\n\r\n2 of 2 workers serving\n")
+        assert proxy.stop() == 0
