@@ -195,6 +195,11 @@ DAEMON_OPTIONS = (
     "--route",
     "--datagram-timeout",
     "--datagram-replies",
+    "--check-interval",
+    "--check-http",
+    "--check-rise",
+    "--check-fall",
+    "--check-timeout",
     "--config",
 )
 INETD_OPTIONS = ("--inetd",)
@@ -284,6 +289,9 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
             *("--on-limit", "queue", "--max-connections-per-source", "5"),
             *("--connections-max-per-source", "5"),
             *("--datagram-timeout", "10s", "--datagram-replies", "1"),
+            # The echo targets fail HTTP checks; 1000 failures in a row take 16 minutes.
+            *("--check-interval", "1s", "--check-http", "/health", "--check-rise", "1"),
+            *("--check-fall", "1000", "--check-timeout", "500ms"),
             *("--route", f"web={routed.target}", backend.target),
         ]
         options = {arg.partition("=")[0] for arg in daemon if arg.startswith("--")}
