@@ -201,11 +201,6 @@ DAEMON_OPTIONS = (
     "--check-fall",
     "--check-timeout",
     "--config",
-    "--check-interval",
-    "--check-http",
-    "--check-rise",
-    "--check-fall",
-    "--check-timeout",
 )
 INETD_OPTIONS = ("--inetd",)
 CHECK_OPTIONS = ("--check",)
