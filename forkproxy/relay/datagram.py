@@ -69,6 +69,7 @@ class DatagramRelay:
         admitter = worker.admitter
         self.admit = admitter.admit
         self.release = admitter.release
+        self.debug = log.isEnabledFor(logging.DEBUG)  # the level is set once, at start
         self.connections_max = config.connections_max
         self.draining = False
         self.sessions: set[Session] = set()  # open, of every listener: what the sweep watches
@@ -143,11 +144,13 @@ class DatagramRelay:
     def session_ended(self, listener: DatagramListener, session: Session, reason: str) -> None:
         """Where every session ends, once: its units go back, and `reason` (END_*) is
         known here, with its client, listener and byte counts (the access log's hook)."""
-        self.release(session.token)  # its socket is closed: `end_session` closed it
+        sessions = self.sessions
+        sessions.discard(session)
         listener.row[DG_SESSIONS_ACTIVE] -= 1
-        self.slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
-        self.sessions.discard(session)
-        if log.isEnabledFor(logging.DEBUG):
+        if not sessions:  # what --exit-idle-time counts from; only read while none is open
+            self.slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
+        self.release(session.token)  # its socket is closed: `end_session` closed it
+        if self.debug:
             log.debug(
                 "datagram session of %s on %s ended (%s): %d bytes in, %d bytes out",
                 client_text(listener.family, session.client),
