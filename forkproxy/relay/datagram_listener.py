@@ -27,7 +27,12 @@ from forkproxy.relay.messages import MessageBuffer, grow_send_buffer
 from forkproxy.relay.targets import LOCAL_ERRNOS, TargetGroup
 from forkproxy.settings.config import ListenerSettings
 from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
-from forkproxy.shared.layout import DG_BYTES_TO_TARGET, DG_TO_TARGET
+from forkproxy.shared.layout import (
+    DG_BYTES_TO_CLIENT,
+    DG_BYTES_TO_TARGET,
+    DG_TO_CLIENT,
+    DG_TO_TARGET,
+)
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.per_source import source_key
 
@@ -44,7 +49,7 @@ class DatagramListener:
     __slots__ = (
         "relay",
         "listener",
-        "admit",
+        "take_unit",
         "add_reader",
         "forget",
         "direct",
@@ -65,6 +70,8 @@ class DatagramListener:
         "reading",
         "backpressure",
         "on_readable",
+        "replied",
+        "replied_bytes",
     )
 
     def __init__(
@@ -78,7 +85,7 @@ class DatagramListener:
     ) -> None:
         self.relay = relay
         self.listener = listener
-        self.admit = relay.admit
+        self.take_unit = relay.take_unit
         self.add_reader = relay.poller.add_reader
         self.forget = relay.poller.forget
         # (family, sockaddr) of the group's one target when it is an address, not a name
@@ -104,6 +111,9 @@ class DatagramListener:
         self.reading = False
         self.backpressure = Backpressure(self)
         self.on_readable = self._on_readable
+        # Replies sent in the current batch of callbacks: added to the row after it.
+        self.replied = 0
+        self.replied_bytes = 0
 
     def start(self) -> None:
         if not self.reading and self.backpressure.session is None:
@@ -171,7 +181,7 @@ class DatagramListener:
         """A session for a new client, or None (its datagram dropped and counted)."""
         relay = self.relay
         per_source = self.source_limit
-        token = self.admit(source_key(self.family, client) if per_source else None, per_source)
+        token = self.take_unit(source_key(self.family, client) if per_source else None, per_source)
         if token < ADMITTED:
             if token == REFUSED_CAP:
                 self.drops.cap(self.family, client, relay.connections_max)
@@ -237,6 +247,12 @@ class DatagramListener:
                     return
                 continue
             self.sent(session, len(datagram))
+
+    def flush_replies(self) -> None:
+        row = self.row
+        row[DG_TO_CLIENT] += self.replied
+        row[DG_BYTES_TO_CLIENT] += self.replied_bytes
+        self.replied = self.replied_bytes = 0
 
     def sent(self, session: Session, count: int) -> None:
         session.bytes_to_target += count

@@ -16,8 +16,6 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from forkproxy.shared.layout import DG_BYTES_TO_CLIENT, DG_TO_CLIENT
-
 if TYPE_CHECKING:
     from forkproxy.relay.datagram import DatagramListener
 
@@ -127,9 +125,8 @@ class Session:
             owner.drops.reply(owner.family, client, error)
             return
         self.bytes_to_client += count
-        row = owner.row
-        row[DG_TO_CLIENT] += 1
-        row[DG_BYTES_TO_CLIENT] += count
+        owner.replied += 1  # to the row once the batch of callbacks is done
+        owner.replied_bytes += count
         self.replies += 1
         if self.replies == owner.replies_max:
             owner.end_session(self, END_REPLIES)
