@@ -278,11 +278,12 @@ class Acceptor:
         held = self.held
         if held is not None:
             self.held = None
+            why = REFUSED_CAP if held.waiting else REFUSED_BUSY  # what it was held for
             if held.waiting:
                 held.waiting = False
                 self.admitter.wait_end()
             self.slot[REFUSED] += 1
-            held.plan.counters[REFUSAL_WORDS[REFUSED_CAP]] += 1
+            held.plan.counters[REFUSAL_WORDS[why]] += 1
             os.close(held.fd)
 
     # -- running short of descriptors ------------------------------------------------------
