@@ -98,7 +98,7 @@ WORD = 8
 PAGE = mmap.PAGESIZE
 
 MAGIC_VALUE = int.from_bytes(b"FPXSHM\0\0", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 # -- header --------------------------------------------------------------------------------
 HEADER_BYTES = 4096
@@ -242,6 +242,7 @@ def engine_offsets() -> dict[str, object]:
     slot fields inside a slot), sizes, and the histograms' bounds in seconds."""
     return {
         "layout_version": LAYOUT_VERSION,
+        "version": VERSION,
         "mutex": MUTEX,
         "capacity": CAPACITY,
         "slot_high_water": SLOT_HIGH_WATER,
