@@ -5,6 +5,10 @@
 #include "engine.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <net/if.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <linux/vm_sockets.h>
 #include <math.h>
 #include <string.h>
@@ -357,8 +361,40 @@ static int parse_target(struct target *t, PyObject *obj)
     if (sockaddr == NULL)
         return -1;
     int rc = to_sockaddr((int)family, sockaddr, &t->addr, &t->addrlen);
+    const char *host;
+    if (rc == 0 && family == AF_INET6 && PyTuple_Check(sockaddr) && PyTuple_GET_SIZE(sockaddr) >= 1 &&
+        (host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(sockaddr, 0))) != NULL) {
+        /* fe80::1%eth0: the socket module looks the scope up at each connect; so do we,
+         * unless it is a number or the interface is there now. */
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&t->addr;
+        const char *percent = strchr(host, '%');
+        if (percent != NULL && in6->sin6_scope_id == 0) {
+            char *end;
+            unsigned long number = strtoul(percent + 1, &end, 10);
+            if (percent[1] && *end == 0)
+                in6->sin6_scope_id = (uint32_t)number;
+            else if ((in6->sin6_scope_id = if_nametoindex(percent + 1)) == 0)
+                snprintf(t->scope, sizeof t->scope, "%s", percent + 1);
+        }
+    }
     Py_DECREF(sockaddr);
+    if (rc == 0 && PyErr_Occurred())
+        rc = -1;
     return rc;
+}
+
+/* A numeric target's address for one connect: 0, or ENODEV while its IPv6 scope's
+ * interface is missing. */
+int target_address(const struct target *t, struct sockaddr_storage *ss)
+{
+    memcpy(ss, &t->addr, t->addrlen);
+    if (!t->scope[0])
+        return 0;
+    unsigned index = if_nametoindex(t->scope);
+    if (index == 0)
+        return ENODEV;
+    ((struct sockaddr_in6 *)ss)->sin6_scope_id = index;
+    return 0;
 }
 
 static int parse_group(struct group *g, PyObject *targets_obj)

@@ -16,6 +16,8 @@
 #include "engine.h"
 
 #include <arpa/inet.h>
+#include <net/if.h>
+#include <stdio.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -26,6 +28,8 @@
 
 static void try_next_target(engine *e, conn *c);
 
+/* A client's address as format_sockaddr (settings/address.py) writes it: 1.2.3.4:80,
+ * [::1]:80, [fe80::1%eth0]:80, /path, @name, unix-client. */
 PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len)
 {
     char host[INET6_ADDRSTRLEN];
@@ -36,8 +40,27 @@ PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len)
     }
     if (len >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        char scope[IF_NAMESIZE + 1] = "";
         inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-        return PyUnicode_FromFormat("[%s]:%d", host, ntohs(in6->sin6_port));
+        if (in6->sin6_scope_id && if_indextoname(in6->sin6_scope_id, scope + 1) != NULL)
+            scope[0] = '%';
+        else if (in6->sin6_scope_id)
+            snprintf(scope, sizeof scope, "%%%u", (unsigned)in6->sin6_scope_id);
+        return PyUnicode_FromFormat("[%s%s]:%d", host, scope, ntohs(in6->sin6_port));
+    }
+    size_t path = offsetof(struct sockaddr_un, sun_path);
+    if (sa->sa_family == AF_UNIX && len > path) {
+        const char *name = ((const struct sockaddr_un *)sa)->sun_path;
+        size_t n = len - path;
+        if (name[0] == 0) { /* abstract: @name */
+            PyObject *text = PyUnicode_DecodeUTF8(name + 1, (Py_ssize_t)n - 1, "backslashreplace");
+            PyObject *at = text == NULL ? NULL : PyUnicode_FromFormat("@%U", text);
+            Py_XDECREF(text);
+            return at;
+        }
+        n = strnlen(name, n);
+        if (n > 0)
+            return PyUnicode_DecodeUTF8(name, (Py_ssize_t)n, "backslashreplace");
     }
     return PyUnicode_FromString("unix-client");
 }
@@ -235,13 +258,20 @@ static int try_address(engine *e, conn *c, const struct sockaddr *sa, socklen_t 
 static void try_addresses(engine *e, conn *c)
 {
     struct target *t = &c->route->group->targets[c->target];
+    struct sockaddr_storage numeric;
     for (;;) {
         const struct sockaddr *sa;
         socklen_t len;
         if (t->family != 0) {
             if (c->next_addr > 0)
                 break;
-            sa = (const struct sockaddr *)&t->addr;
+            int error = target_address(t, &numeric);
+            if (error) {
+                c->next_addr++;
+                c->error = error;
+                break;
+            }
+            sa = (const struct sockaddr *)&numeric;
             len = t->addrlen;
         } else {
             if (c->next_addr >= c->naddrs)

@@ -216,6 +216,21 @@ static PyObject *engine_open_connections(engine *e, PyObject *unused)
     return PyLong_FromLong(e->open);
 }
 
+static PyObject *engine_set_fd_ceiling(engine *e, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    e->fd_ceiling = n < 0 || n > INT32_MAX ? INT32_MAX : (int)n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_holding(engine *e, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(e->held_fd >= 0);
+}
+
 /* The graceful timeout: a client held in queue mode is refused, one still connecting is
  * closed, a relay is aborted (an RST to both peers), as relaying.py's abort_all. */
 static PyObject *engine_close_all(engine *e, PyObject *unused)
@@ -364,7 +379,13 @@ static PyMethodDef engine_methods[] = {
     {"stop_accepting", (PyCFunction)(void (*)(void))engine_stop_accepting, METH_VARARGS | METH_KEYWORDS,
      "Stop watching the listeners (before closing them); drain=True: hooks.on_drained once nothing is open."},
     {"open_connections", (PyCFunction)engine_open_connections, METH_NOARGS, "Admitted and not yet closed."},
-    {"close_all", (PyCFunction)engine_close_all, METH_NOARGS, "End every connection now."},
+    {"set_fd_ceiling", (PyCFunction)engine_set_fd_ceiling, METH_O,
+     "Pause accepting from this descriptor number on (-1: never); measured once the "
+     "worker's own descriptors are open."},
+    {"holding", (PyCFunction)engine_holding, METH_NOARGS,
+     "Queue mode: a client is held, waiting for capacity."},
+    {"close_all", (PyCFunction)engine_close_all, METH_NOARGS,
+     "The graceful timeout: refuse a held client, close connecting ones, abort relays."},
     {"resolved", (PyCFunction)engine_resolved, METH_VARARGS, "resolved(token, addresses): hooks.resolve's answer."},
     {"resolve_failed", (PyCFunction)engine_resolve_failed, METH_VARARGS, "resolve_failed(token, errno[, text])."},
     {"retry_held", (PyCFunction)engine_retry_held, METH_NOARGS, "Queue mode: try to admit the held client again."},

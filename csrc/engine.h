@@ -114,6 +114,8 @@ struct target {
     socklen_t addrlen;
     PyObject *host;            /* family 0: str host and port for hooks.resolve */
     int port;
+    char scope[16];            /* an IPv6 scope's interface name not found at start: looked
+                                  up again at each connect (ENODEV while missing) */
     int64_t cooling_until_ns;  /* this worker's passive cool-down */
 };
 
@@ -359,6 +361,7 @@ int parse_listeners(engine *e, PyObject *listeners);
 PyObject *layout_dict(engine *e);
 PyObject *layout_names(void);
 int to_sockaddr(int family, PyObject *obj, struct sockaddr_storage *ss, socklen_t *len);
+int target_address(const struct target *t, struct sockaddr_storage *ss);
 int64_t timeout_ns(double seconds);
 
 /* hooks.c */

@@ -9,6 +9,7 @@ import signal
 
 from forkproxy import logs
 from forkproxy.errors import ForkproxyError
+from forkproxy.relay.engine import engine_name
 from forkproxy.settings.config import Config
 from forkproxy.settings.kinds import STREAM, kind_mismatch
 from forkproxy.shared.listener import is_connection
@@ -21,6 +22,7 @@ from forkproxy.supervisor.signals import MASTER_SIGNALS
 def run(config: Config) -> int:
     """Run forkproxy until it stops; return the process exit status."""
     logs.setup(config.log_level)
+    engine_name()  # FORKPROXY_ENGINE=c without the compiled engine: a one-line error now
     if config.inetd:
         # StandardInput=socket: a connection (Accept=yes) or a listener (Accept=no).
         if is_connection(INETD_FD):
