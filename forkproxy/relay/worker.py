@@ -160,9 +160,7 @@ class Worker:
         stream = tuple(listener for listener in listeners if listener.kind == STREAM)
         if not stream or engine_name() != C:
             return ()
-        reason = engine_supports(config)
-        if reason is not None:
-            log.info("the compiled engine does not support %s: relaying with Python", reason)
+        if engine_supports(config) is not None:  # the master said why, once
             return ()
         return stream
 
