@@ -199,7 +199,7 @@ class _Connection:
     def on_failed(self, error: OSError) -> None:
         self.connecting.clear()
         log.error(
-            "cannot connect to upstream %s for %s: %s",
+            "cannot connect to target %s for %s: %s",
             " or ".join(f"'{target.text}'" for target in self.config.targets),
             self.peer,
             error.strerror or error,
@@ -211,7 +211,7 @@ class _Connection:
     def on_closed(self, relay: Relay) -> None:
         self.relays.discard(relay)
         log.debug(
-            "connection from %s done: %d bytes to upstream, %d to client",
+            "connection from %s done: %d bytes to target, %d to client",
             self.peer,
             self.counters[BYTES_TO_TARGET],
             self.counters[BYTES_TO_CLIENT],

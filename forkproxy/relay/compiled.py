@@ -272,7 +272,7 @@ class CompiledRelay:
         route = self.routes[index]
         self.connect_failures.log_count(
             count,
-            "cannot connect to upstream %s for %s: %s, closing connection",
+            "cannot connect to target %s for %s: %s, closing connection",
             route.label,
             client,
             self._connect_error_text(error, route),
@@ -305,7 +305,7 @@ class CompiledRelay:
             text, why = str(target), os.strerror(error)
         self.target_failures.log_count(
             count,
-            "cannot connect to upstream '%s': %s; trying the other targets, and it only "
+            "cannot connect to target '%s': %s; trying the other targets, and it only "
             "after them for %gs",
             text,
             why,
@@ -340,7 +340,7 @@ class CompiledRelay:
     def _connect_paused(self, count: int, error: int, index: int, _client: object) -> None:
         self.failures.log_count(
             count,
-            "cannot open a connection to upstream %s: %s; pausing accepts for %gs",
+            "cannot open a connection to target %s: %s; pausing accepts for %gs",
             self.routes[index].label,
             os.strerror(error),
             ACCEPT_PAUSE,

@@ -154,7 +154,7 @@ class Connector:
     def on_target_failed(self, target: TargetAddress, error: OSError, newly: bool) -> None:
         if newly:
             self.target_failures.log(
-                "cannot connect to upstream '%s': %s; trying the other targets, and it only "
+                "cannot connect to target '%s': %s; trying the other targets, and it only "
                 "after them for %gs",
                 target.text,
                 error.strerror or error,
@@ -275,7 +275,7 @@ class Connector:
                 # leave the rest in the backlog, and try again once descriptors may be free.
                 acceptor = self.worker.acceptor
                 acceptor.failures.log(
-                    "cannot open a connection to upstream %s: %s; pausing accepts for %gs",
+                    "cannot open a connection to target %s: %s; pausing accepts for %gs",
                     pending.route.group.label,
                     error.strerror or error,
                     ACCEPT_PAUSE,
@@ -286,7 +286,7 @@ class Connector:
                 return
             self.slot[CONNECT_ERRORS] += 1
             self.connect_failures.log(
-                "cannot connect to upstream %s for %s: %s, closing connection",
+                "cannot connect to target %s for %s: %s, closing connection",
                 pending.route.group.label,
                 format_sockaddr(pending.client.family, pending.peer),
                 error.strerror or error,

@@ -107,7 +107,7 @@ def parse_count(text: str, flag: str, maximum: int) -> int:
 def check_target_unit(unit: str | None) -> str | None:
     if unit is not None and not (_UNIT_NAME.fullmatch(unit) and len(unit) <= _UNIT_NAME_MAX):
         raise ForkproxyError(
-            f"invalid --upstream-unit '{unit}': expected a unit name such as nginx.service"
+            f"invalid --target-unit '{unit}': expected a unit name such as nginx.service"
         )
     return unit
 
@@ -214,7 +214,7 @@ def check_combinations(r: UnitRequest) -> None:
             "--metrics cannot be used with --accept: an instance serves one connection"
         )
     if r.share_namespace and r.target_unit is None:
-        raise ForkproxyError("--share-namespace needs --upstream-unit: whose namespace to join")
+        raise ForkproxyError("--share-namespace needs --target-unit: whose namespace to join")
     if r.user:
         if r.socket_user is not None or r.socket_group is not None:
             raise ForkproxyError(

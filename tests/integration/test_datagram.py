@@ -154,15 +154,22 @@ def socket_activated(port: int, args: list[str], log: Path) -> Iterator[subproce
         process.wait()
 
 
-def _answered(address: tuple[str, int]) -> bool:
+def _answered(address: tuple[str, int], delivered: list[int] | None = None) -> bool:
     """Whether a probe datagram comes back (the port may not be bound yet: then the
-    probe is refused or lost, and the caller asks again)."""
+    probe is refused or lost, and the caller asks again). `delivered` counts the probes
+    that were not refused: each of them is relayed sooner or later."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.settimeout(0.5)
         probe.connect(address)
         try:
+            if delivered is not None:
+                delivered[0] += 1
             return exchange(probe, b"probe") == b"probe"
-        except (TimeoutError, ConnectionRefusedError):
+        except TimeoutError:
+            return False
+        except ConnectionRefusedError:
+            if delivered is not None:
+                delivered[0] -= 1
             return False
 
 
@@ -182,7 +189,22 @@ def test_10000_udp_exchanges_from_50_clients_under_systemd_socket_activate(
     ):
         proxy = ("127.0.0.1", port)
         # systemd-socket-activate binds, waits for the first datagram, then execs forkproxy.
-        wait_until(lambda: _answered(proxy), 20, "the first datagram answered")
+        delivered = [0]
+        wait_until(lambda: _answered(proxy, delivered), 20, "the first datagram answered")
+        # A probe that timed out while forkproxy started is still relayed, perhaps after
+        # the one answered: count from when every probe is.
+        wait_until(
+            lambda: (
+                metric(
+                    scrape(("127.0.0.1", metrics_port)),
+                    "forkproxy_datagrams_total",
+                    direction="to_client",
+                )
+                == delivered[0]
+            ),
+            20,
+            "every probe relayed",
+        )
         before = scrape(("127.0.0.1", metrics_port))
         in_flight = InFlight(budget=180_000)  # below the 212,992-byte default buffer
         failures: list[str] = []

@@ -330,7 +330,7 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
     units_args = [
         *("web", "--listen-stream", "127.0.0.1:8080", "--listen-unix", "/run/web.sock"),
         *("--socket-user", "www", "--socket-group", "www", "--socket-mode", "0660"),
-        *("--backlog", "128", "--metrics", "127.0.0.1:9100", "--upstream-unit", "app.service"),
+        *("--backlog", "128", "--metrics", "127.0.0.1:9100", "--target-unit", "app.service"),
         *("--description", "web", "--executable", "/usr/bin/forkproxy"),
         *("--", "127.0.0.1:9000", "-c", "10"),
     ]

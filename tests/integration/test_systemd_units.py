@@ -131,7 +131,7 @@ GENERATED = [
     "d --listen-unix @d-proxy --description 'd: 100% abstract' -- @upstream",
     "e --listen-stream 80 --accept --max-connections 10 -- /run/e.sock",
     "f --listen-stream 80 --metrics /run/f-metrics.sock -- 10.0.0.1:80 --exit-idle-time=5min",
-    "g --listen-stream 80 --upstream-unit nginx.service --share-namespace -- @nginx",
+    "g --listen-stream 80 --target-unit nginx.service --share-namespace -- @nginx",
     "h --listen-stream 80 --executable /usr/local/bin/forkproxy -- [fe80::1%eth0]:80",
     "i --listen-stream [fe80::1%lo]:80 --listen-stream [::1]:80%lo --metrics [fe80::2%lo]:9100 "
     "-- 127.0.0.1:80 --graceful-timeout=5min --route admin=vsock:2:80",

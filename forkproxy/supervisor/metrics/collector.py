@@ -141,22 +141,28 @@ class ScoreboardCollector(Collector):
             "Connections closed at once, unanswered, because a connection cap was reached.",
             value=board.total(REFUSED),
         )
+        connect_errors = board.total(CONNECT_ERRORS)
+        yield CounterMetricFamily(
+            "forkproxy_target_connect_errors",
+            "Admitted connections closed because no target could be connected to.",
+            value=connect_errors,
+        )
         yield CounterMetricFamily(
             "forkproxy_backend_connect_errors",
-            "Admitted connections closed because the backend could not be connected to.",
-            value=board.total(CONNECT_ERRORS),
+            "Deprecated: use forkproxy_target_connect_errors_total",
+            value=connect_errors,
         )
         relayed = CounterMetricFamily(
             "forkproxy_relayed_bytes",
-            "Bytes relayed: to_backend from clients, to_client from the backend.",
+            "Bytes relayed: to_target from clients, to_client from targets.",
             labels=["direction"],
         )
-        relayed.add_metric(["to_backend"], board.total(BYTES_TO_TARGET))
+        relayed.add_metric(["to_target"], board.total(BYTES_TO_TARGET))
         relayed.add_metric(["to_client"], board.total(BYTES_TO_CLIENT))
         yield relayed
         yield _histogram(
             "forkproxy_connect_duration_seconds",
-            "Time to connect to the backend, of connections that got one.",
+            "Time to connect to a target, of connections that got one.",
             board,
             CONNECT_DURATION_BUCKETS,
             CONNECT_DURATION_BOUNDS,
@@ -260,7 +266,7 @@ class ScoreboardCollector(Collector):
                 continue
             worker = str(slot)
             accepted.add_metric([worker], count)
-            relayed.add_metric([worker, "to_backend"], board.counter(slot, BYTES_TO_TARGET))
+            relayed.add_metric([worker, "to_target"], board.counter(slot, BYTES_TO_TARGET))
             relayed.add_metric([worker, "to_client"], board.counter(slot, BYTES_TO_CLIENT))
             if slot in live:
                 active.add_metric([worker], board.get(slot, ACTIVE))
