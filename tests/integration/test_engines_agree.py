@@ -16,7 +16,8 @@ import random
 import select
 import socket
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.proxy import run_proxy, wait_until
+from tests.support.proxy import run_proxy
 
 pytestmark = pytest.mark.engines("c")  # this test runs both engines itself
 
@@ -115,7 +116,15 @@ class Connection:
         return True
 
     def settle(self) -> None:
-        wait_until(lambda: self.round() or self.settled(), DEADLINE, "the relay to settle")
+        self.run_until(self.settled, "the relay to settle")
+
+    def run_until(self, condition: Callable[[], bool], what: str) -> None:
+        """Rounds (each waits for readiness, at most 20 ms) until `condition` holds."""
+        deadline = time.monotonic() + DEADLINE
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {DEADLINE}s waiting for {what}")
+            self.round()
 
     def close(self) -> None:
         for peer in self.peers:
@@ -178,7 +187,7 @@ def run_scenario(
             gone.sock.close()
             gone.gone = True
             other = peers[1 - resetter]
-            wait_until(lambda: connection.round() or other.end is not None, DEADLINE, "the reset")
+            connection.run_until(lambda: other.end is not None, "the reset")
     finally:
         connection.close()
     client, target = peers
@@ -219,6 +228,7 @@ def relays(
         yield relays
 
 
+@pytest.mark.timeout(900)  # a few seconds per example, more under a sanitizer
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios)
 def test_both_engines_relay_what_was_sent_and_end_alike(relays: Relays, scenario: tuple) -> None:
