@@ -195,12 +195,12 @@ DAEMON_OPTIONS = (
     "--route",
     "--datagram-timeout",
     "--datagram-replies",
-    "--config",
     "--check-interval",
     "--check-http",
     "--check-rise",
     "--check-fall",
     "--check-timeout",
+    "--config",
 )
 INETD_OPTIONS = ("--inetd",)
 CHECK_OPTIONS = ("--check",)
