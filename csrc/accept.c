@@ -3,7 +3,9 @@
  * A client refused at the cap is accepted and closed at once (REFUSED counted before the
  * close, so a kill between them cannot hide it); in queue mode (--on-limit=queue) it is
  * held instead and accepting stops until hooks.on_capacity's waiter says capacity may
- * be back (engine.retry_held()). Running out of descriptors pauses accepting for
+ * be back (engine.retry_held()). A client that meets the admission mutex busy is held the
+ * same way, in either mode, and tried again every BUSY_RETRY_NS (never refused for it:
+ * that would close it with its request unread). Running out of descriptors pauses accepting for
  * ACCEPT_PAUSE and leaves clients in the backlog. Never closes a listener.
  */
 #include "engine.h"
@@ -16,6 +18,7 @@
 
 #define ACCEPT_BATCH 32
 #define ACCEPT_PAUSE_NS 500000000
+#define BUSY_RETRY_NS 10000000 /* accepting.py's BUSY_RETRY_INTERVAL */
 
 int listeners_register(engine *e)
 {
@@ -154,8 +157,10 @@ static void refuse(engine *e, struct listener *l, int fd, const struct sockaddr 
     event_report(e, code, 0, l->index, peer, peerlen, NULL);
 }
 
-static void hold(engine *e, struct listener *l, int fd, const struct sockaddr *peer,
-                 socklen_t peerlen)
+/* Take the client off accepting's hands: accepting stops until it is admitted or refused
+ * (the next clients wait in the backlog or go to other workers). */
+static void hold_client(engine *e, struct listener *l, int fd, const struct sockaddr *peer,
+                        socklen_t peerlen)
 {
     e->held_fd = fd;
     e->held_listener = l;
@@ -165,30 +170,52 @@ static void hold(engine *e, struct listener *l, int fd, const struct sockaddr *p
     e->held_peerlen = peerlen;
     listeners_unregister(e);
     e->accepting = false;
+}
+
+/* Queue mode, at the cap: wait for capacity as a waiter. */
+static void start_waiting(engine *e)
+{
+    e->held_waiting = true;
     admission_wait_begin(e);
     admit_held(e); /* once more, now counted as a waiter: no release is missed */
 }
 
-/* Queue mode: try the held client again (also what engine.retry_held() does). */
+/* Try the held client again: capacity came back (also what engine.retry_held() does), or
+ * the busy mutex's retry is due. A busy mutex is no cap: that client is held and tried
+ * again every BUSY_RETRY_NS, in either mode, never refused for it (accepting.py). */
 void admit_held(engine *e)
 {
     if (e->held_fd < 0)
         return;
+    e->busy_retry_ns = 0;
     /* Read before the attempt: a release after it changes the word, so a waiter given this
      * value cannot miss it (futex(2)). */
-    e->capacity_seq = __atomic_load_n((uint32_t *)(e->base + e->lay.capacity_seq), __ATOMIC_SEQ_CST);
+    if (e->held_waiting)
+        e->capacity_seq =
+            __atomic_load_n((uint32_t *)(e->base + e->lay.capacity_seq), __ATOMIC_SEQ_CST);
     struct listener *l = e->held_listener;
     int token;
     enum admit_result r = admission_admit(e, &e->held_peer.sa, e->held_peerlen, l->source_limit,
                                           &token);
-    if (r == REFUSED_CAP || r == REFUSED_BUSY) {
+    if (e->held_waiting && (r == REFUSED_CAP || r == REFUSED_BUSY)) {
         e->want_capacity = true; /* hooks.c asks hooks.on_capacity_wait(seq) */
+        return;
+    }
+    if (r == REFUSED_BUSY) {
+        e->busy_retry_ns = e->now_ns + BUSY_RETRY_NS;
+        return;
+    }
+    if (r == REFUSED_CAP && e->queue_on_limit && !e->held_waiting) {
+        start_waiting(e); /* held for the mutex, now at the cap */
         return;
     }
     int fd = e->held_fd;
     e->held_fd = -1;
     e->want_capacity = false;
-    admission_wait_end(e);
+    if (e->held_waiting) {
+        e->held_waiting = false;
+        admission_wait_end(e);
+    }
     if (r == ADMITTED)
         admitted(e, l, fd, &e->held_peer.sa, e->held_peerlen, token);
     else
@@ -231,9 +258,13 @@ void on_listener_ready(engine *e, struct listener *l)
         enum admit_result r = admission_admit(e, &peer.sa, peerlen, l->source_limit, &token);
         if (r == ADMITTED)
             admitted(e, l, fd, &peer.sa, peerlen, token);
-        else if (r == REFUSED_CAP && e->queue_on_limit && e->held_fd < 0)
-            hold(e, l, fd, &peer.sa, peerlen);
-        else
+        else if (r == REFUSED_CAP && e->queue_on_limit && e->held_fd < 0) {
+            hold_client(e, l, fd, &peer.sa, peerlen);
+            start_waiting(e);
+        } else if (r == REFUSED_BUSY && e->held_fd < 0) {
+            hold_client(e, l, fd, &peer.sa, peerlen);
+            e->busy_retry_ns = e->now_ns + BUSY_RETRY_NS;
+        } else
             refuse(e, l, fd, &peer.sa, peerlen, r);
     }
 }

@@ -33,8 +33,9 @@ static void engine_release(engine *e)
     if (e->held_fd >= 0) {
         close(e->held_fd);
         e->held_fd = -1;
-        if (e->base != NULL && e->lay.waiters)
+        if (e->held_waiting && e->base != NULL && e->lay.waiters)
             admission_wait_end(e);
+        e->held_waiting = false;
     }
     engine_free_graveyard(e);
     pipe_pools_close(e);
@@ -243,7 +244,10 @@ static PyObject *engine_close_all(engine *e, PyObject *unused)
         close(e->held_fd);
         e->held_fd = -1;
         e->want_capacity = false;
-        admission_wait_end(e);
+        e->busy_retry_ns = 0;
+        if (e->held_waiting)
+            admission_wait_end(e);
+        e->held_waiting = false;
         e->want_drained = e->draining;
     }
     while (!list_empty(&e->conns)) {

@@ -267,8 +267,10 @@ typedef struct engine {
     struct link conns, runq, resolveq, retryq, graveyard;
     long open;                 /* admitted and not yet closed */
     uint64_t next_token;
-    /* held client in queue mode (--on-limit=queue) */
+    /* the held client: at the cap in queue mode (held_waiting: counted in WAITERS), or
+     * for a busy admission mutex in either mode (retried at busy_retry_ns) */
     int held_fd;
+    bool held_waiting;
     struct listener *held_listener;
     union {
         struct sockaddr sa;
@@ -278,7 +280,7 @@ typedef struct engine {
     socklen_t held_peerlen;
     long pipes_in_use;
     /* timers (CLOCK_MONOTONIC ns; 0 = none) */
-    int64_t now_ns, armed_ns, accept_resume_ns, wake_now;
+    int64_t now_ns, armed_ns, accept_resume_ns, busy_retry_ns, wake_now;
     /* hooks */
     PyObject *hook_resolve, *hook_event, *hook_idle, *hook_drained, *hook_capacity;
     bool want_idle, want_drained, want_capacity;

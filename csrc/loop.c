@@ -79,6 +79,7 @@ static int64_t next_deadline(engine *e)
         }
     }
     CONSIDER(e->accept_resume_ns);
+    CONSIDER(e->busy_retry_ns);
     CONSIDER(e->events_due_ns);
     if (e->wake_now)
         CONSIDER(1);
@@ -117,6 +118,8 @@ static void on_timer(engine *e)
         e->accept_resume_ns = 0;
         accept_resume(e);
     }
+    if (e->busy_retry_ns && now >= e->busy_retry_ns)
+        admit_held(e); /* re-arms busy_retry_ns while the mutex stays busy */
     if (e->events_due_ns && now >= e->events_due_ns)
         e->events_due_ns = 0; /* module.c reports what is due after the batch */
 }

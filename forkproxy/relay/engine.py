@@ -63,6 +63,9 @@ def engine_supports(config: Config) -> str | None:
     for settings in (config.global_settings(), *config.listeners):
         if len(settings.targets) > _MAX_TARGETS_PER_ROUTE:
             return f"more than {_MAX_TARGETS_PER_ROUTE} targets for one listener"
+    if config.log_level == "debug":
+        # The per-connection lines (how each one ended) are the Python engine's.
+        return "--log-level=debug (a line per connection)"
     failpoint = failpoint_from_environment()
     if failpoint is not None and failpoint.stage != WORKER_CRASH:
         # Faults injected into the Python engine's callbacks (tests only).

@@ -24,6 +24,7 @@ from tests.unit.relay.engine_proxy import (
     engine_module,
     hold,
     make,
+    recv_all,
     was_refused,
 )
 
@@ -218,17 +219,29 @@ def test_python_and_compiled_workers_share_one_exact_cap(proxies: list[Any]) -> 
     assert not was_refused(proxy.connect("127.0.0.4"))
 
 
-def test_a_lock_held_too_long_refuses_as_busy(proxies: list[Any]) -> None:
+@pytest.mark.parametrize("queue", [False, True], ids=["refuse", "queue"])
+def test_a_lock_held_too_long_delays_a_client_and_never_refuses_it(
+    proxies: list[Any], queue: bool
+) -> None:
+    """A busy mutex (its holder preempted) is no cap: the client is held with the request
+    it sent, the next one waits in the backlog, and both are admitted once it is free."""
     target = make(proxies, TargetServer(echo))
-    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]]))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], queue_on_limit=queue))
     assert proxy.mapping.lock() == 0  # another process's admit, stalled
     try:
-        refused = proxy.connect()
-        assert engine_module is not None
-        code = engine_module.EVENT_REFUSED_BUSY
-        wait_until(lambda: [e[0] for e in proxy.hooks.events] == [code], DEADLINE, "busy")
-        assert was_refused(refused)
+        first = proxy.connect()
+        first.sendall(b"request")
+        wait_until(lambda: proxy.runner.call(proxy.engine.holding), DEADLINE, "a held client")
+        second = proxy.connect()  # left in the backlog meanwhile
+        second.sendall(b"next")
+        assert target.accepted == 0
+        assert proxy.slot(h.ACCEPTED) == 0 and proxy.slot(h.REFUSED) == 0
     finally:
         assert proxy.mapping.unlock() == 0
-    assert not was_refused(proxy.connect())
-    assert proxy.slot(h.REFUSED) == 1
+    for client, request in ((first, b"request"), (second, b"next")):
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == request
+    assert proxy.slot(h.ACCEPTED) == 2 and proxy.slot(h.REFUSED) == 0
+    assert proxy.mapping.header32(h.WAITERS) == 0 and proxy.slot(h.WAITING) == 0
+    assert engine_module is not None
+    assert engine_module.EVENT_REFUSED_BUSY not in [event[0] for event in proxy.hooks.events]
