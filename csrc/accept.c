@@ -3,7 +3,9 @@
  * A client refused at the cap is accepted and closed at once (REFUSED counted before the
  * close, so a kill between them cannot hide it); in queue mode (--on-limit=queue) it is
  * held instead and accepting stops until hooks.on_capacity's waiter says capacity may
- * be back (engine.retry_held()). Running out of descriptors pauses accepting for
+ * be back (engine.retry_held()). A client that meets the admission mutex busy is held the
+ * same way, in either mode, and tried again every BUSY_RETRY_NS (never refused for it:
+ * that would close it with its request unread). Running out of descriptors pauses accepting for
  * ACCEPT_PAUSE and leaves clients in the backlog. Never closes a listener.
  */
 #include "engine.h"
@@ -16,6 +18,7 @@
 
 #define ACCEPT_BATCH 32
 #define ACCEPT_PAUSE_NS 500000000
+#define BUSY_RETRY_NS 10000000 /* accepting.py's BUSY_RETRY_INTERVAL */
 
 int listeners_register(engine *e)
 {
@@ -56,10 +59,11 @@ int setup_listener_options(engine *e, struct listener *l)
     int inline_ = 0;
     socklen_t inline_len = sizeof inline_;
     l->oobinline = getsockopt(l->fd, SOL_SOCKET, SO_OOBINLINE, &inline_, &inline_len) == 0 && inline_;
-    for (int i = 0; i < e->ntarget_options; i++) {
+    const struct route *r = &e->routes[l->route];
+    for (int i = 0; i < r->noptions; i++) {
         int value = 0;
         socklen_t len = sizeof value;
-        const int *opt = e->target_options[i];
+        const int *opt = r->options[i];
         if (getsockopt(l->fd, opt[0], opt[1], &value, &len) == 0 && value == opt[2])
             continue;
         memcpy(l->client_options[l->nclient_options++], opt, sizeof l->client_options[0]);
@@ -94,13 +98,13 @@ void accept_resume(engine *e)
 }
 
 static void admitted(engine *e, struct listener *l, int fd, const struct sockaddr *peer,
-                     socklen_t peerlen, int source_row)
+                     socklen_t peerlen, int token)
 {
     conn *c = PyMem_Calloc(1, sizeof *c);
     if (c == NULL) {
-        close(fd);
-        admission_release(e, source_row);
         slot_add(e, e->lay.refused, 1);
+        close(fd);
+        admission_release(e, token);
         return;
     }
     c->wclient.kind = WATCH_CLIENT;
@@ -110,15 +114,14 @@ static void admitted(engine *e, struct listener *l, int fd, const struct sockadd
     c->target = -1;
     c->listener = l;
     c->route = &e->routes[l->route];
-    c->source_row = source_row;
-    c->held = true;
+    c->admission = token;
     c->started_ns = e->now_ns;
     c->to_target.pipe.rfd = c->to_target.pipe.wfd = -1;
     c->to_client.pipe.rfd = c->to_client.pipe.wfd = -1;
     c->to_target.counter = e->lay.bytes_to_target;
     c->to_client.counter = e->lay.bytes_to_client;
     if (peerlen > sizeof c->peer)
-        peerlen = 0; /* a unix client's path: not needed */
+        peerlen = sizeof c->peer;
     memcpy(&c->peer, peer, peerlen);
     c->peerlen = peerlen;
     list_add_tail(&e->conns, &c->all);
@@ -137,7 +140,7 @@ static void admitted(engine *e, struct listener *l, int fd, const struct sockadd
     /* Watched from the start: data it sends meanwhile is seen, a reset ends the attempt. */
     if (epoll_add(e, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET, &c->wclient) < 0) {
         c->state = CONN_CONNECTING;
-        conn_close(e, c, END_NORMAL, errno);
+        conn_close(e, c, END_ABORT, errno);
         return;
     }
     connect_start(e, c);
@@ -154,8 +157,10 @@ static void refuse(engine *e, struct listener *l, int fd, const struct sockaddr 
     event_report(e, code, 0, l->index, peer, peerlen, NULL);
 }
 
-static void hold(engine *e, struct listener *l, int fd, const struct sockaddr *peer,
-                 socklen_t peerlen)
+/* Take the client off accepting's hands: accepting stops until it is admitted or refused
+ * (the next clients wait in the backlog or go to other workers). */
+static void hold_client(engine *e, struct listener *l, int fd, const struct sockaddr *peer,
+                        socklen_t peerlen)
 {
     e->held_fd = fd;
     e->held_listener = l;
@@ -165,31 +170,54 @@ static void hold(engine *e, struct listener *l, int fd, const struct sockaddr *p
     e->held_peerlen = peerlen;
     listeners_unregister(e);
     e->accepting = false;
-    admission_wait_begin(e);
-    admit_held(e); /* capacity freed since the refusal is seen now, or changes the word */
 }
 
-/* Queue mode: try the held client again (also what engine.retry_held() does). */
+/* Queue mode, at the cap: wait for capacity as a waiter. */
+static void start_waiting(engine *e)
+{
+    e->held_waiting = true;
+    admission_wait_begin(e);
+    admit_held(e); /* once more, now counted as a waiter: no release is missed */
+}
+
+/* Try the held client again: capacity came back (also what engine.retry_held() does), or
+ * the busy mutex's retry is due. A busy mutex is no cap: that client is held and tried
+ * again every BUSY_RETRY_NS, in either mode, never refused for it (accepting.py). */
 void admit_held(engine *e)
 {
     if (e->held_fd < 0)
         return;
+    e->busy_retry_ns = 0;
     /* Read before the attempt: a release after it changes the word, so a waiter given this
      * value cannot miss it (futex(2)). */
-    e->capacity_seq = __atomic_load_n((uint32_t *)(e->base + e->lay.capacity_seq), __ATOMIC_SEQ_CST);
-    int row;
-    enum admit_result r = admission_admit(e, &e->held_peer.sa, e->held_peerlen, &row);
-    if (r == REFUSED_CAP) {
-        e->want_capacity = true; /* module.c asks hooks.on_capacity_wait(seq) */
+    if (e->held_waiting)
+        e->capacity_seq =
+            __atomic_load_n((uint32_t *)(e->base + e->lay.capacity_seq), __ATOMIC_SEQ_CST);
+    struct listener *l = e->held_listener;
+    int token;
+    enum admit_result r = admission_admit(e, &e->held_peer.sa, e->held_peerlen, l->source_limit,
+                                          &token);
+    if (e->held_waiting && (r == REFUSED_CAP || r == REFUSED_BUSY)) {
+        e->want_capacity = true; /* hooks.c asks hooks.on_capacity_wait(seq) */
+        return;
+    }
+    if (r == REFUSED_BUSY) {
+        e->busy_retry_ns = e->now_ns + BUSY_RETRY_NS;
+        return;
+    }
+    if (r == REFUSED_CAP && e->queue_on_limit && !e->held_waiting) {
+        start_waiting(e); /* held for the mutex, now at the cap */
         return;
     }
     int fd = e->held_fd;
-    struct listener *l = e->held_listener;
     e->held_fd = -1;
     e->want_capacity = false;
-    admission_wait_end(e);
+    if (e->held_waiting) {
+        e->held_waiting = false;
+        admission_wait_end(e);
+    }
     if (r == ADMITTED)
-        admitted(e, l, fd, &e->held_peer.sa, e->held_peerlen, row);
+        admitted(e, l, fd, &e->held_peer.sa, e->held_peerlen, token);
     else
         refuse(e, l, fd, &e->held_peer.sa, e->held_peerlen, r);
     if (e->draining)
@@ -226,13 +254,17 @@ void on_listener_ready(engine *e, struct listener *l)
         }
         if (peerlen > sizeof peer)
             peerlen = sizeof peer;
-        int row;
-        enum admit_result r = admission_admit(e, &peer.sa, peerlen, &row);
+        int token;
+        enum admit_result r = admission_admit(e, &peer.sa, peerlen, l->source_limit, &token);
         if (r == ADMITTED)
-            admitted(e, l, fd, &peer.sa, peerlen, row);
-        else if (r == REFUSED_CAP && e->queue_on_limit && e->held_fd < 0)
-            hold(e, l, fd, &peer.sa, peerlen);
-        else
+            admitted(e, l, fd, &peer.sa, peerlen, token);
+        else if (r == REFUSED_CAP && e->queue_on_limit && e->held_fd < 0) {
+            hold_client(e, l, fd, &peer.sa, peerlen);
+            start_waiting(e);
+        } else if (r == REFUSED_BUSY && e->held_fd < 0) {
+            hold_client(e, l, fd, &peer.sa, peerlen);
+            e->busy_retry_ns = e->now_ns + BUSY_RETRY_NS;
+        } else
             refuse(e, l, fd, &peer.sa, peerlen, r);
     }
 }

@@ -1,30 +1,35 @@
 /* Admission against the shared mapping: the global cap and the per-source cap.
  *
- * The protocol of DESIGN-ENGINE.md section 2, which the Python engine follows too (both
- * kinds of workers share one exact cap): decisions are made under one process-shared
- * robust mutex, only ever taken with trylock; the truth is each slot's HELD word and its
- * column of per-source counts, written only by the slot's worker (the master zeroes them
- * after reaping it). Release decrements without the lock. Never blocks, never logs.
+ * The protocol of shared/admission.py and shared/per_source.py, which the Python engine
+ * follows too (workers of both engines share one exact cap): decisions are made under one
+ * process-shared robust mutex; the truth is each slot's HELD word and its column of
+ * per-source counts, written only by the slot's worker (the master zeroes them after
+ * reaping it). Release decrements without the lock. Never logs.
  *
- * Per-source table: open addressing with linear probing from source_hash(key) (README.md
- * gives the hash, which the Python side must compute identically). A row whose counts
- * over the live slots are all zero is free for reuse; a never-used row (all-zero key)
- * ends a probe. A row is claimed with DIRTY = row + 1 set while its key is written; a
- * locker that finds DIRTY set overwrites that row's key with all ones (no client has it).
+ * The lock: a trylock, then SPIN_TRIES more (a running holder is out within
+ * microseconds); a holder still in was most likely preempted, so then sleep on it in the
+ * kernel (pthread_mutex_clocklock, the GIL released), which lets it run, for at most
+ * LOCK_BUDGET_NS, and past that refuse the client as busy (admission.py's policy).
+ *
+ * Per-source table: open addressing with linear probing from source_hash(key), which is
+ * per_source.py's source_row before the modulo. A row whose counts over the live slots are
+ * all zero is free for reuse; a never-used row (all-zero key) ends a probe. A row is
+ * claimed with DIRTY = row + 1 set while its key is written; a locker that finds DIRTY set
+ * overwrites that row's key with all ones (no client has it).
  */
 #include "engine.h"
 
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
-#include <sched.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KEY_SIZE 16
-#define SPIN_TRIES 64
-#define YIELD_BUDGET_NS 2000000 /* then refuse as busy: never stall the event loop longer */
+#define SPIN_TRIES 16             /* trylocks after the first, before sleeping on the mutex */
+#define LOCK_BUDGET_NS 50000000   /* 50 ms: then refuse as busy rather than stall the loop */
 
 static const uint8_t cleared_key[KEY_SIZE] = {
     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -53,9 +58,12 @@ uint64_t source_hash(const uint8_t *key)
     lo = __builtin_bswap64(lo);
     hi = __builtin_bswap64(hi);
 #endif
+    /* splitmix64's finalizer: every input bit reaches the low bits a modulo keeps (the
+     * IPv4 part of a key is in the top half of hi) */
     uint64_t h = (lo * UINT64_C(0x9E3779B97F4A7C15)) ^ hi;
-    h *= UINT64_C(0xC2B2AE3D27D4EB4F);
-    return h ^ (h >> 29);
+    h = (h ^ (h >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    h = (h ^ (h >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return h ^ (h >> 31);
 }
 
 /* The 16-byte key of a client's IP address (IPv4 as v4-mapped IPv6); false if none. */
@@ -109,35 +117,41 @@ static void repair_dirty(engine *e)
     __atomic_store_n(dirty, 0, __ATOMIC_RELAXED);
 }
 
+/* After EOWNERDEAD: its holder died inside admit(). Counts need no repair (its words are
+ * zeroed when the master reaps it), only a key it may have torn. */
+static int recover(engine *e, pthread_mutex_t *mutex)
+{
+    repair_dirty(e);
+    pthread_mutex_consistent(mutex);
+    return 0;
+}
+
+/* 0 when locked; EBUSY (ETIMEDOUT) or ENOTRECOVERABLE: refuse, never guess. */
 static int lock(engine *e)
 {
     pthread_mutex_t *mutex = admission_mutex(e);
-    int64_t give_up = 0;
-    for (int tries = 0;; tries++) {
-        int rc = pthread_mutex_trylock(mutex);
-        if (rc == 0)
-            return 0;
-        if (rc == EOWNERDEAD) {
-            /* Its holder died inside admit(): counts need no repair (its HELD is
-             * zeroed when the master reaps it), only a key it may have torn. */
-            repair_dirty(e);
-            pthread_mutex_consistent(mutex);
-            return 0;
-        }
-        if (rc != EBUSY)
-            return rc;
-        if (tries < SPIN_TRIES) {
-            cpu_relax();
-            continue;
-        }
-        /* The holder may have been preempted: give it the CPU, within a budget. */
-        int64_t now = monotonic_ns();
-        if (!give_up)
-            give_up = now + YIELD_BUDGET_NS;
-        else if (now >= give_up)
-            return EBUSY;
-        sched_yield();
+    int rc = pthread_mutex_trylock(mutex);
+    for (int tries = 0; rc == EBUSY && tries < SPIN_TRIES; tries++) {
+        cpu_relax();
+        rc = pthread_mutex_trylock(mutex);
     }
+    if (rc == EBUSY) {
+        /* Held longer than a few admissions take: its holder was likely preempted. Sleep
+         * in the kernel, so it gets the CPU, until unlocked or the budget is spent. */
+        struct timespec deadline;
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_nsec += LOCK_BUDGET_NS;
+        if (deadline.tv_nsec >= 1000000000) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = pthread_mutex_clocklock(mutex, CLOCK_MONOTONIC, &deadline);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc == EOWNERDEAD)
+        return recover(e, mutex);
+    return rc;
 }
 
 static int64_t held_total(engine *e, int64_t high_water)
@@ -197,17 +211,20 @@ static int64_t source_find(engine *e, const uint8_t *key, int64_t high_water)
     return claim;
 }
 
+/* Admit one connection from `peer`, under the global cap and, with `limit` > 0 and a peer
+ * with an IP address, its source's limit (`limit`: its listener's; the count is the
+ * source's, across listeners). Global first, then per-source. On ADMITTED, *token is what
+ * admission_release() takes back. */
 enum admit_result admission_admit(engine *e, const struct sockaddr *peer, socklen_t len,
-                                  int *source_row_out)
+                                  int limit, int *token)
 {
-    *source_row_out = -1;
+    *token = NO_TOKEN;
     uint8_t key[KEY_SIZE];
-    bool per_source = e->lay.source_table &&
-                      load64(header_word(e, e->lay.source_limit)) > 0 &&
-                      source_key(peer, len, key);
+    bool per_source = limit > 0 && e->lay.source_table && source_key(peer, len, key);
     if (lock(e) != 0)
         return REFUSED_BUSY;
     enum admit_result result = ADMITTED;
+    int row = TOKEN_ADMITTED;
     int64_t high_water = load64(header_word(e, e->lay.slot_high_water));
     if (high_water > (int64_t)e->lay.max_slots)
         high_water = (int64_t)e->lay.max_slots;
@@ -216,56 +233,63 @@ enum admit_result admission_admit(engine *e, const struct sockaddr *peer, sockle
     if (held_total(e, high_water) >= load64(header_word(e, e->lay.capacity))) {
         result = REFUSED_CAP;
     } else if (per_source) {
-        int64_t row = source_find(e, key, high_water);
-        int64_t limit = load64(header_word(e, e->lay.source_limit));
+        int64_t found = source_find(e, key, high_water);
         uint16_t *own;
-        if (row < 0 || (int64_t)row_sum(e, row, high_water) >= limit ||
-            *(own = &source_counts(e, row)[e->slot_index]) == UINT16_MAX) {
+        if (found < 0 || (int64_t)row_sum(e, found, high_water) >= limit ||
+            *(own = &source_counts(e, found)[e->slot_index]) == UINT16_MAX) {
             result = REFUSED_SOURCE;
         } else {
             __atomic_store_n(own, (uint16_t)(*own + 1), __ATOMIC_RELAXED);
-            *source_row_out = (int)row;
+            row = (int)found;
         }
     }
     if (result == ADMITTED) {
         int64_t *held = slot_word(e, e->lay.held);
         __atomic_store_n(held, load64(held) + 1, __ATOMIC_RELAXED);
+        *token = row;
     }
     pthread_mutex_unlock(admission_mutex(e));
     return result;
 }
 
-/* The connection's fds are closed already: a kill before this leaves HELD high until
- * the master reaps us, never low. */
-void admission_release(engine *e, int row)
+/* Give back what admission_admit() gave: the connection's fds are closed already, so a
+ * kill before this leaves HELD high until the master reaps us, never low. */
+void admission_release(engine *e, int token)
 {
-    if (row >= 0) {
-        uint16_t *own = &source_counts(e, row)[e->slot_index];
+    if (token == NO_TOKEN)
+        return;
+    if (token >= 0) {
+        uint16_t *own = &source_counts(e, token)[e->slot_index];
         __atomic_store_n(own, (uint16_t)(*own - 1), __ATOMIC_RELAXED);
     }
     int64_t *held = slot_word(e, e->lay.held);
-    __atomic_store_n(held, load64(held) - 1, __ATOMIC_RELEASE);
+    __atomic_store_n(held, load64(held) - 1, __ATOMIC_RELAXED);
     if (!e->lay.waiters)
         return;
+    /* The HELD store before the WAITERS load (a store-load order only a full fence gives):
+     * a waiter counts itself in WAITERS before it tries admit(), so either it sees our
+     * HELD or we see it waiting and wake it. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint32_t *waiters = (uint32_t *)(e->base + e->lay.waiters);
-    if (__atomic_load_n(waiters, __ATOMIC_SEQ_CST) == 0)
+    if (__atomic_load_n(waiters, __ATOMIC_RELAXED) == 0)
         return;
     uint32_t *seq = (uint32_t *)(e->base + e->lay.capacity_seq);
     __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST);
     syscall(SYS_futex, seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* Queue mode: announce a waiter, then return CAPACITY_SEQ as read before the caller's
- * next admit attempt, so a release after that attempt changes it (futex(2) pattern). */
-uint32_t admission_wait_begin(engine *e)
+/* Queue mode: count this worker among the waiters (until admission_wait_end), WAITING
+ * raised after the add: a kill in between only leaves WAITERS high (admission.py). */
+void admission_wait_begin(engine *e)
 {
     uint32_t *waiters = (uint32_t *)(e->base + e->lay.waiters);
     __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
-    return __atomic_load_n((uint32_t *)(e->base + e->lay.capacity_seq), __ATOMIC_SEQ_CST);
+    __atomic_store_n(slot_word(e, e->lay.waiting), 1, __ATOMIC_SEQ_CST);
 }
 
 void admission_wait_end(engine *e)
 {
+    __atomic_store_n(slot_word(e, e->lay.waiting), 0, __ATOMIC_SEQ_CST);
     uint32_t *waiters = (uint32_t *)(e->base + e->lay.waiters);
     __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
 }

@@ -5,6 +5,10 @@
 #include "engine.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <net/if.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <linux/vm_sockets.h>
 #include <math.h>
 #include <string.h>
@@ -70,47 +74,132 @@ static int layout_bounds(PyObject *layout, const char *name, struct histogram *h
     return 0;
 }
 
+/* Every field of the layout the engine reads, by its name in engine_offsets(). */
+static const struct layout_field {
+    const char *name;
+    size_t offset;             /* in struct layout */
+    bool optional;             /* absent or 0: the feature is off (so never at offset 0) */
+} layout_fields[] = {
+#define FIELD(name, member, optional) {name, offsetof(struct layout, member), optional}
+    FIELD("version", version, false),
+    FIELD("mutex", mutex, false),
+    FIELD("capacity", capacity, false),
+    FIELD("slot_high_water", slot_high_water, false),
+    FIELD("capacity_seq", capacity_seq, true),
+    FIELD("waiters", waiters, true),
+    FIELD("source_limit", source_limit, true),
+    FIELD("source_entries", source_entries, true),
+    FIELD("source_dirty", source_dirty, true),
+    FIELD("source_table", source_table, true),
+    FIELD("source_row_bytes", source_row_bytes, true),
+    FIELD("source_counts", source_counts, true),
+    FIELD("slots", slots, false),
+    FIELD("slot_bytes", slot_bytes, false),
+    FIELD("max_slots", max_slots, false),
+    FIELD("held", held, false),
+    FIELD("waiting", waiting, false),
+    FIELD("active", active, false),
+    FIELD("accepted", accepted, false),
+    FIELD("refused", refused, false),
+    FIELD("connect_errors", connect_errors, false),
+    FIELD("bytes_to_target", bytes_to_target, false),
+    FIELD("bytes_to_client", bytes_to_client, false),
+    FIELD("closed", closed, false),
+    FIELD("last_activity_ns", last_activity_ns, false),
+    FIELD("connect_duration_buckets", connect_buckets, false),
+    FIELD("connect_duration_sum_ns", connect_sum_ns, false),
+    FIELD("connection_duration_buckets", connection_buckets, false),
+    FIELD("connection_duration_sum_ns", connection_sum_ns, false),
+#undef FIELD
+};
+#define LAYOUT_FIELDS (sizeof layout_fields / sizeof layout_fields[0])
+static const char *const bound_fields[] = {"connect_duration_bounds", "connection_duration_bounds"};
+
+static size_t *layout_member(struct layout *l, size_t i)
+{
+    return (size_t *)((char *)l + layout_fields[i].offset);
+}
+
+/* The names the engine reads: the module's LAYOUT_FIELDS, for the agreement test. */
+PyObject *layout_names(void)
+{
+    PyObject *names = PyTuple_New((Py_ssize_t)LAYOUT_FIELDS + 3);
+    if (names == NULL)
+        return NULL;
+    Py_ssize_t n = 0;
+    PyTuple_SET_ITEM(names, n++, PyUnicode_FromString("layout_version"));
+    for (size_t i = 0; i < LAYOUT_FIELDS; i++)
+        PyTuple_SET_ITEM(names, n++, PyUnicode_FromString(layout_fields[i].name));
+    for (size_t i = 0; i < 2; i++)
+        PyTuple_SET_ITEM(names, n++, PyUnicode_FromString(bound_fields[i]));
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyTuple_GET_ITEM(names, i) == NULL) {
+            Py_DECREF(names);
+            return NULL;
+        }
+    return names;
+}
+
+static PyObject *bounds_tuple(const struct histogram *h)
+{
+    PyObject *t = PyTuple_New(h->count);
+    for (int i = 0; t != NULL && i < h->count; i++) {
+        PyObject *v = PyFloat_FromDouble((double)h->bound_ns[i] / 1e9);
+        if (v == NULL) {
+            Py_CLEAR(t);
+            break;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+/* What the engine took from the layout, by name: Engine.layout(), for the agreement test. */
+PyObject *layout_dict(engine *e)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    PyObject *v = PyLong_FromLongLong(e->lay.layout_version);
+    if (v == NULL || PyDict_SetItemString(d, "layout_version", v) < 0)
+        goto fail;
+    Py_DECREF(v);
+    for (size_t i = 0; i < LAYOUT_FIELDS; i++) {
+        v = PyLong_FromSize_t(*layout_member(&e->lay, i));
+        if (v == NULL || PyDict_SetItemString(d, layout_fields[i].name, v) < 0)
+            goto fail;
+        Py_DECREF(v);
+    }
+    const struct histogram *hists[] = {&e->connect_hist, &e->connection_hist};
+    for (size_t i = 0; i < 2; i++) {
+        v = bounds_tuple(hists[i]);
+        if (v == NULL || PyDict_SetItemString(d, bound_fields[i], v) < 0)
+            goto fail;
+        Py_DECREF(v);
+    }
+    return d;
+fail:
+    Py_XDECREF(v);
+    Py_DECREF(d);
+    return NULL;
+}
+
 int parse_layout(engine *e, PyObject *layout)
 {
     struct layout *l = &e->lay;
-    struct {
-        const char *name;
-        size_t *field;
-        bool optional;
-    } fields[] = {
-        {"mutex", &l->mutex, false},
-        {"capacity", &l->capacity, false},
-        {"slot_high_water", &l->slot_high_water, false},
-        {"capacity_seq", &l->capacity_seq, true},
-        {"waiters", &l->waiters, true},
-        {"source_limit", &l->source_limit, true},
-        {"source_entries", &l->source_entries, true},
-        {"source_dirty", &l->source_dirty, true},
-        {"source_table", &l->source_table, true},
-        {"source_row_bytes", &l->source_row_bytes, true},
-        {"source_counts", &l->source_counts, true},
-        {"slots", &l->slots, false},
-        {"slot_bytes", &l->slot_bytes, false},
-        {"max_slots", &l->max_slots, false},
-        {"held", &l->held, false},
-        {"active", &l->active, false},
-        {"accepted", &l->accepted, false},
-        {"refused", &l->refused, false},
-        {"connect_errors", &l->connect_errors, false},
-        {"bytes_to_target", &l->bytes_to_target, false},
-        {"bytes_to_client", &l->bytes_to_client, false},
-        {"closed", &l->closed, false},
-        {"last_activity_ns", &l->last_activity_ns, false},
-        {"connect_duration_buckets", &l->connect_buckets, false},
-        {"connect_duration_sum_ns", &l->connect_sum_ns, false},
-        {"connection_duration_buckets", &l->connection_buckets, false},
-        {"connection_duration_sum_ns", &l->connection_sum_ns, false},
-    };
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
-        if (layout_size(layout, fields[i].name, fields[i].field, fields[i].optional) < 0)
+    PyObject *v = layout_item(layout, "layout_version");
+    if (v == NULL)
+        return -1;
+    l->layout_version = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (l->layout_version == -1 && PyErr_Occurred())
+        return -1;
+    for (size_t i = 0; i < LAYOUT_FIELDS; i++)
+        if (layout_size(layout, layout_fields[i].name, layout_member(l, i),
+                        layout_fields[i].optional) < 0)
             return -1;
-    if (layout_bounds(layout, "connect_duration_bounds", &e->connect_hist) < 0 ||
-        layout_bounds(layout, "connection_duration_bounds", &e->connection_hist) < 0)
+    if (layout_bounds(layout, bound_fields[0], &e->connect_hist) < 0 ||
+        layout_bounds(layout, bound_fields[1], &e->connection_hist) < 0)
         return -1;
     e->connect_hist.buckets = l->connect_buckets;
     e->connect_hist.sum_ns = l->connect_sum_ns;
@@ -119,30 +208,46 @@ int parse_layout(engine *e, PyObject *layout)
 
     size_t size = (size_t)e->memory.len;
     size_t slot_end = l->slots + l->max_slots * l->slot_bytes;
-    size_t slot_fields[] = {l->held, l->active, l->accepted, l->refused, l->connect_errors,
-                            l->bytes_to_target, l->bytes_to_client, l->closed,
-                            l->last_activity_ns,
+    size_t slot_fields[] = {l->held, l->waiting, l->active, l->accepted, l->refused,
+                            l->connect_errors, l->bytes_to_target, l->bytes_to_client,
+                            l->closed, l->last_activity_ns,
                             l->connect_buckets + 8 * (size_t)e->connect_hist.count,
                             l->connect_sum_ns,
                             l->connection_buckets + 8 * (size_t)e->connection_hist.count,
                             l->connection_sum_ns};
     bool ok = l->max_slots > 0 && e->slot_index < l->max_slots && slot_end <= size &&
-              l->mutex + sizeof(pthread_mutex_t) <= size && l->mutex % 8 == 0 &&
-              l->capacity + 8 <= size && l->slot_high_water + 8 <= size &&
+              l->slots % 8 == 0 && l->slot_bytes % 8 == 0 && l->version % 8 == 0 &&
+              l->version + 8 <= size && l->mutex + sizeof(pthread_mutex_t) <= size &&
+              l->mutex % 8 == 0 && l->capacity % 8 == 0 && l->capacity + 8 <= size &&
+              l->slot_high_water % 8 == 0 && l->slot_high_water + 8 <= size &&
               l->capacity_seq % 4 == 0 && l->waiters % 4 == 0 && l->capacity_seq + 4 <= size &&
               l->waiters + 4 <= size;
     for (size_t i = 0; ok && i < sizeof slot_fields / sizeof slot_fields[0]; i++)
         ok = slot_fields[i] % 8 == 0 && slot_fields[i] + 8 <= l->slot_bytes;
     if (ok && l->source_table) {
-        ok = l->source_limit + 8 <= size && l->source_entries + 8 <= size &&
-             l->source_dirty + 8 <= size && l->source_row_bytes >= 16 &&
+        ok = l->source_limit % 8 == 0 && l->source_entries % 8 == 0 &&
+             l->source_dirty % 8 == 0 && l->source_limit + 8 <= size &&
+             l->source_entries + 8 <= size && l->source_dirty + 8 <= size &&
+             l->source_row_bytes >= 16 && l->source_row_bytes % 2 == 0 &&
              l->source_counts >= 16 && l->source_counts % 2 == 0 &&
              l->source_counts + 2 * l->max_slots <= l->source_row_bytes &&
-             l->source_table < size;
+             l->source_table <= size;
+        if (ok) {
+            int64_t entries = *(int64_t *)((char *)e->memory.buf + l->source_entries);
+            ok = entries >= 0 &&
+                 (uint64_t)entries <= (size - l->source_table) / l->source_row_bytes;
+        }
     }
     if (!ok) {
         PyErr_SetString(PyExc_ValueError,
                         "the layout does not fit the shared mapping (see csrc/README.md)");
+        return -1;
+    }
+    int64_t version = *(int64_t *)((char *)e->memory.buf + l->version);
+    if (version != l->layout_version) {
+        PyErr_Format(PyExc_ValueError,
+                     "the shared mapping has layout version %lld, the layout given is version %lld",
+                     (long long)version, (long long)l->layout_version);
         return -1;
     }
     e->base = e->memory.buf;
@@ -256,55 +361,236 @@ static int parse_target(struct target *t, PyObject *obj)
     if (sockaddr == NULL)
         return -1;
     int rc = to_sockaddr((int)family, sockaddr, &t->addr, &t->addrlen);
+    const char *host;
+    if (rc == 0 && family == AF_INET6 && PyTuple_Check(sockaddr) && PyTuple_GET_SIZE(sockaddr) >= 1 &&
+        (host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(sockaddr, 0))) != NULL) {
+        /* fe80::1%eth0: the socket module looks the scope up at each connect; so do we,
+         * unless it is a number or the interface is there now. */
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&t->addr;
+        const char *percent = strchr(host, '%');
+        if (percent != NULL && in6->sin6_scope_id == 0) {
+            char *end;
+            unsigned long number = strtoul(percent + 1, &end, 10);
+            if (percent[1] && *end == 0)
+                in6->sin6_scope_id = (uint32_t)number;
+            else if ((in6->sin6_scope_id = if_nametoindex(percent + 1)) == 0)
+                snprintf(t->scope, sizeof t->scope, "%s", percent + 1);
+        }
+    }
     Py_DECREF(sockaddr);
+    if (rc == 0 && PyErr_Occurred())
+        rc = -1;
     return rc;
 }
 
-int parse_routes(engine *e, PyObject *routes)
+/* A numeric target's address for one connect: 0, or ENODEV while its IPv6 scope's
+ * interface is missing. */
+int target_address(const struct target *t, struct sockaddr_storage *ss)
 {
-    PyObject *seq = PySequence_Fast(routes, "routes must be a sequence of target sequences");
-    if (seq == NULL)
+    memcpy(ss, &t->addr, t->addrlen);
+    if (!t->scope[0])
+        return 0;
+    unsigned index = if_nametoindex(t->scope);
+    if (index == 0)
+        return ENODEV;
+    ((struct sockaddr_in6 *)ss)->sin6_scope_id = index;
+    return 0;
+}
+
+static int parse_group(struct group *g, PyObject *targets_obj)
+{
+    PyObject *targets = PySequence_Fast(targets_obj, "a route's targets must be a sequence");
+    if (targets == NULL)
         return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    e->routes = PyMem_Calloc((size_t)n + 1, sizeof *e->routes);
-    if (e->routes == NULL) {
-        Py_DECREF(seq);
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(targets);
+    if (count < 1 || count > 65535) {
+        Py_DECREF(targets);
+        PyErr_SetString(PyExc_ValueError, "a route needs 1 to 65535 targets");
+        return -1;
+    }
+    g->targets = PyMem_Calloc((size_t)count, sizeof *g->targets);
+    if (g->targets == NULL) {
+        Py_DECREF(targets);
         PyErr_NoMemory();
         return -1;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *targets = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, i),
-                                            "a route must be a sequence of targets");
-        if (targets == NULL)
-            goto fail;
-        Py_ssize_t count = PySequence_Fast_GET_SIZE(targets);
-        struct route *r = &e->routes[i];
-        e->nroutes = (int)i + 1;
-        r->targets = PyMem_Calloc((size_t)count + 1, sizeof *r->targets);
-        if (count < 1 || count > 65535 || r->targets == NULL) {
+    for (Py_ssize_t j = 0; j < count; j++) {
+        g->count = (int)j + 1;
+        if (parse_target(&g->targets[j], PySequence_Fast_GET_ITEM(targets, j)) < 0) {
             Py_DECREF(targets);
-            if (r->targets == NULL)
-                PyErr_NoMemory();
-            else
-                PyErr_SetString(PyExc_ValueError, "a route needs 1 to 65535 targets");
-            goto fail;
+            return -1;
         }
-        for (Py_ssize_t j = 0; j < count; j++) {
-            r->count = (int)j + 1;
-            if (parse_target(&r->targets[j], PySequence_Fast_GET_ITEM(targets, j)) < 0) {
-                Py_DECREF(targets);
-                goto fail;
-            }
-        }
-        Py_DECREF(targets);
     }
+    Py_DECREF(targets);
+    return 0;
+}
+
+/* (level, option, value) triples, at most MAX_OPTIONS */
+static int parse_tcp_options(PyObject *options, int out[][3], int *count)
+{
+    *count = 0;
+    if (options == NULL || options == Py_None)
+        return 0;
+    PyObject *seq = PySequence_Fast(options, "tcp_options must be (level, option, value) triples");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > MAX_OPTIONS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "at most %d TCP options", MAX_OPTIONS);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int *opt = out[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iii", &opt[0], &opt[1], &opt[2])) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    *count = (int)n;
     Py_DECREF(seq);
     return 0;
+}
+
+/* A route's attribute (or key, for a dict); NULL without an error when it has none. */
+static PyObject *route_item(PyObject *route, const char *name)
+{
+    PyObject *v;
+    if (PyDict_Check(route)) {
+        v = PyDict_GetItemString(route, name); /* borrowed */
+        return Py_XNewRef(v);
+    }
+    v = PyObject_GetAttrString(route, name);
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_AttributeError))
+        PyErr_Clear();
+    return v;
+}
+
+static int route_double(PyObject *route, const char *name, double *out)
+{
+    PyObject *v = route_item(route, name);
+    if (v == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    double d = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    if (d == -1.0 && PyErr_Occurred())
+        return -1;
+    *out = d;
+    return 0;
+}
+
+static int route_int(PyObject *route, const char *name, long *out)
+{
+    PyObject *v = route_item(route, name);
+    if (v == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    long n = PyLong_AsLong(v);
+    Py_DECREF(v);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    *out = n;
+    return 0;
+}
+
+static struct pipe_pool *pool_for(engine *e, int size, int keep)
+{
+    for (int i = 0; i < e->npools; i++)
+        if (e->pools[i].size == size)
+            return &e->pools[i];
+    struct pipe_pool *p = &e->pools[e->npools++];
+    p->size = size;
+    p->keep = keep < 0 ? 0 : keep > PIPE_POOL_MAX ? PIPE_POOL_MAX : keep;
+    return p;
+}
+
+/* A route is a sequence of targets (the Engine's keyword arguments apply), or an object
+ * (or dict) with `targets` and any of connect_timeout, idle_timeout, proxy_protocol,
+ * tcp_options, pipe_size, pipe_keep and group (routes of one group share their targets'
+ * round-robin and cool-down: the first one's targets are the group's). */
+static int parse_route(engine *e, struct route *r, PyObject *obj, const struct route_defaults *d,
+                       long *group_ids)
+{
+    PyObject *targets = route_item(obj, "targets");
+    if (targets == NULL && PyErr_Occurred())
+        return -1;
+    double connect_timeout = d->connect_timeout, idle_timeout = d->idle_timeout;
+    long proxy_protocol = d->proxy_protocol, pipe_size = d->pipe_size, pipe_keep = d->pipe_keep;
+    long group = -1 - r->index; /* own group unless it names one (>= 0) */
+    PyObject *options = NULL;
+    if (targets != NULL) {
+        options = route_item(obj, "tcp_options");
+        if ((options == NULL && PyErr_Occurred()) ||
+            route_double(obj, "connect_timeout", &connect_timeout) < 0 ||
+            route_double(obj, "idle_timeout", &idle_timeout) < 0 ||
+            route_int(obj, "proxy_protocol", &proxy_protocol) < 0 ||
+            route_int(obj, "pipe_size", &pipe_size) < 0 ||
+            route_int(obj, "pipe_keep", &pipe_keep) < 0 || route_int(obj, "group", &group) < 0)
+            goto fail;
+    } else {
+        targets = Py_NewRef(obj);
+    }
+    if (proxy_protocol < 0 || proxy_protocol > 2 || pipe_size < 0 || pipe_size > (1 << 30)) {
+        PyErr_SetString(PyExc_ValueError, "invalid proxy_protocol or pipe_size");
+        goto fail;
+    }
+    if (parse_tcp_options(options != NULL ? options : d->tcp_options, r->options, &r->noptions) < 0)
+        goto fail;
+    r->connect_timeout_ns = timeout_ns(connect_timeout);
+    r->idle_timeout_ns = timeout_ns(idle_timeout);
+    r->proxy_protocol = (int)proxy_protocol;
+    r->pool = pool_for(e, (int)pipe_size, (int)pipe_keep);
+    group_ids[r->index] = group;
+    for (int i = 0; i < r->index; i++)
+        if (group_ids[i] == group) {
+            r->group = e->routes[i].group;
+            break;
+        }
+    if (r->group == NULL) {
+        r->group = &e->groups[e->ngroups++];
+        if (parse_group(r->group, targets) < 0)
+            goto fail;
+    }
+    Py_XDECREF(options);
+    Py_DECREF(targets);
+    return 0;
 fail:
-    Py_DECREF(seq);
+    Py_XDECREF(options);
+    Py_XDECREF(targets);
     return -1;
 }
 
+int parse_routes(engine *e, PyObject *routes, const struct route_defaults *defaults)
+{
+    PyObject *seq = PySequence_Fast(routes, "routes must be a sequence");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    long *group_ids = PyMem_Calloc((size_t)n + 1, sizeof *group_ids);
+    e->routes = PyMem_Calloc((size_t)n + 1, sizeof *e->routes);
+    e->groups = PyMem_Calloc((size_t)n + 1, sizeof *e->groups);
+    e->pools = PyMem_Calloc((size_t)n + 1, sizeof *e->pools);
+    int rc = -1;
+    if (group_ids == NULL || e->routes == NULL || e->groups == NULL || e->pools == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        struct route *r = &e->routes[i];
+        r->index = (int)i;
+        list_init(&r->connecting);
+        list_init(&r->idle);
+        e->nroutes = (int)i + 1;
+        if (parse_route(e, r, PySequence_Fast_GET_ITEM(seq, i), defaults, group_ids) < 0)
+            goto done;
+    }
+    rc = 0;
+done:
+    PyMem_Free(group_ids);
+    Py_DECREF(seq);
+    return rc;
+}
+
+/* [(fd, route[, source_limit[, row]]), ...] */
 int parse_listeners(engine *e, PyObject *listeners)
 {
     PyObject *seq = PySequence_Fast(listeners, "listeners must be a sequence of (fd, route)");
@@ -319,10 +605,13 @@ int parse_listeners(engine *e, PyObject *listeners)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         struct listener *l = &e->listeners[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ii", &l->fd, &l->route))
+        l->row = -1;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ii|ii", &l->fd, &l->route,
+                              &l->source_limit, &l->row))
             goto fail;
-        if (l->route < 0 || l->route >= e->nroutes) {
-            PyErr_Format(PyExc_ValueError, "listener fd %d: no route %d", l->fd, l->route);
+        if (l->route < 0 || l->route >= e->nroutes || l->source_limit < 0) {
+            PyErr_Format(PyExc_ValueError, "listener fd %d: no route %d, or a negative limit",
+                         l->fd, l->route);
             goto fail;
         }
         socklen_t len = sizeof l->family;
@@ -340,29 +629,6 @@ int parse_listeners(engine *e, PyObject *listeners)
 fail:
     Py_DECREF(seq);
     return -1;
-}
-
-int parse_options(engine *e, PyObject *options)
-{
-    PyObject *seq = PySequence_Fast(options, "tcp_options must be (level, option, value) triples");
-    if (seq == NULL)
-        return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n > 8) {
-        Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "at most 8 TCP options");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int *opt = e->target_options[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iii", &opt[0], &opt[1], &opt[2])) {
-            Py_DECREF(seq);
-            return -1;
-        }
-    }
-    e->ntarget_options = (int)n;
-    Py_DECREF(seq);
-    return 0;
 }
 
 int64_t timeout_ns(double seconds)

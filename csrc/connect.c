@@ -1,12 +1,14 @@
 /* Connecting an admitted client to a target of its route, with failover.
  *
- * As the Python reference (targets.py, target_connect.py): a route of one target connects to
- * it; a route of several tries them healthy-first in this worker's round-robin order,
- * then those cooling down, soonest back first; a target that fails cools down for
- * COOLDOWN. Failures of this machine (out of descriptors or memory) try no other target:
- * EMFILE/ENFILE keep the client and retry once accepting resumes. A host-name target is
- * resolved by hooks.resolve on every connection and each address tried in turn.
- * --connect-timeout applies to each step (resolving, each address).
+ * As the Python reference (targets.py, target_connect.py, connecting.py): a route of one
+ * target connects to it; a route of several tries them healthy-first in this worker's
+ * round-robin order, then those cooling down, soonest back first; a target that fails
+ * cools down for COOLDOWN. Any error between socket(2) and a connected socket fails that
+ * address (the next is tried, then the next target). Failures of this machine (out of
+ * descriptors or memory) try no other target: EMFILE/ENFILE keep the client and retry
+ * once accepting resumes. A host-name target is resolved by hooks.resolve on every
+ * connection and each address tried in turn. The route's --connect-timeout applies to
+ * each step (resolving, each address).
  *
  * A connect in progress is done at its first writable edge (no SO_ERROR unless the edge
  * carries an error, no second connect); the socket stays registered for the relay.
@@ -14,6 +16,8 @@
 #include "engine.h"
 
 #include <arpa/inet.h>
+#include <net/if.h>
+#include <stdio.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -24,6 +28,8 @@
 
 static void try_next_target(engine *e, conn *c);
 
+/* A client's address as format_sockaddr (settings/address.py) writes it: 1.2.3.4:80,
+ * [::1]:80, [fe80::1%eth0]:80, /path, @name, unix-client. */
 PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len)
 {
     char host[INET6_ADDRSTRLEN];
@@ -34,8 +40,27 @@ PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len)
     }
     if (len >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        char scope[IF_NAMESIZE + 1] = "";
         inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-        return PyUnicode_FromFormat("[%s]:%d", host, ntohs(in6->sin6_port));
+        if (in6->sin6_scope_id && if_indextoname(in6->sin6_scope_id, scope + 1) != NULL)
+            scope[0] = '%';
+        else if (in6->sin6_scope_id)
+            snprintf(scope, sizeof scope, "%%%u", (unsigned)in6->sin6_scope_id);
+        return PyUnicode_FromFormat("[%s%s]:%d", host, scope, ntohs(in6->sin6_port));
+    }
+    size_t path = offsetof(struct sockaddr_un, sun_path);
+    if (sa->sa_family == AF_UNIX && len > path) {
+        const char *name = ((const struct sockaddr_un *)sa)->sun_path;
+        size_t n = len - path;
+        if (name[0] == 0) { /* abstract: @name */
+            PyObject *text = PyUnicode_DecodeUTF8(name + 1, (Py_ssize_t)n - 1, "backslashreplace");
+            PyObject *at = text == NULL ? NULL : PyUnicode_FromFormat("@%U", text);
+            Py_XDECREF(text);
+            return at;
+        }
+        n = strnlen(name, n);
+        if (n > 0)
+            return PyUnicode_DecodeUTF8(name, (Py_ssize_t)n, "backslashreplace");
     }
     return PyUnicode_FromString("unix-client");
 }
@@ -47,7 +72,7 @@ static bool local_errno(int error)
 
 static void build_order(engine *e, conn *c)
 {
-    struct route *r = c->route;
+    struct group *r = c->route->group;
     int n = r->count;
     c->steps = (uint16_t)n;
     if (n == 1)
@@ -96,8 +121,7 @@ void connect_start(engine *e, conn *c)
 static void fail_client(engine *e, conn *c, int error)
 {
     slot_add(e, e->lay.connect_errors, 1);
-    event_report(e, EVENT_CONNECT_FAILED, error, (int)(c->route - e->routes), &c->peer.sa,
-                 c->peerlen, NULL);
+    event_report(e, EVENT_CONNECT_FAILED, error, c->route->index, &c->peer.sa, c->peerlen, NULL);
     conn_close(e, c, END_NORMAL, error);
 }
 
@@ -113,15 +137,16 @@ static void drop_target_socket(conn *c)
 static void connected(engine *e, conn *c)
 {
     list_del(&c->timed);
-    struct route *r = c->route;
-    if (r->count > 1)
-        r->targets[c->target].cooling_until_ns = 0;
+    struct group *g = c->route->group;
+    if (g->count > 1)
+        g->targets[c->target].cooling_until_ns = 0;
     PyMem_Free(c->order);
     c->order = NULL;
     PyMem_Free(c->addrs);
     c->addrs = NULL;
     observe(e, &e->connect_hist, e->now_ns - c->started_ns);
-    if (e->proxy_protocol) {
+    int version = c->route->proxy_protocol;
+    if (version) {
         char header[PROXY_HEADER_MAX];
         union {
             struct sockaddr sa;
@@ -136,7 +161,7 @@ static void connected(engine *e, conn *c)
         struct sockaddr unspec = {.sa_family = AF_UNSPEC};
         if (!c->peerlen || local.sa.sa_family != family)
             client = &unspec;
-        int len = proxy_header_encode(e->proxy_protocol, client, &local.sa, header, sizeof header);
+        int len = proxy_header_encode(version, client, &local.sa, header, sizeof header);
         ssize_t sent = len < 0 ? -1 : send(c->target_fd, header, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (sent != len) {
             /* nginx takes the header from its first read only: a short send is fatal. */
@@ -149,8 +174,9 @@ static void connected(engine *e, conn *c)
     relay_start(e, c);
 }
 
-static void retry_later(engine *e, conn *c)
+static void retry_later(engine *e, conn *c, int error)
 {
+    event_report(e, EVENT_CONNECT_PAUSED, error, c->route->index, &c->peer.sa, c->peerlen, NULL);
     /* Out of descriptors: keep the client, leave the others in the backlog, try this
      * target again once accepting resumes. */
     c->state = CONN_RETRY_WAIT;
@@ -169,25 +195,22 @@ static void retry_later(engine *e, conn *c)
 static void target_failed(engine *e, conn *c, int error)
 {
     c->error = error;
-    if (error == EMFILE || error == ENFILE) {
-        if (!e->draining) {
-            event_report(e, EVENT_FD_LOW, error, c->listener->index, NULL, 0, NULL);
-            retry_later(e, c);
-            return;
-        }
+    if ((error == EMFILE || error == ENFILE) && !e->draining) {
+        retry_later(e, c, error);
+        return;
     }
     if (local_errno(error)) {
         list_del(&c->timed);
         fail_client(e, c, error);
         return;
     }
-    struct route *r = c->route;
-    if (r->count > 1) {
-        struct target *t = &r->targets[c->target];
+    struct group *g = c->route->group;
+    if (g->count > 1) {
+        struct target *t = &g->targets[c->target];
         bool newly = t->cooling_until_ns <= e->now_ns;
         t->cooling_until_ns = e->now_ns + COOLDOWN_NS;
         if (newly)
-            event_report(e, EVENT_TARGET_FAILED, error, (int)(r - e->routes), NULL, 0, t->object);
+            event_report(e, EVENT_TARGET_FAILED, error, c->route->index, NULL, 0, t->object);
     }
     try_next_target(e, c);
 }
@@ -205,8 +228,9 @@ static int try_address(engine *e, conn *c, const struct sockaddr *sa, socklen_t 
             close(fd);
             return error;
         }
-        for (int i = 0; i < e->ntarget_options; i++) {
-            const int *opt = e->target_options[i];
+        const struct route *r = c->route;
+        for (int i = 0; i < r->noptions; i++) {
+            const int *opt = r->options[i];
             if (setsockopt(fd, opt[0], opt[1], &opt[2], sizeof opt[2]) < 0) {
                 int error = errno;
                 close(fd);
@@ -233,14 +257,21 @@ static int try_address(engine *e, conn *c, const struct sockaddr *sa, socklen_t 
 /* The next address of the current target, or the next target once none is left. */
 static void try_addresses(engine *e, conn *c)
 {
-    struct target *t = &c->route->targets[c->target];
+    struct target *t = &c->route->group->targets[c->target];
+    struct sockaddr_storage numeric;
     for (;;) {
         const struct sockaddr *sa;
         socklen_t len;
         if (t->family != 0) {
             if (c->next_addr > 0)
                 break;
-            sa = (const struct sockaddr *)&t->addr;
+            int error = target_address(t, &numeric);
+            if (error) {
+                c->next_addr++;
+                c->error = error;
+                break;
+            }
+            sa = (const struct sockaddr *)&numeric;
             len = t->addrlen;
         } else {
             if (c->next_addr >= c->naddrs)
@@ -260,10 +291,10 @@ static void try_addresses(engine *e, conn *c)
         if (rc == 1) {
             e->connects_begun = true;
             c->state = CONN_CONNECTING;
-            c->deadline_ns = e->now_ns + e->connect_timeout_ns;
+            c->deadline_ns = e->now_ns + c->route->connect_timeout_ns;
             list_del(&c->timed);
-            if (e->connect_timeout_ns)
-                list_add_tail(&e->connecting, &c->timed);
+            if (c->route->connect_timeout_ns)
+                list_add_tail(&c->route->connecting, &c->timed);
             return;
         }
         c->error = rc;
@@ -286,15 +317,15 @@ static void try_next_target(engine *e, conn *c)
     c->target = c->order ? c->order[c->step] : 0;
     c->step++;
     c->next_addr = 0;
-    struct target *t = &c->route->targets[c->target];
+    struct target *t = &c->route->group->targets[c->target];
     if (t->family == 0) {
         c->state = CONN_RESOLVING;
         c->token = ++e->next_token;
         c->resolve_asked = false;
-        c->deadline_ns = e->now_ns + e->connect_timeout_ns;
+        c->deadline_ns = e->now_ns + c->route->connect_timeout_ns;
         list_del(&c->timed);
-        if (e->connect_timeout_ns)
-            list_add_tail(&e->connecting, &c->timed);
+        if (c->route->connect_timeout_ns)
+            list_add_tail(&c->route->connecting, &c->timed);
         list_add_tail(&e->resolveq, &c->queued); /* asked after the batch (module.c) */
         return;
     }
@@ -340,10 +371,10 @@ void connect_resolve_failed(engine *e, conn *c, int error)
     target_failed(e, c, error ? error : EHOSTUNREACH);
 }
 
-void connect_expire(engine *e, int64_t now)
+void connect_expire(engine *e, struct route *r, int64_t now)
 {
-    while (!list_empty(&e->connecting)) {
-        conn *c = container_of(e->connecting.next, conn, timed);
+    while (!list_empty(&r->connecting)) {
+        conn *c = container_of(r->connecting.next, conn, timed);
         if (c->deadline_ns > now)
             break;
         list_del(&c->timed);

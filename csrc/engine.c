@@ -33,11 +33,12 @@ static void engine_release(engine *e)
     if (e->held_fd >= 0) {
         close(e->held_fd);
         e->held_fd = -1;
-        if (e->base != NULL && e->lay.waiters)
+        if (e->held_waiting && e->base != NULL && e->lay.waiters)
             admission_wait_end(e);
+        e->held_waiting = false;
     }
     engine_free_graveyard(e);
-    pipe_pool_close(e);
+    pipe_pools_close(e);
     if (e->timerfd >= 0)
         close(e->timerfd);
     if (e->epfd >= 0)
@@ -53,14 +54,16 @@ static void engine_release(engine *e)
 static void engine_dealloc(engine *e)
 {
     engine_release(e);
-    for (int i = 0; i < e->nroutes; i++) {
-        for (int j = 0; j < e->routes[i].count; j++) {
-            Py_XDECREF(e->routes[i].targets[j].object);
-            Py_XDECREF(e->routes[i].targets[j].host);
+    for (int i = 0; i < e->ngroups; i++) {
+        for (int j = 0; j < e->groups[i].count; j++) {
+            Py_XDECREF(e->groups[i].targets[j].object);
+            Py_XDECREF(e->groups[i].targets[j].host);
         }
-        PyMem_Free(e->routes[i].targets);
+        PyMem_Free(e->groups[i].targets);
     }
+    PyMem_Free(e->groups);
     PyMem_Free(e->routes);
+    PyMem_Free(e->pools);
     PyMem_Free(e->listeners);
     PyMem_Free(e->copybuf);
     Py_XDECREF(e->hook_resolve);
@@ -80,19 +83,19 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
                             "connect_timeout", "idle_timeout", "proxy_protocol", "tcp_options",
                             "pipe_size", "pipe_keep", "fd_ceiling", "queue_on_limit", "copy_size",
                             NULL};
-    PyObject *memory, *layout, *listeners, *routes, *hooks, *tcp_options = NULL;
+    PyObject *memory, *layout, *listeners, *routes, *hooks;
     Py_ssize_t slot;
-    double connect_timeout = 0, idle_timeout = 0;
-    int proxy_protocol = 0, pipe_size = 0, pipe_keep = 4, fd_ceiling = -1, queue = 0;
+    struct route_defaults defaults = {.pipe_keep = 4};
+    int fd_ceiling = -1, queue = 0;
     int copy_size = COPY_SIZE_DEFAULT;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOnOOO|$ddiOiiipi", names, &memory, &layout,
-                                     &slot, &listeners, &routes, &hooks, &connect_timeout,
-                                     &idle_timeout, &proxy_protocol, &tcp_options, &pipe_size,
-                                     &pipe_keep, &fd_ceiling, &queue, &copy_size))
+                                     &slot, &listeners, &routes, &hooks, &defaults.connect_timeout,
+                                     &defaults.idle_timeout, &defaults.proxy_protocol,
+                                     &defaults.tcp_options, &defaults.pipe_size,
+                                     &defaults.pipe_keep, &fd_ceiling, &queue, &copy_size))
         return NULL;
-    if (proxy_protocol < 0 || proxy_protocol > 2 || slot < 0 || pipe_size < 0 || copy_size < 0 ||
-        copy_size > COPY_SIZE_MAX) {
-        PyErr_SetString(PyExc_ValueError, "invalid proxy_protocol, slot, pipe_size or copy_size");
+    if (slot < 0 || copy_size < 0 || copy_size > COPY_SIZE_MAX) {
+        PyErr_SetString(PyExc_ValueError, "invalid slot or copy_size");
         return NULL;
     }
     engine *e = (engine *)type->tp_alloc(type, 0);
@@ -100,16 +103,11 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         return NULL;
     e->epfd = e->timerfd = e->held_fd = -1;
     list_init(&e->conns);
-    list_init(&e->connecting);
-    list_init(&e->idle);
     list_init(&e->runq);
     list_init(&e->resolveq);
     list_init(&e->retryq);
     list_init(&e->graveyard);
     e->slot_index = (size_t)slot;
-    e->proxy_protocol = proxy_protocol;
-    e->pipe_size = pipe_size;
-    e->pipe_keep = pipe_keep < 0 ? 0 : pipe_keep > PIPE_POOL_MAX ? PIPE_POOL_MAX : pipe_keep;
     e->fd_ceiling = fd_ceiling < 0 ? INT32_MAX : fd_ceiling;
     e->queue_on_limit = queue != 0;
     e->copy_size = copy_size;
@@ -117,13 +115,11 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         PyErr_NoMemory();
         goto fail;
     }
-    e->connect_timeout_ns = timeout_ns(connect_timeout);
-    e->idle_timeout_ns = timeout_ns(idle_timeout);
     if (PyObject_GetBuffer(memory, &e->memory, PyBUF_WRITABLE) < 0)
         goto fail;
     e->have_memory = true;
-    if (parse_layout(e, layout) < 0 || (tcp_options && parse_options(e, tcp_options) < 0) ||
-        parse_routes(e, routes) < 0 || parse_listeners(e, listeners) < 0)
+    if (parse_layout(e, layout) < 0 || parse_routes(e, routes, &defaults) < 0 ||
+        parse_listeners(e, listeners) < 0)
         goto fail;
     e->hook_resolve = hook_attr(hooks, "resolve", false);
     e->hook_event = hook_attr(hooks, "on_event", false);
@@ -132,9 +128,9 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     e->hook_capacity = hook_attr(hooks, "on_capacity_wait", false);
     if (PyErr_Occurred())
         goto fail;
-    for (int i = 0; i < e->nroutes; i++)
-        for (int j = 0; j < e->routes[i].count; j++)
-            if (e->routes[i].targets[j].family == 0 && e->hook_resolve == NULL) {
+    for (int i = 0; i < e->ngroups; i++)
+        for (int j = 0; j < e->groups[i].count; j++)
+            if (e->groups[i].targets[j].family == 0 && e->hook_resolve == NULL) {
                 PyErr_SetString(PyExc_ValueError, "host-name targets need hooks.resolve");
                 goto fail;
             }
@@ -221,6 +217,23 @@ static PyObject *engine_open_connections(engine *e, PyObject *unused)
     return PyLong_FromLong(e->open);
 }
 
+static PyObject *engine_set_fd_ceiling(engine *e, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    e->fd_ceiling = n < 0 || n > INT32_MAX ? INT32_MAX : (int)n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_holding(engine *e, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(e->held_fd >= 0);
+}
+
+/* The graceful timeout: a client held in queue mode is refused, one still connecting is
+ * closed, a relay is aborted (an RST to both peers), as relaying.py's abort_all. */
 static PyObject *engine_close_all(engine *e, PyObject *unused)
 {
     (void)unused;
@@ -231,11 +244,16 @@ static PyObject *engine_close_all(engine *e, PyObject *unused)
         close(e->held_fd);
         e->held_fd = -1;
         e->want_capacity = false;
-        admission_wait_end(e);
+        e->busy_retry_ns = 0;
+        if (e->held_waiting)
+            admission_wait_end(e);
+        e->held_waiting = false;
         e->want_drained = e->draining;
     }
-    while (!list_empty(&e->conns))
-        conn_close(e, container_of(e->conns.next, conn, all), END_NORMAL, 0);
+    while (!list_empty(&e->conns)) {
+        conn *c = container_of(e->conns.next, conn, all);
+        conn_close(e, c, c->state == CONN_RELAYING ? END_ABORT : END_NORMAL, ETIMEDOUT);
+    }
     return engine_leave(e, Py_NewRef(Py_None));
 }
 
@@ -255,46 +273,44 @@ static PyObject *engine_resolved(engine *e, PyObject *args)
     PyObject *addrs;
     if (!PyArg_ParseTuple(args, "KO", &token, &addrs) || engine_enter(e) < 0)
         return NULL;
+    conn *c = find_resolving(e, token);
+    if (c == NULL)
+        return engine_leave(e, Py_NewRef(Py_False)); /* timed out or closed meanwhile */
     PyObject *seq = PySequence_Fast(addrs, "addresses must be a sequence");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    struct sockaddr_storage *list = PyMem_Calloc((size_t)n + 1, sizeof *list);
-    if (list == NULL) {
-        Py_DECREF(seq);
-        return PyErr_NoMemory();
-    }
+    Py_ssize_t n = seq == NULL ? 0 : PySequence_Fast_GET_SIZE(seq);
+    struct sockaddr_storage *list = seq == NULL ? NULL : PyMem_Calloc((size_t)n + 1, sizeof *list);
+    if (seq != NULL && list == NULL)
+        PyErr_NoMemory();
     int count = 0;
-    for (Py_ssize_t i = 0; i < n && count < 64; i++) {
+    for (Py_ssize_t i = 0; list != NULL && i < n && count < 64; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
         /* (family, sockaddr) or getaddrinfo's (family, type, proto, canonname, sockaddr) */
         Py_ssize_t len = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 0;
         if (len != 2 && len != 5) {
             PyErr_SetString(PyExc_TypeError, "an address is (family, sockaddr)");
-            goto fail;
+            break;
         }
         long family = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
         if (family == -1 && PyErr_Occurred())
-            goto fail;
+            break;
         socklen_t slen;
         if (family != AF_INET && family != AF_INET6)
             continue;
         if (to_sockaddr((int)family, PyTuple_GET_ITEM(item, len - 1), &list[count], &slen) < 0)
-            goto fail;
+            break;
         count++;
     }
-    Py_DECREF(seq);
-    conn *c = find_resolving(e, token);
-    if (c == NULL) {
+    Py_XDECREF(seq);
+    if (PyErr_Occurred()) {
+        /* An answer it cannot use fails the attempt, as any error connecting does; the
+         * exception is raised once the engine's work is done. */
         PyMem_Free(list);
-        return engine_leave(e, Py_NewRef(Py_False)); /* timed out or closed meanwhile */
+        engine_keep_error(e);
+        connect_resolve_failed(e, c, EINVAL);
+        return engine_leave(e, Py_NewRef(Py_True));
     }
     connect_resolved(e, c, list, count);
     return engine_leave(e, Py_NewRef(Py_True));
-fail:
-    Py_DECREF(seq);
-    PyMem_Free(list);
-    return NULL;
 }
 
 static PyObject *engine_resolve_failed(engine *e, PyObject *args)
@@ -335,6 +351,9 @@ static PyObject *engine_stats(engine *e, PyObject *unused)
 {
     (void)unused;
     long relaying = 0, connecting = 0;
+    int pooled = 0;
+    for (int i = 0; i < e->npools; i++)
+        pooled += e->pools[i].count;
     for (struct link *l = e->conns.next; l != &e->conns; l = l->next) {
         if (container_of(l, conn, all)->state == CONN_RELAYING)
             relaying++;
@@ -346,9 +365,15 @@ static PyObject *engine_stats(engine *e, PyObject *unused)
                          (unsigned long long)e->stat_events, "pumps",
                          (unsigned long long)e->stat_pumps, "timer_fires",
                          (unsigned long long)e->stat_timer_fires, "relaying", relaying,
-                         "connecting", connecting, "pipes_pooled", e->npool, "pipes_in_use",
+                         "connecting", connecting, "pipes_pooled", pooled, "pipes_in_use",
                          e->pipes_in_use, "held", e->held_fd >= 0,
                          "accepting", PyBool_FromLong(e->accepting));
+}
+
+static PyObject *engine_layout(engine *e, PyObject *unused)
+{
+    (void)unused;
+    return layout_dict(e);
 }
 
 static PyMethodDef engine_methods[] = {
@@ -358,12 +383,20 @@ static PyMethodDef engine_methods[] = {
     {"stop_accepting", (PyCFunction)(void (*)(void))engine_stop_accepting, METH_VARARGS | METH_KEYWORDS,
      "Stop watching the listeners (before closing them); drain=True: hooks.on_drained once nothing is open."},
     {"open_connections", (PyCFunction)engine_open_connections, METH_NOARGS, "Admitted and not yet closed."},
-    {"close_all", (PyCFunction)engine_close_all, METH_NOARGS, "End every connection now."},
+    {"set_fd_ceiling", (PyCFunction)engine_set_fd_ceiling, METH_O,
+     "Pause accepting from this descriptor number on (-1: never); measured once the "
+     "worker's own descriptors are open."},
+    {"holding", (PyCFunction)engine_holding, METH_NOARGS,
+     "Queue mode: a client is held, waiting for capacity."},
+    {"close_all", (PyCFunction)engine_close_all, METH_NOARGS,
+     "The graceful timeout: refuse a held client, close connecting ones, abort relays."},
     {"resolved", (PyCFunction)engine_resolved, METH_VARARGS, "resolved(token, addresses): hooks.resolve's answer."},
     {"resolve_failed", (PyCFunction)engine_resolve_failed, METH_VARARGS, "resolve_failed(token, errno[, text])."},
     {"retry_held", (PyCFunction)engine_retry_held, METH_NOARGS, "Queue mode: try to admit the held client again."},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "Close every connection and the engine's fds."},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Internal counts, for tests."},
+    {"layout", (PyCFunction)engine_layout, METH_NOARGS,
+     "The layout the engine took, by engine_offsets() name (for the agreement test)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -373,7 +406,7 @@ PyTypeObject EngineType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Engine(memory, layout, slot, listeners, routes, hooks, *, connect_timeout=0, "
               "idle_timeout=0, proxy_protocol=0, tcp_options=(), pipe_size=0, pipe_keep=4, "
-              "fd_ceiling=-1, queue_on_limit=False)",
+              "fd_ceiling=-1, queue_on_limit=False, copy_size=0)",
     .tp_new = engine_new,
     .tp_dealloc = (destructor)engine_dealloc,
     .tp_methods = engine_methods,

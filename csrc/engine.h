@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #include "formats.h"
 
@@ -67,6 +68,8 @@ enum event_code {
     EVENT_ACCEPT_ERROR,      /* (listener, None): accept4 failed (errno) */
     EVENT_FD_LOW,            /* (listener, None): descriptors short, accepts paused */
     EVENT_RELAY_ERROR,       /* (listener, client): a relay failed, not a peer's doing */
+    EVENT_CONNECT_PAUSED,    /* (route, client): no descriptor for a target socket: the client
+                                is kept and retried, accepts pause */
     EVENT_KINDS
 };
 
@@ -80,18 +83,20 @@ struct event_state {
     socklen_t peerlen;
 };
 
-/* -- the shared mapping: offsets from Python (README.md), checked at construction -- */
+/* -- the shared mapping: offsets from Python (shared/layout.py's engine_offsets()),
+ * checked at construction; config.c's layout_fields[] lists every one the engine reads -- */
 struct layout {
+    int64_t layout_version;    /* LAYOUT_VERSION: the mapping's VERSION word must hold it */
     /* header, absolute byte offsets */
-    size_t mutex, capacity, slot_high_water, capacity_seq, waiters;
+    size_t version, mutex, capacity, slot_high_water, capacity_seq, waiters;
     size_t source_limit, source_entries, source_dirty, source_table, source_row_bytes,
         source_counts;
     /* slots */
     size_t slots, slot_bytes, max_slots;
     /* fields within a slot, relative byte offsets */
-    size_t held, active, accepted, refused, connect_errors, bytes_to_target, bytes_to_client,
-        closed, last_activity_ns, connect_buckets, connect_sum_ns, connection_buckets,
-        connection_sum_ns;
+    size_t held, waiting, active, accepted, refused, connect_errors, bytes_to_target,
+        bytes_to_client, closed, last_activity_ns, connect_buckets, connect_sum_ns,
+        connection_buckets, connection_sum_ns;
 };
 
 #define MAX_BOUNDS 32
@@ -101,7 +106,7 @@ struct histogram {
     size_t buckets, sum_ns;    /* slot-relative offsets */
 };
 
-/* -- targets and routes -- */
+/* -- targets, their groups, and routes -- */
 struct target {
     PyObject *object;          /* the Python target, for events and resolve */
     int family;                /* 0: a host name to resolve each time */
@@ -109,29 +114,61 @@ struct target {
     socklen_t addrlen;
     PyObject *host;            /* family 0: str host and port for hooks.resolve */
     int port;
+    char scope[16];            /* an IPv6 scope's interface name not found at start: looked
+                                  up again at each connect (ENODEV while missing) */
     int64_t cooling_until_ns;  /* this worker's passive cool-down */
 };
 
-struct route {
+/* The targets of one or more routes, with this worker's round-robin and cool-down (routes
+ * with the same targets, connect timeout and TCP options share one, as targets.py's
+ * TargetGroup is shared). */
+struct group {
     int count;
     unsigned next;             /* round-robin start, this worker's */
     struct target *targets;
+};
+
+#define MAX_OPTIONS 8
+/* A kernel pipe used as a splice buffer */
+struct pipe_buf {
+    int rfd, wfd;              /* -1 when none */
+    uint32_t capacity;
+};
+
+#define PIPE_POOL_MAX 64
+/* A worker's empty pipes of one size, kept for the next connection (pipes.py's PipePool) */
+struct pipe_pool {
+    int size;                  /* F_SETPIPE_SZ asked; 0: the kernel's default */
+    int keep;                  /* empty pipes kept at most */
+    int count;
+    struct pipe_buf pipes[PIPE_POOL_MAX];
+};
+
+/* How the clients of listeners with one set of settings are connected and relayed
+ * (plans.py's Route): its targets, timeouts, PROXY header, TCP options and pipes. Its
+ * connect and idle timeouts are its own, so its timed lists are too: each is in deadline
+ * order (a FIFO of connects, an LRU of idle relays). */
+struct route {
+    int index;
+    struct group *group;
+    int64_t connect_timeout_ns, idle_timeout_ns; /* 0: none */
+    int proxy_protocol;        /* 0, 1 or 2 */
+    int noptions;
+    int options[MAX_OPTIONS][3]; /* (level, option, value) for TCP ends */
+    struct pipe_pool *pool;
+    struct link connecting, idle;
 };
 
 /* -- a listener the engine accepts on (it never closes the fd) -- */
 struct listener {
     struct watch watch;
     int fd, family, index, route;
+    int row;                   /* its index among the master's listeners (its counter row), or -1 */
+    int source_limit;          /* --connections-max-per-source of its settings; 0: none */
     bool registered;
     bool oobinline;            /* set on the listener: accepted sockets inherit it */
     int nclient_options;       /* setsockopt(2) on each client: those not inherited */
-    int client_options[8][3];
-};
-
-/* -- a kernel pipe used as a splice buffer -- */
-struct pipe_buf {
-    int rfd, wfd;              /* -1 when none */
-    uint32_t capacity;
+    int client_options[MAX_OPTIONS][3];
 };
 
 /* Per socket of a connection: what epoll said and we have not used up yet (edge
@@ -157,40 +194,46 @@ enum conn_state {
     CONN_CLOSED,               /* fds closed, struct freed after the batch */
 };
 
-/* Why a connection ends, for the counters and for passing an abort on. */
-enum end_how { END_NORMAL = 0, END_ABORT_CLIENT, END_ABORT_TARGET };
+/* How a connection ends: a clean close (each peer gets its FIN), or an abort (both sockets
+ * closed with SO_LINGER 0, so a TCP peer gets an RST: splice.py's module docstring). */
+enum end_how { END_NORMAL = 0, END_ABORT };
+
+/* What admission_admit() gives a connection and admission_release() takes back: one token
+ * for the global and the per-source caps (admission.py's): the per-source row it counts
+ * in (>= 0), TOKEN_ADMITTED for a unit of the global cap alone, or NO_TOKEN. */
+#define TOKEN_ADMITTED (-1)
+#define NO_TOKEN (-65536)
 
 typedef struct conn {
     struct link all;           /* engine->conns */
-    struct link timed;         /* connect FIFO (connecting) or idle LRU (relaying) */
+    struct link timed;         /* its route's connect FIFO (connecting) or idle LRU (relaying) */
     struct link queued;        /* run queue, resolve queue, retry list or graveyard */
     struct watch wclient, wtarget;
     uint8_t state;
-    bool in_runq, resolve_asked, registered_target, counted_relay;
+    bool in_runq, resolve_asked, counted_relay;
     int client_fd, target_fd;
     struct sock_state cs, ts;
     struct direction to_target, to_client;
     struct listener *listener;
     struct route *route;
-    uint16_t *order;           /* failover order (routes of several targets) */
+    uint16_t *order;           /* failover order (groups of several targets) */
     uint16_t steps, step;
-    int target;                /* index of the target being tried, -1 before */
+    int target;                /* index in the group of the target being tried, -1 before */
     struct sockaddr_storage *addrs; /* resolved addresses of a host-name target */
     int naddrs, next_addr;
     int error;                 /* the last attempt's errno */
     uint64_t token;            /* hooks.resolve's token */
     int64_t started_ns, deadline_ns, active_ns;
+    int admission;             /* its admission token (above) */
+    socklen_t peerlen;
     union {
         struct sockaddr sa;
         struct sockaddr_in in4;
         struct sockaddr_in6 in6;
+        struct sockaddr_un un;
     } peer;
-    socklen_t peerlen;
-    int source_row;            /* per-source row holding a unit, or -1 */
-    bool held;                 /* holds a unit of the global cap */
 } conn;
 
-#define PIPE_POOL_MAX 64
 #define COPY_SIZE_DEFAULT 0
 #define COPY_SIZE_MAX (1 << 20)
 
@@ -212,33 +255,32 @@ typedef struct engine {
     int nlisteners;
     struct route *routes;
     int nroutes;
-    int64_t connect_timeout_ns, idle_timeout_ns; /* 0: none */
-    int proxy_protocol;        /* 0, 1 or 2 */
-    int target_options[8][3];
-    int ntarget_options;
-    int pipe_size, pipe_keep;
+    struct group *groups;
+    int ngroups;
+    struct pipe_pool *pools;
+    int npools;
     int copy_size;             /* small reads through copybuf (0: always splice) */
     char *copybuf;
     int fd_ceiling;
     struct histogram connect_hist, connection_hist;
     /* connections */
-    struct link conns, connecting, idle, runq, resolveq, retryq, graveyard;
+    struct link conns, runq, resolveq, retryq, graveyard;
     long open;                 /* admitted and not yet closed */
     uint64_t next_token;
-    /* held client in queue mode (--on-limit=queue) */
+    /* the held client: at the cap in queue mode (held_waiting: counted in WAITERS), or
+     * for a busy admission mutex in either mode (retried at busy_retry_ns) */
     int held_fd;
+    bool held_waiting;
     struct listener *held_listener;
     union {
         struct sockaddr sa;
         struct sockaddr_in6 in6;
+        struct sockaddr_un un;
     } held_peer;
     socklen_t held_peerlen;
-    /* pipes */
-    struct pipe_buf pool[PIPE_POOL_MAX];
-    int npool;
     long pipes_in_use;
     /* timers (CLOCK_MONOTONIC ns; 0 = none) */
-    int64_t now_ns, armed_ns, accept_resume_ns, wake_now;
+    int64_t now_ns, armed_ns, accept_resume_ns, busy_retry_ns, wake_now;
     /* hooks */
     PyObject *hook_resolve, *hook_event, *hook_idle, *hook_drained, *hook_capacity;
     bool want_idle, want_drained, want_capacity;
@@ -270,11 +312,11 @@ int epoll_add(engine *e, int fd, uint32_t events, struct watch *watch);
 /* admission.c */
 enum admit_result { ADMITTED = 0, REFUSED_CAP, REFUSED_SOURCE, REFUSED_BUSY };
 enum admit_result admission_admit(engine *e, const struct sockaddr *peer, socklen_t len,
-                                  int *source_row);
-void admission_release(engine *e, int source_row);
-uint32_t admission_wait_begin(engine *e);
-uint64_t source_hash(const uint8_t *key);
+                                  int limit, int *token);
+void admission_release(engine *e, int token);
+void admission_wait_begin(engine *e);
 void admission_wait_end(engine *e);
+uint64_t source_hash(const uint8_t *key);
 
 /* accept.c */
 int listeners_register(engine *e);
@@ -287,7 +329,7 @@ int setup_listener_options(engine *e, struct listener *l);
 /* connect.c */
 void connect_start(engine *e, conn *c);
 void connect_on_target_event(engine *e, conn *c, uint32_t events);
-void connect_expire(engine *e, int64_t now);
+void connect_expire(engine *e, struct route *r, int64_t now);
 void connect_retry_waiting(engine *e);
 void connect_resolved(engine *e, conn *c, struct sockaddr_storage *addrs, int count);
 void connect_resolve_failed(engine *e, conn *c, int error);
@@ -299,8 +341,8 @@ void relay_start(engine *e, conn *c);
 void relay_on_event(engine *e, conn *c, bool client_side, uint32_t events);
 void relay_pump(engine *e, conn *c);
 void conn_close(engine *e, conn *c, enum end_how how, int error);
-void idle_expire(engine *e, int64_t now);
-void pipe_pool_close(engine *e);
+void idle_expire(engine *e, struct route *r, int64_t now);
+void pipe_pools_close(engine *e);
 bool peer_gone_errno(int error);
 
 /* proxy_header.c */
@@ -310,10 +352,18 @@ int proxy_header_encode(int version, const struct sockaddr *client, const struct
 
 /* config.c */
 int parse_layout(engine *e, PyObject *layout);
-int parse_routes(engine *e, PyObject *routes);
+struct route_defaults {          /* the Engine's keyword arguments: for routes that are a
+                                    plain sequence of targets, and what others leave out */
+    double connect_timeout, idle_timeout;
+    int proxy_protocol, pipe_size, pipe_keep;
+    PyObject *tcp_options;
+};
+int parse_routes(engine *e, PyObject *routes, const struct route_defaults *defaults);
 int parse_listeners(engine *e, PyObject *listeners);
-int parse_options(engine *e, PyObject *options);
+PyObject *layout_dict(engine *e);
+PyObject *layout_names(void);
 int to_sockaddr(int family, PyObject *obj, struct sockaddr_storage *ss, socklen_t *len);
+int target_address(const struct target *t, struct sockaddr_storage *ss);
 int64_t timeout_ns(double seconds);
 
 /* hooks.c */
@@ -321,6 +371,7 @@ void event_report(engine *e, enum event_code code, int error, int index,
                   const struct sockaddr *peer, socklen_t peerlen, PyObject *target);
 void observe(engine *e, const struct histogram *h, int64_t ns);
 int engine_enter(engine *e);
+void engine_keep_error(engine *e);
 PyObject *engine_leave(engine *e, PyObject *result);
 
 /* engine.c */

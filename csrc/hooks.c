@@ -16,7 +16,7 @@
 
 #define EVENT_INTERVAL_NS 1000000000LL
 
-static void keep_error(engine *e)
+void engine_keep_error(engine *e)
 {
     if (e->error_type == NULL)
         PyErr_Fetch(&e->error_type, &e->error_value, &e->error_tb);
@@ -69,7 +69,7 @@ static void report_events(engine *e)
                             : st->peerlen ? sockaddr_text((struct sockaddr *)&st->peer, st->peerlen)
                                           : Py_NewRef(Py_None);
         if (subject == NULL) {
-            keep_error(e);
+            engine_keep_error(e);
             continue;
         }
         PyObject *r = e->hook_event == NULL
@@ -79,7 +79,7 @@ static void report_events(engine *e)
                                                   st->index, subject);
         Py_DECREF(subject);
         if (r == NULL)
-            keep_error(e);
+            engine_keep_error(e);
         Py_XDECREF(r);
     }
     e->events_due_ns = due;
@@ -99,12 +99,12 @@ static void ask_resolve(engine *e)
         if (c == NULL)
             return;
         c->resolve_asked = true;
-        struct target *t = &c->route->targets[c->target];
+        struct target *t = &c->route->group->targets[c->target];
         uint64_t token = c->token;
         PyObject *r = PyObject_CallFunction(e->hook_resolve, "KOi", (unsigned long long)token,
                                             t->host, t->port);
         if (r == NULL) {
-            keep_error(e);
+            engine_keep_error(e);
             /* The hook may have answered before raising: fail only a question still open. */
             for (struct link *l = e->resolveq.next; l != &e->resolveq; l = l->next)
                 if (container_of(l, conn, queued)->token == token) {
@@ -122,7 +122,7 @@ static bool call_hook0(engine *e, PyObject *hook)
         return true;
     PyObject *r = PyObject_CallNoArgs(hook);
     if (r == NULL) {
-        keep_error(e);
+        engine_keep_error(e);
         return false;
     }
     Py_DECREF(r);
@@ -147,7 +147,7 @@ static void flush(engine *e)
             e->want_capacity = false;
             PyObject *r = PyObject_CallFunction(e->hook_capacity, "I", e->capacity_seq);
             if (r == NULL)
-                keep_error(e);
+                engine_keep_error(e);
             Py_XDECREF(r);
             more = true;
         }

@@ -5,10 +5,10 @@
  * What an edge said is kept in the connection's sock_state until a call says EAGAIN.
  * Listeners are level-triggered and exclusive (one worker woken per client).
  *
- * Timers are coarse: the connect and idle lists are kept in deadline order (FIFO with a
- * fixed timeout, LRU for idle), the timerfd is armed at the earliest deadline plus a
- * slack of timeout/8 and re-armed only when that is earlier than what is armed, so a
- * churned connection costs no timerfd_settime. Connections closed during a batch are
+ * Timers are coarse: each route's connect and idle lists are kept in deadline order (a
+ * FIFO with the route's fixed timeout, an LRU for idle), the timerfd is armed at the
+ * earliest deadline plus a slack of timeout/8 and re-armed only when that is earlier than
+ * what is armed, so a churned connection costs no timerfd_settime. Connections closed during a batch are
  * freed after it, so a later event of the same batch never finds freed memory.
  */
 #include "engine.h"
@@ -67,15 +67,19 @@ static int64_t next_deadline(engine *e)
         if (t_ > 0 && (next == 0 || t_ < next)) \
             next = t_;                       \
     } while (0)
-    if (!list_empty(&e->connecting)) {
-        conn *c = container_of(e->connecting.next, conn, timed);
-        CONSIDER(c->deadline_ns + slack(e->connect_timeout_ns));
-    }
-    if (!list_empty(&e->idle)) {
-        conn *c = container_of(e->idle.next, conn, timed);
-        CONSIDER(c->active_ns + e->idle_timeout_ns + slack(e->idle_timeout_ns));
+    for (int i = 0; i < e->nroutes; i++) {
+        struct route *r = &e->routes[i];
+        if (!list_empty(&r->connecting)) {
+            conn *c = container_of(r->connecting.next, conn, timed);
+            CONSIDER(c->deadline_ns + slack(r->connect_timeout_ns));
+        }
+        if (!list_empty(&r->idle)) {
+            conn *c = container_of(r->idle.next, conn, timed);
+            CONSIDER(c->active_ns + r->idle_timeout_ns + slack(r->idle_timeout_ns));
+        }
     }
     CONSIDER(e->accept_resume_ns);
+    CONSIDER(e->busy_retry_ns);
     CONSIDER(e->events_due_ns);
     if (e->wake_now)
         CONSIDER(1);
@@ -106,14 +110,16 @@ static void on_timer(engine *e)
     e->armed_ns = 0;
     e->wake_now = 0;
     int64_t now = e->now_ns;
-    if (e->connect_timeout_ns)
-        connect_expire(e, now);
-    if (e->idle_timeout_ns)
-        idle_expire(e, now);
+    for (int i = 0; i < e->nroutes; i++) {
+        connect_expire(e, &e->routes[i], now);
+        idle_expire(e, &e->routes[i], now);
+    }
     if (e->accept_resume_ns && now >= e->accept_resume_ns) {
         e->accept_resume_ns = 0;
         accept_resume(e);
     }
+    if (e->busy_retry_ns && now >= e->busy_retry_ns)
+        admit_held(e); /* re-arms busy_retry_ns while the mutex stays busy */
     if (e->events_due_ns && now >= e->events_due_ns)
         e->events_due_ns = 0; /* module.c reports what is due after the batch */
 }

@@ -33,17 +33,27 @@ static PyObject *mod_source_row(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer key;
-    unsigned long long entries;
-    if (!PyArg_ParseTuple(args, "y*K", &key, &entries))
+    PyObject *entries;
+    if (!PyArg_ParseTuple(args, "y*O!", &key, &PyLong_Type, &entries))
         return NULL;
-    if (key.len != 16 || entries == 0) {
+    PyObject *zero = PyLong_FromLong(0);
+    int positive = zero == NULL ? -1 : PyObject_RichCompareBool(entries, zero, Py_GT);
+    Py_XDECREF(zero);
+    if (key.len != 16 || positive != 1) {
         PyBuffer_Release(&key);
-        PyErr_SetString(PyExc_ValueError, "a key is 16 bytes, entries > 0");
+        if (positive >= 0)
+            PyErr_SetString(PyExc_ValueError, "a key is 16 bytes, entries > 0");
         return NULL;
     }
     uint64_t h = source_hash(key.buf);
     PyBuffer_Release(&key);
-    return PyLong_FromUnsignedLongLong(h % entries);
+    /* As per_source.source_row: the 64-bit hash modulo entries, however large. */
+    PyObject *hash = PyLong_FromUnsignedLongLong(h);
+    if (hash == NULL)
+        return NULL;
+    PyObject *row = PyNumber_Remainder(hash, entries);
+    Py_DECREF(hash);
+    return row;
 }
 
 /* (host, port) of a parsed address, as getpeername() gives it. */
@@ -207,17 +217,24 @@ PyMODINIT_FUNC PyInit__engine(void)
     static const char *events[] = {"EVENT_REFUSED_CAP",   "EVENT_REFUSED_SOURCE",
                                    "EVENT_REFUSED_BUSY",  "EVENT_CONNECT_FAILED",
                                    "EVENT_TARGET_FAILED", "EVENT_ACCEPT_ERROR",
-                                   "EVENT_FD_LOW",        "EVENT_RELAY_ERROR"};
+                                   "EVENT_FD_LOW",        "EVENT_RELAY_ERROR",
+                                   "EVENT_CONNECT_PAUSED"};
     for (int i = 0; i < EVENT_KINDS; i++)
         if (PyModule_AddIntConstant(m, events[i], i) < 0)
             goto fail;
+    PyObject *fields = layout_names();
+    if (fields == NULL || PyModule_AddObjectRef(m, "LAYOUT_FIELDS", fields) < 0) {
+        Py_XDECREF(fields);
+        goto fail;
+    }
+    Py_DECREF(fields);
     if (add_names(m, "PROXY_HEADER_REASONS", proxy_header_reasons, PH_REASONS) < 0 ||
         add_names(m, "END_REASONS", access_log_ends, END_REASON_COUNT) < 0)
         goto fail;
     if (PyModule_AddIntConstant(m, "PROXY_HEADER_V2_MAX_LENGTH", PH_V2_MAX_LENGTH) < 0 ||
         PyModule_AddIntConstant(m, "ACCESS_LOG_FIXED", ACCESS_LOG_FIXED) < 0 ||
         PyModule_AddIntConstant(m, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0 ||
-        PyModule_AddIntConstant(m, "LAYOUT_VERSION", 2) < 0 ||
+        PyModule_AddIntConstant(m, "NO_TOKEN", NO_TOKEN) < 0 ||
         PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0)
         goto fail;
     return m;

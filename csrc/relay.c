@@ -8,9 +8,10 @@
  * so other connections get their turn.
  *
  * EOF from a source is passed on as shutdown(SHUT_WR) of the destination once the pipe
- * has drained, unless the other direction is done too: then both are just closed. An
- * error on one side (a reset, a failed write) ends the connection and is passed on as an
- * abort: the other side is closed with SO_LINGER 0, so its peer gets a RST, not a FIN.
+ * has drained, unless the other direction is done too: then both are just closed. Any
+ * other end is an abort, as splice.py's: an error on either side (a reset, a failed
+ * write), no pipe to be had, a failed shutdown, the idle or graceful timeout; both sockets
+ * are closed with SO_LINGER 0, so each TCP peer gets an RST, not a FIN.
  *
  * Urgent data: splice(2) stops for good at a TCP urgent mark while the socket stays
  * readable. epoll reports the mark as EPOLLPRI; then, and only then, the socket gets
@@ -46,18 +47,18 @@ bool peer_gone_errno(int error)
     }
 }
 
-static int pipe_acquire(engine *e, struct pipe_buf *p)
+static int pipe_acquire(engine *e, struct pipe_pool *pool, struct pipe_buf *p)
 {
-    if (e->npool > 0) {
-        *p = e->pool[--e->npool];
+    if (pool->count > 0) {
+        *p = pool->pipes[--pool->count];
         e->pipes_in_use++;
         return 0;
     }
     int fds[2];
     if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0)
         return -1;
-    if (e->pipe_size)
-        fcntl(fds[0], F_SETPIPE_SZ, e->pipe_size); /* over the user's pipe limit: smaller */
+    if (pool->size)
+        fcntl(fds[0], F_SETPIPE_SZ, pool->size); /* over the user's pipe limit: smaller */
     int size = fcntl(fds[0], F_GETPIPE_SZ);
     p->rfd = fds[0];
     p->wfd = fds[1];
@@ -75,15 +76,14 @@ static void pipe_close(struct pipe_buf *p)
 
 /* Only empty pipes are kept: no byte can leak into another connection. A pipe the kernel
  * made smaller than asked is not kept either: the next may get the full size. */
-static void pipe_release(engine *e, struct direction *d)
+static void pipe_release(engine *e, struct pipe_pool *pool, struct direction *d)
 {
     struct pipe_buf *p = &d->pipe;
     if (p->rfd < 0)
         return;
     e->pipes_in_use--;
-    if (d->pending == 0 && e->npool < e->pipe_keep &&
-        p->capacity >= (uint32_t)(e->pipe_size ? e->pipe_size : 0)) {
-        e->pool[e->npool++] = *p;
+    if (d->pending == 0 && pool->count < pool->keep && p->capacity >= (uint32_t)pool->size) {
+        pool->pipes[pool->count++] = *p;
         p->rfd = p->wfd = -1;
     } else {
         pipe_close(p);
@@ -91,19 +91,22 @@ static void pipe_release(engine *e, struct direction *d)
     d->pending = 0;
 }
 
-void pipe_pool_close(engine *e)
+void pipe_pools_close(engine *e)
 {
-    while (e->npool > 0)
-        pipe_close(&e->pool[--e->npool]);
+    for (int i = 0; i < e->npools; i++) {
+        struct pipe_pool *pool = &e->pools[i];
+        while (pool->count > 0)
+            pipe_close(&pool->pipes[--pool->count]);
+    }
 }
 
 void relay_start(engine *e, conn *c)
 {
     c->state = CONN_RELAYING;
     c->counted_relay = true;
-    if (e->idle_timeout_ns) {
+    if (c->route->idle_timeout_ns) {
         c->active_ns = e->now_ns;
-        list_add_tail(&e->idle, &c->timed);
+        list_add_tail(&c->route->idle, &c->timed);
     }
     relay_pump(e, c);
 }
@@ -119,15 +122,16 @@ void relay_on_event(engine *e, conn *c, bool client_side, uint32_t events)
     if (events & EPOLLRDHUP)
         s->hangup = true;
     if (c->state != CONN_RELAYING) {
-        /* A client that resets while its target is being connected: give up now. */
+        /* A client that resets while its target is being connected: give up now, passing
+         * the abort on to a target that may have accepted already. */
         if (client_side && (events & EPOLLERR))
-            conn_close(e, c, END_NORMAL, ECONNRESET);
+            conn_close(e, c, END_ABORT, ECONNRESET);
         return;
     }
-    if (e->idle_timeout_ns && (events & EPOLLIN)) {
+    if (c->route->idle_timeout_ns && (events & EPOLLIN)) {
         c->active_ns = e->now_ns;
         list_del(&c->timed);
-        list_add_tail(&e->idle, &c->timed);
+        list_add_tail(&c->route->idle, &c->timed);
     }
     relay_pump(e, c);
 }
@@ -206,20 +210,24 @@ static enum copy_result copy_small(engine *e, struct direction *d, int src_fd,
 static enum pump_result finish(engine *e, conn *c, struct direction *d, int dst_fd)
 {
     d->done = true;
-    pipe_release(e, d);
+    pipe_release(e, c->route->pool, d);
     struct direction *other = d == &c->to_target ? &c->to_client : &c->to_target;
     if (other->done) {
         conn_close(e, c, END_NORMAL, 0); /* a close sends the FIN: no shutdown */
         return PUMP_CLOSED;
     }
-    shutdown(dst_fd, SHUT_WR); /* errors: the peer is gone, which the other side will see */
+    /* A peer gone already is seen by the other direction; any other error aborts. */
+    if (shutdown(dst_fd, SHUT_WR) < 0 && !peer_gone_errno(errno)) {
+        conn_close(e, c, END_ABORT, errno);
+        return PUMP_CLOSED;
+    }
     return PUMP_IDLE;
 }
 
 static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd,
-                             struct sock_state *src, int dst_fd, struct sock_state *dst,
-                             enum end_how abort_src, enum end_how abort_dst)
+                             struct sock_state *src, int dst_fd, struct sock_state *dst)
 {
+    struct pipe_pool *pool = c->route->pool;
     int reads = 0;
     if (d->done)
         return PUMP_IDLE;
@@ -229,7 +237,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
             ssize_t n = splice(d->pipe.rfd, NULL, dst_fd, NULL, d->pending, SPLICE_FLAGS);
             if (n < 0) {
                 if (errno != EAGAIN) {
-                    conn_close(e, c, abort_src, errno); /* the destination failed */
+                    conn_close(e, c, END_ABORT, errno); /* the destination failed */
                     return PUMP_CLOSED;
                 }
                 dst->writable = false;
@@ -238,7 +246,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
                 slot_add(e, d->counter, n);
                 progress = n > 0;
                 if (!d->pending)
-                    pipe_release(e, d);
+                    pipe_release(e, pool, d);
             }
         }
         if (!d->pending && d->eof)
@@ -246,8 +254,8 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
         if (!d->eof && src->readable) {
             if (reads >= READS_PER_WAKEUP)
                 return PUMP_MORE;
-            if (d->pipe.rfd < 0 && pipe_acquire(e, &d->pipe) < 0) {
-                conn_close(e, c, END_NORMAL, errno);
+            if (d->pipe.rfd < 0 && pipe_acquire(e, pool, &d->pipe) < 0) {
+                conn_close(e, c, END_ABORT, errno);
                 return PUMP_CLOSED;
             }
             uint32_t room = d->pipe.capacity - d->pending;
@@ -255,13 +263,13 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
                 src->oobinline) {
                 enum copy_result r = copy_small(e, d, src_fd, src, dst_fd, dst);
                 if (r == COPY_SOURCE_FAILED || r == COPY_DESTINATION_FAILED) {
-                    conn_close(e, c, r == COPY_SOURCE_FAILED ? abort_dst : abort_src, errno);
+                    conn_close(e, c, END_ABORT, errno);
                     return PUMP_CLOSED;
                 }
                 if (r == COPY_MOVED)
                     reads++;
                 if (!d->pending)
-                    pipe_release(e, d);
+                    pipe_release(e, pool, d);
                 if (r == COPY_NOTHING)
                     return PUMP_IDLE;
                 continue;
@@ -278,7 +286,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
                      * once the FIN's edge is in: wait for it if it is not. */
                     ssize_t u = src->hangup && src->urgent ? read_urgent_inline(src, src_fd, d) : 0;
                     if (u < 0) {
-                        conn_close(e, c, abort_dst, (int)-u);
+                        conn_close(e, c, END_ABORT, (int)-u);
                         return PUMP_CLOSED;
                     }
                     if (u > 0) {
@@ -291,13 +299,13 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
                         src->readable = false;
                     progress = true;
                 } else if (errno != EAGAIN) {
-                    conn_close(e, c, abort_dst, errno); /* the source failed */
+                    conn_close(e, c, END_ABORT, errno); /* the source failed */
                     return PUMP_CLOSED;
                 } else if (!d->pending) {
                     /* Nothing to read, or an urgent mark that splice will not pass. */
                     ssize_t u = src->urgent ? read_urgent_inline(src, src_fd, d) : 0;
                     if (u < 0) {
-                        conn_close(e, c, abort_dst, (int)-u);
+                        conn_close(e, c, END_ABORT, (int)-u);
                         return PUMP_CLOSED;
                     }
                     if (u > 0) {
@@ -313,7 +321,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
                  * once the destination took them. */
             }
             if (!d->pending)
-                pipe_release(e, d); /* idle connections hold no pipe */
+                pipe_release(e, pool, d); /* idle connections hold no pipe */
         }
         if (!progress)
             return PUMP_IDLE;
@@ -323,12 +331,10 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
 void relay_pump(engine *e, conn *c)
 {
     e->stat_pumps++;
-    enum pump_result a = pump(e, c, &c->to_target, c->client_fd, &c->cs, c->target_fd, &c->ts,
-                              END_ABORT_CLIENT, END_ABORT_TARGET);
+    enum pump_result a = pump(e, c, &c->to_target, c->client_fd, &c->cs, c->target_fd, &c->ts);
     if (a == PUMP_CLOSED)
         return;
-    enum pump_result b = pump(e, c, &c->to_client, c->target_fd, &c->ts, c->client_fd, &c->cs,
-                              END_ABORT_TARGET, END_ABORT_CLIENT);
+    enum pump_result b = pump(e, c, &c->to_client, c->target_fd, &c->ts, c->client_fd, &c->cs);
     if (b == PUMP_CLOSED)
         return;
     if (a == PUMP_MORE || b == PUMP_MORE)
@@ -341,8 +347,8 @@ static void set_abort(int fd)
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
 }
 
-/* End a connection in any state: close its fds (an abort as a RST), then give back its
- * admission, count it, and leave the struct to be freed after the batch. */
+/* End a connection in any state: close its fds (both with an RST for an abort), then give
+ * back its admission, count it, and leave the struct to be freed after the batch. */
 void conn_close(engine *e, conn *c, enum end_how how, int error)
 {
     if (c->state == CONN_CLOSED)
@@ -356,19 +362,19 @@ void conn_close(engine *e, conn *c, enum end_how how, int error)
     c->state = CONN_CLOSED;
     list_del(&c->all);
     list_del(&c->timed);
-    if (how == END_ABORT_CLIENT)
+    if (how == END_ABORT) {
         set_abort(c->client_fd);
-    else if (how == END_ABORT_TARGET && c->target_fd >= 0)
-        set_abort(c->target_fd);
+        if (c->target_fd >= 0)
+            set_abort(c->target_fd);
+    }
     close(c->client_fd);
     if (c->target_fd >= 0)
         close(c->target_fd);
     c->client_fd = c->target_fd = -1;
-    pipe_release(e, &c->to_target);
-    pipe_release(e, &c->to_client);
-    if (c->held)
-        admission_release(e, c->source_row);
-    c->held = false;
+    pipe_release(e, c->route->pool, &c->to_target);
+    pipe_release(e, c->route->pool, &c->to_client);
+    admission_release(e, c->admission);
+    c->admission = NO_TOKEN;
     slot_add(e, e->lay.active, -1);
     slot_add(e, e->lay.closed, 1);
     __atomic_store_n(slot_word(e, e->lay.last_activity_ns), e->now_ns, __ATOMIC_RELAXED);
@@ -387,12 +393,13 @@ void conn_close(engine *e, conn *c, enum end_how how, int error)
     list_add_tail(&e->graveyard, &c->queued);
 }
 
-void idle_expire(engine *e, int64_t now)
+/* --idle-timeout: abort the route's relays quiet for longer (its LRU's head first). */
+void idle_expire(engine *e, struct route *r, int64_t now)
 {
-    while (!list_empty(&e->idle)) {
-        conn *c = container_of(e->idle.next, conn, timed);
-        if (c->active_ns + e->idle_timeout_ns > now)
+    while (!list_empty(&r->idle)) {
+        conn *c = container_of(r->idle.next, conn, timed);
+        if (c->active_ns + r->idle_timeout_ns > now)
             break;
-        conn_close(e, c, END_NORMAL, ETIMEDOUT);
+        conn_close(e, c, END_ABORT, ETIMEDOUT);
     }
 }

@@ -11,7 +11,9 @@ import signal
 import sys
 from typing import NoReturn
 
+from forkproxy import __version__
 from forkproxy.errors import ForkproxyError, UsageErrors
+from forkproxy.relay.engine import version_text
 from forkproxy.settings.arguments import parse_args, wants_check
 from forkproxy.settings.quoting import printable
 from forkproxy.supervisor.signals import MASTER_SIGNALS
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         argv = sys.argv[1:]
     check = wants_check(argv)
     try:
-        config = parse_args(argv)
+        config = parse_args(argv, lambda: version_text(__version__))
         if check:
             from forkproxy.supervisor.check import check_settings
 

@@ -101,12 +101,17 @@ class RateLimitedLog:
         self._suppressed = 0
 
     def log(self, message: str, *args: object) -> None:
+        self.log_count(1, message, *args)
+
+    def log_count(self, count: int, message: str, *args: object) -> None:
+        """`count` occurrences at once (the compiled engine reports them so): the line
+        is about the last."""
         now = time.monotonic()
         if now < self._next_time:
-            self._suppressed += 1
+            self._suppressed += count
             return
-        if self._suppressed:
-            message += f" ({self._suppressed + 1} in the last {self._interval:g}s)"
+        if self._suppressed or count > 1:
+            message += f" ({self._suppressed + count} in the last {self._interval:g}s)"
         self._suppressed = 0
         self._next_time = now + self._interval
         self._logger.log(self._level, message, *args)

@@ -103,7 +103,7 @@ class Acceptor:
         self.queue_on_limit = self.config.on_limit == ON_LIMIT_QUEUE
         self.held: _Held | None = None  # queue mode: the client waiting for capacity
         self.waiter: CapacityWaiter | None = None  # queue: started when first needed
-        self.fd_ceiling = _fd_ceiling(self.events_fd)
+        self.fd_ceiling = fd_ceiling(self.events_fd)
 
     def start(self) -> None:
         # In the worker's poller too: a wakeup that finds new clients and ready
@@ -326,7 +326,7 @@ def _lowest_free_fd(any_fd: int) -> int:
     return probe
 
 
-def _fd_ceiling(any_fd: int) -> int:
+def fd_ceiling(any_fd: int) -> int:
     """The descriptor number from which accepting pauses: FD_HEADROOM below the limit, or
     a quarter of what was free at start if that is less (so an idle worker accepts)."""
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -2,10 +2,12 @@
 
 A worker owns its scoreboard slot and its column of the per-source table; of what else is
 shared it writes only per-source keys and queue-mode futex words, under admission's
-protocol. Its clients are taken off the listeners it inherited by its `Acceptor`
-(accepting.py) and connected to their target and relayed by its `Connector`
-(connecting.py); the worker holds what both share: the loop, the poller, its slot, its
-admitter (a connection's admission goes back to it when the connection ends). On SIGTERM
+protocol. Its stream listeners' clients are relayed by the compiled engine when it runs
+(compiled.py; engine.py decides); the others', and all with the Python engine, are taken
+off the listeners it inherited by its `Acceptor` (accepting.py) and connected to their
+target and relayed by its `Connector` (connecting.py); the worker holds what both share:
+the loop, the poller, its slot, its admitter (a connection's admission goes back to it
+when the connection ends). On SIGTERM
 it stops accepting and lets open connections finish until the graceful timeout. It exits
 by itself if its master dies. Never forks. The relay options cost nothing per connection
 while off: what each listener's settings need is built once, in its plan (plans.py).
@@ -25,13 +27,16 @@ from setproctitle import setproctitle
 
 from forkproxy import logs
 from forkproxy.relay.accepting import Acceptor
+from forkproxy.relay.compiled import CompiledRelay, stream_listener_rows
 from forkproxy.relay.connecting import Connector
 from forkproxy.relay.datagram import DatagramRelay
+from forkproxy.relay.engine import C, compiled_module, engine_name, engine_supports
 from forkproxy.relay.failpoints import WORKER_CRASH, failpoint_from_environment
 from forkproxy.relay.messages import MessageBuffer, message_buffer
 from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.plans import WorkerTargets, make_plans
 from forkproxy.relay.poller import Poller
+from forkproxy.settings.config import Config
 from forkproxy.settings.kinds import STREAM
 from forkproxy.shared.layout import MAX_LISTENERS, ROW_WORDS
 from forkproxy.shared.listener import Listener
@@ -100,8 +105,11 @@ class Worker:
         self.admitter = spec.admission.admitter(spec.slot)
         self.slot = spec.scoreboard.slot(spec.slot)
         # Stream and sequential-packet listeners are accepted on; datagram ones are read,
-        # each by one worker of a generation only (supervisor/ranks.py).
-        self.listeners = tuple(listener for listener in spec.listeners if not listener.is_datagram)
+        # each by one worker of a generation only (supervisor/ranks.py). The compiled
+        # engine, when it runs, takes the stream ones; `listeners` are the Python engine's.
+        accepted = tuple(listener for listener in spec.listeners if not listener.is_datagram)
+        compiled = self._compiled_listeners(accepted, config)
+        self.listeners = tuple(listener for listener in accepted if listener not in compiled)
         datagram_listeners = self._datagram_listeners(spec)
         self.message_buffer: MessageBuffer | None = None  # datagrams, sequential packets
         messaging = [
@@ -136,8 +144,27 @@ class Worker:
         if datagram_listeners:
             assert self.message_buffer is not None
             self.datagrams = DatagramRelay(self, datagram_listeners, self.message_buffer)
-        # Last: it measures the descriptors left once everything above took its own.
+        # Last: they measure the descriptors left once everything above took its own.
+        self.compiled: CompiledRelay | None = None
+        if compiled:
+            module = compiled_module()
+            assert module is not None  # engine_name() said C
+            rows = stream_listener_rows(spec.listeners, compiled)
+            self.compiled = CompiledRelay(self, module, compiled, rows)
         self.acceptor = Acceptor(self, plans, failpoint)
+
+    @staticmethod
+    def _compiled_listeners(
+        listeners: tuple[Listener, ...], config: Config
+    ) -> tuple[Listener, ...]:
+        """The stream listeners the compiled engine relays: all, when it runs and supports
+        the settings; none otherwise (the Python engine then relays them)."""
+        stream = tuple(listener for listener in listeners if listener.kind == STREAM)
+        if not stream or engine_name() != C:
+            return ()
+        if engine_supports(config) is not None:  # the master said why, once
+            return ()
+        return stream
 
     @staticmethod
     def _datagram_listeners(spec: WorkerSpec) -> list[tuple[Listener, memoryview]]:
@@ -183,6 +210,8 @@ class Worker:
         slot[PID] = os.getpid()
         self.check_master()
         self.acceptor.start()
+        if self.compiled is not None:
+            self.compiled.start()
         if self.datagrams is not None:
             self.datagrams.start()
         slot[STATE] = SlotState.SERVING
@@ -198,6 +227,8 @@ class Worker:
         try:
             self.loop.run_forever()
         finally:
+            if self.compiled is not None:
+                self.compiled.close()
             self.poller.close()
             for pool in self.pools.values():
                 pool.close()
@@ -216,8 +247,16 @@ class Worker:
         if self.draining and self._idle():
             self.loop.stop()
 
+    def on_compiled_idle(self) -> None:
+        """The compiled engine's last connection ended: as `connection_ended` for it (the
+        engine released the connection and counted it in the slot itself)."""
+        if self.report_idle and self.slot[ACTIVE] == 0:
+            self._send_event(EVENT_IDLE)
+        self.on_drained_part()
+
     def on_drained_part(self) -> None:
-        """Something that kept a draining worker alive has ended (a datagram session)."""
+        """Something that kept a draining worker alive has ended (a datagram session, the
+        compiled engine's last connection)."""
         if self.draining and self._idle():
             self.loop.stop()
 
@@ -228,11 +267,13 @@ class Worker:
             and not connector.pending
             and self.acceptor.held is None
             and not self.datagrams
+            and (self.compiled is None or self.compiled.idle())
         )
 
     def _open_count(self) -> int:
         """Connections and datagram sessions open."""
-        return self.connector.open_count() + len(self.datagrams or ())
+        compiled = 0 if self.compiled is None else self.compiled.open_count()
+        return self.connector.open_count() + len(self.datagrams or ()) + compiled
 
     # -- internal errors -----------------------------------------------------------------
 
@@ -277,6 +318,8 @@ class Worker:
         self.draining = True
         self.slot[STATE] = SlotState.DRAINING
         self.acceptor.close()
+        if self.compiled is not None:
+            self.compiled.drain()
         if self.datagrams is not None:
             self.datagrams.stop_reading()  # its sessions still pass replies back
         if self._idle():
@@ -297,6 +340,8 @@ class Worker:
         )
         self.acceptor.drop_held()  # queue mode: a client still waiting for capacity
         self.connector.close_all()
+        if self.compiled is not None:
+            self.compiled.close_all()
         if self.datagrams is not None:
             self.datagrams.close_all()
         self.loop.stop()

@@ -11,7 +11,9 @@ Raises `UsageError` for what the user got wrong; never prints (but for argparse'
 
 import argparse
 import re
-from typing import NoReturn
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from forkproxy import __version__
 from forkproxy.errors import UsageError
@@ -53,6 +55,8 @@ Every option, the target and time syntax, signals and exit status: man forkproxy
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage and exiting with status 2."""
 
+    version_text: "VersionText"  # --version's line
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(_reword(message))
 
@@ -77,7 +81,27 @@ def _reword(message: str) -> str:
     return message
 
 
-def _build_parser() -> argparse.ArgumentParser:
+VersionText = Callable[[], str]
+
+
+def _plain_version() -> str:
+    return f"forkproxy {__version__}"
+
+
+class _VersionAction(argparse.Action):
+    """--version: print the parser's `version_text()`, asked only when --version is given
+    (the caller's text may need to look around: the engine a worker would run, say)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        assert isinstance(parser, _Parser)
+        print(parser.version_text(), file=sys.stdout)
+        parser.exit()
+
+
+def _build_parser(version: VersionText = _plain_version) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="forkproxy",
         usage=_USAGE,
@@ -155,14 +179,18 @@ def _build_parser() -> argparse.ArgumentParser:
         help="check the settings (and the --config file), resolve the targets, print "
         "each listener's route and exit: 0 if all is well, 2 with every error if not",
     )
-    parser.add_argument("--version", action="version", version=f"forkproxy {__version__}")
+    parser.version_text = version
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show the version and the relay engine, and exit"
+    )
     return parser
 
 
-def parse_args(argv: list[str]) -> Config:
+def parse_args(argv: list[str], version: VersionText = _plain_version) -> Config:
     """Turn argv (without the program name), and the --config file it names, into a
-    Config; raise UsageError if bad (`UsageErrors` with every one, if several)."""
-    parser = _build_parser()
+    Config; raise UsageError if bad (`UsageErrors` with every one, if several). `version`
+    gives --version's line."""
+    parser = _build_parser(version)
     args, unknown = parser.parse_known_intermixed_args(attach_optional_values(argv, parser))
     if unknown:
         shown = [arg if arg.isprintable() and len(arg) <= 40 else quote(arg) for arg in unknown]

@@ -312,6 +312,7 @@ def engine_offsets() -> dict[str, object]:
     slot fields inside a slot), sizes, and the histograms' bounds in seconds."""
     return {
         "layout_version": LAYOUT_VERSION,
+        "version": VERSION,
         "mutex": MUTEX,
         "capacity": CAPACITY,
         "slot_high_water": SLOT_HIGH_WATER,

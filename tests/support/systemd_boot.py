@@ -166,8 +166,14 @@ class BootedSystemd:
         wants = " ".join(path.name for path in journald if path.suffix == ".socket")
         _write(self.units / BOOT_TARGET, f"[Unit]\nDescription=forkproxy tests\nWants={wants}\n")
         launcher = self.directory / "forkproxy"
+        # The booted systemd starts forkproxy with a clean environment: the relay engine
+        # the test runs on (tests/conftest.py) is set by the launcher.
+        engine = os.environ.get("FORKPROXY_ENGINE")
+        choose = (
+            "" if engine is None else f"os.environ.setdefault('FORKPROXY_ENGINE', {engine!r})\n"
+        )
         launcher.write_text(
-            f"#!{python} -I\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+            f"#!{python} -I\nimport os, sys\n{choose}sys.path.insert(0, {str(REPO)!r})\n"
             "from forkproxy.cli import main\nmain()\n"
         )
         (self.directory / "console").write_text("")

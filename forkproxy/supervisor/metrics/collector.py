@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from forkproxy import __version__
+from forkproxy.relay.engine import engine_name
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.layout import (
     DG_BYTES_TO_CLIENT,
@@ -198,7 +199,9 @@ class ScoreboardCollector(Collector):
         yield from listener_families(master.listeners, board)
         yield from self._per_worker(live)
         yield InfoMetricFamily(
-            "forkproxy_build", "The running forkproxy version.", value={"version": __version__}
+            "forkproxy_build",
+            "The running forkproxy: its version and the workers' relay engine.",
+            value={"version": __version__, "engine": engine_name()},
         )
 
     def _datagrams(self) -> Iterable[Metric]:

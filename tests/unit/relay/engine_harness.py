@@ -1,14 +1,13 @@
 """A standalone harness for the compiled engine: a shared mapping, a loop thread, targets.
 
-The mapping follows the layout proposed in csrc/README.md (a stand-in for the Python
-side's shared/layout.py until it exists); the admission mutex is made the way the Python
-side will make it, through ctypes. Tests only: never imported by forkproxy.
+The mapping is the one the master makes (shared/mapping.py, with the admission mutex of
+shared/admission.py), and the engine gets its layout from shared/layout.py's
+`engine_offsets()`, as a worker gives it. Tests only: never imported by forkproxy.
 """
 
 from __future__ import annotations
 
 import ctypes
-import mmap
 import os
 import queue
 import select
@@ -19,128 +18,86 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from forkproxy.shared.admission import Admission
+from forkproxy.shared.layout import (
+    ACCEPTED,
+    ACTIVE,
+    BYTES_TO_CLIENT,
+    BYTES_TO_TARGET,
+    CAPACITY_SEQ,
+    CLOSED,
+    CONNECT_DURATION_BUCKETS,
+    CONNECT_ERRORS,
+    CONNECTION_DURATION_BUCKETS,
+    CONNECTION_DURATION_SUM_NS,
+    HELD,
+    KEY_SIZE,
+    MUTEX,
+    REFUSED,
+    SLOT_BYTES,
+    SLOT_HIGH_WATER,
+    SLOTS,
+    SOURCE_COUNTS,
+    SOURCE_DIRTY,
+    SOURCE_ROW_BYTES,
+    SOURCE_TABLE,
+    WAITERS,
+    WAITING,
+    WORD,
+    engine_offsets,
+)
+from forkproxy.shared.mapping import SharedMapping as _Mapping
+
+__all__ = [
+    "ACCEPTED",
+    "ACTIVE",
+    "BYTES_TO_CLIENT",
+    "BYTES_TO_TARGET",
+    "CAPACITY_SEQ",
+    "CLOSED",
+    "CONNECT_DURATION_BUCKETS",
+    "CONNECT_ERRORS",
+    "CONNECTION_DURATION_BUCKETS",
+    "CONNECTION_DURATION_SUM_NS",
+    "HELD",
+    "MUTEX",
+    "REFUSED",
+    "SOURCE_DIRTY",
+    "SOURCE_ROW_BYTES",
+    "SOURCE_TABLE",
+    "WAITERS",
+    "WAITING",
+]
+
 
 def load_engine() -> ModuleType | None:
     """forkproxy.relay._engine if it was built, else None."""
     try:
-        from forkproxy.relay import _engine  # type: ignore[attr-defined]
+        from forkproxy.relay import _engine
     except ImportError:
         return None
     return _engine
 
 
-# -- the proposed layout (csrc/README.md) --------------------------------------------------
-
-HEADER_BYTES = 4096
-MAGIC = 0
-VERSION = 8
-MUTEX = 64
-CAPACITY = 128
-SLOT_HIGH_WATER = 136
-CAPACITY_SEQ = 144
-WAITERS = 148
-SOURCE_LIMIT = 152
-SOURCE_ENTRIES = 160
-SOURCE_DIRTY = 168
-
-MAX_SLOTS = 256
-SLOT_BYTES = 512
-SLOTS = HEADER_BYTES
-KEY_SIZE = 16
-SOURCE_COUNTS = KEY_SIZE
-SOURCE_ROW_BYTES = KEY_SIZE + 2 * MAX_SLOTS
-SOURCE_TABLE = SLOTS + MAX_SLOTS * SLOT_BYTES
-
-# Slot words (today's scoreboard indexes, plus HELD)
-WORD = 8
-ACTIVE = 6
-ACCEPTED = 7
-REFUSED = 8
-CONNECT_ERRORS = 9
-BYTES_TO_TARGET = 10
-BYTES_TO_CLIENT = 11
-CLOSED = 12
-LAST_ACTIVITY_NS = 5
-CONNECT_DURATION_BUCKETS = 13
-CONNECT_DURATION_BOUNDS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-CONNECT_DURATION_SUM_NS = CONNECT_DURATION_BUCKETS + len(CONNECT_DURATION_BOUNDS) + 1
-CONNECTION_DURATION_BUCKETS = CONNECT_DURATION_SUM_NS + 1
-CONNECTION_DURATION_BOUNDS = (
-    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
-)  # fmt: skip
-CONNECTION_DURATION_SUM_NS = CONNECTION_DURATION_BUCKETS + len(CONNECTION_DURATION_BOUNDS) + 1
-HELD = CONNECTION_DURATION_SUM_NS + 1
-
-LAYOUT: dict[str, Any] = {
-    "mutex": MUTEX,
-    "capacity": CAPACITY,
-    "slot_high_water": SLOT_HIGH_WATER,
-    "capacity_seq": CAPACITY_SEQ,
-    "waiters": WAITERS,
-    "source_limit": SOURCE_LIMIT,
-    "source_entries": SOURCE_ENTRIES,
-    "source_dirty": SOURCE_DIRTY,
-    "source_table": SOURCE_TABLE,
-    "source_row_bytes": SOURCE_ROW_BYTES,
-    "source_counts": SOURCE_COUNTS,
-    "slots": SLOTS,
-    "slot_bytes": SLOT_BYTES,
-    "max_slots": MAX_SLOTS,
-    "held": HELD * WORD,
-    "active": ACTIVE * WORD,
-    "accepted": ACCEPTED * WORD,
-    "refused": REFUSED * WORD,
-    "connect_errors": CONNECT_ERRORS * WORD,
-    "bytes_to_target": BYTES_TO_TARGET * WORD,
-    "bytes_to_client": BYTES_TO_CLIENT * WORD,
-    "closed": CLOSED * WORD,
-    "last_activity_ns": LAST_ACTIVITY_NS * WORD,
-    "connect_duration_buckets": CONNECT_DURATION_BUCKETS * WORD,
-    "connect_duration_sum_ns": CONNECT_DURATION_SUM_NS * WORD,
-    "connection_duration_buckets": CONNECTION_DURATION_BUCKETS * WORD,
-    "connection_duration_sum_ns": CONNECTION_DURATION_SUM_NS * WORD,
-    "connect_duration_bounds": CONNECT_DURATION_BOUNDS,
-    "connection_duration_bounds": CONNECTION_DURATION_BOUNDS,
-}
+LAYOUT: dict[str, Any] = engine_offsets()
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_PTHREAD_PROCESS_SHARED = 1
-_PTHREAD_MUTEX_ROBUST = 1
 
 
 class SharedMapping:
-    """The memfd mapping a master would make before forking (header, slots, table)."""
+    """The memfd mapping a master makes before forking (header, slots, table), with the
+    cap, the per-source limit and slots [0, slots) prepared."""
 
     def __init__(self, capacity: int, slots: int = 1, per_source: int = 0, entries: int = 0):
-        size = SOURCE_TABLE + max(entries, 1) * SOURCE_ROW_BYTES
-        fd = os.memfd_create("forkproxy-test", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        self.memory = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-        os.close(fd)
-        self.words = memoryview(self.memory).cast("q")
-        self.set_header(MAGIC, int.from_bytes(b"FPXSHM\0\0", "little"))
-        self.set_header(VERSION, 2)
-        self.set_header(CAPACITY, capacity)
+        self.mapping = _Mapping.create(entries)
+        self.admission = Admission.set_up(self.mapping, capacity, per_source)
+        self.memory = self.mapping.memory
+        self.words = self.mapping.words
         self.set_header(SLOT_HIGH_WATER, slots)
-        self.set_header(SOURCE_LIMIT, per_source)
-        self.set_header(SOURCE_ENTRIES, entries)
-        self.mutex_address = self.address(MUTEX)
-        attr = ctypes.create_string_buffer(64)
-        for call, args in (
-            (_libc.pthread_mutexattr_init, (attr,)),
-            (_libc.pthread_mutexattr_setpshared, (attr, _PTHREAD_PROCESS_SHARED)),
-            (_libc.pthread_mutexattr_setrobust, (attr, _PTHREAD_MUTEX_ROBUST)),
-            (_libc.pthread_mutex_init, (ctypes.c_void_p(self.mutex_address), attr)),
-        ):
-            code = call(*args)
-            if code:
-                raise OSError(code, os.strerror(code))
-        _libc.pthread_mutexattr_destroy(attr)
+        self.mutex_address = self.mapping.base + MUTEX
 
     def address(self, offset: int) -> int:
-        return ctypes.addressof(ctypes.c_char.from_buffer(self.memory, offset))
+        return self.mapping.base + offset
 
     def set_header(self, offset: int, value: int) -> None:
         self.words[offset // WORD] = value

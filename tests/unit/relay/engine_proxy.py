@@ -73,6 +73,17 @@ def echo(conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
+def reset_after(sock: socket.socket) -> bytes:
+    """What `sock` reads before the proxy's RST (an abort); AssertionError on a clean EOF."""
+    chunks: list[bytes] = []
+    try:
+        while data := sock.recv(1 << 16):
+            chunks.append(data)
+    except ConnectionResetError:
+        return b"".join(chunks)
+    raise AssertionError(f"a clean EOF after {sum(map(len, chunks))} bytes, not an RST")
+
+
 def hold(conn: socket.socket) -> None:
     conn.recv(1)
 
@@ -87,10 +98,11 @@ class Proxy:
         per_source: int = 0,
         entries: int = 0,
         hooks: h.Hooks | None = None,
+        slots: int = 1,
         **options: Any,
     ) -> None:
         assert engine_module is not None
-        self.mapping = h.SharedMapping(capacity, per_source=per_source, entries=entries)
+        self.mapping = h.SharedMapping(capacity, slots, per_source=per_source, entries=entries)
         self.listener = h.listener()
         self.port = self.listener.getsockname()[1]
         self.hooks = hooks or h.Hooks()
@@ -98,7 +110,7 @@ class Proxy:
             self.mapping.memory,
             h.LAYOUT,
             0,
-            [(self.listener.fileno(), 0)],
+            [(self.listener.fileno(), 0, per_source)],
             routes,
             self.hooks,
             **options,

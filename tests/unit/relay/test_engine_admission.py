@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from forkproxy.shared.admission import REFUSED_CAP
+from forkproxy.shared.per_source import source_key
 from tests.support.proxy import wait_until
 from tests.unit.relay import engine_harness as h
 from tests.unit.relay.engine_proxy import (
@@ -22,6 +24,7 @@ from tests.unit.relay.engine_proxy import (
     engine_module,
     hold,
     make,
+    recv_all,
     was_refused,
 )
 
@@ -177,6 +180,7 @@ def test_queue_mode_holds_a_client_until_capacity_returns(proxies: list[Any]) ->
     second.sendall(b"2")
     wait_until(lambda: waits, DEADLINE, "on_capacity_wait")
     assert proxy.mapping.header32(h.WAITERS) == 1
+    assert proxy.slot(h.WAITING) == 1  # so the master can take it back if we die
     assert proxy.runner.call(proxy.engine.retry_held) is False  # still full
     seq = proxy.mapping.header32(h.CAPACITY_SEQ)
     first.close()  # the release sees a waiter: CAPACITY_SEQ moves (and a futex wake)
@@ -184,4 +188,60 @@ def test_queue_mode_holds_a_client_until_capacity_returns(proxies: list[Any]) ->
     assert proxy.runner.call(proxy.engine.retry_held) is True
     assert second.recv(1) == b"2"
     assert proxy.mapping.header32(h.WAITERS) == 0
+    assert proxy.slot(h.WAITING) == 0
     assert proxy.slot(h.REFUSED) == 0
+
+
+def test_python_and_compiled_workers_share_one_exact_cap(proxies: list[Any]) -> None:
+    """A Python worker's admitter (slot 1) and the compiled engine (slot 0) in one mapping:
+    one global cap, one per-source row for a source, each listener's own limit."""
+    target = make(proxies, TargetServer(echo))
+    proxy = make(
+        proxies,
+        Proxy([[h.tcp_target(target.port)]], capacity=4, per_source=2, entries=16, slots=2),
+    )
+    python = proxy.mapping.admission.admitter(1)
+    local = source_key(socket.AF_INET, ("127.0.0.1", 1))
+    row = python.admit(local, 2)
+    assert row >= 0
+    assert not was_refused(proxy.connect("127.0.0.1"))  # the source's second
+    assert was_refused(proxy.connect("127.0.0.1"))  # over the listener's limit of 2
+    assert python.admit(local, 3) >= 0  # a listener of limit 3 still takes it
+    assert not was_refused(proxy.connect("127.0.0.2"))  # the fourth: the cap
+    assert python.admit(source_key(socket.AF_INET, ("127.0.0.3", 1)), 2) == REFUSED_CAP
+    assert was_refused(proxy.connect("127.0.0.3"))
+    admission = proxy.mapping.admission
+    assert admission.table.find(local) == row  # the engine found the row Python claimed
+    assert admission.source_in_use(local) == 3
+    assert proxy.mapping.held_total() == 4
+    python.release(row)
+    wait_until(lambda: proxy.mapping.held_total() == 3, DEADLINE, "the release")
+    assert not was_refused(proxy.connect("127.0.0.4"))
+
+
+@pytest.mark.parametrize("queue", [False, True], ids=["refuse", "queue"])
+def test_a_lock_held_too_long_delays_a_client_and_never_refuses_it(
+    proxies: list[Any], queue: bool
+) -> None:
+    """A busy mutex (its holder preempted) is no cap: the client is held with the request
+    it sent, the next one waits in the backlog, and both are admitted once it is free."""
+    target = make(proxies, TargetServer(echo))
+    proxy = make(proxies, Proxy([[h.tcp_target(target.port)]], queue_on_limit=queue))
+    assert proxy.mapping.lock() == 0  # another process's admit, stalled
+    try:
+        first = proxy.connect()
+        first.sendall(b"request")
+        wait_until(lambda: proxy.runner.call(proxy.engine.holding), DEADLINE, "a held client")
+        second = proxy.connect()  # left in the backlog meanwhile
+        second.sendall(b"next")
+        assert target.accepted == 0
+        assert proxy.slot(h.ACCEPTED) == 0 and proxy.slot(h.REFUSED) == 0
+    finally:
+        assert proxy.mapping.unlock() == 0
+    for client, request in ((first, b"request"), (second, b"next")):
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == request
+    assert proxy.slot(h.ACCEPTED) == 2 and proxy.slot(h.REFUSED) == 0
+    assert proxy.mapping.header32(h.WAITERS) == 0 and proxy.slot(h.WAITING) == 0
+    assert engine_module is not None
+    assert engine_module.EVENT_REFUSED_BUSY not in [event[0] for event in proxy.hooks.events]

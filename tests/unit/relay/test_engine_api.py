@@ -24,6 +24,7 @@ from tests.unit.relay.engine_proxy import (
     hold,
     make,
     recv_all,
+    reset_after,
 )
 
 pytestmark = pytest.mark.skipif(engine_module is None, reason="the compiled engine is not built")
@@ -50,14 +51,16 @@ def test_drain_reports_once_the_last_connection_closes(proxies: list[Any]) -> No
     wait_until(lambda: proxy.hooks.drained == 1, DEADLINE, "on_drained")
 
 
-def test_close_all_ends_everything(proxies: list[Any]) -> None:
-    target = make(proxies, TargetServer(hold))
+def test_close_all_aborts_everything(proxies: list[Any]) -> None:
+    target = make(proxies, TargetServer(lambda conn: None))  # the test reads them
     proxy = make(proxies, Proxy([[h.tcp_target(target.port)]]))
     clients = [proxy.connect() for _ in range(3)]
     wait_until(lambda: target.accepted == 3, DEADLINE, "three relayed")
     proxy.runner.call(proxy.engine.close_all)
     for client in clients:
-        assert recv_all(client) == b""
+        assert reset_after(client) == b""  # the graceful timeout aborts, as the reference
+    for conn in target.connections:
+        assert reset_after(conn) == b""
     assert proxy.open_connections() == 0
     assert proxy.mapping.held_total() == 0
 

@@ -14,6 +14,7 @@ from forkproxy.shared.layout import (
     mapping_bytes,
     source_entries,
 )
+from forkproxy.shared.mapping import SharedMapping
 from forkproxy.shared.per_source import source_row
 
 _HEADER_FIELDS = {  # offset: size
@@ -125,13 +126,30 @@ def test_a_huge_cap_keeps_the_mapping_small() -> None:
     assert mapping_bytes(source_entries(256)) < 16 << 20
 
 
-@pytest.mark.xfail(reason="the compiled engine still uses its own layout until it is wired in")
 def test_the_compiled_engine_agrees() -> None:
-    """Once the compiled engine is built beside this code, it must probe the per-source
-    table from the same rows and fit its mutex in the space the header keeps for it."""
+    """The compiled engine built beside this code reads every field it uses from
+    `engine_offsets()`, takes its layout version from there (and checks the mapping's),
+    probes the per-source table from the same rows and fits its mutex in the space the
+    header keeps for it."""
     engine = pytest.importorskip("forkproxy.relay._engine")
-    assert engine.LAYOUT_VERSION == layout.LAYOUT_VERSION
+    offsets = engine_offsets()
     assert engine.MUTEX_SIZE <= layout.MUTEX_BYTES
-    key = bytes(10) + b"\xff\xff\x7f\x00\x00\x01"
-    for entries in (2, 512, 32768, 1 << 62):
-        assert engine.source_row(key, entries) == source_row(key, entries)
+    assert not hasattr(engine, "LAYOUT_VERSION")  # Python's is the one version
+    assert set(engine.LAYOUT_FIELDS) <= set(offsets), "a field engine_offsets() lacks"
+    mapping = SharedMapping.create(source_entries(4))
+    try:
+        compiled = engine.Engine(mapping.memory, offsets, 0, [], [], object())
+        taken = compiled.layout()
+        assert set(taken) == set(engine.LAYOUT_FIELDS)
+        assert taken == {name: offsets[name] for name in taken}
+        compiled.close()
+        # A mapping of another layout version is refused.
+        older = dict(offsets, layout_version=layout.LAYOUT_VERSION - 1)
+        with pytest.raises(ValueError, match="layout version"):
+            engine.Engine(mapping.memory, older, 0, [], [], object())
+    finally:
+        mapping.close()
+    keys = [bytes(10) + b"\xff\xff\x7f\x00\x00\x01", bytes(15) + b"\x01", b"\xfe\x80" + bytes(14)]
+    for key in keys:
+        for entries in (1, 2, 512, 32768, source_entries(10**9), 1 << 62, 1 << 64):
+            assert engine.source_row(key, entries) == source_row(key, entries)

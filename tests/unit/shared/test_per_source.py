@@ -74,6 +74,11 @@ def test_source_keys() -> None:
 def test_probe_start_rows(key: bytes, entries: int, row: int) -> None:
     """Fixed values: the compiled engine's source_row must give the same rows."""
     assert source_row(key, entries) == row
+    try:
+        from forkproxy.relay import _engine
+    except ImportError:
+        return
+    assert _engine.source_row(key, entries) == row
 
 
 def test_table_size_follows_the_cap_up_to_a_bound() -> None:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forkproxy import __version__
 from forkproxy.errors import UsageError
+from forkproxy.relay.engine import engine_name
 from forkproxy.settings.address import parse_metrics
 from forkproxy.settings.arguments import parse_args
 from forkproxy.shared.admission import ADMITTED, Admission
@@ -149,7 +150,8 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     worker_bytes = "forkproxy_worker_relayed_bytes_total"
     assert _value(samples, worker_bytes, worker="1", direction="to_target") == 1 << 40
     assert _value(samples, worker_bytes, worker="0", direction="to_client") == 3
-    assert _value(samples, "forkproxy_build_info", version=__version__) == 1
+    engine = engine_name()
+    assert _value(samples, "forkproxy_build_info", version=__version__, engine=engine) == 1
     assert _value(samples, "process_cpu_seconds_total") >= 0
     assert _value(samples, "process_resident_memory_bytes") > 0
     # Slots that never had a worker are left out.

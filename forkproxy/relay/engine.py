@@ -1,0 +1,78 @@
+"""Which relay engine the workers run: the one place that decides and names it.
+
+The compiled engine (csrc/, built as forkproxy.relay._engine when a C compiler and
+Python's headers were there at install) relays a worker's stream listeners (TCP, unix
+stream: compiled.py); the Python one (accepting.py, connecting.py, splice.py) is the
+reference, and relays everything the compiled one does not: datagram and
+sequential-packet listeners in either mode, and every listener of a worker whose
+settings use a feature the compiled engine lacks (`engine_supports`).
+
+FORKPROXY_ENGINE=python forces the Python engine; FORKPROXY_ENGINE=c requires the
+compiled one (a one-line error at start-up if it is missing); unset, the compiled one
+runs when it imports. `forkproxy --version`, `forkproxy_build_info{engine}` and a worker
+all read `engine_name()`. Never relays anything itself.
+"""
+
+import os
+from types import ModuleType
+
+from forkproxy.errors import ForkproxyError
+from forkproxy.relay.failpoints import FAILPOINT, WORKER_CRASH, failpoint_from_environment
+from forkproxy.settings.config import Config
+
+ENGINE_VARIABLE = "FORKPROXY_ENGINE"
+PYTHON = "python"
+C = "c"
+
+# What the compiled engine's configuration holds at most (csrc/engine.h).
+_MAX_TARGETS_PER_ROUTE = 65535
+
+
+def compiled_module() -> ModuleType | None:
+    """forkproxy.relay._engine, or None if it was not built (or does not load). Python's
+    import system keeps a loaded module: asking again costs a lookup."""
+    try:
+        from forkproxy.relay import _engine
+    except ImportError:
+        return None
+    return _engine
+
+
+def engine_name() -> str:
+    """The engine workers run: "c" or "python". ForkproxyError if FORKPROXY_ENGINE asks
+    for one that cannot run."""
+    wanted = os.environ.get(ENGINE_VARIABLE, "")
+    if wanted == PYTHON:
+        return PYTHON
+    if wanted == C:
+        if compiled_module() is None:
+            raise ForkproxyError(
+                f"{ENGINE_VARIABLE}=c but the compiled engine is not installed (it is built "
+                "when forkproxy is installed with a C compiler and Python's headers); unset "
+                f"{ENGINE_VARIABLE} or set it to python"
+            )
+        return C
+    if wanted:
+        raise ForkproxyError(f"{ENGINE_VARIABLE} must be c or python, got '{wanted}'")
+    return C if compiled_module() is not None else PYTHON
+
+
+def engine_supports(config: Config) -> str | None:
+    """Why the compiled engine cannot relay this configuration's stream listeners (a
+    worker then runs the Python engine for all of them), or None if it can."""
+    for settings in (config.global_settings(), *config.listeners):
+        if len(settings.targets) > _MAX_TARGETS_PER_ROUTE:
+            return f"more than {_MAX_TARGETS_PER_ROUTE} targets for one listener"
+    if config.log_level == "debug":
+        # The per-connection lines (how each one ended) are the Python engine's.
+        return "--log-level=debug (a line per connection)"
+    failpoint = failpoint_from_environment()
+    if failpoint is not None and failpoint.stage != WORKER_CRASH:
+        # Faults injected into the Python engine's callbacks (tests only).
+        return f"{FAILPOINT}={failpoint.stage}"
+    return None
+
+
+def version_text(version: str) -> str:
+    """`forkproxy --version`'s line: the version and the engine the workers run."""
+    return f"forkproxy {version} (engine: {engine_name()})"
