@@ -24,7 +24,15 @@ import time
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
+from forkproxy.relay.accept_proxy import Carried
 from forkproxy.relay.accepting import ACCEPT_PAUSE
+from forkproxy.relay.access_log import Trail
+from forkproxy.relay.access_log_format import (
+    END_CONNECT_FAILED,
+    END_CONNECT_TIMEOUT,
+    END_NO_TARGET,
+    END_STOPPED,
+)
 from forkproxy.relay.failpoints import FailingDirection, Failpoint
 from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
 from forkproxy.relay.plans import Route, min_connect_timeout
@@ -32,7 +40,12 @@ from forkproxy.relay.proxy_protocol import HeaderEncoder
 from forkproxy.relay.relaying import OpenRelays, observe
 from forkproxy.relay.seqpacket import MessageRelay
 from forkproxy.relay.splice import NO_TOKEN, Relay, reset_on_close
-from forkproxy.relay.target_connect import TCP_FAMILIES, TargetConnect, send_proxy_header
+from forkproxy.relay.target_connect import (
+    TCP_FAMILIES,
+    NoAddress,
+    TargetConnect,
+    send_proxy_header,
+)
 from forkproxy.relay.targets import COOLDOWN, FailoverConnect
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
@@ -58,7 +71,17 @@ _RETRY_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE)
 class _PendingClient:
     """An admitted client while its connection to a target is being opened."""
 
-    __slots__ = ("connector", "client", "token", "started", "peer", "connect", "route")
+    __slots__ = (
+        "connector",
+        "client",
+        "token",
+        "started",
+        "peer",
+        "connect",
+        "route",
+        "trail",
+        "carried",
+    )
 
     def __init__(
         self,
@@ -67,6 +90,8 @@ class _PendingClient:
         token: int,
         peer: object,
         route: Route,
+        trail: Trail | None,
+        carried: Carried | None,
     ) -> None:
         self.connector = connector
         self.client = client
@@ -77,6 +102,8 @@ class _PendingClient:
         self.peer = peer
         self.connect: TargetConnect | FailoverConnect | None = None
         self.route = route  # its listener's: target group, PROXY header, pipes
+        self.trail = trail  # --access-log: its line in the making
+        self.carried = carried  # --accept-proxy: the addresses its PROXY header carried
 
     def on_connected(self, target: socket.socket) -> None:
         self.connector.on_target_connected(self, target)
@@ -118,9 +145,17 @@ class Connector:
 
     # -- connecting ----------------------------------------------------------------------
 
-    def connect(self, client: socket.socket, token: int, peer: object, route: Route) -> None:
+    def connect(
+        self,
+        client: socket.socket,
+        token: int,
+        peer: object,
+        route: Route,
+        trail: Trail | None = None,
+        carried: Carried | None = None,
+    ) -> None:
         """Take over an admitted client and connect it to `route`'s targets. Never raises."""
-        pending = _PendingClient(self, client, token, peer, route)
+        pending = _PendingClient(self, client, token, peer, route, trail, carried)
         self.pending.add(pending)
         self._start_connect(pending)
 
@@ -178,6 +213,8 @@ class Connector:
                 CONNECT_DURATION_SUM_NS,
                 time.monotonic() - pending.started,
             )
+            if pending.trail is not None:
+                pending.trail.connected(target)
             route = pending.route
             proxy_header = route.proxy_header
             seqpacket = route.group.targets[0].kind == SEQPACKET
@@ -211,6 +248,7 @@ class Connector:
             pending.token = NO_TOKEN
             relay.started = pending.started
             relay.peer = pending.peer
+            relay.trail = pending.trail
             self.open.add(relay)
             idle_sweep = route.idle_sweep
             if idle_sweep is not None:
@@ -248,10 +286,16 @@ class Connector:
     ) -> bool:
         """--proxy-protocol: the header first, in one send(2); False if that failed."""
         client = pending.client
-        family = client.family
+        family: int = client.family
+        peer: object
+        local: object
         try:
-            local = client.getsockname() if family in TCP_FAMILIES else None
-            send_proxy_header(target, encode(pending.peer, local, family))
+            if pending.carried is not None:  # --accept-proxy: pass on what came to us
+                family, peer, local = pending.carried
+            else:
+                peer = pending.peer
+                local = client.getsockname() if family in TCP_FAMILIES else None
+            send_proxy_header(target, encode(peer, local, family))
         except Exception as error:  # ValueError from the encoder too: a failed connect
             target.close()
             text = error.strerror if isinstance(error, OSError) else None
@@ -294,16 +338,23 @@ class Connector:
         except Exception as crash:
             self.crashed(pending, crash)
             return
-        self._abandon(pending, abort=False)
+        if isinstance(error, NoAddress):
+            end = END_NO_TARGET
+        elif error.errno == errno.ETIMEDOUT:
+            end = END_CONNECT_TIMEOUT
+        else:
+            end = END_CONNECT_FAILED
+        self._abandon(pending, abort=False, end=end)
 
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:
             return  # closed meanwhile by the graceful timeout
         self._start_connect(pending)
 
-    def _abandon(self, pending: _PendingClient, abort: bool) -> None:
+    def _abandon(self, pending: _PendingClient, abort: bool, end: str) -> None:
         """Release what a client not (or no longer) relayed holds, each thing once: its
-        connect attempt, its socket (closed, with an RST if `abort`), its admission."""
+        connect attempt, its socket (closed, with an RST if `abort`), its admission; its
+        access-log line says `end`."""
         self.pending.discard(pending)
         attempt = pending.connect
         pending.connect = None
@@ -316,6 +367,8 @@ class Connector:
                 if abort:
                     reset_on_close(pending.client)
                 pending.client.close()
+                if pending.trail is not None:
+                    pending.trail.end(end)
         finally:
             if token != NO_TOKEN:
                 self.connection_ended(token)
@@ -325,7 +378,7 @@ class Connector:
         relay."""
         for pending in list(self.pending):
             try:
-                self._abandon(pending, abort=False)
+                self._abandon(pending, abort=False, end=END_STOPPED)
             except Exception as error:
                 self.crashed(pending, error)
         self.open.abort_all()
@@ -352,6 +405,6 @@ class Connector:
             if isinstance(connection, Relay):
                 connection.salvage(INTERNAL_ERROR)
             else:
-                self._abandon(connection, abort=True)
+                self._abandon(connection, abort=True, end=END_CONNECT_FAILED)
         except Exception as again:
             self.internal_errors.report_other(f"releasing the connection from {peer}", again)

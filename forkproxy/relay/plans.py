@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from forkproxy.relay.accept_proxy import AcceptProxy
+from forkproxy.relay.access_log import AccessLogFiles, ListenerLog
 from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
 from forkproxy.relay.splice import Direction, IdleDirection, Relay
@@ -74,10 +76,25 @@ class Route:
 class ListenerPlan:
     """What a worker does with the clients of one listener."""
 
-    __slots__ = ("listener", "family", "kind", "client_options", "source_limit", "route")
+    __slots__ = (
+        "listener",
+        "family",
+        "kind",
+        "client_options",
+        "source_limit",
+        "route",
+        "accept_proxy",
+        "log",
+    )
 
     def __init__(
-        self, listener: Listener, client_options: SocketOptions, source_limit: int, route: Route
+        self,
+        listener: Listener,
+        client_options: SocketOptions,
+        source_limit: int,
+        route: Route,
+        accept_proxy: AcceptProxy | None = None,
+        log: ListenerLog | None = None,
     ) -> None:
         self.listener = listener
         self.family = listener.sock.family
@@ -85,6 +102,8 @@ class ListenerPlan:
         self.client_options = client_options  # setsockopt(2) on each client: TCP only
         self.source_limit = source_limit  # --connections-max-per-source; 0: none
         self.route = route
+        self.accept_proxy = accept_proxy  # --accept-proxy: read a PROXY header first
+        self.log = log  # --access-log: writes its connections' lines
 
 
 def make_plans(
@@ -92,9 +111,10 @@ def make_plans(
     config: Config,
     connector: "Connector",
     pools: dict[int, PipePool],
+    access_logs: AccessLogFiles | None = None,
 ) -> dict[int, ListenerPlan]:
-    """Each listener's plan, by fd. `pools` gets a pool per pipe size used (the worker
-    closes them)."""
+    """Each listener's plan, by fd. `pools` gets a pool per pipe size used, and
+    `access_logs` a file per --access-log path used (the worker closes both)."""
     routes: dict[ListenerSettings, Route] = {}
     groups: dict[tuple[tuple[TargetAddress, ...], float, SocketOptions], TargetGroup] = {}
     plans = {}
@@ -115,11 +135,21 @@ def make_plans(
                 )
             route = routes[shared] = _route(settings, group, connector, pools)
         family = listener.sock.family
+        listener_log = None
+        if settings.access_log and access_logs is not None:
+            listener_log = access_logs.listener_log(
+                settings.access_log,
+                settings.access_log_format,
+                listener.name or listener.label,
+                connector.worker.spec.slot,
+            )
         plans[listener.fd] = ListenerPlan(
             listener,
             tcp_options if family in TCP_FAMILIES else (),
             settings.connections_max_per_source,
             route,
+            AcceptProxy(settings) if settings.accept_proxy else None,
+            listener_log,
         )
     return plans
 

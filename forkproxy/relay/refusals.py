@@ -48,6 +48,10 @@ class Refusals:
         `source_limit`: its listener's per-source limit)."""
         self.slot[REFUSED] += 1  # before the close: a kill between them must not hide it
         os.close(fd)
+        self.log_refusal(family, peer, why, source_limit)
+
+    def log_refusal(self, family: int, peer: object, why: int, source_limit: int) -> None:
+        """The refusal's line, one per interval and reason."""
         if why == REFUSED_CAP:
             self.at_cap.log(
                 "connection cap %d reached, refusing connection from %s",

@@ -55,6 +55,9 @@ class OpenRelays:
                     format_sockaddr(relay.client.family, relay.peer),
                     error,
                 )
+            trail = relay.trail
+            if trail is not None:
+                trail.relay_ended(relay)
             observe(
                 self.slot,
                 CONNECTION_DURATION_BUCKETS,

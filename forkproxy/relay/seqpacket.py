@@ -68,7 +68,7 @@ class MessageDirection(Direction):
             except BlockingIOError:
                 return
             except OSError as error:
-                self._fail(error)
+                self._fail(error, self.src_fd)
                 return
             if count == 0 and _ended(self.src_fd):
                 self.eof = True
@@ -80,6 +80,7 @@ class MessageDirection(Direction):
                 return
             if not self._send(self.view[:count]):
                 return
+            self.moved += count
             self.counters[self.counter_field] += count
 
     def _send(self, message: memoryview | bytes) -> bool:
@@ -91,7 +92,7 @@ class MessageDirection(Direction):
             pass
         except OSError as error:
             if error.errno != errno.EMSGSIZE or not grow_send_buffer(self.dst, len(message)):
-                self._fail(error)
+                self._fail(error, self.dst_fd)
                 return False
             try:  # our send buffer was smaller than the sender's: it takes it now
                 self.send(message)
@@ -99,7 +100,7 @@ class MessageDirection(Direction):
             except BlockingIOError:
                 pass
             except OSError as again:
-                self._fail(again)
+                self._fail(again, self.dst_fd)
                 return False
         self.held = bytes(message)
         self._pause_reading()
@@ -117,9 +118,10 @@ class MessageDirection(Direction):
         except BlockingIOError:
             return
         except OSError as error:
-            self._fail(error)
+            self._fail(error, self.dst_fd)
             return
         self.held = None
+        self.moved += len(held)
         self.counters[self.counter_field] += len(held)
         self.writing = False
         self.io.remove_writer(self.dst_fd)

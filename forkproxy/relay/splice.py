@@ -47,12 +47,16 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from forkproxy.relay.pipes import Pipe as Pipe
 from forkproxy.relay.pipes import PipePool as PipePool
 from forkproxy.relay.pipes import check_pipe_size as check_pipe_size
 from forkproxy.relay.poller import Readiness
 from forkproxy.relay.urgent import at_urgent_mark, read_urgent_inline
+
+if TYPE_CHECKING:
+    from forkproxy.relay.access_log import Trail
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
@@ -98,6 +102,7 @@ class Direction:
         "done",
         "counters",
         "counter_field",
+        "moved",
         "on_readable",
         "on_writable",
     )
@@ -125,6 +130,7 @@ class Direction:
         self.done = False  # EOF passed on; this direction is finished
         self.counters = counters
         self.counter_field = counter_field
+        self.moved = 0  # bytes written to the destination: the access log's count
         # Bound once: registering interest allocates no new callables.
         self.on_readable: Callable[[], None] | None = self._on_readable
         self.on_writable: Callable[[], None] | None = self._on_writable
@@ -142,7 +148,7 @@ class Direction:
                 try:
                     pipe = self.pipe = self.pool.acquire()
                 except OSError as error:
-                    self._fail(error)
+                    self._fail(error, -1)
                     return
             room = pipe.capacity - self.pending
             try:
@@ -163,13 +169,13 @@ class Direction:
                 try:
                     count = read_urgent_inline(self.src, pipe.write_fd, room)
                 except OSError as error:
-                    self._fail(error)
+                    self._fail(error, self.src_fd)
                     return
                 if count == 0:  # nothing to read after all
                     self._return_pipe()
                     return
             except OSError as error:
-                self._fail(error)
+                self._fail(error, self.src_fd)
                 return
             if count == 0:
                 self.eof = True
@@ -199,10 +205,11 @@ class Direction:
         except BlockingIOError:
             count = 0
         except OSError as error:
-            self._fail(error)
+            self._fail(error, self.dst_fd)
             return
         if count:
             self.pending -= count
+            self.moved += count
             self.counters[self.counter_field] += count
         if self.pending:
             if not self.writing:
@@ -232,10 +239,11 @@ class Direction:
             self.pipe = None
             self.pool.release(pipe)
 
-    def _fail(self, error: OSError) -> None:
+    def _fail(self, error: OSError, fd: int = -1) -> None:
+        """Abort the relay; `fd`: the socket the error came from, -1 if neither."""
         relay = self.relay
         if relay is not None:
-            relay.fail(error)
+            relay.fail(error, fd)
 
     def _finish(self) -> None:
         """EOF read and every byte delivered: pass the EOF on (half-close)."""
@@ -244,7 +252,7 @@ class Direction:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as error:
             if error.errno not in PEER_GONE_ERRNOS:
-                self._fail(error)
+                self._fail(error, self.dst_fd)
                 return
         relay = self.relay
         if relay is not None:
@@ -298,6 +306,9 @@ class Relay:
         "started",
         "peer",
         "error",
+        "error_fd",
+        "target_first",
+        "trail",
         "active",
         "quiet_since",
     )
@@ -324,6 +335,9 @@ class Relay:
         self.started = 0.0  # when the client was accepted; set by the worker
         self.peer: object = None  # the client's address, for logs; set by the worker
         self.error: OSError | None = None  # what aborted the connection; None: a clean end
+        self.error_fd = -1  # the socket `error` came from; -1: neither (forkproxy's own)
+        self.target_first = False  # a clean end: the target's EOF was passed on first
+        self.trail: Trail | None = None  # its access-log line in the making; set by the worker
         # --idle-timeout: an IdleDirection sets `active` on a read; the worker's sweep
         # clears it and keeps `quiet_since`, when it last found the relay inactive.
         self.active = False
@@ -338,17 +352,20 @@ class Relay:
     def on_direction_done(self) -> None:
         if self.client_to_target.done and self.target_to_client.done:
             self.close()
+        else:
+            self.target_first = self.target_to_client.done
 
     def close(self) -> None:
         """The clean end: both EOFs passed on, so close both sockets as they are."""
         if not self.closed:
             self._teardown(False)
 
-    def fail(self, error: OSError) -> None:
+    def fail(self, error: OSError, fd: int = -1) -> None:
         """Abort the connection (see the module docstring); `on_close` sees `error`, the
-        first one if several came."""
+        first one if several came, and `error_fd`, the socket it came from (-1: none)."""
         if self.error is None:
             self.error = error
+            self.error_fd = fd
         if not self.closed:
             self._teardown(True)
 

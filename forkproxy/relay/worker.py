@@ -25,6 +25,7 @@ from setproctitle import setproctitle
 
 from forkproxy import logs
 from forkproxy.relay.accepting import Acceptor
+from forkproxy.relay.access_log import AccessLogFiles
 from forkproxy.relay.connecting import Connector
 from forkproxy.relay.datagram import DatagramRelay
 from forkproxy.relay.failpoints import WORKER_CRASH, failpoint_from_environment
@@ -129,7 +130,10 @@ class Worker:
         failpoint = failpoint_from_environment()  # tests only: see failpoints.py
         self.connector = Connector(self, failpoint)
         self.internal_errors = self.connector.internal_errors
-        plans = make_plans(self.listeners, config, self.connector, self.pools)
+        self.access_logs = AccessLogFiles(self.slot)  # --access-log files; ours to close
+        plans = make_plans(self.listeners, config, self.connector, self.pools, self.access_logs)
+        if self.access_logs:
+            self.loop.add_signal_handler(signal.SIGUSR1, self.access_logs.reopen)
         self.datagrams: DatagramRelay | None = None
         if datagram_listeners:
             assert self.message_buffer is not None
@@ -184,6 +188,7 @@ class Worker:
             self.poller.close()
             for pool in self.pools.values():
                 pool.close()
+            self.access_logs.close()
         return EXIT_OK
 
     def connection_ended(self, token: int) -> None:
@@ -210,6 +215,7 @@ class Worker:
             not connector.relays
             and not connector.pending
             and self.acceptor.held is None
+            and not self.acceptor.headers
             and not self.datagrams
         )
 
@@ -279,6 +285,7 @@ class Worker:
             self._open_count(),
         )
         self.acceptor.drop_held()  # queue mode: a client still waiting for capacity
+        self.acceptor.headers.close_all()  # --accept-proxy: clients sending their header
         self.connector.close_all()
         if self.datagrams is not None:
             self.datagrams.close_all()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from setproctitle import setproctitle
 
 from forkproxy.errors import ForkproxyError, UsageErrors
+from forkproxy.relay.access_log import check_access_logs
 from forkproxy.relay.splice import check_pipe_size
 from forkproxy.settings.config import Config, ListenerSettings
 from forkproxy.settings.timespan import format_timespan
@@ -41,6 +42,7 @@ from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
 from forkproxy.supervisor.readiness import Readiness
+from forkproxy.supervisor.reopen import reopen_access_logs
 from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
 from forkproxy.supervisor.workers import KILL_MARGIN, WorkerPool
 
@@ -106,6 +108,7 @@ class Master:
         elif self.config.metrics is not None:
             self.metrics_listeners = [bind_listener(self.config.metrics, self.config.socket_mode)]
         check_fd_limit(fd_limit, self.config.connections_max)
+        check_access_logs(self.config)  # each worker opens them: can it?
         # What can only be checked with the listeners and the kernel at hand.
         problems = listener_problems(
             self.config, [(one.name, one.label, one.kind) for one in self.listeners]
@@ -336,7 +339,7 @@ class Master:
             self.readiness.on_serving()
 
     def on_sigusr1(self) -> None:
-        log.info("SIGUSR1: no log files to reopen")  # TODO(#19): reopen the access log
+        reopen_access_logs(self.config, self.pool.workers.values())
 
     def on_sigusr2(self) -> None:
         log.warning("SIGUSR2 is kept for reloading, ignoring it")  # TODO(#17): reload

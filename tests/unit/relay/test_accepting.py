@@ -73,7 +73,9 @@ class Stage:
         self.acceptor.start()
         self.clients: list[socket.socket] = []
 
-    def _connect(self, client: socket.socket, token: int, peer: object, route: object) -> None:
+    def _connect(
+        self, client: socket.socket, token: int, peer: object, route: object, trail: object
+    ) -> None:
         self.connected.append((client, token))
 
     def client(self) -> socket.socket:
