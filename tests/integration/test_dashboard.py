@@ -44,7 +44,6 @@ EXPECTED_MISSING = frozenset(
         "record forkproxy:target_connections:rate5m",
         "record forkproxy:target_check_duration_seconds_bucket:rate5m",
         "record forkproxy:reloads:increase1h",
-        "record forkproxy:access_log_dropped:rate5m",
         'panel "Last successful reload" A',
         'panel "Connections per second by listener" A',
         'panel "Refusals per second by listener and reason" A',
@@ -54,7 +53,6 @@ EXPECTED_MISSING = frozenset(
         'panel "Health check duration" A',
         'panel "Health check duration" B',
         'panel "Reloads per hour" A',
-        'panel "Access log lines dropped per second" A',
         "variable listener",
         "variable target",
     }
