@@ -122,12 +122,12 @@ class AccessLogFiles:
         return bool(self.sinks)
 
     def listener_log(
-        self, path: str, format_name: str, listener: str, worker: int
+        self, path: str, format_name: str, listener: str, worker: int, fixed_target: str = ""
     ) -> "ListenerLog":
         sink = self.sinks.get(path)
         if sink is None:
             sink = self.sinks[path] = _Sink(path)
-        return ListenerLog(sink, format_name, listener, worker, self.slot)
+        return ListenerLog(sink, format_name, listener, worker, self.slot, fixed_target)
 
     def reopen(self) -> None:
         """SIGUSR1: reopen every file at its path (after logrotate renamed it)."""
@@ -163,6 +163,10 @@ class Trail:
 
     def connected(self, target: socket.socket) -> None:
         self.connect_ns = time.monotonic_ns() - self.started_ns
+        fixed = self.log.fixed_target
+        if fixed:
+            self.target = fixed
+            return
         try:
             self.target = format_sockaddr(target.family, target.getpeername())
         except OSError:
@@ -183,12 +187,21 @@ class Trail:
 class ListenerLog:
     """Writes the lines of one listener's connections to its access log."""
 
-    __slots__ = ("sink", "format", "listener", "worker", "slot")
+    __slots__ = ("sink", "format", "listener", "worker", "slot", "fixed_target")
 
     def __init__(
-        self, sink: _Sink, format_name: str, listener: str, worker: int, slot: memoryview
+        self,
+        sink: _Sink,
+        format_name: str,
+        listener: str,
+        worker: int,
+        slot: memoryview,
+        fixed_target: str = "",
     ) -> None:
         self.sink = sink
+        # The listener's one target when it is an address (no name to resolve): every
+        # connection's, so its text needs no getpeername(2).
+        self.fixed_target = fixed_target
         self.format = line_formatter(format_name)
         self.listener = listener
         self.worker = worker

@@ -26,6 +26,7 @@ end=target-closed
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,8 +103,14 @@ def _logfmt_value(text: str) -> str:
 
 
 def _time_text(end_ns: int) -> str:
-    ms = end_ns // 1_000_000
-    seconds, millis = divmod(ms, 1000)
+    seconds, millis = divmod(end_ns // 1_000_000, 1000)
+    return f"{_second_text(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_text(seconds: int) -> str:
+    """YYYY-MM-DDTHH:MM:SS of a second since the epoch; a busy log's lines of one second
+    share it, so it is worked out once per second (a pure function's cache)."""
     days, second_of_day = divmod(seconds, 86400)
     # days since 1970-01-01 to a civil date (H. Hinnant, "chrono-compatible low-level date
     # algorithms"): the same integer steps as the C twin, for any int64.
@@ -120,12 +127,12 @@ def _time_text(end_ns: int) -> str:
     year = year_of_era + era * 400 + (month <= 2)
     hour, rest = divmod(second_of_day, 3600)
     minute, second = divmod(rest, 60)
-    return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
+    return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
 
 
 def _ms_text(ns: int) -> str:
-    us = max(ns, 0) // 1000
-    return f"{us // 1000}.{us % 1000:03d}"
+    ms, us = divmod(max(ns, 0) // 1000, 1000)
+    return f"{ms}.{us:03d}"
 
 
 def format_logfmt(record: AccessRecord) -> bytes:

@@ -142,6 +142,7 @@ def make_plans(
                 settings.access_log_format,
                 listener.name or listener.label,
                 connector.worker.spec.slot,
+                _fixed_target(settings.targets),
             )
         plans[listener.fd] = ListenerPlan(
             listener,
@@ -178,6 +179,13 @@ def _route(
 
         idle = (LazySweep(connector.loop, sweep_interval(timeout), relays, sweep), relays)
     return Route(group, proxy_header, pool, connector.on_relay_closed, idle)
+
+
+def _fixed_target(targets: tuple[TargetAddress, ...]) -> str:
+    """The text of a listener's one target when it is an address, not a name to resolve."""
+    if len(targets) == 1 and targets[0].sockaddr is not None:
+        return targets[0].text
+    return ""
 
 
 def min_connect_timeout(listeners: Iterable[Listener], config: Config) -> float:

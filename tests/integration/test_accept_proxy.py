@@ -18,6 +18,7 @@ from tests.support import nginx as nginx_support
 from tests.support.nginx import NginxFactory
 from tests.support.proxy import (
     Proxy,
+    free_port,
     run_backend,
     run_proxy,
     send_all_then_read,
@@ -301,3 +302,57 @@ def haproxy(workdir: Path, target: str) -> Iterator[tuple[str, int]]:
         if process.stderr is not None:
             process.stderr.close()
         listener.close()
+
+
+@pytest.mark.timeout(60)
+def test_nginx_stream_with_proxy_protocol_in_front(workdir: Path) -> None:
+    """A real nginx stream proxy with `proxy_protocol on;` (v1) in front of forkproxy
+    --accept-proxy: forkproxy's log sees the client nginx saw."""
+    nginx_support.require_nginx(stream=True)
+    with (
+        run_backend("echo") as backend,
+        accepting_proxy(workdir, backend.target) as (proxy, log),
+        nginx_stream_front(workdir, text(proxy.address())) as front,
+    ):
+        with socket.socket() as client:
+            client.settimeout(10)
+            client.bind(("127.0.0.3", 0))
+            client.connect(front)
+            assert send_all_then_read(client, b"through nginx") == b"through nginx"
+            source = text(client.getsockname())
+        (line,) = wait_for_lines(log, 1)
+    assert (line["client"], line["bytes_from_client"]) == (source, len(b"through nginx"))
+
+
+@contextlib.contextmanager
+def nginx_stream_front(workdir: Path, target: str) -> Iterator[tuple[str, int]]:
+    """nginx's stream module relaying 127.0.0.1:PORT to `target` with a v1 header first."""
+    directory = workdir / "nginx-front"
+    directory.mkdir()
+    port = free_port()  # nginx binds by number; a clash fails the readiness wait below
+    config = directory / "nginx.conf"
+    config.write_text(
+        f"load_module {nginx_support.NGINX_MODULES / 'ngx_stream_module.so'};\n"
+        "daemon off;\nmaster_process off;\nworker_processes 1;\n"
+        f"pid {directory / 'nginx.pid'};\nerror_log {directory / 'error.log'} info;\n"
+        "events { worker_connections 64; }\n"
+        "stream {\n    server {\n"
+        f"        listen 127.0.0.1:{port};\n"
+        f"        proxy_pass {target};\n"
+        "        proxy_protocol on;\n"
+        "        proxy_half_close on;\n"
+        "    }\n}\n"
+    )
+    process = subprocess.Popen(
+        [str(nginx_support.NGINX_BINARY), "-p", f"{directory}/", "-c", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: (directory / "nginx.pid").exists(), 10, "nginx's pid file")
+        yield ("127.0.0.1", port)
+    finally:
+        process.kill()
+        process.wait(10)
