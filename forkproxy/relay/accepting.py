@@ -149,6 +149,7 @@ class Acceptor:
             token = NO_TOKEN
             key = None
             header = False
+            decision = READ_HEADER
             try:
                 if fd >= self.fd_ceiling:
                     # The kernel gives the lowest free descriptor: all below this one are
@@ -165,15 +166,16 @@ class Acceptor:
                     self.pause()
                 if accept_proxy is not None:
                     decision = accept_proxy.decide(family, peer)
-                    if decision == REJECT:
-                        self.headers.reject(fd, family, peer, plan)
-                        continue
                     header = decision == READ_HEADER  # its source is known after it
-                if source_limit and not header:
-                    key = source_key(family, peer)
-                token = admit(key, source_limit)
+                if decision != REJECT:
+                    if source_limit and not header:
+                        key = source_key(family, peer)
+                    token = admit(key, source_limit)
             except Exception as error:
                 self.refusals.drop(fd, None, token, family, peer, error)
+                continue
+            if decision == REJECT:
+                self.headers.reject(fd, family, peer, plan)
                 continue
             if token >= ADMITTED:
                 self._admit(fd, peer, plan, token, header)

@@ -92,6 +92,8 @@ def kind_problems(config: Config, listeners: Sequence[ListenerKind]) -> list[str
     for name, label, kind in listeners:
         settings = config.settings_for(name)
         why = kind_mismatch(kind, settings.targets)
+        if why is None and settings.accept_proxy and kind != socket.SOCK_STREAM:
+            why = "--accept-proxy needs a stream listener (a PROXY header starts a stream)"
         if why is not None:
             where = f" ({settings.origin})" if settings.origin else ""
             problems.append(f"cannot relay listener {label}{where}: {why}")

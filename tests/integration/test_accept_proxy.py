@@ -4,7 +4,6 @@ malformed, truncated, byte-a-time, slow and oversized headers; and the chain a r
 HAProxy (send-proxy-v2) -> forkproxy --accept-proxy -pv1 -> a real nginx (proxy_protocol)."""
 
 import contextlib
-import json
 import socket
 import subprocess
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from forkproxy.relay.proxy_protocol import encode_v1, encode_v2
 from tests.support import nginx as nginx_support
+from tests.support.access_log import wait_for_lines
 from tests.support.nginx import NginxFactory
 from tests.support.proxy import (
     Proxy,
@@ -40,19 +40,6 @@ def text(address: object) -> str:
     """host:port of an AF_INET socket address."""
     assert isinstance(address, tuple)
     return f"{address[0]}:{address[1]}"
-
-
-def log_lines(path: Path) -> list[dict[str, object]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def wait_for_lines(path: Path, count: int) -> list[dict[str, object]]:
-    wait_until(lambda: len(log_lines(path)) >= count, 15, f"{count} access log lines")
-    lines = log_lines(path)
-    assert len(lines) == count, lines
-    return lines
 
 
 def header_errors(proxy: Proxy) -> dict[str, float]:

@@ -3,9 +3,7 @@ can cause, exact byte counts, rotation by rename and SIGUSR1 across 4 workers, a
 cannot be opened, and lines a full disk drops (counted)."""
 
 import contextlib
-import json
 import os
-import shlex
 import signal
 import socket
 import struct
@@ -15,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import test_relay_features
+from tests.support.access_log import read_log, wait_for_lines
 from tests.support.proxy import (
     Proxy,
     run_backend,
@@ -25,28 +25,9 @@ from tests.support.proxy import (
 )
 from tests.support.supervision import get
 
+never_accepting = test_relay_features.never_accepting  # the fixture, used by name below
 NAMES = ("web",)
 METRICS = (("tcp", "tcp"), ("web", "metrics"))
-
-
-def read_log(path: Path) -> list[dict[str, object]]:
-    """The lines of a logfmt or JSON access log, each as a dict."""
-    if not path.exists():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        if line.startswith("{"):
-            lines.append(json.loads(line))
-        else:
-            lines.append(dict(field.partition("=")[::2] for field in shlex.split(line)))
-    return lines
-
-
-def wait_for_lines(path: Path, count: int) -> list[dict[str, object]]:
-    wait_until(lambda: len(read_log(path)) >= count, 15, f"{count} access log lines")
-    lines = read_log(path)
-    assert len(lines) == count, lines
-    return lines
 
 
 def one_line(path: Path) -> dict[str, object]:
@@ -86,20 +67,6 @@ def resetting_target() -> Iterator[str]:
         stop.set()
         server.close()
         thread.join(5)
-
-
-@pytest.fixture
-def never_accepting() -> Iterator[str]:
-    """A listener whose backlog is full: a connect to it neither succeeds nor fails."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    filler = socket.create_connection(server.getsockname(), timeout=5)
-    try:
-        yield f"127.0.0.1:{server.getsockname()[1]}"
-    finally:
-        filler.close()
-        server.close()
 
 
 def _proxy(
@@ -214,28 +181,26 @@ def test_no_target(workdir: Path) -> None:
     assert line["end"] == "no-target"
 
 
-def test_refused_cap_and_per_source(workdir: Path) -> None:
+@pytest.mark.parametrize(
+    ("option", "end"),
+    [
+        ("--connections-max=1", "refused-cap"),
+        ("--connections-max-per-source=1", "refused-per-source"),
+    ],
+)
+def test_refused(workdir: Path, option: str, end: str) -> None:
     log = workdir / "access.log"
-    with run_backend("greet") as backend:
-        with _proxy(workdir, log, "-c", "1", backend.target) as proxy, proxy.connect() as held:
-            assert held.recv(1) == b"+"
-            with proxy.connect() as refused, contextlib.suppress(ConnectionResetError):
-                assert refused.recv(1) == b""
-                refused_address = _local(refused)
-            line = one_line(log)
-        assert (line["end"], line["client"], line["connect_ms"]) == (
-            "refused-cap",
-            refused_address,
-            None,
-        )
-        log.unlink()
-        per_source = "--connections-max-per-source=1"
-        with _proxy(workdir, log, per_source, backend.target) as proxy, proxy.connect() as held:
-            assert held.recv(1) == b"+"
-            with proxy.connect() as refused, contextlib.suppress(ConnectionResetError):
-                assert refused.recv(1) == b""
-            line = one_line(log)
-        assert line["end"] == "refused-per-source"
+    with (
+        run_backend("greet") as backend,
+        _proxy(workdir, log, option, backend.target) as proxy,
+        proxy.connect() as held,
+    ):
+        assert held.recv(1) == b"+"
+        with proxy.connect() as refused, contextlib.suppress(ConnectionResetError):
+            assert refused.recv(1) == b""
+            refused_address = _local(refused)
+        line = one_line(log)
+    assert (line["end"], line["client"], line["connect_ms"]) == (end, refused_address, None)
 
 
 def test_stopped_at_the_graceful_timeout(workdir: Path) -> None:
