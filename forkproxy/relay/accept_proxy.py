@@ -261,7 +261,7 @@ class HeaderReaders:
         try:
             reading.client.close()
             if reading.trail is not None:
-                reading.trail.end(end)
+                reading.trail.finish(end)
         finally:
             if token != NO_TOKEN:
                 self.worker.connection_ended(token)

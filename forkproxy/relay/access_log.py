@@ -5,7 +5,8 @@ the worker itself O_APPEND|O_CLOEXEC, so every line lands whole at the end which
 process writes it) and reopens them on SIGUSR1 (`reopen`). A write never waits: a line
 the file cannot take at once (ENOSPC, EIO, EAGAIN on standard error's pipe or socket) is
 dropped and counted in the slot's ACCESS_LOG_DROPPED. `ListenerLog` writes one
-listener's lines; a connection's `Trail` collects, while it lasts, what its line says.
+listener's lines; a connection's `Trail` collects, while it lasts, what its line says
+(the fields of an `AccessRecord`).
 Listeners without --access-log have no `ListenerLog`, and their connections no `Trail`:
 nothing is done for them. Formats nothing itself (access_log_format.py); never logs a
 connection anywhere else.
@@ -25,7 +26,6 @@ from forkproxy.relay.access_log_format import (
     END_STOPPED,
     END_TARGET_CLOSED,
     END_TARGET_RESET,
-    AccessRecord,
     line_formatter,
 )
 from forkproxy.relay.splice import Relay
@@ -150,16 +150,37 @@ class AccessLogFiles:
 
 class Trail:
     """One connection's access-log record in the making: made at accept, written once
-    when the connection ends (`ListenerLog.end`)."""
+    when the connection ends (`end`). Its fields are an `AccessRecord`'s, which the
+    formatter reads from it directly."""
 
-    __slots__ = ("log", "client", "started_ns", "connect_ns", "target")
+    __slots__ = (
+        "log",
+        "started_ns",
+        "end_ns",
+        "listener",
+        "client",
+        "target",
+        "worker",
+        "connect_ns",
+        "duration_ns",
+        "bytes_from_client",
+        "bytes_to_client",
+        "end",
+    )
 
     def __init__(self, log: "ListenerLog", client: str) -> None:
         self.log = log
-        self.client = client  # address:port, the PROXY-carried one when there is one
         self.started_ns = time.monotonic_ns()
-        self.connect_ns = -1  # -1: no connect was made
+        self.end_ns = 0  # CLOCK_REALTIME at the end
+        self.listener = log.listener
+        self.client = client  # address:port, the PROXY-carried one when there is one
         self.target = ""
+        self.worker = log.worker
+        self.connect_ns = -1  # -1: no connect was made
+        self.duration_ns = 0
+        self.bytes_from_client = 0
+        self.bytes_to_client = 0
+        self.end = ""
 
     def connected(self, target: socket.socket) -> None:
         self.connect_ns = time.monotonic_ns() - self.started_ns
@@ -172,12 +193,18 @@ class Trail:
         except OSError:
             self.target = ""
 
-    def end(self, end: str, bytes_from_client: int = 0, bytes_to_client: int = 0) -> None:
-        self.log.write(self, end, bytes_from_client, bytes_to_client)
+    def finish(self, end: str, bytes_from_client: int = 0, bytes_to_client: int = 0) -> None:
+        """The connection ended (`end`, one of access_log_format.END_REASONS): its line."""
+        self.end_ns = time.time_ns()
+        self.duration_ns = time.monotonic_ns() - self.started_ns
+        self.bytes_from_client = bytes_from_client
+        self.bytes_to_client = bytes_to_client
+        self.end = end
+        self.log.write(self)
 
     def relay_ended(self, relay: Relay) -> None:
         """The relay's line: its end, and the bytes each way its directions delivered."""
-        self.end(
+        self.finish(
             relay_end(relay),
             relay.client_to_target.moved,
             relay.target_to_client.moved,
@@ -212,22 +239,10 @@ class ListenerLog:
 
     def refused(self, family: int, peer: object, end: str) -> None:
         """A client closed at accept: no connect, no bytes."""
-        Trail(self, format_sockaddr(family, peer)).end(end)
+        Trail(self, format_sockaddr(family, peer)).finish(end)
 
-    def write(self, trail: Trail, end: str, bytes_from_client: int, bytes_to_client: int) -> None:
-        record = AccessRecord(
-            time.time_ns(),
-            self.listener,
-            trail.client,
-            trail.target,
-            self.worker,
-            trail.connect_ns,
-            time.monotonic_ns() - trail.started_ns,
-            bytes_from_client,
-            bytes_to_client,
-            end,
-        )
-        if not self.sink.write(self.format(record)):
+    def write(self, trail: Trail) -> None:
+        if not self.sink.write(self.format(trail)):
             self.slot[ACCESS_LOG_DROPPED] += 1
 
 

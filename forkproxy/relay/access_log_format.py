@@ -30,10 +30,12 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 __all__ = [
     "END_REASONS",
     "AccessRecord",
+    "Record",
     "format_json",
     "format_logfmt",
     "line_formatter",
@@ -66,6 +68,32 @@ END_REASONS = (
     END_PROXY_HEADER_ERROR,
     END_STOPPED,
 )
+
+
+class Record(Protocol):
+    """What a formatter reads: an `AccessRecord`, or any object with its fields (the
+    worker's record in the making, which saves building one per line)."""
+
+    @property
+    def end_ns(self) -> int: ...
+    @property
+    def listener(self) -> str: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def worker(self) -> int: ...
+    @property
+    def connect_ns(self) -> int: ...
+    @property
+    def duration_ns(self) -> int: ...
+    @property
+    def bytes_from_client(self) -> int: ...
+    @property
+    def bytes_to_client(self) -> int: ...
+    @property
+    def end(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +163,7 @@ def _ms_text(ns: int) -> str:
     return f"{ms}.{us:03d}"
 
 
-def format_logfmt(record: AccessRecord) -> bytes:
+def format_logfmt(record: Record) -> bytes:
     """The record as one logfmt line, newline included."""
     connect = _ms_text(record.connect_ns) if record.connect_ns >= 0 else ""
     line = (
@@ -153,7 +181,7 @@ def format_logfmt(record: AccessRecord) -> bytes:
     return line.encode()
 
 
-def format_json(record: AccessRecord) -> bytes:
+def format_json(record: Record) -> bytes:
     """The record as one JSON object on one line, newline included."""
     connect = _ms_text(record.connect_ns) if record.connect_ns >= 0 else "null"
     line = (
@@ -171,7 +199,7 @@ def format_json(record: AccessRecord) -> bytes:
     return line.encode()
 
 
-def line_formatter(name: str) -> Callable[[AccessRecord], bytes]:
+def line_formatter(name: str) -> Callable[[Record], bytes]:
     """The formatter for --access-log-format ``name`` (logfmt or json)."""
     if name == "logfmt":
         return format_logfmt

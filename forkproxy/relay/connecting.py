@@ -368,7 +368,7 @@ class Connector:
                     reset_on_close(pending.client)
                 pending.client.close()
                 if pending.trail is not None:
-                    pending.trail.end(end)
+                    pending.trail.finish(end)
         finally:
             if token != NO_TOKEN:
                 self.connection_ended(token)
