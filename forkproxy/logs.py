@@ -11,10 +11,15 @@ import sys
 import time
 
 LOGGER_NAME = "forkproxy"
+# Between info and warning: normal but significant (syslog's notice), as a target that
+# comes back up.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
 
 _PRIORITIES = {
     logging.DEBUG: 7,
     logging.INFO: 6,
+    NOTICE: 5,
     logging.WARNING: 4,
     logging.ERROR: 3,
     logging.CRITICAL: 2,

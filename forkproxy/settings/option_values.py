@@ -27,6 +27,7 @@ from forkproxy.settings.config import (
     PIPE_SIZE_MAX,
     PIPE_SIZE_MIN,
     IPNetwork,
+    http_path_problem,
 )
 from forkproxy.settings.options import (
     KeepAlive,
@@ -123,6 +124,14 @@ def network(text: str, what: str) -> IPNetwork:
         ) from None
 
 
+def http_path(text: str, what: str) -> str:
+    """--check-http PATH: the path of an HTTP check, as sent in its request line."""
+    problem = http_path_problem(text) if text else "must be a path starting with '/'"
+    if problem is not None:
+        raise UsageError(f"invalid {what} {quote(text)}: it {problem}")
+    return text
+
+
 def _route(text: str, what: str) -> tuple[str, TargetAddress]:
     return parse_route(text)
 
@@ -160,6 +169,11 @@ VALUES: dict[str, ValueSyntax] = {
     "accept_proxy_from": ValueSyntax(network, "network"),
     "accept_proxy_untrusted": ValueSyntax(one_of(ACCEPT_PROXY_UNTRUSTED), "value"),
     "accept_proxy_timeout": ValueSyntax(time_span, "time span", format_timespan),
+    "check_interval": ValueSyntax(time_span, "time span", format_timespan),
+    "check_http": ValueSyntax(http_path, "path"),
+    "check_rise": ValueSyntax(whole_number, "number"),
+    "check_fall": ValueSyntax(whole_number, "number"),
+    "check_timeout": ValueSyntax(time_span, "time span", format_timespan),
     "route": ValueSyntax(_route, "route", lambda route: f"{route[0]}={route[1].text}"),
 }
 

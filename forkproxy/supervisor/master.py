@@ -38,12 +38,14 @@ from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, Wor
 from forkproxy.shared.scoreboard import Scoreboard
 from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
 from forkproxy.supervisor.check import listener_problems
+from forkproxy.supervisor.health import Checker
 from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
 from forkproxy.supervisor.readiness import Readiness
 from forkproxy.supervisor.reopen import reopen_access_logs
 from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
+from forkproxy.supervisor.target_rows import TargetRows
 from forkproxy.supervisor.workers import KILL_MARGIN, WorkerPool
 
 if TYPE_CHECKING:
@@ -70,6 +72,8 @@ class Master:
         self.mapping: SharedMapping | None = None  # scoreboard and caps; ours to close
         self.scoreboard: Scoreboard | None = None
         self.admission: Admission | None = None
+        self.targets: TargetRows | None = None  # the target table's rows of the settings
+        self.checker: Checker | None = None  # active health checks (supervisor/health.py)
         self.wakeup: tuple[socket.socket, socket.socket] | None = None
         self.events: tuple[int, int] | None = None
         # Metrics sockets (the master's own: workers close them) and their responder.
@@ -122,6 +126,9 @@ class Master:
         self.admission = Admission.set_up(
             self.mapping, self.config.connections_max, _source_limit(self.config)
         )
+        self.targets = targets = TargetRows.set_up(
+            self.config, self.listeners, self.mapping, self.scoreboard
+        )
         self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = socket.socketpair()
         for end in self.wakeup:
@@ -129,6 +136,7 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup[0], selectors.EVENT_READ, self._on_wakeup)
         self.selector.register(self.events[0], selectors.EVENT_READ, self._on_worker_events)
+        self.checker = Checker(self.selector, targets, self.mapping)
         spec = WorkerSpec(
             config=self.config,
             slot=0,
@@ -139,6 +147,8 @@ class Master:
             events_fd=self.events[1],
             master_pid=os.getpid(),
             heartbeat_interval=self.heartbeat_interval,
+            targets=targets.table,
+            listener_targets=targets.by_listener,
         )
         self.pool = WorkerPool(spec, self.on_signal, self._drop_master_resources, self._on_fatal)
         self.readiness = Readiness(
@@ -148,6 +158,7 @@ class Master:
             self.pool,
             self.scoreboard,
             self.admission,
+            targets,
         )
         # Metrics are served from this loop. prometheus_client is loaded only when there
         # is a metrics socket: every worker forked later starts with a copy.
@@ -155,7 +166,12 @@ class Master:
             from forkproxy.supervisor.metrics.endpoint import open_metrics
 
             self.metrics = open_metrics(
-                self.metrics_listeners, self.selector, self.pool, self.scoreboard, self.admission
+                self.metrics_listeners,
+                self.selector,
+                self.pool,
+                self.scoreboard,
+                self.admission,
+                targets=(targets, self.checker),
             )
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:
@@ -201,6 +217,8 @@ class Master:
         self.notifier.close()
         if self.metrics is not None:  # the metrics sockets are the master's
             self.metrics.close()
+        if self.checker is not None:  # the master's checks' sockets and pipes
+            self.checker.close()
         for listener in self.metrics_listeners:
             listener.sock.close()  # our copy only: never unlink the master's socket file
 
@@ -263,6 +281,10 @@ class Master:
         if self.metrics is not None:  # its clients, then the metrics listeners
             self.metrics.close()
         close_listeners(self.metrics_listeners)
+        if self.checker is not None:
+            self.checker.close()
+        if self.targets is not None:
+            self.targets.close()
         if self.scoreboard is not None:
             self.scoreboard.close()
         if self.mapping is not None:
@@ -302,6 +324,8 @@ class Master:
         )
         if self.metrics is not None:  # metrics clients' deadlines
             deadline = min(deadline, self.metrics.next_deadline())
+        if self.checker is not None:  # active health checks
+            deadline = min(deadline, self.checker.next_deadline())
         return deadline
 
     def _run_deadlines(self) -> None:
@@ -312,6 +336,8 @@ class Master:
             self.pool.kill_all("graceful timeout passed")
             self.shutdown_deadline = math.inf
         self.pool.run_deadlines(now)
+        if self.checker is not None:
+            self.checker.run_deadlines(now)
         if now >= self.readiness.idle_deadline():
             self.begin_shutdown(
                 EXIT_OK, f"no connections for {format_timespan(self.config.exit_idle_time)}"

