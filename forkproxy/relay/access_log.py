@@ -12,6 +12,7 @@ nothing is done for them. Formats nothing itself (access_log_format.py); never l
 connection anywhere else.
 """
 
+import errno
 import logging
 import os
 import socket
@@ -22,13 +23,17 @@ from forkproxy.errors import ForkproxyError
 from forkproxy.relay.access_log_format import (
     END_CLIENT_CLOSED,
     END_CLIENT_RESET,
+    END_CONNECT_FAILED,
+    END_CONNECT_TIMEOUT,
     END_IDLE_TIMEOUT,
+    END_NO_TARGET,
     END_STOPPED,
     END_TARGET_CLOSED,
     END_TARGET_RESET,
     line_formatter,
 )
 from forkproxy.relay.splice import Relay
+from forkproxy.relay.target_connect import NoAddress
 from forkproxy.relay.timeouts import GRACEFUL_ERROR, IDLE_ERROR
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.config import Config
@@ -249,13 +254,21 @@ class ListenerLog:
 def relay_end(relay: Relay) -> str:
     """Why a relay ended, as the access log says it."""
     error = relay.error
+    from_client = relay.ended_by == relay.client_to_target.src_fd
     if error is None:
-        return END_TARGET_CLOSED if relay.target_first else END_CLIENT_CLOSED
+        return END_CLIENT_CLOSED if from_client else END_TARGET_CLOSED
     if error is IDLE_ERROR:
         return END_IDLE_TIMEOUT
     if error is GRACEFUL_ERROR:
         return END_STOPPED
-    if relay.error_fd == relay.client_to_target.src_fd:
-        return END_CLIENT_RESET
     # From the target's socket, or forkproxy's own abort (no pipe, an internal error).
-    return END_TARGET_RESET
+    return END_CLIENT_RESET if from_client else END_TARGET_RESET
+
+
+def connect_end(error: OSError) -> str:
+    """Why a client's connect to its targets failed, as the access log says it."""
+    if isinstance(error, NoAddress):
+        return END_NO_TARGET
+    if error.errno == errno.ETIMEDOUT:
+        return END_CONNECT_TIMEOUT
+    return END_CONNECT_FAILED

@@ -26,13 +26,8 @@ from typing import TYPE_CHECKING
 from forkproxy import logs
 from forkproxy.relay.accept_proxy import Carried
 from forkproxy.relay.accepting import ACCEPT_PAUSE
-from forkproxy.relay.access_log import Trail
-from forkproxy.relay.access_log_format import (
-    END_CONNECT_FAILED,
-    END_CONNECT_TIMEOUT,
-    END_NO_TARGET,
-    END_STOPPED,
-)
+from forkproxy.relay.access_log import Trail, connect_end
+from forkproxy.relay.access_log_format import END_CONNECT_FAILED, END_STOPPED
 from forkproxy.relay.failpoints import FailingDirection, Failpoint
 from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
 from forkproxy.relay.plans import Route, min_connect_timeout
@@ -40,12 +35,7 @@ from forkproxy.relay.proxy_protocol import HeaderEncoder
 from forkproxy.relay.relaying import OpenRelays, observe
 from forkproxy.relay.seqpacket import MessageRelay
 from forkproxy.relay.splice import NO_TOKEN, Relay, reset_on_close
-from forkproxy.relay.target_connect import (
-    TCP_FAMILIES,
-    NoAddress,
-    TargetConnect,
-    send_proxy_header,
-)
+from forkproxy.relay.target_connect import TCP_FAMILIES, TargetConnect, send_proxy_header
 from forkproxy.relay.targets import COOLDOWN, FailoverConnect
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
@@ -248,7 +238,8 @@ class Connector:
             pending.token = NO_TOKEN
             relay.started = pending.started
             relay.peer = pending.peer
-            relay.trail = pending.trail
+            if pending.trail is not None:
+                relay.log_end = pending.trail.relay_ended
             self.open.add(relay)
             idle_sweep = route.idle_sweep
             if idle_sweep is not None:
@@ -338,13 +329,7 @@ class Connector:
         except Exception as crash:
             self.crashed(pending, crash)
             return
-        if isinstance(error, NoAddress):
-            end = END_NO_TARGET
-        elif error.errno == errno.ETIMEDOUT:
-            end = END_CONNECT_TIMEOUT
-        else:
-            end = END_CONNECT_FAILED
-        self._abandon(pending, abort=False, end=end)
+        self._abandon(pending, abort=False, end=connect_end(error))
 
     def _retry_connect(self, pending: _PendingClient) -> None:
         if pending not in self.pending:

@@ -55,9 +55,9 @@ class OpenRelays:
                     format_sockaddr(relay.client.family, relay.peer),
                     error,
                 )
-            trail = relay.trail
-            if trail is not None:
-                trail.relay_ended(relay)
+            log_end = relay.log_end
+            if log_end is not None:
+                log_end(relay)
             observe(
                 self.slot,
                 CONNECTION_DURATION_BUCKETS,

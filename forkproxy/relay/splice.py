@@ -47,16 +47,12 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from forkproxy.relay.pipes import Pipe as Pipe
 from forkproxy.relay.pipes import PipePool as PipePool
 from forkproxy.relay.pipes import check_pipe_size as check_pipe_size
 from forkproxy.relay.poller import Readiness
 from forkproxy.relay.urgent import at_urgent_mark, read_urgent_inline
-
-if TYPE_CHECKING:
-    from forkproxy.relay.access_log import Trail
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
@@ -240,7 +236,6 @@ class Direction:
             self.pool.release(pipe)
 
     def _fail(self, error: OSError, fd: int = -1) -> None:
-        """Abort the relay; `fd`: the socket the error came from, -1 if neither."""
         relay = self.relay
         if relay is not None:
             relay.fail(error, fd)
@@ -256,6 +251,8 @@ class Direction:
                 return
         relay = self.relay
         if relay is not None:
+            if relay.ended_by < 0:  # the first EOF passed on
+                relay.ended_by = self.src_fd
             relay.on_direction_done()
 
     def stop(self) -> None:
@@ -306,9 +303,8 @@ class Relay:
         "started",
         "peer",
         "error",
-        "error_fd",
-        "target_first",
-        "trail",
+        "ended_by",
+        "log_end",
         "active",
         "quiet_since",
     )
@@ -335,9 +331,8 @@ class Relay:
         self.started = 0.0  # when the client was accepted; set by the worker
         self.peer: object = None  # the client's address, for logs; set by the worker
         self.error: OSError | None = None  # what aborted the connection; None: a clean end
-        self.error_fd = -1  # the socket `error` came from; -1: neither (forkproxy's own)
-        self.target_first = False  # a clean end: the target's EOF was passed on first
-        self.trail: Trail | None = None  # its access-log line in the making; set by the worker
+        self.ended_by = -1  # the fd whose error aborted it, or whose EOF came first
+        self.log_end: Callable[[Relay], None] | None = None  # --access-log: its line
         # --idle-timeout: an IdleDirection sets `active` on a read; the worker's sweep
         # clears it and keeps `quiet_since`, when it last found the relay inactive.
         self.active = False
@@ -352,8 +347,6 @@ class Relay:
     def on_direction_done(self) -> None:
         if self.client_to_target.done and self.target_to_client.done:
             self.close()
-        else:
-            self.target_first = self.target_to_client.done
 
     def close(self) -> None:
         """The clean end: both EOFs passed on, so close both sockets as they are."""
@@ -362,10 +355,9 @@ class Relay:
 
     def fail(self, error: OSError, fd: int = -1) -> None:
         """Abort the connection (see the module docstring); `on_close` sees `error`, the
-        first one if several came, and `error_fd`, the socket it came from (-1: none)."""
+        first one if several came, and `ended_by` the socket it came from (-1: none)."""
         if self.error is None:
-            self.error = error
-            self.error_fd = fd
+            self.error, self.ended_by = error, fd
         if not self.closed:
             self._teardown(True)
 

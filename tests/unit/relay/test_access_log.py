@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from forkproxy.errors import ForkproxyError
-from forkproxy.relay.access_log import AccessLogFiles, check_access_logs, relay_end
+from forkproxy.relay.access_log import AccessLogFiles, check_access_logs, connect_end, relay_end
+from forkproxy.relay.target_connect import NoAddress
 from forkproxy.relay.timeouts import GRACEFUL_ERROR, IDLE_ERROR
 from forkproxy.settings.arguments import parse_args
 from forkproxy.shared.layout import ACCESS_LOG_DROPPED, SLOT_WORDS
@@ -79,11 +80,10 @@ def test_check_access_logs_names_the_path(tmp_path: Path) -> None:
     check_access_logs(parse_args(["--access-log=-", "127.0.0.1:9"]))  # nothing to open
 
 
-def _relay(error: OSError | None, error_fd: int = -1, target_first: bool = False) -> object:
+def _relay(error: OSError | None, ended_by: int) -> object:
     return SimpleNamespace(
         error=error,
-        error_fd=error_fd,
-        target_first=target_first,
+        ended_by=ended_by,
         client_to_target=SimpleNamespace(src_fd=10),
         target_to_client=SimpleNamespace(src_fd=11),
     )
@@ -92,14 +92,26 @@ def _relay(error: OSError | None, error_fd: int = -1, target_first: bool = False
 @pytest.mark.parametrize(
     ("relay", "end"),
     [
-        (_relay(None), "client-closed"),
-        (_relay(None, target_first=True), "target-closed"),
-        (_relay(IDLE_ERROR), "idle-timeout"),
-        (_relay(GRACEFUL_ERROR), "stopped"),
+        (_relay(None, 10), "client-closed"),
+        (_relay(None, 11), "target-closed"),
+        (_relay(IDLE_ERROR, -1), "idle-timeout"),
+        (_relay(GRACEFUL_ERROR, -1), "stopped"),
         (_relay(OSError(errno.ECONNRESET, "reset"), 10), "client-reset"),
         (_relay(OSError(errno.EPIPE, "pipe"), 11), "target-reset"),
-        (_relay(OSError(errno.ENOMEM, "no pipe")), "target-reset"),
+        (_relay(OSError(errno.ENOMEM, "no pipe"), -1), "target-reset"),
     ],
 )
 def test_why_a_relay_ended(relay: object, end: str) -> None:
     assert relay_end(relay) == end  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("error", "end"),
+    [
+        (NoAddress(errno.EHOSTUNREACH, "cannot resolve 'x.invalid'"), "no-target"),
+        (OSError(errno.ETIMEDOUT, "timed out"), "connect-timeout"),
+        (OSError(errno.ECONNREFUSED, "refused"), "connect-failed"),
+    ],
+)
+def test_why_a_connect_failed(error: OSError, end: str) -> None:
+    assert connect_end(error) == end
