@@ -65,6 +65,24 @@ def check_access_logs(config: Config) -> None:
             ) from None
 
 
+def access_log_problems(config: Config) -> list[str]:
+    """What `check_access_logs` would find, without creating or opening a file (--check)."""
+    problems = []
+    for path in access_log_paths(config):
+        if os.path.isdir(path):
+            code = errno.EISDIR
+        elif os.path.exists(path):
+            code = 0 if os.access(path, os.W_OK) else errno.EACCES
+        else:
+            parent = os.path.dirname(path) or "."
+            code = errno.ENOENT if not os.path.isdir(parent) else 0
+            if not code and not os.access(parent, os.W_OK):
+                code = errno.EACCES
+        if code:
+            problems.append(f"cannot open access log {quote(path)}: {os.strerror(code)}")
+    return problems
+
+
 class _Sink:
     """One access-log file, or standard error."""
 

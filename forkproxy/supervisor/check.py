@@ -17,6 +17,7 @@ import socket
 from collections.abc import Mapping, Sequence
 
 from forkproxy.errors import ForkproxyError, UsageErrors
+from forkproxy.relay.access_log import access_log_problems
 from forkproxy.relay.splice import check_pipe_size
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.settings.config import RELAY_OPTIONS, Config, ListenerSettings
@@ -45,6 +46,7 @@ def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> 
     if listeners:
         problems += listener_problems(config, listeners)
     problems += _resolve_targets(config)
+    problems += access_log_problems(config)
     for size in sorted({settings.pipe_size for settings in _all_settings(config)}):
         try:
             check_pipe_size(size)
@@ -178,4 +180,6 @@ def _route_line(listener: str, settings: ListenerSettings) -> str:
 def _format(dest: str, value: object) -> str:
     if isinstance(value, bool) or value == KeepAlive():
         return "true" if value else "false"
+    if isinstance(value, tuple):  # a repeatable option's values
+        return ",".join(VALUES[dest].format(item) for item in value)
     return VALUES[dest].format(value)

@@ -11,7 +11,13 @@ from types import SimpleNamespace
 import pytest
 
 from forkproxy.errors import ForkproxyError
-from forkproxy.relay.access_log import AccessLogFiles, check_access_logs, connect_end, relay_end
+from forkproxy.relay.access_log import (
+    AccessLogFiles,
+    access_log_problems,
+    check_access_logs,
+    connect_end,
+    relay_end,
+)
 from forkproxy.relay.target_connect import NoAddress
 from forkproxy.relay.timeouts import GRACEFUL_ERROR, IDLE_ERROR
 from forkproxy.settings.arguments import parse_args
@@ -115,3 +121,26 @@ def test_why_a_relay_ended(relay: object, end: str) -> None:
 )
 def test_why_a_connect_failed(error: OSError, end: str) -> None:
     assert connect_end(error) == end
+
+
+def test_check_finds_what_the_start_would_without_writing(tmp_path: Path) -> None:
+    missing = tmp_path / "missing" / "access.log"
+    fresh = tmp_path / "fresh.log"
+    config = parse_args(
+        ["--access-log=-", "--config", str(_config_file(tmp_path, missing, fresh)), "127.0.0.1:9"]
+    )
+    assert access_log_problems(config) == [  # by path
+        f"cannot open access log '{tmp_path}': Is a directory",
+        f"cannot open access log '{missing}': No such file or directory",
+    ]
+    assert not fresh.exists()
+
+
+def _config_file(tmp_path: Path, missing: Path, fresh: Path) -> Path:
+    path = tmp_path / "forkproxy.toml"
+    path.write_text(
+        f'[listeners.a]\naccess-log = "{missing}"\n'
+        f'[listeners.b]\naccess-log = "{tmp_path}"\n'
+        f'[listeners.c]\naccess-log = "{fresh}"\n'
+    )
+    return path
