@@ -196,13 +196,17 @@ class HeaderReaders:
             return
         data = reading.data + peeked
         result = parse(data)
-        if isinstance(result, NeedMore):
-            client.recv(len(peeked))
-            reading.data = data
-        elif isinstance(result, HeaderError):
+        if isinstance(result, HeaderError):
             self._fail(reading, result.reason)
+            return
+        # Take off what was peeked: all of it while the header is not whole, else the rest
+        # of the header alone (the kernel holds them: no wait, no short read).
+        taken = len(peeked) if isinstance(result, NeedMore) else result.length - len(reading.data)
+        if len(client.recv(taken)) != taken:
+            self._fail(reading, TRUNCATED)
+        elif isinstance(result, NeedMore):
+            reading.data = data
         else:
-            client.recv(result.length - len(reading.data))
             self._done(reading, result)
 
     def _forget(self, reading: _Reading) -> None:
