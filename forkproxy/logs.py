@@ -2,7 +2,9 @@
 
 journald credits every stderr line to the master's pid, so each worker tags its lines
 ("worker 2: ..."). Under journald ($JOURNAL_STREAM names our stderr) lines carry the
-sd-daemon(3) "<N>" priority prefix and no timestamp; on a terminal they carry both.
+sd-daemon(3) "<N>" priority prefix and no timestamp (the journal keeps its own);
+elsewhere they start with the date and time in UTC, ISO 8601 with milliseconds
+(2026-12-07T16:54:08.123Z), and the level.
 """
 
 import logging
@@ -39,6 +41,14 @@ class _ProcessTag(logging.Filter):
         return True
 
 
+class _UtcFormatter(logging.Formatter):
+    """Times as ISO 8601 in UTC with milliseconds: 2026-12-07T16:54:08.123Z."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{seconds}.{int(record.msecs):03d}Z"
+
+
 def stderr_is_journal() -> bool:
     """True when $JOURNAL_STREAM names the device and inode of our stderr."""
     stream = os.environ.get("JOURNAL_STREAM", "")
@@ -60,9 +70,7 @@ def setup(level: str) -> None:
     if stderr_is_journal():
         handler.setFormatter(logging.Formatter("<%(priority)d>%(tag)s%(message)s"))
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(tag)s%(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(_UtcFormatter("%(asctime)s %(levelname)s %(tag)s%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False

@@ -44,6 +44,7 @@ from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
 from forkproxy.supervisor.readiness import Readiness
 from forkproxy.supervisor.reopen import reopen_access_logs
+from forkproxy.supervisor.routes import startup_line
 from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
 from forkproxy.supervisor.target_rows import TargetRows
 from forkproxy.supervisor.workers import KILL_MARGIN, WorkerPool
@@ -172,6 +173,7 @@ class Master:
                 self.scoreboard,
                 self.admission,
                 targets=(targets, self.checker),
+                start_timeout=self.config.worker_timeout,  # how long a worker may take
             )
         signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
         for signum in self.on_signal:
@@ -235,26 +237,8 @@ class Master:
             raise ForkproxyError(f"cannot start: {_describe(error)}") from None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.on_signal)
         assert self.selector is not None
-        if self.config.listeners:  # per-listener routes: one line each
-            for listener in self.listeners:
-                log.info(
-                    "relaying %s to %s",
-                    listener.label,
-                    ", ".join(target.text for target in self._settings(listener).targets),
-                )
-            log.info(
-                "with %d workers, at most %d connections",
-                self.pool.target_workers,
-                self.config.connections_max,
-            )
-        else:
-            log.info(
-                "relaying %s to %s with %d workers, at most %d connections",
-                ", ".join(listener.label for listener in self.listeners),
-                ", ".join(target.text for target in self.config.targets),
-                self.pool.target_workers,
-                self.config.connections_max,
-            )
+        routes = [(one, self._settings(one).targets) for one in self.listeners]
+        log.info("%s", startup_line(routes, self.pool.target_workers, self.config.connections_max))
         self.notifier.status(f"starting {self.pool.target_workers} workers")
         gc.freeze()  # keep the heap's pages shared with workers after fork
         self.pool.start()

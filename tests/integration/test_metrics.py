@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -500,3 +501,45 @@ def test_promtool_finds_nothing_in_a_real_scrape(workdir: Path) -> None:
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, b"")
+
+
+def test_the_health_request_that_starts_forkproxy_gets_200_once_workers_serve(
+    workdir: Path, echo_target: str
+) -> None:
+    """Socket activation of the metrics socket: the probe's connection is what starts
+    forkproxy, so its request is read before any worker serves. It is answered when
+    they do (after READY=1), with 200, not with an early 503."""
+    with run_proxy(
+        ["-w", "2", echo_target], workdir, listeners=LISTENERS, names=NAMES, wait_ready=False
+    ) as proxy:
+        with socket.create_connection(proxy.address(1), timeout=30) as probe:  # type: ignore[arg-type]
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            response = bytearray()
+            while chunk := probe.recv(4096):
+                response += chunk
+        assert "READY=1" in proxy.notifications.lines()
+        assert bytes(response).startswith(b"HTTP/1.1 200 OK\r\n"), bytes(response)
+        assert bytes(response).endswith(b"\r\n\r\n2 of 2 workers serving\n")
+        assert proxy.stop() == 0
+
+
+def test_scrapes_are_not_relay_activity_and_do_not_hold_off_exit_idle_time(
+    workdir: Path, echo_target: str
+) -> None:
+    """Prometheus scraping every few hundred milliseconds must not keep an idle forkproxy
+    running: only relayed connections count for --exit-idle-time."""
+    with run_proxy(
+        ["-w", "1", "--exit-idle-time=1s", echo_target], workdir, listeners=LISTENERS, names=NAMES
+    ) as proxy:
+        scrapes = 0
+        while proxy.process.poll() is None:
+            try:
+                status, _, _ = fetch(metrics_at(proxy), "/metrics")
+            except OSError:  # the master closed the socket as it stopped
+                break
+            assert status == 200
+            scrapes += 1
+            time.sleep(0.1)  # the scenario: a scrape every 100 ms, ten per idle time
+        assert proxy.wait(10) == 0
+    assert scrapes >= 2
+    assert "stopping: no connections for 1s" in proxy.stderr()

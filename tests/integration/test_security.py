@@ -201,12 +201,12 @@ DAEMON_OPTIONS = (
     "--accept-proxy-from",
     "--accept-proxy-untrusted",
     "--accept-proxy-timeout",
-    "--config",
     "--check-interval",
     "--check-http",
     "--check-rise",
     "--check-fall",
     "--check-timeout",
+    "--config",
 )
 INETD_OPTIONS = ("--inetd",)
 CHECK_OPTIONS = ("--check",)

@@ -1,6 +1,7 @@
 """Metrics: the collector over a real scoreboard, the health rule, the HTTP responder on real
 sockets driven by a real selector, and the --metrics option."""
 
+import math
 import os
 import selectors
 import shutil
@@ -755,3 +756,79 @@ def test_unix_socket_mode_follows_socket_mode(workdir: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == mode
         close_listeners([listener])
         assert not path.exists()
+
+
+def _run_as_the_master(server: Served, condition: Callable[[], bool], what: str) -> None:
+    """The master's loop: wait for events or the endpoint's deadline, then run_deadlines
+    (after every wakeup, as the master calls it)."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        timeout = min(0.05, max(0.0, server.endpoint.next_deadline() - time.monotonic()))
+        for key, _ in server.selector.select(timeout):
+            key.data()
+        server.endpoint.run_deadlines(time.monotonic())
+
+
+def test_at_start_up_a_health_request_waits_until_healthy(served: Callable[..., Served]) -> None:
+    """Under socket activation the probe that started forkproxy is read before any worker
+    serves: it gets its 200 once they do, not a 503 at once; /metrics is not held."""
+    healthy = [False]
+    server = served(health=lambda: (healthy[0], f"{2 if healthy[0] else 0} of 2 workers serving"))
+    endpoint = server.endpoint
+    endpoint.start_deadline = math.inf  # the start-up timeout, never reached here
+    with server.connect() as probe, server.connect() as scrape:
+        probe.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        scrape.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        _run_as_the_master(
+            server,
+            lambda: len(endpoint.held) == 1 and sum(c.lingering for c in endpoint.clients) == 1,
+            "the probe held and the scrape answered",
+        )
+        assert _split(_read_to_eof(scrape))[2] == b"metric_a 1\n"
+        healthy[0] = True
+        _run_as_the_master(server, lambda: not endpoint.held, "the probe answered")
+        assert _split(_read_to_eof(probe)) == (
+            "HTTP/1.1 200 OK",
+            {
+                "Content-Type": "text/plain; charset=utf-8",
+                "Content-Length": "23",
+                "Cache-Control": "no-store",
+                "Connection": "close",
+            },
+            b"2 of 2 workers serving\n",
+        )
+    _run_as_the_master(server, lambda: not endpoint.clients, "both closed")
+    # Started: from now on health is answered at once, a 503 too.
+    healthy[0] = False
+    assert _split(server.exchange(b"GET /status HTTP/1.1\r\n\r\n"))[0] == (
+        "HTTP/1.1 503 Service Unavailable"
+    )
+
+
+def test_a_held_health_request_gets_503_at_the_start_deadline(
+    served: Callable[..., Served],
+) -> None:
+    server = served(health=lambda: (False, "0 of 2 workers serving"))
+    endpoint = server.endpoint
+    endpoint.start_deadline = time.monotonic() + 0.2
+    with server.connect() as probe:
+        probe.sendall(b"GET /healthz?verbose HTTP/1.1\r\n\r\n")
+        _run_as_the_master(server, lambda: bool(endpoint.held), "the probe held")
+        _run_as_the_master(server, lambda: not endpoint.held, "the start deadline")
+        assert _split(_read_to_eof(probe))[::2] == (
+            "HTTP/1.1 503 Service Unavailable",
+            b"0 of 2 workers serving\n",
+        )
+    assert endpoint.start_deadline == -math.inf
+
+
+def test_a_held_client_that_leaves_is_forgotten(served: Callable[..., Served]) -> None:
+    server = served(health=lambda: (False, "0 of 2 workers serving"))
+    endpoint = server.endpoint
+    endpoint.start_deadline = math.inf
+    with server.connect() as probe:
+        probe.sendall(b"GET /healthz HTTP/1.1\r\n\r\nmore input is ignored")
+        _run_as_the_master(server, lambda: bool(endpoint.held), "the probe held")
+    _run_as_the_master(server, lambda: not endpoint.clients and not endpoint.held, "its close")
