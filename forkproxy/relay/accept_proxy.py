@@ -27,7 +27,6 @@ from forkproxy import logs
 from forkproxy.relay.access_log import Trail
 from forkproxy.relay.access_log_format import (
     END_PROXY_HEADER_ERROR,
-    END_REFUSED_CAP,
     END_REFUSED_PER_SOURCE,
     END_STOPPED,
 )
@@ -67,6 +66,7 @@ READ_HEADER = 0
 DIRECT = 1  # untrusted, =direct: relayed under its own address, a header in it is data
 REJECT = 2  # untrusted, =reject: closed at once
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+BUSY_RETRY_INTERVAL = 0.01  # seconds to the next try of a busy admission mutex (as accepting.py)
 
 # (family, source, destination) a header carried
 Carried = tuple[int, tuple[str, int], tuple[str, int]]
@@ -215,7 +215,6 @@ class HeaderReaders:
 
     def _done(self, reading: _Reading, header: ProxyHeader) -> None:
         """A whole header: count the source, then connect as any client."""
-        self._forget(reading)
         plan = reading.plan
         carried: Carried | None = None
         family: int = plan.family
@@ -226,25 +225,35 @@ class HeaderReaders:
             if reading.trail is not None:
                 reading.trail.client = format_sockaddr(family, peer)
         token = reading.token
-        if plan.source_limit:
-            key = source_key(family, peer)
-            if key is not None:
-                row = self.admitter.admit_source(key, plan.source_limit)
-                if row in (REFUSED_SOURCE, REFUSED_BUSY):
-                    self._refuse(reading, family, peer, row)
-                    return
-                if row >= 0:
-                    token = row
+        key = source_key(family, peer) if plan.source_limit else None
+        if key is not None:
+            row = self.admitter.admit_source(key, plan.source_limit)
+            if row == REFUSED_BUSY:  # our own contention, not a limit: again soon
+                self.poller.remove_reader(reading.fd)  # its header is read
+                self.loop.call_later(BUSY_RETRY_INTERVAL, self._retry, reading, header)
+                return
+            if row == REFUSED_SOURCE:
+                self._forget(reading)
+                self._refuse(reading, family, peer)
+                return
+            if row >= 0:
+                token = row
+        self._forget(reading)
         reading.token = NO_TOKEN
         self.connect(reading.client, token, reading.peer, plan.route, reading.trail, carried)
 
-    def _refuse(self, reading: _Reading, family: int, peer: object, why: int) -> None:
-        """The carried source has its limit (or the admission lock stayed busy)."""
+    def _retry(self, reading: _Reading, header: ProxyHeader) -> None:
+        if self.readings.get(reading.fd) is reading:  # else timed out or stopped meanwhile
+            try:
+                self._done(reading, header)
+            except Exception as error:
+                self._crashed(reading, error)
+
+    def _refuse(self, reading: _Reading, family: int, peer: object) -> None:
+        """The carried source has its limit."""
         self.slot[REFUSED] += 1
-        plan = reading.plan
-        self.refusals.log_refusal(family, peer, why, plan.source_limit)
-        end = END_REFUSED_CAP if why == REFUSED_BUSY else END_REFUSED_PER_SOURCE
-        self._close(reading, end)
+        self.refusals.log_refusal(family, peer, REFUSED_SOURCE, reading.plan.source_limit)
+        self._close(reading, END_REFUSED_PER_SOURCE)
 
     def _fail(self, reading: _Reading, reason: str) -> None:
         self._forget(reading)

@@ -190,7 +190,7 @@ class Acceptor:
                 self._hold(_Held(fd, peer, plan, key, header))
                 return
             elif token == REFUSED_BUSY:  # no cap turned it away: hold it, try again
-                self.held = _Held(fd, peer, plan, key)
+                self.held = _Held(fd, peer, plan, key, header)
                 self.stop()
                 self.loop.call_later(BUSY_RETRY_INTERVAL, self.on_capacity)
                 return
