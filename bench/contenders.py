@@ -68,11 +68,16 @@ class SocketActivated(Contender):
     """A program that takes `[-c N] TARGET` and a listening socket from systemd."""
 
     def __init__(
-        self, name: str, workers: int | None = None, environment: dict[str, str] | None = None
+        self,
+        name: str,
+        workers: int | None = None,
+        environment: dict[str, str] | None = None,
+        access_log: bool = False,
     ) -> None:
         self.name = name
         self.workers = workers
         self.environment = dict(environment or {})
+        self.access_log = access_log  # forkproxy --access-log to a file in the workdir
 
     def setenv(self) -> list[str]:
         """systemd-socket-activate's options that put `environment` in the child's."""
@@ -106,6 +111,8 @@ class SocketActivated(Contender):
         if self.name == "socket-proxyd":
             workers = ""
         setenv = "".join(f"{option} " for option in self.setenv())
+        if self.access_log:
+            program += " --access-log=FILE"
         return (
             f"systemd-socket-activate -l 127.0.0.1:PORT {setenv}{program} "
             f"-c {settings.max_connections} TARGET{workers}; nofile {settings.nofile}"
@@ -118,6 +125,8 @@ class SocketActivated(Contender):
         port = free_port()
         argv = [tools.socket_activate, "--listen", f"{LOOPBACK}:{port}", *self.setenv()]
         argv += self.program(tools)
+        if self.access_log:
+            argv.append(f"--access-log={workdir / (self.name + '-access.log')}")
         argv += ["-c", str(settings.max_connections), target]
         group = registry.start(self.name, self.limited(tools, settings, argv), workdir / "log")
         return Running(port, group)
@@ -262,6 +271,7 @@ def all_contenders() -> list[Contender]:
         Direct(),
         SocketActivated("socket-proxyd"),
         SocketActivated("forkproxy-w1", workers=1),
+        SocketActivated("forkproxy-w1-access-log", workers=1, access_log=True),
         SocketActivated("forkproxy-python", environment=PYTHON_ENGINE),
         SocketActivated("forkproxy"),
         HAProxy(),
@@ -273,6 +283,7 @@ CONTENDER_NAMES = (
     "direct",
     "socket-proxyd",
     "forkproxy-w1",
+    "forkproxy-w1-access-log",
     "forkproxy-python",
     "forkproxy",
     "haproxy",

@@ -28,6 +28,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
+from forkproxy.relay.accept_proxy import READ_HEADER, REJECT, HeaderReaders
+from forkproxy.relay.access_log_format import END_REFUSED_CAP, END_REFUSED_PER_SOURCE, END_STOPPED
 from forkproxy.relay.capacity_wait import CapacityWaiter
 from forkproxy.relay.failpoints import Failpoint
 from forkproxy.relay.refusals import REFUSAL_WORDS, Refusals
@@ -35,7 +37,7 @@ from forkproxy.relay.splice import NO_TOKEN
 from forkproxy.relay.target_connect import set_socket_options
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.options import ON_LIMIT_QUEUE
-from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
+from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP, REFUSED_SOURCE
 from forkproxy.shared.layout import L_CONNECTIONS
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.per_source import source_key
@@ -62,13 +64,16 @@ class _Held:
     """The client a worker holds while it waits for capacity (queue mode) or for the
     admission mutex."""
 
-    __slots__ = ("fd", "peer", "plan", "key", "waiting")
+    __slots__ = ("fd", "peer", "plan", "key", "header", "waiting")
 
-    def __init__(self, fd: int, peer: object, plan: "ListenerPlan", key: bytes | None) -> None:
+    def __init__(
+        self, fd: int, peer: object, plan: "ListenerPlan", key: bytes | None, header: bool
+    ) -> None:
         self.fd = fd
         self.peer = peer
         self.plan = plan
         self.key = key  # its source, for the per-source limit
+        self.header = header  # a PROXY header to read once admitted (its source: after)
         self.waiting = False  # counted among the admission's waiters (until wait_end)
 
 
@@ -104,6 +109,12 @@ class Acceptor:
         self.held: _Held | None = None  # queue mode: the client waiting for capacity
         self.waiter: CapacityWaiter | None = None  # queue: started when first needed
         self.fd_ceiling = fd_ceiling(self.events_fd)
+        # --accept-proxy: clients while their PROXY header arrives
+        self.headers = HeaderReaders(
+            worker,
+            self.refusals,
+            [plan.accept_proxy.timeout for plan in plans.values() if plan.accept_proxy],
+        )
 
     def start(self) -> None:
         # In the worker's poller too: a wakeup that finds new clients and ready
@@ -130,6 +141,7 @@ class Acceptor:
         plan = self.plans[listener.fd]
         admit = self.admitter.admit
         source_limit = plan.source_limit  # 0: no key to look up
+        accept_proxy = plan.accept_proxy
         for _ in range(ACCEPT_BATCH):
             if not self.accepting:  # paused by the client before: short of descriptors
                 return
@@ -144,6 +156,8 @@ class Acceptor:
                 return
             token = NO_TOKEN
             key = None
+            header = False
+            decision = READ_HEADER
             try:
                 if fd >= self.fd_ceiling:
                     # The kernel gives the lowest free descriptor: all below this one are
@@ -158,28 +172,46 @@ class Acceptor:
                         ACCEPT_PAUSE,
                     )
                     self.pause()
-                key = source_key(family, peer) if source_limit else None
-                token = admit(key, source_limit)
+                if accept_proxy is not None:
+                    decision = accept_proxy.decide(family, peer)
+                    header = decision == READ_HEADER  # its source is known after it
+                if decision != REJECT:
+                    if source_limit and not header:
+                        key = source_key(family, peer)
+                    token = admit(key, source_limit)
             except Exception as error:
                 self.refusals.drop(fd, None, token, family, peer, error)
                 continue
+            if decision == REJECT:
+                self.headers.reject(fd, family, peer, plan)
+                continue
             if token >= ADMITTED:
-                self._admit(fd, peer, plan, token)
+                self._admit(fd, peer, plan, token, header)
             elif token == REFUSED_CAP and self.queue_on_limit:
-                self._hold(_Held(fd, peer, plan, key))
+                self._hold(_Held(fd, peer, plan, key, header))
                 return
             elif token == REFUSED_BUSY:  # no cap turned it away: hold it, try again
-                self.held = _Held(fd, peer, plan, key)
+                self.held = _Held(fd, peer, plan, key, header)
                 self.stop()
                 self.loop.call_later(BUSY_RETRY_INTERVAL, self.on_capacity)
                 return
             else:
-                self.refusals.refuse(fd, family, peer, token, source_limit, plan.counters)
+                self._refuse(fd, peer, plan, token)
 
-    def _admit(self, fd: int, peer: object, plan: "ListenerPlan", token: int) -> None:
-        """An admitted client: connect it to a target (`token` goes back to the admitter).
-        Never raises: the connector owns the client from `connect` on, and before that a
-        failure releases it here."""
+    def _refuse(self, fd: int, peer: object, plan: "ListenerPlan", why: int) -> None:
+        """Admission refused the client (`why`): close it, and its access-log line."""
+        self.refusals.refuse(fd, plan.family, peer, why, plan.source_limit, plan.counters)
+        if plan.log is not None:
+            end = END_REFUSED_PER_SOURCE if why == REFUSED_SOURCE else END_REFUSED_CAP
+            plan.log.refused(plan.family, peer, end)
+
+    def _admit(
+        self, fd: int, peer: object, plan: "ListenerPlan", token: int, header: bool = False
+    ) -> None:
+        """An admitted client: connect it to a target, or first read its PROXY header
+        (`token` goes back to the admitter). Never raises: the connector (the header
+        readers) owns the client from `connect` (`start`) on, and before that a failure
+        releases it here."""
         client = None
         try:
             client = socket.socket(plan.family, plan.kind, 0, fd)
@@ -199,7 +231,11 @@ class Acceptor:
                 set_socket_options(client, plan.client_options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
-        self.connect(client, token, peer, plan.route, plan.counters)
+        trail = None if plan.log is None else plan.log.trail(plan.family, peer)
+        if header:
+            self.headers.start(client, token, peer, plan, trail)
+        else:
+            self.connect(client, token, peer, plan.route, plan.counters, trail)
 
     # -- --on-limit=queue ----------------------------------------------------------------
 
@@ -253,12 +289,9 @@ class Acceptor:
             self._hold(held)
             return
         if token >= ADMITTED:
-            self._admit(held.fd, held.peer, held.plan, token)
+            self._admit(held.fd, held.peer, held.plan, token, held.header)
         else:
-            plan = held.plan
-            self.refusals.refuse(
-                held.fd, plan.family, held.peer, token, plan.source_limit, plan.counters
-            )
+            self._refuse(held.fd, held.peer, held.plan, token)
         if not self.worker.draining:
             self.start()
 
@@ -285,6 +318,8 @@ class Acceptor:
             self.slot[REFUSED] += 1
             held.plan.counters[REFUSAL_WORDS[why]] += 1
             os.close(held.fd)
+            if held.plan.log is not None:
+                held.plan.log.refused(held.plan.family, held.peer, END_STOPPED)
 
     # -- running short of descriptors ------------------------------------------------------
 

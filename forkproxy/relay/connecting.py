@@ -1,13 +1,13 @@
 """A worker's admitted clients on their way to a relay: connect, time out, fail, retry.
 
 `Connector` opens each admitted client's connection to the target group of its
-listener's `Route` (plans.py, targets.py, target_connect.py) without blocking, keeps
-the clients whose connect is under way as `_PendingClient`s for the --connect-timeout
-sweep, sends the PROXY header when the route asks, and hands both sockets to a `Relay`
-(splice.py), which its `OpenRelays` (relaying.py) keeps until it closes (a route's
---idle-timeout sweep watches its own). A connect that fails closes its client with one
-warning; one that found no free descriptor keeps its client and pauses accepting
-instead. Never accepts or admits.
+listener's `Route` (plans.py, balance.py, targets.py, target_connect.py) without
+blocking, keeps the clients whose connect is under way as `PendingClient`s (pending.py)
+for the --connect-timeout sweep, sends the PROXY header when the route asks, and hands
+both sockets to a `Relay` (splice.py), which its `OpenRelays` (relaying.py) keeps until
+it closes (a route's --idle-timeout sweep watches its own). A connect that fails closes
+its client with one warning; one that found no free descriptor keeps its client and
+pauses accepting instead. Never accepts or admits.
 
 From `connect()` on, the connector owns the client: its socket and its admission (one
 token for the global and the per-source caps) are released exactly once however the
@@ -24,18 +24,22 @@ import time
 from typing import TYPE_CHECKING
 
 from forkproxy import logs
+from forkproxy.relay.accept_proxy import Carried
 from forkproxy.relay.accepting import ACCEPT_PAUSE
-from forkproxy.relay.balance import BalancedConnect, Balancer
+from forkproxy.relay.access_log import Trail, connect_end
+from forkproxy.relay.access_log_format import END_CONNECT_FAILED, END_STOPPED
+from forkproxy.relay.balance import Balancer
 from forkproxy.relay.failpoints import FailingDirection, Failpoint
 from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
+from forkproxy.relay.pending import PendingClient
 from forkproxy.relay.plans import Route, min_connect_timeout, spare_row
 from forkproxy.relay.proxy_protocol import HeaderEncoder
 from forkproxy.relay.refusals import NO_TARGET
 from forkproxy.relay.relaying import OpenRelays, observe
 from forkproxy.relay.seqpacket import MessageRelay
 from forkproxy.relay.splice import NO_TOKEN, Relay, reset_on_close
-from forkproxy.relay.target_connect import TCP_FAMILIES, TargetConnect, send_proxy_header
-from forkproxy.relay.targets import COOLDOWN, FailoverConnect
+from forkproxy.relay.target_connect import TCP_FAMILIES, send_proxy_header
+from forkproxy.relay.targets import COOLDOWN
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.settings.kinds import SEQPACKET
@@ -58,48 +62,6 @@ log = logging.getLogger("forkproxy")
 _RETRY_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE)
 
 
-class _PendingClient:
-    """An admitted client while its connection to a target is being opened."""
-
-    __slots__ = (
-        "connector",
-        "client",
-        "token",
-        "started",
-        "peer",
-        "connect",
-        "route",
-        "counters",
-    )
-
-    def __init__(
-        self,
-        connector: "Connector",
-        client: socket.socket,
-        token: int,
-        peer: object,
-        route: Route,
-        counters: memoryview,
-    ) -> None:
-        self.connector = connector
-        self.client = client
-        # Its admission, for Admitter.release; NO_TOKEN once given back or handed over
-        # to the connection's relay.
-        self.token = token
-        self.started = time.monotonic()
-        self.peer = peer
-        self.connect: TargetConnect | FailoverConnect | BalancedConnect | None = None
-        self.route = route  # its listener's: target group, PROXY header, pipes
-        self.counters = counters  # its listener's row in the worker's slot
-
-    def on_connected(self, target: socket.socket, index: int = -1) -> None:
-        """Connected to target `index` of its route's balancer (-1: a `TargetGroup`'s)."""
-        self.connector.on_target_connected(self, target, index)
-
-    def on_failed(self, error: OSError) -> None:
-        self.connector.on_connect_failed(self, error)
-
-
 class Connector:
     """Connects a worker's admitted clients and hands them to their relays."""
 
@@ -110,7 +72,7 @@ class Connector:
         self.poller = worker.poller
         self.slot = worker.slot
         self.connection_ended = worker.connection_ended
-        self.pending: set[_PendingClient] = set()
+        self.pending: set[PendingClient] = set()
         self.open = OpenRelays(worker, self.crashed)
         self.relays = self.open.relays
         self.on_relay_closed = self.open.on_relay_closed  # where each route's relays end
@@ -140,24 +102,25 @@ class Connector:
         peer: object,
         route: Route,
         counters: memoryview | None = None,
+        trail: Trail | None = None,
+        carried: Carried | None = None,
     ) -> None:
         """Take over an admitted client and connect it to `route`'s targets (`counters`:
-        its listener's row in the worker's slot). Never raises."""
+        its listener's row in the worker's slot; `trail`: its access-log line; `carried`:
+        what its PROXY header said). Never raises."""
         if counters is None:
             counters = spare_row()
-        pending = _PendingClient(self, client, token, peer, route, counters)
+        pending = PendingClient(self, client, token, peer, route, counters, trail, carried)
         self.pending.add(pending)
         self._start_connect(pending)
 
-    def _start_connect(self, pending: _PendingClient) -> None:
+    def _start_connect(self, pending: PendingClient) -> None:
         try:
+            carried = pending.carried
+            # --balance source: by the client's address, the one its PROXY header carried.
+            family, peer = (pending.client.family, pending.peer) if carried is None else carried[:2]
             attempt = pending.route.group.connect(
-                self.loop,
-                self.poller,
-                pending.on_connected,
-                pending.on_failed,
-                pending.client.family,
-                pending.peer,
+                self.loop, self.poller, pending.on_connected, pending.on_failed, family, peer
             )
             # On loopback the connect usually ended (on_target_connected or
             # on_connect_failed ran) inside group.connect(): only an attempt still under
@@ -192,7 +155,7 @@ class Connector:
             )
 
     def on_target_connected(
-        self, pending: _PendingClient, target: socket.socket, index: int = -1
+        self, pending: PendingClient, target: socket.socket, index: int = -1
     ) -> None:
         """The attempt connected: hand client and target over to a new relay. Never raises."""
         if pending not in self.pending:  # released meanwhile, after an internal error
@@ -213,6 +176,8 @@ class Connector:
             route = pending.route
             proxy_header = route.proxy_header
             group = route.group
+            if pending.trail is not None:  # the target as written, when the balancer's
+                pending.trail.connected(target, group.targets[index].text if index >= 0 else "")
             seqpacket = group.targets[0].kind == SEQPACKET
             # Messages: no PROXY header (a stream's), and no splice (it would merge them).
             if (
@@ -251,6 +216,8 @@ class Connector:
             pending.token = NO_TOKEN
             relay.started = pending.started
             relay.peer = pending.peer
+            if pending.trail is not None:
+                relay.log_end = pending.trail.relay_ended
             self.open.add(relay)
             idle_sweep = route.idle_sweep
             if idle_sweep is not None:
@@ -291,14 +258,20 @@ class Connector:
         )
 
     def _send_proxy_header(
-        self, pending: _PendingClient, target: socket.socket, encode: HeaderEncoder, index: int
+        self, pending: PendingClient, target: socket.socket, encode: HeaderEncoder, index: int
     ) -> bool:
         """--proxy-protocol: the header first, in one send(2); False if that failed."""
         client = pending.client
-        family = client.family
+        family: int = client.family
+        peer: object
+        local: object
         try:
-            local = client.getsockname() if family in TCP_FAMILIES else None
-            send_proxy_header(target, encode(pending.peer, local, family))
+            if pending.carried is not None:  # --accept-proxy: pass on what came to us
+                family, peer, local = pending.carried
+            else:
+                peer = pending.peer
+                local = client.getsockname() if family in TCP_FAMILIES else None
+            send_proxy_header(target, encode(peer, local, family))
         except Exception as error:  # ValueError from the encoder too: a failed connect
             target.close()
             text = error.strerror if isinstance(error, OSError) else None
@@ -311,12 +284,12 @@ class Connector:
             return False
         return True
 
-    def on_connect_failed(self, pending: _PendingClient, error: OSError) -> None:
+    def on_connect_failed(self, pending: PendingClient, error: OSError) -> None:
         """Every target failed: close the client (or retry it later). Never raises."""
         if pending in self.pending:  # else released meanwhile, after an internal error
             self._connect_failed(pending, error)
 
-    def _connect_failed(self, pending: _PendingClient, error: OSError) -> None:
+    def _connect_failed(self, pending: PendingClient, error: OSError) -> None:
         pending.connect = None
         try:
             if error.errno in _RETRY_PAUSE_ERRNOS and not self.worker.draining:
@@ -346,16 +319,17 @@ class Connector:
         except Exception as crash:
             self.crashed(pending, crash)
             return
-        self._abandon(pending, abort=False)
+        self._abandon(pending, abort=False, end=connect_end(error))
 
-    def _retry_connect(self, pending: _PendingClient) -> None:
+    def _retry_connect(self, pending: PendingClient) -> None:
         if pending not in self.pending:
             return  # closed meanwhile by the graceful timeout
         self._start_connect(pending)
 
-    def _abandon(self, pending: _PendingClient, abort: bool) -> None:
+    def _abandon(self, pending: PendingClient, abort: bool, end: str) -> None:
         """Release what a client not (or no longer) relayed holds, each thing once: its
-        connect attempt, its socket (closed, with an RST if `abort`), its admission."""
+        connect attempt, its socket (closed, with an RST if `abort`), its admission; its
+        access-log line says `end`."""
         self.pending.discard(pending)
         attempt = pending.connect
         pending.connect = None
@@ -368,6 +342,8 @@ class Connector:
                 if abort:
                     reset_on_close(pending.client)
                 pending.client.close()
+                if pending.trail is not None:
+                    pending.trail.finish(end)
         finally:
             if token != NO_TOKEN:
                 self.connection_ended(token)
@@ -377,14 +353,14 @@ class Connector:
         relay."""
         for pending in list(self.pending):
             try:
-                self._abandon(pending, abort=False)
+                self._abandon(pending, abort=False, end=END_STOPPED)
             except Exception as error:
                 self.crashed(pending, error)
         self.open.abort_all()
 
     # -- internal errors -----------------------------------------------------------------
 
-    def owner_of(self, fd: int) -> "Relay | _PendingClient | None":
+    def owner_of(self, fd: int) -> "Relay | PendingClient | None":
         """The connection whose socket is `fd`, if any (looked up only after an error)."""
         relay = self.open.owner_of(fd)
         if relay is not None:
@@ -395,7 +371,7 @@ class Connector:
                 return pending
         return None
 
-    def crashed(self, connection: "Relay | _PendingClient", error: Exception) -> None:
+    def crashed(self, connection: "Relay | PendingClient", error: Exception) -> None:
         """An exception escaped from `connection`'s code: one warning, and everything it
         holds released, the connection aborted (an RST to its peers). Never raises."""
         peer = format_sockaddr(connection.client.family, connection.peer)
@@ -404,6 +380,6 @@ class Connector:
             if isinstance(connection, Relay):
                 connection.salvage(INTERNAL_ERROR)
             else:
-                self._abandon(connection, abort=True)
+                self._abandon(connection, abort=True, end=END_CONNECT_FAILED)
         except Exception as again:
             self.internal_errors.report_other(f"releasing the connection from {peer}", again)

@@ -63,6 +63,13 @@ def engine_supports(config: Config) -> str | None:
     for settings in (config.global_settings(), *config.listeners):
         if len(settings.targets) > _MAX_TARGETS_PER_ROUTE:
             return f"more than {_MAX_TARGETS_PER_ROUTE} targets for one listener"
+    for settings in (config.global_settings(), *config.listeners):
+        # The compiled engine neither writes the access log nor reads PROXY headers yet
+        # (csrc/ has the line format and the parser, not wired into its relay).
+        if settings.access_log:
+            return "--access-log"
+        if settings.accept_proxy:
+            return "--accept-proxy"
     if config.log_level == "debug":
         # The per-connection lines (how each one ended) are the Python engine's.
         return "--log-level=debug (a line per connection)"

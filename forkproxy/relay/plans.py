@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from forkproxy.relay.accept_proxy import AcceptProxy
+from forkproxy.relay.access_log import AccessLogFiles, ListenerLog
 from forkproxy.relay.balance import Balancer
 from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
@@ -24,6 +26,7 @@ from forkproxy.relay.splice import Direction, IdleDirection, Relay
 from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions
 from forkproxy.relay.targets import TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_idle, sweep_interval
+from forkproxy.settings.address import TargetAddress
 from forkproxy.settings.config import Config, ListenerSettings
 from forkproxy.settings.options import tcp_socket_options
 from forkproxy.shared.layout import ROW_WORDS, WORD
@@ -103,6 +106,8 @@ class ListenerPlan:
         "source_limit",
         "route",
         "counters",
+        "accept_proxy",
+        "log",
     )
 
     def __init__(
@@ -112,6 +117,8 @@ class ListenerPlan:
         source_limit: int,
         route: Route,
         counters: memoryview | None = None,
+        accept_proxy: AcceptProxy | None = None,
+        log: ListenerLog | None = None,
     ) -> None:
         self.listener = listener
         # The listener's row in the worker's slot: clients admitted, refused by reason.
@@ -121,6 +128,8 @@ class ListenerPlan:
         self.client_options = client_options  # setsockopt(2) on each client: TCP only
         self.source_limit = source_limit  # --connections-max-per-source; 0: none
         self.route = route
+        self.accept_proxy = accept_proxy  # --accept-proxy: read a PROXY header first
+        self.log = log  # --access-log: writes its connections' lines
 
 
 def make_plans(
@@ -129,10 +138,12 @@ def make_plans(
     connector: "Connector",
     pools: dict[int, PipePool],
     targets: WorkerTargets | None = None,
+    access_logs: AccessLogFiles | None = None,
 ) -> dict[int, ListenerPlan]:
-    """Each listener's plan, by fd. `pools` gets a pool per pipe size used (the worker
-    closes them). With `targets`, a listener that has rows in the target table gets a
-    `Balancer` (balance.py); else a `TargetGroup` of this worker's own."""
+    """Each listener's plan, by fd. `pools` gets a pool per pipe size used, and
+    `access_logs` a file per --access-log path used (the worker closes both). With
+    `targets`, a listener that has rows in the target table gets a `Balancer`
+    (balance.py); else a `TargetGroup` of this worker's own."""
     routes: dict[tuple[ListenerSettings, ListenerTargets | None], Route] = {}
     groups: dict[tuple[object, ...], TargetGroup | Balancer] = {}
     plans = {}
@@ -158,12 +169,23 @@ def make_plans(
                 group = groups[key] = _group(settings, tcp_options, rows, targets, connector)
             route = routes[shared] = _route(settings, group, connector, pools)
         family = listener.sock.family
+        listener_log = None
+        if settings.access_log and access_logs is not None:
+            listener_log = access_logs.listener_log(
+                settings.access_log,
+                settings.access_log_format,
+                listener.name or listener.label,
+                connector.worker.spec.slot,
+                _fixed_target(settings.targets + settings.backup),
+            )
         plans[listener.fd] = ListenerPlan(
             listener,
             tcp_options if family in TCP_FAMILIES else (),
             settings.connections_max_per_source,
             route,
             None if targets is None else targets.counters.get(listener.fd),
+            AcceptProxy(settings) if settings.accept_proxy else None,
+            listener_log,
         )
     return plans
 
@@ -222,6 +244,13 @@ def _route(
 
         idle = (LazySweep(connector.loop, sweep_interval(timeout), relays, sweep), relays)
     return Route(group, proxy_header, pool, connector.on_relay_closed, idle)
+
+
+def _fixed_target(targets: tuple[TargetAddress, ...]) -> str:
+    """The text of a listener's one target when it is an address, not a name to resolve."""
+    if len(targets) == 1 and targets[0].sockaddr is not None:
+        return targets[0].text
+    return ""
 
 
 def min_connect_timeout(listeners: Iterable[Listener], config: Config) -> float:

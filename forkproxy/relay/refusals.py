@@ -28,6 +28,7 @@ REFUSAL_WORDS = {
     REFUSED_BUSY: L_REFUSED + LISTENER_REFUSALS.index("busy"),
 }
 NO_TARGET = L_REFUSED + LISTENER_REFUSALS.index("no_target")
+PROXY_HEADER = L_REFUSED + LISTENER_REFUSALS.index("proxy_header")  # accept_proxy.py
 
 
 class Refusals:
@@ -67,6 +68,10 @@ class Refusals:
         self.slot[REFUSED] += 1
         counters[REFUSAL_WORDS[why]] += 1
         os.close(fd)
+        self.log_refusal(family, peer, why, source_limit)
+
+    def log_refusal(self, family: int, peer: object, why: int, source_limit: int) -> None:
+        """The refusal's line, one per interval and reason."""
         if why == REFUSED_CAP:
             self.at_cap.log(
                 "connection cap %d reached, refusing connection from %s",

@@ -63,6 +63,9 @@ class OpenRelays:
                     format_sockaddr(relay.client.family, relay.peer),
                     error,
                 )
+            log_end = relay.log_end
+            if log_end is not None:
+                log_end(relay)
             observe(
                 self.slot,
                 CONNECTION_DURATION_BUCKETS,

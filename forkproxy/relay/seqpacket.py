@@ -68,7 +68,7 @@ class MessageDirection(Direction):
             except BlockingIOError:
                 return
             except OSError as error:
-                self._fail(error)
+                self._fail(error, self.src_fd)
                 return
             if count == 0 and _ended(self.src_fd):
                 self.eof = True
@@ -80,6 +80,7 @@ class MessageDirection(Direction):
                 return
             if not self._send(self.view[:count]):
                 return
+            self.moved += count
             self.counters[self.counter_field] += count
             self.target_counters[self.target_field] += count
 
@@ -92,7 +93,7 @@ class MessageDirection(Direction):
             pass
         except OSError as error:
             if error.errno != errno.EMSGSIZE or not grow_send_buffer(self.dst, len(message)):
-                self._fail(error)
+                self._fail(error, self.dst_fd)
                 return False
             try:  # our send buffer was smaller than the sender's: it takes it now
                 self.send(message)
@@ -100,7 +101,7 @@ class MessageDirection(Direction):
             except BlockingIOError:
                 pass
             except OSError as again:
-                self._fail(again)
+                self._fail(again, self.dst_fd)
                 return False
         self.held = bytes(message)
         self._pause_reading()
@@ -118,9 +119,10 @@ class MessageDirection(Direction):
         except BlockingIOError:
             return
         except OSError as error:
-            self._fail(error)
+            self._fail(error, self.dst_fd)
             return
         self.held = None
+        self.moved += len(held)
         self.counters[self.counter_field] += len(held)
         self.target_counters[self.target_field] += len(held)
         self.writing = False

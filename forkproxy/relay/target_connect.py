@@ -39,6 +39,10 @@ _monotonic = time.monotonic
 SocketOptions = tuple[tuple[int, int, int], ...]  # (level, option, value) for setsockopt(2)
 
 
+class NoAddress(OSError):
+    """A target's name resolved to no address to connect to (the access log's no-target)."""
+
+
 def set_socket_options(sock: socket.socket, options: SocketOptions) -> None:
     """Apply `options` to a TCP socket; OSError if the kernel refuses one."""
     setsockopt = sock.setsockopt
@@ -166,7 +170,7 @@ class TargetConnect:
             ]
         except Exception as error:  # not CancelledError, a BaseException: expire() cancels
             self._task = None
-            self._fail(OSError(errno.EHOSTUNREACH, f"cannot resolve '{target.host}': {error}"))
+            self._fail(NoAddress(errno.EHOSTUNREACH, f"cannot resolve '{target.host}': {error}"))
             return
         self._task = None
         if self._finished:
@@ -211,7 +215,7 @@ class TargetConnect:
                 return
             sock.close()
             self._error = OSError(code, strerror(code))
-        self._fail(self._error or OSError(errno.EHOSTUNREACH, "no address to connect to"))
+        self._fail(self._error or NoAddress(errno.EHOSTUNREACH, "no address to connect to"))
 
     def _on_writable(self) -> None:
         sock = self._sock

@@ -27,6 +27,7 @@ from setproctitle import setproctitle
 
 from forkproxy import logs
 from forkproxy.relay.accepting import Acceptor
+from forkproxy.relay.access_log import AccessLogFiles
 from forkproxy.relay.compiled import CompiledRelay, stream_listener_rows
 from forkproxy.relay.connecting import Connector
 from forkproxy.relay.datagram import DatagramRelay
@@ -137,9 +138,17 @@ class Worker:
         failpoint = failpoint_from_environment()  # tests only: see failpoints.py
         self.connector = Connector(self, failpoint)
         self.internal_errors = self.connector.internal_errors
+        self.access_logs = AccessLogFiles(self.slot)  # --access-log files; ours to close
         plans = make_plans(
-            self.listeners, config, self.connector, self.pools, self._worker_targets(spec)
+            self.listeners,
+            config,
+            self.connector,
+            self.pools,
+            self._worker_targets(spec),
+            self.access_logs,
         )
+        if self.access_logs:
+            self.loop.add_signal_handler(signal.SIGUSR1, self.access_logs.reopen)
         self.datagrams: DatagramRelay | None = None
         if datagram_listeners:
             assert self.message_buffer is not None
@@ -232,6 +241,7 @@ class Worker:
             self.poller.close()
             for pool in self.pools.values():
                 pool.close()
+            self.access_logs.close()
         return EXIT_OK
 
     def connection_ended(self, token: int) -> None:
@@ -266,6 +276,7 @@ class Worker:
             not connector.relays
             and not connector.pending
             and self.acceptor.held is None
+            and not self.acceptor.headers
             and not self.datagrams
             and (self.compiled is None or self.compiled.idle())
         )
@@ -339,6 +350,7 @@ class Worker:
             self._open_count(),
         )
         self.acceptor.drop_held()  # queue mode: a client still waiting for capacity
+        self.acceptor.headers.close_all()  # --accept-proxy: clients sending their header
         self.connector.close_all()
         if self.compiled is not None:
             self.compiled.close_all()

@@ -87,7 +87,7 @@ class _Assembly:
 
     def config(self) -> Config:
         values: dict[str, Any] = {}
-        for dest in VALUES.keys() | {"nodelay", "inetd"}:
+        for dest in VALUES.keys() | {"nodelay", "inetd", "accept_proxy"}:
             if dest in ("targets", "listen", "route"):
                 continue
             given = self.given(dest)
@@ -143,9 +143,9 @@ class _Assembly:
             return _DEFAULTS[dest]
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, tuple):  # a repeatable option (--backup): each text parsed
+        if isinstance(raw, tuple):  # a repeatable option (--backup, --accept-proxy-from)
             parsed = [self.parse(dest, text, given.where) for text in raw]
-            return tuple(value for value in parsed if value is not _BAD)
+            return _BAD if any(one is _BAD for one in parsed) else tuple(parsed)
         assert isinstance(raw, str)
         value = self.parse(dest, raw, given.where)
         if value is not _BAD and dest not in _NOT_CHECKED_ALONE:

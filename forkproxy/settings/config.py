@@ -11,6 +11,8 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+from typing import TypeAlias
 
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import ListenAddress, TargetAddress
@@ -37,6 +39,7 @@ DEFAULT_WORKER_TIMEOUT = 30.0
 MIN_WORKER_TIMEOUT = 1.0
 DEFAULT_SOCKET_MODE = 0o666  # SocketMode= default in systemd.socket(5)
 MAX_WORKERS = 128
+IPNetwork: TypeAlias = "IPv4Network | IPv6Network"
 # Relay option defaults; docs/relay-options.md gives the measurements behind the last two.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_NODELAY = True
@@ -46,6 +49,9 @@ PIPE_SIZE_MAX = 1 << 30
 MAX_CONNECTIONS_PER_SOURCE = 32767  # fits the per-slot uint16 counts of the per-source table
 DEFAULT_DATAGRAM_TIMEOUT = 30.0  # a datagram session ends after this long without traffic
 MAX_DATAGRAM_REPLIES = 1 << 32
+DEFAULT_ACCEPT_PROXY_TIMEOUT = 5.0  # a PROXY header must have arrived by then
+ACCESS_LOG_FORMATS = ("logfmt", "json")
+ACCEPT_PROXY_UNTRUSTED = ("reject", "direct")
 # Active health checks (supervisor/health.py): off by default.
 MIN_CHECK_INTERVAL = 0.01  # the master's loop, not a busy one
 DEFAULT_CHECK_RISE = 2  # checks passed in a row that make a down target up
@@ -78,6 +84,12 @@ class ListenerSettings:
     connections_max_per_source: int = 0  # 0: no per-source limit
     datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT  # datagram listeners' sessions
     datagram_replies: int = 0  # a session ends after this many replies; 0: no limit
+    access_log: str = ""  # a file's path, "-" for standard error; "": none
+    access_log_format: str = "logfmt"
+    accept_proxy: bool = False  # read a PROXY header first on every connection
+    accept_proxy_from: tuple[IPNetwork, ...] = ()  # peers trusted to send one; (): all
+    accept_proxy_untrusted: str = "reject"  # or "direct": an untrusted peer as it is
+    accept_proxy_timeout: float = DEFAULT_ACCEPT_PROXY_TIMEOUT
     check_interval: float = 0.0  # active health checks this often; 0 (or infinity): none
     check_http: str = ""  # the path of an HTTP check; "": a check only connects
     check_rise: int = DEFAULT_CHECK_RISE
@@ -142,6 +154,12 @@ class Config:
     connections_max_per_source: int = 0  # 0: no per-source limit
     datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT
     datagram_replies: int = 0  # a datagram session ends after this many replies; 0: none
+    access_log: str = ""  # a file's path, "-" for standard error; "": none
+    access_log_format: str = "logfmt"
+    accept_proxy: bool = False
+    accept_proxy_from: tuple[IPNetwork, ...] = ()
+    accept_proxy_untrusted: str = "reject"
+    accept_proxy_timeout: float = DEFAULT_ACCEPT_PROXY_TIMEOUT
     check_interval: float = 0.0  # active health checks (ListenerSettings says more)
     check_http: str = ""
     check_rise: int = DEFAULT_CHECK_RISE
@@ -240,6 +258,17 @@ def _check_relay_options(settings: "Config | ListenerSettings") -> None:
         )
     if settings.datagram_timeout <= 0:
         raise UsageError("--datagram-timeout= must be longer than 0")
+    if settings.access_log_format not in ACCESS_LOG_FORMATS:
+        raise UsageError(
+            f"--access-log-format= must be logfmt or json, got '{settings.access_log_format}'"
+        )
+    if settings.accept_proxy_untrusted not in ACCEPT_PROXY_UNTRUSTED:
+        raise UsageError(
+            "--accept-proxy-untrusted= must be reject or direct, "
+            f"got '{settings.accept_proxy_untrusted}'"
+        )
+    if settings.accept_proxy_timeout <= 0:
+        raise UsageError("--accept-proxy-timeout= must be longer than 0")
     if not 0 <= settings.datagram_replies <= MAX_DATAGRAM_REPLIES:
         raise UsageError(
             f"--datagram-replies= must be in 0-{MAX_DATAGRAM_REPLIES}, "

@@ -8,6 +8,7 @@ already) says `time span`. Flags (`--nodelay`, `--inetd`) have no text and no en
 Never touches sockets or files.
 """
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,12 @@ from forkproxy.settings.address import (
     parse_target,
 )
 from forkproxy.settings.config import (
+    ACCEPT_PROXY_UNTRUSTED,
+    ACCESS_LOG_FORMATS,
     BALANCE_MODES,
     PIPE_SIZE_MAX,
     PIPE_SIZE_MIN,
+    IPNetwork,
     http_path_problem,
 )
 from forkproxy.settings.options import (
@@ -92,6 +96,35 @@ def _format_keepalive(value: KeepAlive) -> str:
     return f"{format_timespan(value.idle)},{format_timespan(value.interval)},{value.probes}"
 
 
+def access_log(text: str, what: str) -> str:
+    """A file's path, or "-" for standard error; opened by the workers, checked at start."""
+    if not text or "\0" in text:
+        raise UsageError(f"invalid {what} {quote(text)}: expected a file's path or -")
+    return text
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    """A parser of a word among `choices` (any case)."""
+
+    def parse(text: str, what: str) -> str:
+        word = text.strip().lower()
+        if word not in choices:
+            raise UsageError(f"invalid {what} {quote(text)}: expected {' or '.join(choices)}")
+        return word
+
+    return parse
+
+
+def network(text: str, what: str) -> IPNetwork:
+    """CIDR: 10.0.0.0/8, 2001:db8::/32, or one address (a /32 or /128)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise UsageError(
+            f"invalid {what} {quote(text)}: expected an IP network such as 10.0.0.0/8 or an address"
+        ) from None
+
+
 def http_path(text: str, what: str) -> str:
     """--check-http PATH: the path of an HTTP check, as sent in its request line."""
     problem = http_path_problem(text) if text else "must be a path starting with '/'"
@@ -141,6 +174,11 @@ VALUES: dict[str, ValueSyntax] = {
     "connections_max_per_source": ValueSyntax(whole_number, "number"),
     "datagram_timeout": ValueSyntax(time_span, "time span", format_timespan),
     "datagram_replies": ValueSyntax(whole_number, "number"),
+    "access_log": ValueSyntax(access_log, "path"),
+    "access_log_format": ValueSyntax(one_of(ACCESS_LOG_FORMATS), "value"),
+    "accept_proxy_from": ValueSyntax(network, "network"),
+    "accept_proxy_untrusted": ValueSyntax(one_of(ACCEPT_PROXY_UNTRUSTED), "value"),
+    "accept_proxy_timeout": ValueSyntax(time_span, "time span", format_timespan),
     "check_interval": ValueSyntax(time_span, "time span", format_timespan),
     "check_http": ValueSyntax(http_path, "path"),
     "check_rise": ValueSyntax(whole_number, "number"),

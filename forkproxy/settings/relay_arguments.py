@@ -11,6 +11,7 @@ import re
 
 from forkproxy.errors import UsageError
 from forkproxy.settings.config import (
+    DEFAULT_ACCEPT_PROXY_TIMEOUT,
     DEFAULT_CHECK_FALL,
     DEFAULT_CHECK_RISE,
     DEFAULT_CHECK_TIMEOUT,
@@ -127,6 +128,48 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_check_arguments(parser)
     add_balance_arguments(parser)
+    add_access_arguments(parser)
+
+
+def add_access_arguments(parser: argparse.ArgumentParser) -> None:
+    """The access log's and --accept-proxy's options (per listener in a file too)."""
+    parser.add_argument(
+        "--access-log",
+        metavar="PATH",
+        help="write one line per connection, when it ends, to the file PATH (appended to; "
+        "SIGUSR1 reopens it), or to standard error with '-' (default: none)",
+    )
+    parser.add_argument(
+        "--access-log-format",
+        metavar="FORMAT",
+        help="the access log's lines: logfmt (the default) or json",
+    )
+    parser.add_argument(
+        "--accept-proxy",
+        action="store_true",
+        help="read a PROXY protocol header (v1 or v2) first on every connection and take "
+        "the client's address from it",
+    )
+    parser.add_argument(
+        "--accept-proxy-from",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="with --accept-proxy, only peers in this network may send a header; "
+        "repeatable (default: any peer)",
+    )
+    parser.add_argument(
+        "--accept-proxy-untrusted",
+        metavar="MODE",
+        help="a connection from outside --accept-proxy-from: reject (close it, the "
+        "default) or direct (relay it as it is, under its own address)",
+    )
+    parser.add_argument(
+        "--accept-proxy-timeout",
+        metavar="TIME",
+        help="close a connection whose PROXY header has not arrived after TIME "
+        f"(default {format_timespan(DEFAULT_ACCEPT_PROXY_TIMEOUT)})",
+    )
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:

@@ -250,6 +250,34 @@ class Admitter:
         finally:
             _unlock(mutex)
 
+    def admit_source(self, key: bytes, limit: int) -> int:
+        """Count a connection already admitted without a key (`admit(None)`: it holds a
+        unit of the global cap) against source `key`, once its address is known (a PROXY
+        header carried it), if the source has fewer than `limit` (0: SOURCE_LIMIT).
+
+        Returns the per-source row, which `release` then takes instead of ADMITTED (it
+        gives back the unit and the row's count); ADMITTED if no limit applies; or
+        REFUSED_SOURCE, REFUSED_BUSY, and the connection keeps only its unit.
+        """
+        mutex = self._mutex
+        code = _trylock(mutex)
+        if code and not self._lock_contended(code):
+            return REFUSED_BUSY
+        try:
+            if limit <= 0:
+                limit = self._header[_SOURCE_LIMIT]
+            if limit <= 0:
+                return ADMITTED
+            high_water = max(min(self._header[_HIGH_WATER], MAX_SLOTS), self.slot + 1)
+            table = self._table
+            row = table.find_or_claim(key, high_water)
+            if row < 0 or table.total(row, high_water) >= limit:
+                return REFUSED_SOURCE
+            self._own_counts[row] += 1
+            return row
+        finally:
+            _unlock(mutex)
+
     def release(self, row: int) -> None:
         """Give back what `admit` returned: call once the connection's fds are closed."""
         if row >= 0:

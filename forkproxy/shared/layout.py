@@ -49,9 +49,15 @@ generations of up to 128 workers each). The first SLOT_WORDS int64 words, by ind
                                                               it after reaping the worker
   44     WAITING               1 while this worker counts     worker
                                itself in WAITERS
-  45-63  reserved
-  The counters 7-42 are folded into RETIRED when the worker is reaped, so totals never
-  go backwards.
+  45     ACCESS_LOG_DROPPED    access-log lines not written   worker
+                               (a full disk, EAGAIN, EIO)
+  46-58  PROXY_HEADER_ERRORS   connections closed for their   worker
+         + reason's index      PROXY header (--accept-proxy),
+                               by relay/accept_proxy.METRIC_REASONS
+  59-63  reserved
+  The counters 7-42 and 45-58 (SLOT_COUNTERS) are folded into RETIRED when the worker is
+  reaped, so totals never go backwards. (45-58 were reserved words, zero in an older
+  mapping, so the layout version stays.)
 
   Then, per-listener and per-target metrics (each row is ROW_WORDS int64 words of this
   worker, written by it only, folded into RETIRED_ROWS when it is reaped):
@@ -213,7 +219,14 @@ COUNTERS_END = CONNECTION_DURATION_SUM_NS + 1  # counters: [FIRST_COUNTER, COUNT
 
 HELD = COUNTERS_END
 WAITING = HELD + 1
-assert WAITING < SLOT_WORDS
+ACCESS_LOG_DROPPED = WAITING + 1
+PROXY_HEADER_ERRORS = ACCESS_LOG_DROPPED + 1  # + the reason's index
+PROXY_HEADER_REASONS_MAX = 13  # words for relay/accept_proxy.METRIC_REASONS
+SLOT_COUNTERS = (
+    *range(FIRST_COUNTER, COUNTERS_END),
+    *range(ACCESS_LOG_DROPPED, PROXY_HEADER_ERRORS + PROXY_HEADER_REASONS_MAX),
+)
+assert PROXY_HEADER_ERRORS + PROXY_HEADER_REASONS_MAX <= SLOT_WORDS
 
 ROW_WORDS = 16
 MAX_LISTENERS = 64
@@ -331,6 +344,8 @@ def engine_offsets() -> dict[str, object]:
         "max_slots": MAX_SLOTS,
         "held": HELD * WORD,
         "waiting": WAITING * WORD,
+        "access_log_dropped": ACCESS_LOG_DROPPED * WORD,
+        "proxy_header_errors": PROXY_HEADER_ERRORS * WORD,
         "pid": PID * WORD,
         "state": STATE * WORD,
         "heartbeat_ns": HEARTBEAT_NS * WORD,

@@ -29,8 +29,6 @@ from forkproxy.shared.layout import (
     CONNECTION_DURATION_BOUNDS,
     CONNECTION_DURATION_BUCKETS,
     CONNECTION_DURATION_SUM_NS,
-    COUNTERS_END,
-    FIRST_COUNTER,
     GENERATION,
     HEARTBEAT_NS,
     LAST_ACTIVITY_NS,
@@ -44,6 +42,7 @@ from forkproxy.shared.layout import (
     RETIRED_ROWS,
     ROW_WORDS,
     SLOT_BYTES,
+    SLOT_COUNTERS,
     SLOT_HIGH_WATER,
     SLOT_STRIDE,
     SLOT_WORDS,
@@ -180,7 +179,7 @@ class Scoreboard:
         start = index * SLOT_STRIDE
         retired = self._retired
         base = index * SLOT_WORDS
-        for field in range(FIRST_COUNTER, COUNTERS_END):
+        for field in SLOT_COUNTERS:
             retired[base + field] += self._words[start + field]
         self._words[start : start + SLOT_WORDS] = _ZEROS
         rows = [(start + _ROWS + n * ROW_WORDS, n * ROW_WORDS) for n in range(self.listener_rows)]

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Mapping, Sequence
 
 from forkproxy.errors import ForkproxyError, UsageErrors
+from forkproxy.relay.access_log import access_log_problems
 from forkproxy.relay.splice import check_pipe_size
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.settings.config import RELAY_OPTIONS, Config, ListenerSettings
@@ -45,6 +46,7 @@ def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> 
     if listeners:
         problems += listener_problems(config, listeners)
     problems += _resolve_targets(config)
+    problems += access_log_problems(config)
     for size in sorted({settings.pipe_size for settings in _all_settings(config)}):
         try:
             check_pipe_size(size)
@@ -94,6 +96,8 @@ def kind_problems(config: Config, listeners: Sequence[ListenerKind]) -> list[str
     for name, label, kind in listeners:
         settings = config.settings_for(name)
         why = kind_mismatch(kind, settings.targets + settings.backup)
+        if why is None and settings.accept_proxy and kind != socket.SOCK_STREAM:
+            why = "--accept-proxy needs a stream listener (a PROXY header starts a stream)"
         if why is not None:
             where = f" ({settings.origin})" if settings.origin else ""
             problems.append(f"cannot relay listener {label}{where}: {why}")
@@ -176,6 +180,6 @@ def _route_line(listener: str, settings: ListenerSettings) -> str:
 def _format(dest: str, value: object) -> str:
     if isinstance(value, bool) or value == KeepAlive():
         return "true" if value else "false"
-    if isinstance(value, tuple):  # a repeatable option's (--backup)
-        return ",".join(VALUES[dest].format(one) for one in value)
+    if isinstance(value, tuple):  # a repeatable option's values (--backup, ...)
+        return ",".join(VALUES[dest].format(item) for item in value)
     return VALUES[dest].format(value)

@@ -1,26 +1,58 @@
-"""Listening sockets forkproxy binds itself from --listen addresses, and their cleanup.
+"""The master's listening sockets: passed by systemd, or bound from --listen; their cleanup.
 
-Binds exactly what was asked (a bare PORT is dual-stack, as ListenStream= and
-ListenDatagram= make it), of the socket type asked (stream, datagram, sequential
-packet), and creates unix socket files with the requested mode from the start (no window
-with a wider one). Removes at exit only the socket files it created.
+Adopts what systemd passed (activation.py), else binds the --listen addresses. Binds
+exactly what was asked (a bare PORT is dual-stack, as ListenStream= and ListenDatagram=
+make it), of the socket type asked (stream, datagram, sequential packet), and creates
+unix socket files with the requested mode from the start (no window with a wider one).
+Removes at exit only the socket files it created.
 """
 
 import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.address import ListenAddress, format_sockaddr
+from forkproxy.settings.config import Config
 from forkproxy.settings.quoting import quote
 from forkproxy.shared.listener import Listener
+from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
 
 BACKLOG = 4096  # Backlog= default in systemd.socket(5): SOMAXCONN
 # SO_RCVBUF of a datagram socket bound by --listen (the kernel doubles it, and caps the
 # request at net.core.rmem_max): a few dozen full-size datagrams waiting for the worker.
 DATAGRAM_RECEIVE_BUFFER = 4 << 20
+
+log = logging.getLogger("forkproxy")
+
+
+def open_listeners(
+    config: Config, passed: list[tuple[int, str]]
+) -> tuple[list[Listener], list[Listener], bool]:
+    """The master's sockets: the listeners, the metrics sockets systemd passed (named
+    "metrics", never proxied), and whether the listeners were bound here from --listen
+    (then ours to close and unlink) rather than passed."""
+    metrics = [adopt_listener(fd, name) for fd, name in passed if name == METRICS_FD_NAME]
+    passed = [(fd, name) for fd, name in passed if name != METRICS_FD_NAME]
+    if passed:
+        if config.listen:
+            log.info("systemd passed %d sockets: ignoring --listen", len(passed))
+        return [adopt_listener(fd, name) for fd, name in passed], metrics, False
+    listeners: list[Listener] = []
+    try:
+        if not config.listen:
+            raise ForkproxyError(
+                "no sockets passed in by systemd (LISTEN_FDS) and no --listen address given"
+            )
+        for address in config.listen:
+            listeners.append(bind_listener(address, config.socket_mode))
+    except ForkproxyError:
+        close_listeners(listeners + metrics)
+        raise
+    return listeners, metrics, True
 
 
 def bind_listener(address: ListenAddress, socket_mode: int) -> Listener:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from setproctitle import setproctitle
 
 from forkproxy.errors import ForkproxyError, UsageErrors
+from forkproxy.relay.access_log import check_access_logs
 from forkproxy.relay.splice import check_pipe_size
 from forkproxy.settings.config import Config, ListenerSettings
 from forkproxy.settings.timespan import format_timespan
@@ -35,13 +36,14 @@ from forkproxy.shared.listener import Listener
 from forkproxy.shared.mapping import SharedMapping
 from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
 from forkproxy.shared.scoreboard import Scoreboard
-from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
+from forkproxy.supervisor.activation import METRICS_FD_NAME
 from forkproxy.supervisor.check import listener_problems
 from forkproxy.supervisor.health import Checker
 from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
-from forkproxy.supervisor.listeners import bind_listener, close_listeners
+from forkproxy.supervisor.listeners import bind_listener, close_listeners, open_listeners
 from forkproxy.supervisor.notify import Notifier, watchdog_interval
 from forkproxy.supervisor.readiness import Readiness
+from forkproxy.supervisor.reopen import reopen_access_logs
 from forkproxy.supervisor.routes import startup_line
 from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
 from forkproxy.supervisor.target_rows import TargetRows
@@ -92,7 +94,8 @@ class Master:
             signal.SIGHUP: lambda: self.pool.rotate(),  # graceful rotation of all workers
             signal.SIGTTIN: self.on_sigttin,
             signal.SIGTTOU: self.on_sigttou,
-            signal.SIGUSR1: self.on_sigusr1,
+            # The workers reopen their access-log files (supervisor/reopen.py).
+            signal.SIGUSR1: lambda: reopen_access_logs(self.config, self.pool.workers.values()),
             signal.SIGUSR2: self.on_sigusr2,
         }
         for signum in UNUSED_SIGNALS:
@@ -104,13 +107,16 @@ class Master:
 
     def _setup(self) -> None:
         fd_limit = raise_fd_limit()
-        self.listeners = self._open_listeners()
+        self.listeners, self.metrics_listeners, self.listeners_bound = open_listeners(
+            self.config, self.passed
+        )
         # --metrics is bound only if systemd passed no socket named "metrics".
         if self.config.metrics is not None and self.metrics_listeners:
             log.info("systemd passed a '%s' socket: ignoring --metrics", METRICS_FD_NAME)
         elif self.config.metrics is not None:
             self.metrics_listeners = [bind_listener(self.config.metrics, self.config.socket_mode)]
         check_fd_limit(fd_limit, self.config.connections_max)
+        check_access_logs(self.config)  # each worker opens them: can it?
         # What can only be checked with the listeners and the kernel at hand.
         problems = listener_problems(
             self.config, [(one.name, one.label, one.kind) for one in self.listeners]
@@ -179,31 +185,6 @@ class Master:
 
     def _settings(self, listener: Listener) -> ListenerSettings:
         return self.config.settings_for(listener.name)
-
-    def _open_listeners(self) -> list[Listener]:
-        passed = self.passed
-        # A passed socket named "metrics" serves metrics and is never proxied.
-        self.metrics_listeners = [
-            adopt_listener(fd, name) for fd, name in passed if name == METRICS_FD_NAME
-        ]
-        passed = [(fd, name) for fd, name in passed if name != METRICS_FD_NAME]
-        if passed:
-            if self.config.listen:
-                log.info("systemd passed %d sockets: ignoring --listen", len(passed))
-            return [adopt_listener(fd, name) for fd, name in passed]
-        if not self.config.listen:
-            raise ForkproxyError(
-                "no sockets passed in by systemd (LISTEN_FDS) and no --listen address given"
-            )
-        listeners: list[Listener] = []
-        try:
-            for address in self.config.listen:
-                listeners.append(bind_listener(address, self.config.socket_mode))
-        except ForkproxyError:
-            close_listeners(listeners)
-            raise
-        self.listeners_bound = True
-        return listeners
 
     def _drop_master_resources(self) -> None:
         """In a new worker: close what only the master uses."""
@@ -344,9 +325,6 @@ class Master:
     def on_sigttou(self) -> None:
         if self.pool.remove_worker():  # the last one not yet serving may have gone
             self.readiness.on_serving()
-
-    def on_sigusr1(self) -> None:
-        log.info("SIGUSR1: no log files to reopen")  # TODO(#19): reopen the access log
 
     def on_sigusr2(self) -> None:
         log.warning("SIGUSR2 is kept for reloading, ignoring it")  # TODO(#17): reload

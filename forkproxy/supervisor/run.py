@@ -48,6 +48,10 @@ def run(config: Config) -> int:
 
 def _relay_connection(config: Config, fd: int, what: str) -> int:
     why = kind_mismatch(STREAM, config.targets + config.backup)
+    if why is None and config.access_log:
+        why = "--access-log is written by workers, and a passed connection has none"
+    if why is None and config.accept_proxy:
+        why = "--accept-proxy is read by workers, and a passed connection has none"
     if why is not None:
         raise ForkproxyError(f"cannot relay the stream connection on {what}: {why}")
     # Imported here: the one-shot relay needs uvloop, which a master never loads (the

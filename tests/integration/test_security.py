@@ -195,6 +195,12 @@ DAEMON_OPTIONS = (
     "--route",
     "--datagram-timeout",
     "--datagram-replies",
+    "--access-log",
+    "--access-log-format",
+    "--accept-proxy",
+    "--accept-proxy-from",
+    "--accept-proxy-untrusted",
+    "--accept-proxy-timeout",
     "--check-interval",
     "--check-http",
     "--check-rise",
@@ -269,6 +275,7 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
     for directory in (cwd, home, tmp, given):
         directory.mkdir()
     front, metrics, units = given / "front.sock", given / "metrics.sock", given / "units"
+    access_log = given / "access.log"
     env = {"HOME": str(home), "TMPDIR": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"}
     traces = []
 
@@ -292,6 +299,10 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
             *("--on-limit", "queue", "--max-connections-per-source", "5"),
             *("--connections-max-per-source", "5"),
             *("--datagram-timeout", "10s", "--datagram-replies", "1"),
+            *("--access-log", str(access_log), "--access-log-format", "json"),
+            # 127.0.0.1 is not trusted to send a header: its clients are relayed directly.
+            *("--accept-proxy", "--accept-proxy-from", "10.0.0.0/8"),
+            *("--accept-proxy-untrusted", "direct", "--accept-proxy-timeout", "5s"),
             # One check in the test's time (fall 3): the echo targets stay up.
             *("--check-interval", "1h", "--check-http", "/", "--check-rise", "1"),
             *("--check-fall", "3", "--check-timeout", "2s"),
@@ -359,9 +370,9 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
 
     unit_files = {str(units / "web.socket"), str(units / "web.service")}
     unit_files |= {str(units / "web-metrics.socket")} & {str(p) for p in units.iterdir()}
-    assert listing([cwd, home, tmp, given]) - before == {str(units)} | unit_files
+    assert listing([cwd, home, tmp, given]) - before == {str(units), str(access_log)} | unit_files
     assert before - listing([cwd, home, tmp, given]) == set()
-    allowed = {str(front), str(metrics), str(units)} | unit_files
+    allowed = {str(front), str(metrics), str(units), str(access_log)} | unit_files
     for trace in traces:
         written = written_paths(trace, cwd)
         # forkproxy-units' temporary files, each renamed to a unit file (or removed).
@@ -376,5 +387,9 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
     assert written_paths(workdir / "dry-run.trace", cwd) == set()
     assert written_paths(workdir / "check.trace", cwd) == set()
     # The trace does see writes: the sockets it was told to make, the units it was asked for.
-    assert written_paths(workdir / "daemon.trace", cwd) == {str(front), str(metrics)}
+    assert written_paths(workdir / "daemon.trace", cwd) == {
+        str(front),
+        str(metrics),
+        str(access_log),
+    }
     assert unit_files <= written_paths(workdir / "units.trace", cwd)

@@ -24,9 +24,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from forkproxy import __version__
+from forkproxy.relay.accept_proxy import METRIC_REASONS
 from forkproxy.relay.engine import engine_name
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.layout import (
+    ACCESS_LOG_DROPPED,
     DG_BYTES_TO_CLIENT,
     DG_BYTES_TO_TARGET,
     DG_DROP_REASONS,
@@ -36,6 +38,7 @@ from forkproxy.shared.layout import (
     DG_TO_CLIENT,
     DG_TO_TARGET,
     MAX_LISTENERS,
+    PROXY_HEADER_ERRORS,
 )
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import (
@@ -193,6 +196,20 @@ class ScoreboardCollector(Collector):
             "Workers started to replace workers that died unexpectedly.",
             value=master.restarts,
         )
+        yield CounterMetricFamily(
+            "forkproxy_access_log_dropped",
+            "Access log lines not written: the file could not take them at once (a full "
+            "disk, an I/O error, a full pipe or socket on standard error).",
+            value=board.total(ACCESS_LOG_DROPPED),
+        )
+        header_errors = CounterMetricFamily(
+            "forkproxy_proxy_header_errors",
+            "Connections closed for their PROXY protocol header (--accept-proxy), by reason.",
+            labels=["reason"],
+        )
+        for index, reason in enumerate(METRIC_REASONS):
+            header_errors.add_metric([reason], board.total(PROXY_HEADER_ERRORS + index))
+        yield header_errors
         yield from self._datagrams()
         if self.targets is not None:
             yield from target_families(*self.targets, board)

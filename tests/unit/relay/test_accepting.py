@@ -77,7 +77,13 @@ class Stage:
         self.clients: list[socket.socket] = []
 
     def _connect(
-        self, client: socket.socket, token: int, peer: object, route: object, counters: object
+        self,
+        client: socket.socket,
+        token: int,
+        peer: object,
+        route: object,
+        counters: object,
+        trail: object,
     ) -> None:
         self.connected.append((client, token))
 
@@ -235,9 +241,14 @@ def test_a_busy_admission_lock_delays_a_client_and_never_refuses_it(
     connect = stage.acceptor.connect
 
     def on_connect(
-        client: socket.socket, token: int, peer: object, route: object, counters: object
+        client: socket.socket,
+        token: int,
+        peer: object,
+        route: object,
+        counters: object,
+        trail: object,
     ) -> None:
-        connect(client, token, peer, route, counters)
+        connect(client, token, peer, route, counters, trail)
         if len(stage.connected) == 2:
             both.set_result(None)
 

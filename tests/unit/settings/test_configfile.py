@@ -265,7 +265,8 @@ BAD: list[tuple[str, list[str]]] = [
             "targets, listen, proxy-protocol, connect-timeout, idle-timeout, keepalive, "
             "nodelay, pipe-size, connections-max-per-source, datagram-timeout, "
             "datagram-replies, check-interval, check-http, check-rise, check-fall, "
-            "check-timeout, balance, backup, connect-retry)",
+            "check-timeout, balance, backup, connect-retry, access-log, access-log-format, "
+            "accept-proxy, accept-proxy-from, accept-proxy-untrusted, accept-proxy-timeout)",
             "FILE:4: key 'listen' in [listeners.web]: give the address alone: the section names it",
             "FILE:5: key 'idle-timout' in [listeners.web]: no such option (did you mean "
             "'idle-timeout'?)",
@@ -382,3 +383,38 @@ def test_on_python_3_10_config_is_a_clear_error(
     assert str(raised.value) == (
         "--config needs Python 3.11 or later (for its TOML reader, tomllib); this is Python 3.10.12"
     )
+
+
+@needs_tomllib
+def test_access_log_and_accept_proxy_per_listener(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        'targets = ["127.0.0.1:9"]\n'
+        'access-log = "/var/log/forkproxy.log"\n'
+        "[listeners.edge]\n"
+        "accept-proxy = true\n"
+        'accept-proxy-from = ["10.0.0.0/8", "2001:db8::/32"]\n'
+        'accept-proxy-untrusted = "direct"\n'
+        'accept-proxy-timeout = "2s"\n'
+        'access-log-format = "json"\n',
+    )
+    edge = config.settings_for("edge")
+    other = config.settings_for("other")
+    assert (edge.access_log, edge.access_log_format) == ("/var/log/forkproxy.log", "json")
+    assert [str(network) for network in edge.accept_proxy_from] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert (edge.accept_proxy, edge.accept_proxy_untrusted, edge.accept_proxy_timeout) == (
+        True,
+        "direct",
+        2.0,
+    )
+    assert (other.accept_proxy, other.access_log_format) == (False, "logfmt")
+
+
+@needs_tomllib
+def test_a_bad_network_names_its_line(tmp_path: Path) -> None:
+    assert errors(
+        tmp_path, 'targets = ["127.0.0.1:9"]\naccept-proxy-from = ["10.0.0.0/8", "x"]\n'
+    ) == [
+        "FILE:2: key 'accept-proxy-from': invalid network 'x': expected an IP network such as "
+        "10.0.0.0/8 or an address"
+    ]

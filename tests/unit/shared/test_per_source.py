@@ -257,3 +257,20 @@ def test_the_master_clears_a_column_without_touching_the_table(
     shared.admission.reclaim(1)
     assert os.fstat(shared.mapping.fd).st_blocks == allocated
     assert shared.admission.source_in_use(A) == 0
+
+
+def test_a_source_counted_after_admission(shared_of: Callable[..., Shared]) -> None:
+    """--accept-proxy: a unit of the cap at accept, the source once its header said it."""
+    shared = shared_of(8, per_source=1)
+    admission = shared.admission
+    admitter = admission.admitter(0)
+    first, second = admitter.admit(None), admitter.admit(None)
+    assert first == second == ADMITTED
+    row = admitter.admit_source(A, 0)  # 0: the mapping's limit
+    assert row >= 0
+    assert admitter.admit_source(A, 0) == REFUSED_SOURCE  # the second keeps its unit only
+    assert (admission.source_in_use(A), admission.in_use()) == (1, 2)
+    assert admitter.admit_source(B, 2) >= 0  # a listener's own limit
+    admitter.release(row)  # the unit and the source's count
+    assert (admission.source_in_use(A), admission.in_use()) == (0, 1)
+    assert shared_of(8).admission.admitter(0).admit_source(A, 0) == ADMITTED  # no limit

@@ -4,7 +4,7 @@ import pytest
 
 from forkproxy.errors import UsageErrors
 from forkproxy.settings.arguments import parse_args
-from forkproxy.settings.kinds import DATAGRAM, STREAM
+from forkproxy.settings.kinds import DATAGRAM, SEQPACKET, STREAM
 from forkproxy.supervisor.check import check_settings, listener_problems
 
 NO_SOCKETS: dict[str, str] = {}
@@ -94,4 +94,12 @@ def test_every_problem_at_once() -> None:
     assert resolving == [
         "cannot resolve target 'nope.invalid'",
         "cannot resolve target 'bad.invalid:80'",
+    ]
+
+
+def test_accept_proxy_needs_a_stream_listener() -> None:
+    config = parse_args(["--accept-proxy", "seqpacket:/run/app.sock"])
+    assert listener_problems(config, [("", "fd 3", SEQPACKET)]) == [
+        "cannot relay listener fd 3: --accept-proxy needs a stream listener (a PROXY header "
+        "starts a stream)"
     ]
