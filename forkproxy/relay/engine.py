@@ -63,6 +63,13 @@ def engine_supports(config: Config) -> str | None:
     for settings in (config.global_settings(), *config.listeners):
         if len(settings.targets) > _MAX_TARGETS_PER_ROUTE:
             return f"more than {_MAX_TARGETS_PER_ROUTE} targets for one listener"
+        # Balancing the compiled engine does not do (relay/balance.py does).
+        if settings.balance not in ("round-robin", "first"):
+            return f"--balance={settings.balance}"
+        if settings.backup:
+            return "--backup"
+        if settings.connect_retry > 0:
+            return "--connect-retry"
     if config.log_level == "debug":
         # The per-connection lines (how each one ended) are the Python engine's.
         return "--log-level=debug (a line per connection)"
@@ -70,7 +77,10 @@ def engine_supports(config: Config) -> str | None:
     if failpoint is not None and failpoint.stage != WORKER_CRASH:
         # Faults injected into the Python engine's callbacks (tests only).
         return f"{FAILPOINT}={failpoint.stage}"
-    return None
+    # The per-target and per-listener counter rows and the shared target table (health,
+    # cool-down, the round-robin word) are the Python engine's until the compiled one
+    # writes and reads them.
+    return "per-target counters and the shared target table"
 
 
 def version_text(version: str) -> str:
