@@ -77,10 +77,7 @@ def engine_supports(config: Config) -> str | None:
     if failpoint is not None and failpoint.stage != WORKER_CRASH:
         # Faults injected into the Python engine's callbacks (tests only).
         return f"{FAILPOINT}={failpoint.stage}"
-    # The per-target and per-listener counter rows and the shared target table (health,
-    # cool-down, the round-robin word) are the Python engine's until the compiled one
-    # writes and reads them.
-    return "per-target counters and the shared target table"
+    return None
 
 
 def version_text(version: str) -> str:
