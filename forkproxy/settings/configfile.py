@@ -129,6 +129,8 @@ def read_config_file(
 
     Raises UsageError only when there is nothing to look at (unreadable, not TOML);
     `per_listener` names the dests a [listeners.NAME] section may set."""
+    if "\0" in path:  # open() would raise ValueError, not an OSError
+        raise UsageError(f"cannot read configuration file {quote(path)}: a NUL byte in its name")
     try:
         with open(path, "rb") as file:
             data = file.read()

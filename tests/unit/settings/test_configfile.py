@@ -418,3 +418,10 @@ def test_a_bad_network_names_its_line(tmp_path: Path) -> None:
         "FILE:2: key 'accept-proxy-from': invalid network 'x': expected an IP network such as "
         "10.0.0.0/8 or an address"
     ]
+
+
+def test_a_file_name_with_a_nul_byte_is_one_error() -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_args(["--config", "a\0b.toml"])
+    assert str(raised.value).startswith("cannot read configuration file ")
+    assert str(raised.value).endswith(": a NUL byte in its name")
