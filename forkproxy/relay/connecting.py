@@ -270,7 +270,9 @@ class Connector:
         except Exception as crash:
             self.crashed(pending, crash)
             return
-        self._abandon(pending, abort=False, end=connect_end(error))
+        # ECONNRESET: the target accepted, then aborted before the connect was seen done:
+        # the client gets the abort too, as it would have while relaying.
+        self._abandon(pending, abort=error.errno == errno.ECONNRESET, end=connect_end(error))
 
     def _retry_connect(self, pending: PendingClient) -> None:
         if pending not in self.pending:
