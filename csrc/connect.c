@@ -240,7 +240,9 @@ static void fail_client(engine *e, conn *c, int error)
         slot_add(e, e->lay.connect_errors, 1);
     count_refusal(e, c->listener, L_NO_TARGET);
     event_report(e, EVENT_CONNECT_FAILED, error, c->route->index, &c->peer.sa, c->peerlen, NULL);
-    conn_close(e, c, END_NORMAL, error);
+    /* ECONNRESET: the target accepted, then aborted before the connect was seen done; the
+     * client gets the abort too (connecting.py does the same). */
+    conn_close(e, c, error == ECONNRESET ? END_ABORT : END_NORMAL, error);
 }
 
 static void drop_target_socket(conn *c)

@@ -29,24 +29,21 @@ from forkproxy.relay.accepting import ACCEPT_PAUSE
 from forkproxy.relay.access_log import Trail, connect_end
 from forkproxy.relay.access_log_format import END_CONNECT_FAILED, END_STOPPED
 from forkproxy.relay.balance import Balancer
-from forkproxy.relay.failpoints import FailingDirection, Failpoint
+from forkproxy.relay.failpoints import Failpoint
+from forkproxy.relay.handover import new_relay
 from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
 from forkproxy.relay.pending import PendingClient
 from forkproxy.relay.plans import Route, min_connect_timeout, spare_row
 from forkproxy.relay.proxy_protocol import HeaderEncoder
 from forkproxy.relay.refusals import NO_TARGET
 from forkproxy.relay.relaying import OpenRelays, observe
-from forkproxy.relay.seqpacket import MessageRelay
 from forkproxy.relay.splice import NO_TOKEN, Relay, reset_on_close
 from forkproxy.relay.target_connect import TCP_FAMILIES, send_proxy_header
 from forkproxy.relay.targets import COOLDOWN
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.settings.kinds import SEQPACKET
-from forkproxy.shared.layout import T_ACTIVE, T_CONNECTIONS
 from forkproxy.shared.scoreboard import (
-    BYTES_TO_CLIENT,
-    BYTES_TO_TARGET,
     CONNECT_DURATION_BOUNDS,
     CONNECT_DURATION_BUCKETS,
     CONNECT_DURATION_SUM_NS,
@@ -186,31 +183,7 @@ class Connector:
                 and not self._send_proxy_header(pending, target, proxy_header, index)
             ):
                 return
-            # The worker's row of counters for the target, if it has one.
-            target_row = group.counters[index] if isinstance(group, Balancer) else None
-            direction = route.direction
-            failpoint = self.failpoint
-            if failpoint is not None and failpoint.due("readable"):
-                direction = FailingDirection
-            if seqpacket:
-                relay = self._message_relay(pending.client, target, route, target_row)
-            else:
-                relay = Relay(
-                    self.poller,
-                    route.pool,
-                    pending.client,
-                    target,
-                    slot,
-                    BYTES_TO_TARGET,
-                    BYTES_TO_CLIENT,
-                    route.on_relay_closed,
-                    direction,
-                    target_row,
-                )
-            # Open until the relay closes (OpenRelays.on_relay_closed), however it ends.
-            row = relay.target_row
-            row[T_CONNECTIONS] += 1
-            row[T_ACTIVE] += 1
+            relay = new_relay(self.worker, route, pending.client, target, index, self.failpoint)
             # From here the relay owns both sockets and the admission.
             relay.token = pending.token
             pending.token = NO_TOKEN
@@ -224,6 +197,7 @@ class Connector:
                 relay.quiet_since = time.monotonic()
                 route.idle_relays.add(relay)
                 idle_sweep.arm()
+            failpoint = self.failpoint
             if failpoint is not None and failpoint.due("connected"):
                 raise failpoint.fault()
             relay.start()
@@ -233,29 +207,6 @@ class Connector:
                 self.crashed(pending, error)
             else:
                 self.crashed(relay, error)
-
-    def _message_relay(
-        self,
-        client: socket.socket,
-        target: socket.socket,
-        route: Route,
-        target_row: memoryview | None,
-    ) -> Relay:
-        buffer = self.worker.message_buffer
-        assert buffer is not None  # made for the worker's sequential-packet listeners
-        return MessageRelay(
-            self.poller,
-            route.pool,
-            buffer,
-            client,
-            target,
-            self.slot,
-            BYTES_TO_TARGET,
-            BYTES_TO_CLIENT,
-            route.on_relay_closed,
-            route.idle_sweep is not None,
-            target_row,
-        )
 
     def _send_proxy_header(
         self, pending: PendingClient, target: socket.socket, encode: HeaderEncoder, index: int
@@ -319,7 +270,9 @@ class Connector:
         except Exception as crash:
             self.crashed(pending, crash)
             return
-        self._abandon(pending, abort=False, end=connect_end(error))
+        # ECONNRESET: the target accepted, then aborted before the connect was seen done:
+        # the client gets the abort too, as it would have while relaying.
+        self._abandon(pending, abort=error.errno == errno.ECONNRESET, end=connect_end(error))
 
     def _retry_connect(self, pending: PendingClient) -> None:
         if pending not in self.pending:
