@@ -23,6 +23,7 @@ from forkproxy.settings.config import (
     MAX_WORKERS,
     Config,
 )
+from forkproxy.settings.configfile import read_config_text
 from forkproxy.settings.quoting import quote
 from forkproxy.settings.relay_arguments import (
     BARE_VALUES,
@@ -162,13 +163,25 @@ def _build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> Config:
     """Turn argv (without the program name), and the --config file it names, into a
     Config; raise UsageError if bad (`UsageErrors` with every one, if several)."""
+    return load_settings(argv)[0]
+
+
+def load_settings(argv: list[str], config_text: str | None = None) -> tuple[Config, str | None]:
+    """`parse_args`, and the text of the --config file as it was read (None without one).
+
+    With `config_text`, that is the file's text and the file is not read (a reload's
+    fallback to the settings it ran with: the file may have changed since)."""
     parser = _build_parser()
     args, unknown = parser.parse_known_intermixed_args(attach_optional_values(argv, parser))
     if unknown:
         shown = [arg if arg.isprintable() and len(arg) <= 40 else quote(arg) for arg in unknown]
         more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
         raise UsageError(f"unrecognized arguments: {' '.join(shown[:3])}{more}")
-    return assemble_config(args, parser, BARE_VALUES)
+    if args.config is not None and config_text is None:
+        config_text = read_config_text(args.config)
+    if args.config is None:
+        config_text = None
+    return assemble_config(args, parser, BARE_VALUES, config_text), config_text
 
 
 def wants_check(argv: list[str]) -> bool:

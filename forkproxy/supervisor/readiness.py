@@ -21,7 +21,7 @@ from forkproxy.shared.scoreboard import (
     SlotState,
 )
 from forkproxy.supervisor.notify import Notifier
-from forkproxy.supervisor.workers import WorkerPool
+from forkproxy.supervisor.pool import WorkerPool
 
 log = logging.getLogger("forkproxy")
 

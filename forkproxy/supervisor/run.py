@@ -16,8 +16,9 @@ from forkproxy.supervisor.notify import Notifier
 from forkproxy.supervisor.signals import MASTER_SIGNALS
 
 
-def run(config: Config) -> int:
-    """Run forkproxy until it stops; return the process exit status."""
+def run(config: Config, argv: list[str] | None = None, config_text: str | None = None) -> int:
+    """Run forkproxy until it stops; return the process exit status. `argv` and the
+    --config file's `config_text` are what it runs with, for a reload."""
     logs.setup(config.log_level)
     if config.inetd:
         # StandardInput=socket: a connection (Accept=yes) or a listener (Accept=no).
@@ -29,7 +30,7 @@ def run(config: Config) -> int:
     if len(passed) == 1 and is_connection(passed[0][0]):
         # Accept=yes: systemd accepted the client and passed the connection itself.
         return _relay_connection(config, passed[0][0], f"fd {passed[0][0]} from systemd")
-    master = Master(config, passed)
+    master = Master(config, passed, argv, config_text)
     try:
         return master.run()
     finally:

@@ -32,7 +32,6 @@ from tests.support.supervision import (
 # Signals whose default action ends a process, and two that do nothing by default.
 NO_JOB_SIGNALS = [
     signal.SIGUSR1,
-    signal.SIGUSR2,
     signal.SIGALRM,
     signal.SIGVTALRM,
     signal.SIGPROF,
@@ -51,8 +50,6 @@ def _echo(proxy: Proxy, text: bytes) -> None:
 def _logged(signum: int) -> str:
     if signum == signal.SIGUSR1:
         return "SIGUSR1: no log files to reopen"
-    if signum == signal.SIGUSR2:
-        return "SIGUSR2 is kept for reloading, ignoring it"
     return f"ignoring {signal.Signals(signum).name} (logged once)"
 
 

@@ -68,15 +68,18 @@ def get(proxy: Proxy, path: str, timeout: float = 10.0) -> tuple[int, str]:
 
 
 def gauges(proxy: Proxy) -> dict[str, float]:
-    """Unlabelled samples of one scrape, by name (forkproxy_workers, ...)."""
+    """Unlabelled samples of one scrape, by name (forkproxy_workers_target, ...), and
+    forkproxy_workers: the live workers of every generation."""
     status, body = get(proxy, "/metrics")
     assert status == 200
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-        if not sample.labels
-    }
+    samples = [
+        sample for family in text_string_to_metric_families(body) for sample in family.samples
+    ]
+    numbers = {sample.name: sample.value for sample in samples if not sample.labels}
+    numbers["forkproxy_workers"] = sum(
+        sample.value for sample in samples if sample.name == "forkproxy_workers"
+    )
+    return numbers
 
 
 def converged(proxy: Proxy) -> bool:

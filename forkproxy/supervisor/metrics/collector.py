@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from forkproxy import __version__
+from forkproxy.relay.engine import engine_name
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.scoreboard import (
     ACCEPTED,
@@ -82,13 +83,33 @@ class MasterView(Protocol):
     def heartbeat_interval(self) -> float: ...
 
 
+class ReloadView(Protocol):
+    """The reload counters (`reload.Reloader`); a re-executed master keeps them."""
+
+    @property
+    def ok(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+    @property
+    def last_success(self) -> float | None: ...
+
+
 class ScoreboardCollector(Collector):
     """Metric families read from the scoreboard, the admission count and the master."""
 
-    def __init__(self, master: MasterView, scoreboard: Scoreboard, admission: Admission) -> None:
+    def __init__(
+        self,
+        master: MasterView,
+        scoreboard: Scoreboard,
+        admission: Admission,
+        reloads: ReloadView | None = None,
+    ) -> None:
         self.master = master
         self.scoreboard = scoreboard
         self.admission = admission
+        self.reloads = reloads
 
     def collect(self) -> Iterable[Metric]:
         board = self.scoreboard
@@ -142,9 +163,16 @@ class ScoreboardCollector(Collector):
             CONNECTION_DURATION_BUCKETS,
             CONNECTION_DURATION_BOUNDS,
         )
-        yield GaugeMetricFamily(
-            "forkproxy_workers", "Worker processes alive.", value=len(master.workers)
+        workers = GaugeMetricFamily(
+            "forkproxy_workers",
+            "Worker processes alive: of the current generation, and older ones still "
+            "serving or draining after a reload.",
+            labels=["generation"],
         )
+        current = sum(1 for w in master.workers.values() if w.generation == master.generation)
+        workers.add_metric(["current"], current)
+        workers.add_metric(["draining"], len(master.workers) - current)
+        yield workers
         yield GaugeMetricFamily(
             "forkproxy_workers_target",
             "Workers the master keeps running (--workers, changed by SIGTTIN and SIGTTOU).",
@@ -156,8 +184,30 @@ class ScoreboardCollector(Collector):
             value=master.restarts,
         )
         yield from self._per_worker(live)
+        yield from self._reloads()
         yield InfoMetricFamily(
-            "forkproxy_build", "The running forkproxy version.", value={"version": __version__}
+            "forkproxy_build",
+            "The running forkproxy: its version and the workers' relay engine.",
+            value={"version": __version__, "engine": engine_name()},
+        )
+
+    def _reloads(self) -> Iterable[Metric]:
+        if self.reloads is None:
+            return
+        reloads = CounterMetricFamily(
+            "forkproxy_reloads",
+            "Reloads (SIGHUP, SIGUSR2) by result: ok once the new workers serve, failed "
+            "when the old settings and workers stayed.",
+            labels=["result"],
+        )
+        reloads.add_metric(["ok"], self.reloads.ok)
+        reloads.add_metric(["failed"], self.reloads.failed)
+        yield reloads
+        last = self.reloads.last_success
+        yield GaugeMetricFamily(
+            "forkproxy_last_reload_success_timestamp_seconds",
+            "When the last successful reload's new workers served (Unix time; 0: never).",
+            value=0.0 if last is None else last,
         )
 
     def _per_worker(self, live: set[int]) -> Iterable[Metric]:

@@ -30,7 +30,12 @@ from forkproxy import logs
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import Scoreboard
-from forkproxy.supervisor.metrics.collector import MasterView, ScoreboardCollector, make_registry
+from forkproxy.supervisor.metrics.collector import (
+    MasterView,
+    ReloadView,
+    ScoreboardCollector,
+    make_registry,
+)
 
 log = logging.getLogger("forkproxy")
 
@@ -60,11 +65,12 @@ def open_metrics(
     master: MasterView,
     scoreboard: Scoreboard,
     admission: Admission,
+    reloads: ReloadView | None = None,
 ) -> "MetricsEndpoint | None":
     """The master's metrics endpoint on `listeners` (None if there are none)."""
     if not listeners:
         return None
-    collector = ScoreboardCollector(master, scoreboard, admission)
+    collector = ScoreboardCollector(master, scoreboard, admission, reloads)
     registry = make_registry(collector)
     endpoint = MetricsEndpoint(
         listeners, selector, partial(generate_latest, registry), collector.health

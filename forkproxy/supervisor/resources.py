@@ -1,0 +1,340 @@
+"""What a master holds: listening and metrics sockets, the shared mapping, the event pipe.
+
+Opened at start (`open`), or taken over from the image a reload re-executed (`adopt`),
+with the listeners then made what the new settings ask (`apply`): an address --listen
+still names keeps its socket (nothing re-bound, the accept queue intact), a new one is
+bound, one no longer named is retired, and closed (its socket file unlinked) once the old
+generation has been told to drain (`close_retiring`). Sockets systemd passed are never
+changed. Checks a configuration against the listeners (`check_settings_for`). Never forks.
+"""
+
+import dataclasses
+import errno
+import logging
+import os
+import resource
+import socket
+
+from forkproxy.errors import ForkproxyError, UsageErrors
+from forkproxy.relay.splice import check_pipe_size
+from forkproxy.settings.address import ListenAddress
+from forkproxy.settings.config import Config
+from forkproxy.shared.admission import Admission
+from forkproxy.shared.layout import mapping_bytes, source_entries
+from forkproxy.shared.listener import Listener
+from forkproxy.shared.mapping import LayoutMismatch, SharedMapping
+from forkproxy.shared.scoreboard import Scoreboard
+from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
+from forkproxy.supervisor.check import listener_problems
+from forkproxy.supervisor.limits import check_fd_limit
+from forkproxy.supervisor.listeners import bind_listener, close_listeners
+from forkproxy.supervisor.reexec_state import ReexecState, SocketRecord, address_key
+
+log = logging.getLogger("forkproxy")
+
+
+class Resources:
+    """The master's descriptors and shared memory; `close` releases them all."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Listener] = []
+        # fd -> address_key of the --listen address a listener was bound for: those are
+        # ours to close and unlink. Empty when systemd passed the listeners.
+        self.addresses: dict[int, str] = {}
+        self.metrics_listeners: list[Listener] = []  # the master's own: workers close theirs
+        self.metrics_addresses: dict[int, str] = {}  # as `addresses`, for --metrics
+        self.retiring: list[Listener] = []  # dropped by a reload; closed once old workers drain
+        self.added: list[Listener] = []  # bound by a reload; closed if it is given up
+        # The listeners and addresses before a reload, which `revert` restores.
+        self.before_reload: tuple[list[Listener], dict[int, str]] | None = None
+        self.mapping: SharedMapping | None = None  # scoreboard and caps; ours to close
+        self.scoreboard: Scoreboard | None = None
+        self.admission: Admission | None = None
+        self.events: tuple[int, int] | None = None  # workers' event pipe: read, write
+
+    @property
+    def owns_listeners(self) -> bool:
+        """Bound from --listen (ours to close at shutdown), not passed by systemd."""
+        return bool(self.addresses)
+
+    # -- a fresh start ---------------------------------------------------------------------
+
+    def open(self, config: Config, passed: list[tuple[int, str]]) -> None:
+        """Adopt the sockets systemd passed, or bind --listen; the metrics sockets.
+        Raises ForkproxyError, OSError."""
+        # A passed socket named "metrics" serves metrics and is never proxied.
+        self.metrics_listeners = [
+            adopt_listener(fd, name) for fd, name in passed if name == METRICS_FD_NAME
+        ]
+        passed = [(fd, name) for fd, name in passed if name != METRICS_FD_NAME]
+        if passed:
+            if config.listen:
+                log.info("systemd passed %d sockets: ignoring --listen", len(passed))
+            self.listeners = [adopt_listener(fd, name) for fd, name in passed]
+        else:
+            self.listeners, self.addresses = _bind_all(config)
+        # --metrics is bound only if systemd passed no socket named "metrics".
+        if config.metrics is not None and self.metrics_listeners:
+            log.info("systemd passed a '%s' socket: ignoring --metrics", METRICS_FD_NAME)
+        elif config.metrics is not None:
+            metrics = bind_listener(config.metrics, config.socket_mode)
+            self.metrics_listeners = [metrics]
+            self.metrics_addresses = {metrics.fd: address_key(config.metrics)}
+
+    def create_shared(self, config: Config) -> None:
+        """A new shared mapping, its caps, and the event pipe. Raises ForkproxyError,
+        OSError."""
+        self.mapping = shared_mapping(config)
+        self.scoreboard = Scoreboard(self.mapping)
+        self.admission = Admission.set_up(
+            self.mapping, config.connections_max, source_limit(config)
+        )
+        self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- a reload: the previous image's, then the new settings' ----------------------------
+
+    def adopt(self, state: ReexecState) -> None:
+        """Everything the previous image held, on the same descriptors, close-on-exec
+        again. Raises ForkproxyError if the shared mapping is not of this layout."""
+        for fd in state.descriptors():
+            os.set_inheritable(fd, False)
+        self.events = state.events
+        self.listeners = [_adopt(record) for record in state.listeners]
+        self.addresses = {r.fd: r.address for r in state.listeners if r.address is not None}
+        self.metrics_listeners = [_adopt(record) for record in state.metrics_listeners]
+        self.metrics_addresses = {
+            r.fd: r.address for r in state.metrics_listeners if r.address is not None
+        }
+        try:
+            self.mapping = SharedMapping.adopt(state.mapping_fd)
+        except LayoutMismatch as error:
+            raise ForkproxyError(f"restart needed: {error}") from None
+        self.scoreboard = Scoreboard(self.mapping)
+        self.admission = Admission(self.mapping)
+
+    def planned(self, config: Config) -> list[tuple[str, str]]:
+        """(name, label) of the listeners `apply(config)` would leave, for the checks."""
+        if not self.owns_listeners:
+            return [(listener.name, listener.label) for listener in self.listeners]
+        labels = {self.addresses.get(listener.fd): listener.label for listener in self.listeners}
+        return [(a.name, labels.get(address_key(a), a.text)) for a in config.listen]
+
+    def apply(self, config: Config) -> None:
+        """Make the --listen and --metrics sockets what `config` names. Nothing changes
+        if an address cannot be bound (ForkproxyError)."""
+        listeners, addresses = self.listeners, self.addresses
+        added: list[Listener] = []
+        retiring: list[Listener] = []
+        metrics_added: list[Listener] = []
+        try:
+            if self.owns_listeners:
+                if not config.listen:
+                    raise ForkproxyError(
+                        "no sockets passed in by systemd (LISTEN_FDS) and no --listen address given"
+                    )
+                listeners, addresses, added, retiring = _rebind(
+                    self.listeners, self.addresses, config.listen, config.socket_mode
+                )
+            elif config.listen:
+                log.info("systemd passed %d sockets: ignoring --listen", len(self.listeners))
+            metrics = self._metrics_for(config, metrics_added)
+        except BaseException:
+            close_listeners(added + metrics_added)
+            raise
+        self.before_reload = (self.listeners, self.addresses)
+        self.listeners, self.addresses = listeners, addresses
+        self.added, self.retiring = added, retiring
+        if metrics is not None:
+            old = self.metrics_listeners
+            self.metrics_listeners, self.metrics_addresses = metrics
+            close_listeners([listener for listener in old if listener not in metrics[0]])
+
+    def _metrics_for(
+        self, config: Config, added: list[Listener]
+    ) -> tuple[list[Listener], dict[int, str]] | None:
+        """The metrics sockets `config` asks for, or None to keep those there are."""
+        passed = [m for m in self.metrics_listeners if m.fd not in self.metrics_addresses]
+        if passed:
+            return None
+        if config.metrics is None:
+            return [], {}
+        key = address_key(config.metrics)
+        for listener in self.metrics_listeners:
+            if self.metrics_addresses.get(listener.fd) == key:
+                return [listener], {listener.fd: key}
+        metrics = bind_listener(config.metrics, config.socket_mode)
+        added.append(metrics)  # closed with the others if what follows fails
+        return [metrics], {metrics.fd: key}
+
+    def close_retiring(self) -> None:
+        """The old generation has been told to drain: close the listeners the reload
+        dropped (the draining workers close their own copies)."""
+        if self.retiring:
+            log.info("closing %s", ", ".join(listener.label for listener in self.retiring))
+            close_listeners(self.retiring)
+        self.retiring = []
+        self.added = []
+        self.before_reload = None
+
+    def revert(self) -> None:
+        """The reload is given up before its workers served: the listeners it added
+        close, those it dropped stay. (A changed --metrics address stays changed.)"""
+        if self.before_reload is None:
+            return
+        close_listeners(self.added)
+        self.listeners, self.addresses = self.before_reload
+        self.retiring, self.added, self.before_reload = [], [], None
+
+    # -- for the next image, and the end ---------------------------------------------------
+
+    def records(self) -> tuple[tuple[SocketRecord, ...], tuple[SocketRecord, ...]]:
+        """The listeners and the metrics sockets, for a reload's state."""
+        return (
+            tuple(_record(listener, self.addresses) for listener in self.listeners),
+            tuple(_record(listener, self.metrics_addresses) for listener in self.metrics_listeners),
+        )
+
+    def close(self) -> None:
+        """Release everything; safe after a failed start."""
+        if self.events is not None:
+            for fd in self.events:
+                os.close(fd)
+            self.events = None
+        close_listeners(self.listeners + self.retiring)
+        self.listeners, self.retiring = [], []
+        close_listeners(self.metrics_listeners)
+        self.metrics_listeners = []
+        if self.scoreboard is not None:
+            self.scoreboard.close()
+        if self.mapping is not None:
+            self.mapping.close()
+
+
+def check_settings_for(config: Config, listeners: list[tuple[str, str]], fd_limit: int) -> None:
+    """What can only be checked with the listeners ((name, label) each) and the kernel at
+    hand: a route for every listener, the pipe sizes, the descriptor limit. Raises
+    ForkproxyError."""
+    check_fd_limit(fd_limit, config.connections_max)
+    problems = listener_problems(config, listeners)
+    if problems:
+        raise UsageErrors(problems)
+    for size in {config.settings_for(name).pipe_size for name, _ in listeners}:
+        check_pipe_size(size)
+
+
+def log_routes(config: Config, listeners: list[Listener], workers: int) -> None:
+    """What the master relays where, as it starts (or takes over)."""
+    if config.listeners:  # per-listener routes: one line each
+        for listener in listeners:
+            targets = config.settings_for(listener.name).targets
+            log.info("relaying %s to %s", listener.label, ", ".join(t.text for t in targets))
+        log.info("with %d workers, at most %d connections", workers, config.connections_max)
+    else:
+        log.info(
+            "relaying %s to %s with %d workers, at most %d connections",
+            ", ".join(listener.label for listener in listeners),
+            ", ".join(target.text for target in config.targets),
+            workers,
+            config.connections_max,
+        )
+
+
+def source_limit(config: Config) -> int:
+    """The highest --connections-max-per-source of any listener (0: no limit anywhere).
+
+    One table counts a source across listeners; each listener admits against its own
+    limit (Admitter.admit), this one is the table's, for the metrics."""
+    return max(
+        [config.connections_max_per_source]
+        + [settings.connections_max_per_source for settings in config.listeners]
+    )
+
+
+def shared_mapping(config: Config) -> SharedMapping:
+    """The memfd mapping shared with every worker (shared/mapping.py)."""
+    entries = source_entries(config.connections_max)
+    try:
+        return SharedMapping.create(entries)
+    except OSError as error:
+        size = mapping_bytes(entries) >> 20
+        raise ForkproxyError(
+            f"cannot create the shared memory ({size} MiB): {describe(error)}"
+        ) from None
+
+
+def describe(error: OSError) -> str:
+    """An OSError of set-up as the end of a one-line message."""
+    text = error.strerror or str(error)
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        text += f" (the file descriptor limit is {limit}; raise LimitNOFILE= or ulimit -n)"
+    return text
+
+
+def _bind_all(config: Config) -> tuple[list[Listener], dict[int, str]]:
+    if not config.listen:
+        raise ForkproxyError(
+            "no sockets passed in by systemd (LISTEN_FDS) and no --listen address given"
+        )
+    listeners: list[Listener] = []
+    try:
+        for address in config.listen:
+            listeners.append(bind_listener(address, config.socket_mode))
+    except ForkproxyError:
+        close_listeners(listeners)
+        raise
+    pairs = zip(listeners, config.listen, strict=True)
+    keys = {listener.fd: address_key(address) for listener, address in pairs}
+    return listeners, keys
+
+
+def _rebind(
+    listeners: list[Listener],
+    addresses: dict[int, str],
+    wanted: tuple[ListenAddress, ...],
+    socket_mode: int,
+) -> tuple[list[Listener], dict[int, str], list[Listener], list[Listener]]:
+    """The listeners for `wanted`: kept by address, else bound. Returns them, their
+    addresses, those bound now and those no longer wanted."""
+    by_key = {
+        addresses[listener.fd]: listener for listener in listeners if listener.fd in addresses
+    }
+    result: list[Listener] = []
+    keys: dict[int, str] = {}
+    added: list[Listener] = []
+    try:
+        for address in wanted:
+            key = address_key(address)
+            kept = by_key.pop(key, None)
+            if kept is None:
+                listener = bind_listener(address, socket_mode)
+                added.append(listener)
+            else:
+                listener = dataclasses.replace(kept, name=address.name)
+            result.append(listener)
+            keys[listener.fd] = key
+    except ForkproxyError:
+        close_listeners(added)
+        raise
+    return result, keys, added, list(by_key.values())
+
+
+def _adopt(record: SocketRecord) -> Listener:
+    try:
+        sock = socket.socket(fileno=record.fd)
+    except OSError as error:
+        raise ForkproxyError(
+            f"inherited fd {record.fd} is not a socket: {error.strerror}"
+        ) from None
+    return Listener(sock, record.name, record.label, record.unlink_path, record.unlink_inode)
+
+
+def _record(listener: Listener, addresses: dict[int, str]) -> SocketRecord:
+    return SocketRecord(
+        listener.fd,
+        listener.name,
+        listener.label,
+        listener.unlink_path,
+        listener.unlink_inode,
+        addresses.get(listener.fd),
+    )
