@@ -44,11 +44,14 @@ from forkproxy.supervisor.resources import (
     source_limit,
 )
 from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
+
+# At start, like everything a reload runs: by the time of a reload, the files may be
+# another version's (an upgrade), and this image must not import a mix.
+from forkproxy.supervisor.takeover import Takeover, snapshot
 from forkproxy.supervisor.workers import KILL_MARGIN
 
 if TYPE_CHECKING:
     from forkproxy.supervisor.metrics.endpoint import MetricsEndpoint
-    from forkproxy.supervisor.takeover import Takeover
 
 log = logging.getLogger("forkproxy")
 
@@ -312,8 +315,6 @@ class Master:
         return not self.pool.stopping
 
     def reexec_state(self, started: float, pending: bool) -> ReexecState:
-        from forkproxy.supervisor.takeover import snapshot
-
         return snapshot(self, started, pending)
 
     # -- signals and shutdown ------------------------------------------------------------

@@ -105,8 +105,8 @@ def parse_check_marker(lines: list[str]) -> dict[str, str] | None:
 
 
 def address_key(address: ListenAddress) -> str:
-    """What identifies an address forkproxy binds, across reloads: its family and socket
-    address as asked for (port 0 stays port 0) and whether it is dual-stack."""
+    """What identifies an address forkproxy binds, across reloads: its family, its socket
+    address as asked for, and whether it is dual-stack (not its name)."""
     sockaddr: Any = address.sockaddr
     if isinstance(sockaddr, str) and sockaddr.startswith("/"):
         sockaddr = os.path.normpath(sockaddr)

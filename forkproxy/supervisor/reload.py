@@ -93,6 +93,7 @@ class Reloader:
         self.pending = False  # asked for again meanwhile: one more after this one
         self.started = 0.0  # when the running (or taken over) reload was asked for
         self.taking_over = False  # this image's workers do not serve the reload yet
+        self.executing = False  # between a passed check and the exec (or its failure)
         self.check_pid = 0
         self.check_output: int | None = None  # the pipe's read end
         self.check_status: int | None = None
@@ -112,7 +113,7 @@ class Reloader:
         if self.host.reload_stopping():
             log.info("stopping: ignoring %s", name)
             return
-        if self.busy or self.taking_over or not self.host.reload_ready():
+        if self.busy or self.executing or self.taking_over or not self.host.reload_ready():
             if self.pending:
                 log.info("a reload is already waiting to start, ignoring %s", name)
             else:
@@ -233,6 +234,8 @@ class Reloader:
             return
         status, text = self.check_status, self.check_text.decode(errors="replace")
         self.check_pid, self.check_status, self.check_deadline = 0, None, math.inf
+        if self.host.reload_stopping():
+            return  # killed by `cancel`
         lines = [line for line in text.splitlines() if line.strip()]
         marker = parse_check_marker(lines)
         # cli's error lines start with "forkproxy: "; the log says who it is already.
@@ -276,7 +279,12 @@ class Reloader:
 
     def _exec(self, marker: Mapping[str, str]) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
-        if not self.host.before_exec():  # a stop came meanwhile
+        self.executing = True  # a SIGHUP handled now waits for the new image
+        try:
+            go = self.host.before_exec()
+        finally:
+            self.executing = False
+        if not go:  # a stop came meanwhile
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
             return
         self.notifier.reloading("reloading")

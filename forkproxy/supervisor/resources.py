@@ -117,7 +117,10 @@ class Resources:
         if not self.owns_listeners:
             return [(listener.name, listener.label) for listener in self.listeners]
         labels = {self.addresses.get(listener.fd): listener.label for listener in self.listeners}
-        return [(a.name, labels.get(address_key(a), a.text)) for a in config.listen]
+        return [
+            (a.name, labels.get(address_key(a), a.text.removeprefix(f"{a.name}=")))
+            for a in config.listen
+        ]
 
     def apply(self, config: Config) -> None:
         """Make the --listen and --metrics sockets what `config` names. Nothing changes

@@ -1,0 +1,386 @@
+"""Reloads (SIGHUP, SIGUSR2) of the installed forkproxy: the master re-executes in place
+under load and keeps every connection, applies a new configuration file to new
+connections only, keeps serving when the new settings are wrong, and caps connections
+across old and new workers."""
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.counting import CountingBackend, outcome
+from tests.support.nginx import NginxFactory
+from tests.support.proxy import Proxy, children_of, free_port, run_proxy, wait_until
+from tests.support.reloading import (
+    NamedTarget,
+    Samples,
+    greeting,
+    reload,
+    reloads,
+    scrape,
+    scrape_at,
+    value,
+)
+from tests.support.supervision import METRICS_LISTENERS, METRICS_NAMES
+
+CLIENTS = 32
+RELOADS = 20
+BULK_SIZE = 48 << 20
+SMALL = b"a short answer\n" * 20
+
+
+class HttpLoad:
+    """`CLIENTS` threads looping GET /small through the proxy, each checked whole."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run) for _ in range(CLIENTS)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with self.proxy.connect(timeout=30) as client:
+                    client.sendall(b"GET /small HTTP/1.0\r\nHost: test\r\n\r\n")
+                    answer = _read_to_eof(client)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200") or body != SMALL:
+                    raise AssertionError(f"bad answer: {answer[:80]!r}")
+                with self.lock:
+                    self.ok += 1
+            except (OSError, AssertionError) as error:
+                with self.lock:
+                    self.failures.append(repr(error))
+
+    def __enter__(self) -> "HttpLoad":
+        for thread in self.threads:
+            thread.start()
+        wait_until(lambda: self.ok >= 200, 30, "the load to get going")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+class Scraper:
+    """Scrapes /metrics every 50 ms; counters must never go down between two answers."""
+
+    COUNTERS = (
+        ("forkproxy_connections_accepted_total", {}),
+        ("forkproxy_relayed_bytes_total", {"direction": "to_backend"}),
+        ("forkproxy_relayed_bytes_total", {"direction": "to_client"}),
+        ("forkproxy_connection_duration_seconds_count", {}),
+    )
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.stop = threading.Event()
+        self.answers = 0
+        self.unanswered = 0  # scrapes that met an exec
+        self.backwards: list[str] = []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        last: dict[str, float] = {}
+        while not self.stop.wait(0.05):  # the pace of the scrapes, not a synchronisation
+            samples = scrape(self.proxy)
+            if samples is None:
+                self.unanswered += 1
+                continue
+            self.answers += 1
+            for name, labels in self.COUNTERS:
+                key = f"{name}{labels}"
+                now = value(samples, name, **labels)
+                if now < last.get(key, 0):
+                    self.backwards.append(f"{key}: {last[key]} -> {now}")
+                last[key] = now
+
+    def __enter__(self) -> "Scraper":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    return bytes(data)
+
+
+def _read_exactly(sock: socket.socket, count: int, into: "hashlib._Hash") -> int:
+    """Read `count` bytes (fewer at EOF) into the hash; the number read."""
+    got = 0
+    while got < count:
+        chunk = sock.recv(min(1 << 16, count - got))
+        if not chunk:
+            break
+        into.update(chunk)
+        got += len(chunk)
+    return got
+
+
+def test_twenty_reloads_under_load_through_nginx(
+    workdir: Path, nginx_factory: NginxFactory
+) -> None:
+    """32 clients loop requests through a real nginx and one long download spans all 20
+    reloads: no request fails, the download arrives whole, the master keeps its PID and
+    no counter ever goes down."""
+    root = workdir / "www"
+    root.mkdir()
+    (root / "small").write_bytes(SMALL)
+    bulk = os.urandom(BULK_SIZE)
+    (root / "bulk").write_bytes(bulk)
+    nginx = nginx_factory("127.0.0.1:0", root=root)
+    args = ["-w", "2", "--graceful-timeout=10min", f"127.0.0.1:{nginx.port}"]
+    with run_proxy(args, workdir, listeners=METRICS_LISTENERS, names=METRICS_NAMES) as proxy:
+        master = proxy.pid
+        with HttpLoad(proxy) as load, Scraper(proxy) as scraper:
+            download = proxy.connect(timeout=60)
+            download.sendall(b"GET /bulk HTTP/1.0\r\nHost: test\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += download.recv(1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            digest = hashlib.sha256()
+            received = 0
+            durations = []
+            for _ in range(RELOADS):
+                ready = proxy.notifications.count("READY=1")
+                started = load.ok
+                durations.append(
+                    reload(lambda: scrape(proxy), proxy.signal)  # SIGHUP; counted ok
+                )
+                wait_until(
+                    lambda ready=ready: proxy.notifications.count("READY=1") == ready + 1,
+                    30,
+                    "READY=1 after the reload",
+                )
+                assert proxy.process.poll() is None and proxy.pid == master
+                wait_until(lambda started=started: load.ok > started + 50, 30, "requests")
+                received += _read_exactly(download, BULK_SIZE // (RELOADS + 5), digest)
+            received += _read_exactly(download, BULK_SIZE, digest)
+            download.close()
+        assert load.failures == []
+        assert received == BULK_SIZE and digest.digest() == hashlib.sha256(bulk).digest()
+        assert scraper.backwards == [] and scraper.answers > RELOADS
+        samples = scrape(proxy)
+        assert samples is not None and reloads(samples) == (RELOADS, 0)
+        assert proxy.notifications.count("RELOADING=1") == RELOADS
+        assert len(children_of(master)) >= 2  # the workers are still the master's children
+        assert proxy.pid == master and proxy.stop(30) == 0
+    print(
+        f"{RELOADS} reloads under load: signal to counted ok in "
+        f"{min(durations) * 1000:.0f}-{max(durations) * 1000:.0f} ms, "
+        f"{load.ok} requests, {scraper.unanswered} scrapes met an exec"
+    )
+
+
+def _config(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _open(proxy: Proxy) -> tuple[socket.socket, str]:
+    client = proxy.connect(timeout=10)
+    return client, greeting(client)
+
+
+def test_a_new_target_gets_new_connections_only(workdir: Path) -> None:
+    """A connection opened before the reload stays with the old target, bytes flowing
+    both ways, until it ends; connections after it go to the new one."""
+    config = workdir / "forkproxy.toml"
+    with NamedTarget("old") as old, NamedTarget("new") as new:
+        _config(config, f'targets = ["{old.target}"]\nworkers = 2\n')
+        with run_proxy(
+            ["--config", str(config)], workdir, listeners=METRICS_LISTENERS, names=METRICS_NAMES
+        ) as proxy:
+            before, name = _open(proxy)
+            assert name == "old"
+            _config(config, f'targets = ["{new.target}"]\nworkers = 2\n')
+            reload(lambda: scrape(proxy), proxy.signal)
+            for _ in range(10):
+                after, name = _open(proxy)
+                assert name == "new"
+                after.close()
+            before.sendall(b"still the old target")  # its echo, through an old worker
+            assert before.recv(100) == b"still the old target"
+            assert old.current == 1
+            before.close()
+            wait_until(lambda: old.current == 0, 10, "the old connection to end")
+            wait_until(
+                lambda: _draining(scrape(proxy)) == 0, 30, "the old workers to finish draining"
+            )
+            assert old.total == 1 and new.total == 10
+
+
+def _draining(samples: Samples | None) -> float:
+    return -1 if samples is None else value(samples, "forkproxy_workers", generation="draining")
+
+
+@pytest.mark.parametrize(
+    ("broken", "logged"),
+    [
+        ('targets = ["127.0.0.1:1"\nworkers = 2\n', "forkproxy.toml:2:1: invalid TOML"),
+        (
+            'targets = ["127.0.0.1:99999"]\nworkers = 2\n',
+            "forkproxy.toml:1: key 'targets': invalid target '127.0.0.1:99999'",
+        ),
+        (
+            'targets = ["127.0.0.1:1"]\nworkers = 2\nworker = 3\n',
+            "forkproxy.toml:3: key 'worker': no such option (did you mean 'workers'?)",
+        ),
+    ],
+    ids=["syntax", "address", "unknown-key"],
+)
+def test_a_broken_config_keeps_the_old_settings(workdir: Path, broken: str, logged: str) -> None:
+    config = workdir / "forkproxy.toml"
+    with NamedTarget("old") as old, NamedTarget("new") as new:
+        _config(config, f'targets = ["{old.target}"]\nworkers = 2\n')
+        with run_proxy(
+            ["--config", str(config)], workdir, listeners=METRICS_LISTENERS, names=METRICS_NAMES
+        ) as proxy:
+            workers = proxy.workers()
+            _config(config, broken.replace("127.0.0.1:1", new.target))
+            reload(lambda: scrape(proxy), proxy.signal, expect="failed")
+            assert f"reload failed: {workdir}/{logged}" in proxy.stderr()
+            assert proxy.workers() == workers  # nothing was touched
+            client, name = _open(proxy)
+            client.close()
+            assert name == "old"
+            _config(config, f'targets = ["{new.target}"]\nworkers = 2\n')
+            reload(lambda: scrape(proxy), proxy.signal, signum=signal.SIGUSR2)
+            client, name = _open(proxy)
+            client.close()
+            assert name == "new"
+
+
+def test_listen_addresses_added_and_dropped(workdir: Path) -> None:
+    """--listen in the file: an address added is bound; one taken by another process fails
+    the reload after the exec, in the new image, which goes on with the old settings and
+    workers; a dropped one is closed once its workers drain."""
+    config, metrics = workdir / "forkproxy.toml", workdir / "metrics.sock"
+    first, second = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+
+    def connect_to(address: str) -> Callable[[], socket.socket]:
+        host, _, port = address.rpartition(":")
+        return lambda: socket.create_connection((host, int(port)), timeout=10)
+
+    def scraper() -> Samples | None:
+        return scrape_at(lambda: _unix(metrics))
+
+    def settings(*listen: str) -> str:
+        addresses = ", ".join(f'"{address}"' for address in listen)
+        return f'targets = ["{target.target}"]\nworkers = 2\nlisten = [{addresses}]\n'
+
+    with NamedTarget("target") as target:
+        _config(config, settings(first))
+        with run_proxy(
+            ["--config", str(config), "--metrics", str(metrics)], workdir, listeners=()
+        ) as proxy:
+            with socket.create_server(("127.0.0.1", int(second.rsplit(":", 1)[1]))):
+                _config(config, settings(first, second))  # --check does not bind: it passes
+                workers = proxy.workers()
+                reload(scraper, proxy.signal, expect="failed")
+                log = proxy.stderr()
+                assert f"reload failed: cannot listen on '{second}': Address already in use" in log
+                assert "keeping the previous settings and workers" in log
+                assert proxy.workers() == workers
+            with connect_to(first)() as client:
+                assert greeting(client) == "target"
+            reload(scraper, proxy.signal)  # the address is free now
+            for address in (first, second):
+                with connect_to(address)() as client:
+                    assert greeting(client) == "target"
+            held = connect_to(first)()
+            assert greeting(held) == "target"
+            _config(config, settings(second))
+            reload(scraper, proxy.signal)
+            with pytest.raises(ConnectionRefusedError):
+                connect_to(first)()  # closed: old workers were told to drain
+            held.sendall(b"held")  # ... and finish what they have
+            assert held.recv(10) == b"held"
+            held.close()
+            with connect_to(second)() as client:
+                assert greeting(client) == "target"
+            assert proxy.stop() == 0
+
+
+def _unix(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def test_the_cap_holds_across_old_and_new_workers(workdir: Path) -> None:
+    """-c 4: connections held by old workers count against the new ones, during and after
+    reloads, and a lower cap applies to the old workers' connections at once."""
+    config = workdir / "forkproxy.toml"
+    with CountingBackend() as target:
+        _config(config, f'targets = ["{target.target}"]\nworkers = 2\nconnections-max = 4\n')
+        with run_proxy(
+            ["--config", str(config)], workdir, listeners=METRICS_LISTENERS, names=METRICS_NAMES
+        ) as proxy:
+            held = [proxy.connect() for _ in range(4)]
+            assert [outcome(client) for client in held] == ["admitted"] * 4
+            stop = threading.Event()
+            outcomes: list[str] = []
+
+            def knock() -> None:  # clients while the reloads run
+                while not stop.is_set():
+                    with proxy.connect() as client:
+                        outcomes.append(outcome(client))
+
+            knocker = threading.Thread(target=knock)
+            knocker.start()
+            try:
+                for _ in range(3):
+                    reload(lambda: scrape(proxy), proxy.signal)
+                wait_until(lambda: len(outcomes) > 20, 30, "clients during the reloads")
+            finally:
+                stop.set()
+                knocker.join()
+            assert set(outcomes) == {"refused"} and target.peak == 4
+            held.pop().close()
+            held.pop().close()
+            wait_until(lambda: _active(proxy) == 2, 10, "two connections to end")
+            more = [proxy.connect() for _ in range(3)]
+            assert [outcome(client) for client in more] == ["admitted", "admitted", "refused"]
+            held += more[:2]  # two in old workers, two in new ones
+            more[2].close()
+            _config(config, f'targets = ["{target.target}"]\nworkers = 2\nconnections-max = 2\n')
+            reload(lambda: scrape(proxy), proxy.signal)
+            held.pop().close()
+            held.pop().close()
+            wait_until(lambda: _active(proxy) == 2, 10, "two connections to end")
+            with proxy.connect() as client:
+                assert outcome(client) == "refused"  # the new cap, the old workers' count
+            held.pop().close()
+            wait_until(lambda: _active(proxy) == 1, 10, "one more to end")
+            last = [proxy.connect() for _ in range(2)]
+            assert [outcome(client) for client in last] == ["admitted", "refused"]
+            assert target.peak == 4
+            for client in held + last:
+                client.close()
+
+
+def _active(proxy: Proxy) -> float:
+    samples = scrape(proxy)
+    return -1 if samples is None else value(samples, "forkproxy_connections_active")
