@@ -187,7 +187,8 @@ class Master:
         resources = self.resources
         assert resources.events is not None
         signal.set_wakeup_fd(-1)
-        self.selector.close()  # a reload's check output with it
+        self.selector.close()
+        self.reloader.close_in_child()
         for end in self.wakeup:
             end.close()
         os.close(resources.events[0])

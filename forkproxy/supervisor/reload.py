@@ -154,6 +154,12 @@ class Reloader:
             except ProcessLookupError:
                 pass
 
+    def close_in_child(self) -> None:
+        """In a new worker: the check's output is the master's."""
+        if self.check_output is not None:
+            os.close(self.check_output)
+            self.check_output = None
+
     # -- the check -------------------------------------------------------------------------
 
     def _start_check(self, started: float) -> None:
@@ -172,7 +178,7 @@ class Reloader:
                     (os.POSIX_SPAWN_DUP2, write_end, 1),
                     (os.POSIX_SPAWN_DUP2, write_end, 2),
                 ],
-                setsigmask=(),  # the master's are blocked; the check keeps none
+                setsigmask=(),  # none blocked, whatever the master's mask
                 setsigdef=(*MASTER_SIGNALS, signal.SIGPIPE),
             )
         except OSError as error:
@@ -287,6 +293,9 @@ class Reloader:
         if not go:  # a stop came meanwhile
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
             return
+        # Blocked across the exec, so that they wait for the new image's handlers: after
+        # execve(2) their action is the default one, which ends a process for most.
+        signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         self.notifier.reloading("reloading")
         state = self.host.reexec_state(self.started, self.pending)
         try:

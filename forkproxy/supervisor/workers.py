@@ -79,17 +79,18 @@ class WorkerProcesses:
         spec = dataclasses.replace(self.spec, slot=slot, generation=self.generation)
         # Signals stay blocked across fork: a signal for the new worker must neither run
         # the master's handler in it (which would report it on the master's wakeup fd) nor
-        # be lost; the worker unblocks once its own loop handles them.
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked_signals)
+        # be lost; the worker unblocks once its own loop handles them. The master gets
+        # back the mask it had: a reload about to exec keeps them blocked.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked_signals)
         try:
             pid = os.fork()
         except OSError as error:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.blocked_signals)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             log.error("cannot start worker %d: %s", slot, error)
             self._schedule_respawn(slot, early=True)
             return
         if pid != 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.blocked_signals)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         else:
             status = 70  # EX_SOFTWARE: a bug escaped the worker
             try:

@@ -384,3 +384,51 @@ def test_the_cap_holds_across_old_and_new_workers(workdir: Path) -> None:
 def _active(proxy: Proxy) -> float:
     samples = scrape(proxy)
     return -1 if samples is None else value(samples, "forkproxy_connections_active")
+
+
+def test_signals_sent_during_reloads_wait_for_the_new_image(workdir: Path) -> None:
+    """SIGTTIN, SIGTTOU and SIGHUP every 5 ms across reloads: whatever the master
+    is doing, checking or re-executing, none is lost to the exec (where most signals'
+    default action ends a process) and the master lives on with its PID and serves."""
+    kinds = [signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP, signal.SIGUSR2]
+    with run_proxy(
+        ["-w", "2", "127.0.0.1:1"], workdir, listeners=METRICS_LISTENERS, names=METRICS_NAMES
+    ) as proxy:
+        master = proxy.pid
+        stop = threading.Event()
+
+        def send() -> None:
+            index = 0
+            while not stop.wait(0.005):  # the storm's pace, not a synchronisation
+                index += 1
+                try:
+                    proxy.signal(kinds[index % len(kinds)])
+                except ProcessLookupError:
+                    return
+
+        def reloaded() -> bool:
+            samples = scrape(proxy)
+            return samples is not None and reloads(samples)[0] >= 2
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            wait_until(lambda: reloaded() or proxy.process.poll() is not None, 120, "reloads")
+        finally:
+            stop.set()
+            sender.join()
+        assert proxy.process.poll() is None, proxy.stderr()[-3000:]
+        wait_until(lambda: _converged(proxy), 60, "one generation serving")
+        assert proxy.pid == master and proxy.process.poll() is None
+
+
+def _converged(proxy: Proxy) -> bool:
+    samples = scrape(proxy)
+    if samples is None:
+        return False
+    workers = value(samples, "forkproxy_workers", generation="current")
+    return (
+        value(samples, "forkproxy_workers", generation="draining") == 0
+        and workers == value(samples, "forkproxy_workers_target")
+        and len(children_of(proxy.pid)) == workers
+    )

@@ -83,7 +83,7 @@ def test_signals_without_a_job_neither_stop_nor_disturb(workdir: Path) -> None:
 
 def test_a_sighup_during_start_up_does_not_kill_the_master(workdir: Path) -> None:
     """SIGHUP as soon as the socket file exists, while the master is still setting up
-    (loading the metrics code takes a while)."""
+    (loading the metrics code takes a while): the reload waits for READY=1, then runs."""
     path = workdir / "front.sock"
     notify = Notifications(workdir)
     with run_backend("echo") as backend:
@@ -105,6 +105,12 @@ def test_a_sighup_during_start_up_does_not_kill_the_master(workdir: Path) -> Non
                 "READY=1",
             )
             assert process.poll() is None
+            wait_until(
+                lambda: notify.lines().count("READY=1") == 2 or process.poll() is not None,
+                30,
+                "the reload's READY=1",
+            )
+            assert "RELOADING=1" in notify.lines()
             process.send_signal(signal.SIGTERM)
             assert process.wait(15) == 0
         finally:
