@@ -172,7 +172,7 @@ def push(iperf3: str, port: int, size: str) -> float:
 
 def relayed_bytes(scrape: bytes) -> float:
     for line in scrape.decode().splitlines():
-        if line.startswith('forkproxy_relayed_bytes_total{direction="to_backend"}'):
+        if line.startswith('forkproxy_relayed_bytes_total{direction="to_target"}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

@@ -1,6 +1,6 @@
 /* Connecting an admitted client to a target of its route, with failover.
  *
- * As the Python reference (targets.py, upstream.py): a route of one target connects to
+ * As the Python reference (targets.py, target_connect.py): a route of one target connects to
  * it; a route of several tries them healthy-first in this worker's round-robin order,
  * then those cooling down, soonest back first; a target that fails cools down for
  * COOLDOWN. Failures of this machine (out of descriptors or memory) try no other target:

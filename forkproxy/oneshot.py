@@ -6,8 +6,10 @@ the connection is standard input. No workers, no scoreboard: one uvloop loop in 
 process runs the same target connect and splice relay as a worker does, with the same
 relay options (several targets, timeouts, socket options, PROXY header, pipe size), the
 global ones: --route, listener sections and --metrics do not apply, there being neither
-listener nor master. Exit status 0 when the connection ends, 1 if no target can be
-reached.
+listener nor master. Exit status 0 when the connection ends, aborted by a peer or not
+(aborts are passed on as in a worker, see relay/splice.py), 1 if no target can be
+reached or an internal error cut the connection short (it is aborted, one warning is
+logged).
 """
 
 import logging
@@ -15,14 +17,16 @@ import math
 import signal
 import socket
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import uvloop
 
 from forkproxy.errors import ForkproxyError
+from forkproxy.relay.failpoints import FailingDirection, failpoint_from_environment
+from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
 from forkproxy.relay.poller import Poller
 from forkproxy.relay.proxy_protocol import header_encoder
-from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay
+from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay, reset_on_close
 from forkproxy.relay.target_connect import (
     TCP_FAMILIES,
     TargetConnect,
@@ -30,7 +34,13 @@ from forkproxy.relay.target_connect import (
     set_socket_options,
 )
 from forkproxy.relay.targets import FailoverConnect, TargetGroup
-from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_idle, sweep_interval
+from forkproxy.relay.timeouts import (
+    GRACEFUL_ERROR,
+    LazySweep,
+    sweep_connects,
+    sweep_idle,
+    sweep_interval,
+)
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.config import Config
 from forkproxy.settings.options import tcp_socket_options
@@ -73,11 +83,15 @@ def relay_connection(config: Config, fd: int, what: str, notifier: Notifier) -> 
         peer = "?"
     loop = uvloop.new_event_loop()
     connection = _Connection(config, loop, client, peer, notifier)
+    loop.set_exception_handler(connection.on_loop_error)
     loop.add_signal_handler(signal.SIGTERM, connection.on_sigterm)
     loop.add_signal_handler(signal.SIGINT, connection.on_sigterm)
     try:
-        connection.start()  # on loopback the relay may start (or the connect fail) in here
-        loop.run_forever()
+        try:
+            connection.start()  # on loopback the relay may start (or the connect fail) here
+        except Exception as error:
+            connection.crashed(error)
+        loop.run_forever()  # returns at once if the above stopped it
     finally:
         connection.poller.close()
         connection.pool.close()
@@ -101,7 +115,9 @@ class _Connection:
         self.notifier = notifier
         self.options = tcp_socket_options(config.nodelay, config.keepalive)
         self.pool = PipePool(config.pipe_size, 2)
-        self.poller = Poller(loop)
+        self.poller = Poller(loop, self.on_callback_error)
+        self.internal_errors = InternalErrors(log)
+        self.failpoint = failpoint_from_environment()  # tests only: see relay/failpoints.py
         self.counters = memoryview(bytearray(SLOT_WORDS * 8)).cast("q")  # not shared
         self.connecting: list[TargetConnect | FailoverConnect] = []  # for the connect timeout
         self.relay: Relay | None = None
@@ -124,13 +140,25 @@ class _Connection:
             LazySweep(self.loop, interval, self.connecting, self._sweep_connect).arm()
 
     def _sweep_connect(self, now: float) -> None:
-        sweep_connects(self.connecting, now)
+        sweep_connects(self.connecting, now, self._on_sweep_error)
 
     def _sweep_idle(self, now: float) -> None:
-        sweep_idle(self.relays, now, self.config.idle_timeout)
+        sweep_idle(self.relays, now, self.config.idle_timeout, self._on_sweep_error)
+
+    def _on_sweep_error(self, _item: object, error: Exception) -> None:
+        self.crashed(error)
 
     def on_connected(self, target: socket.socket) -> None:
+        """Relay client and target. Never raises: an internal error ends the connection."""
         self.connecting.clear()
+        try:
+            self._relay(target)
+        except Exception as error:
+            if self.relay is None:
+                target.close()
+            self.crashed(error)
+
+    def _relay(self, target: socket.socket) -> None:
         config = self.config
         if config.proxy_protocol:
             family = self.client.family
@@ -138,11 +166,15 @@ class _Connection:
                 local = self.client.getsockname() if family in TCP_FAMILIES else None
                 encode = header_encoder(1 if config.proxy_protocol == 1 else 2)
                 send_proxy_header(target, encode(self.client.getpeername(), local, family))
-            except OSError as error:
+            except Exception as error:  # ValueError from the encoder too: a failed connect
                 target.close()
-                self.on_failed(error)
+                self.on_failed(error if isinstance(error, OSError) else OSError(str(error)))
                 return
         idle = config.idle_timeout != math.inf
+        direction: type[Direction] = IdleDirection if idle else Direction
+        failpoint = self.failpoint
+        if failpoint is not None and failpoint.due("readable"):
+            direction = FailingDirection
         self.relay = Relay(
             self.poller,
             self.pool,
@@ -152,20 +184,22 @@ class _Connection:
             BYTES_TO_TARGET,
             BYTES_TO_CLIENT,
             self.on_closed,
-            IdleDirection if idle else Direction,
+            direction,
         )
         if idle:
             self.relay.quiet_since = time.monotonic()
             self.relays.add(self.relay)
             interval = sweep_interval(config.idle_timeout)
             LazySweep(self.loop, interval, self.relays, self._sweep_idle).arm()
+        if failpoint is not None and failpoint.due("connected"):
+            raise failpoint.fault()
         self.relay.start()
         self.notifier.ready(f"relaying {self.peer} to {target.getpeername()}")
 
     def on_failed(self, error: OSError) -> None:
         self.connecting.clear()
         log.error(
-            "cannot connect to upstream %s for %s: %s",
+            "cannot connect to target %s for %s: %s",
             " or ".join(f"'{target.text}'" for target in self.config.targets),
             self.peer,
             error.strerror or error,
@@ -177,7 +211,7 @@ class _Connection:
     def on_closed(self, relay: Relay) -> None:
         self.relays.discard(relay)
         log.debug(
-            "connection from %s done: %d bytes to upstream, %d to client",
+            "connection from %s done: %d bytes to target, %d to client",
             self.peer,
             self.counters[BYTES_TO_TARGET],
             self.counters[BYTES_TO_CLIENT],
@@ -197,7 +231,36 @@ class _Connection:
 
     def _close_now(self) -> None:
         if self.relay is not None:
-            self.relay.close()
+            self.relay.fail(GRACEFUL_ERROR)  # an abort: the stream is cut short
         else:
             self.client.close()
         self.loop.stop()
+
+    # -- internal errors -----------------------------------------------------------------
+
+    def on_callback_error(self, _fd: int, error: Exception) -> None:
+        """The poller's `on_error`: every socket it watches is this connection's."""
+        self.crashed(error)
+
+    def on_loop_error(self, _loop: object, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if not isinstance(error, Exception):
+            error = RuntimeError(context.get("message", "unknown error"))
+        self.crashed(error)
+
+    def crashed(self, error: Exception) -> None:
+        """An exception escaped from the connection's code: one warning, abort the
+        connection (an RST to its peers), exit 1."""
+        self.internal_errors.report(f"on the connection from {self.peer}", error)
+        self.status = 1
+        try:
+            for attempt in self.connecting:
+                attempt.cancel()
+            self.connecting.clear()
+            if self.relay is not None:
+                self.relay.salvage(INTERNAL_ERROR)
+            else:
+                reset_on_close(self.client)
+                self.client.close()
+        finally:
+            self.loop.stop()

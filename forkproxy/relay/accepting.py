@@ -3,12 +3,16 @@
 `Acceptor` takes clients off the listeners a worker inherited, in batches of
 ACCEPT_BATCH per wakeup, admits each under the global and the per-source caps (its
 `Admitter`, shared/admission.py), or refuses it (accepted and closed at once, nothing
-sent to a target), and hands an admitted client to the worker's `Connector`. Accepting
-pauses while descriptors run short, so a flood of clients waits in the listen backlog
-instead of taking the pipes of connections already relaying. With --on-limit=queue it
-holds the one client that met the cap and stops accepting until capacity comes back
-(capacity_wait.py).
+sent to a target: refusals.py), and hands an admitted client to the worker's
+`Connector`. Accepting pauses while descriptors run short, so a flood of clients waits
+in the listen backlog instead of taking the pipes of connections already relaying. With
+--on-limit=queue it holds the one client that met the cap and stops accepting until
+capacity comes back (capacity_wait.py).
 Never connects, relays or blocks.
+
+An exception while one client is taken in (admission, its socket object, holding it)
+closes it, gives back its admission if it holds one and counts it refused, with one
+warning (internal_error.py); the batch goes on with the next client.
 """
 
 import errno
@@ -22,6 +26,9 @@ from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.capacity_wait import CapacityWaiter
+from forkproxy.relay.failpoints import Failpoint
+from forkproxy.relay.refusals import Refusals
+from forkproxy.relay.splice import NO_TOKEN
 from forkproxy.relay.target_connect import set_socket_options
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.options import ON_LIMIT_QUEUE
@@ -47,19 +54,25 @@ FD_HEADROOM = 32
 class _Held:
     """Queue mode: the client a worker holds while it waits for capacity."""
 
-    __slots__ = ("fd", "peer", "plan", "key")
+    __slots__ = ("fd", "peer", "plan", "key", "waiting")
 
     def __init__(self, fd: int, peer: object, plan: "ListenerPlan", key: bytes | None) -> None:
         self.fd = fd
         self.peer = peer
         self.plan = plan
         self.key = key  # its source, for the per-source limit
+        self.waiting = False  # counted among the admission's waiters (until wait_end)
 
 
 class Acceptor:
     """Takes a worker's clients off its listeners and admits or refuses each."""
 
-    def __init__(self, worker: "Worker", plans: Mapping[int, "ListenerPlan"]) -> None:
+    def __init__(
+        self,
+        worker: "Worker",
+        plans: Mapping[int, "ListenerPlan"],
+        failpoint: Failpoint | None = None,
+    ) -> None:
         self.worker = worker  # draining or not
         self.config = worker.config
         self.loop = worker.loop
@@ -69,9 +82,10 @@ class Acceptor:
         self.slot = worker.slot
         self.events_fd = worker.spec.events_fd  # any descriptor of ours, to probe the lowest free
         self.connect = worker.connector.connect
+        self.internal_errors = worker.connector.internal_errors
+        self.failpoint = failpoint  # tests only (failpoints.py); None otherwise
         self.accepting = False
-        self.refusals = logs.RateLimitedLog(log, logging.WARNING)
-        self.source_refusals = logs.RateLimitedLog(log, logging.WARNING)
+        self.refusals = Refusals(worker.slot, self.admitter, self.config, self.internal_errors)
         # Also the connector's, when a connect found no free descriptor and pauses us.
         self.failures = logs.RateLimitedLog(log, logging.WARNING)
         self.accept_callbacks = {
@@ -120,63 +134,58 @@ class Acceptor:
             except OSError as error:
                 self._on_accept_error(error, listener)
                 return
-            if fd >= self.fd_ceiling:
-                # The kernel gives the lowest free descriptor: all below this one are taken.
-                # Serve this client from the headroom; the next ones wait in the backlog.
-                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                self.failures.log(
-                    "fewer than %d file descriptors left (RLIMIT_NOFILE %d): pausing accepts "
-                    "for %gs to keep them for open connections",
-                    limit - self.fd_ceiling,
-                    limit,
-                    ACCEPT_PAUSE,
-                )
-                self.pause()
-            key = source_key(family, peer) if source_limit else None
-            token = admit(key, source_limit)
+            token = NO_TOKEN
+            key = None
+            try:
+                if fd >= self.fd_ceiling:
+                    # The kernel gives the lowest free descriptor: all below this one are
+                    # taken. Serve this client from the headroom; the next ones wait in the
+                    # backlog.
+                    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                    self.failures.log(
+                        "fewer than %d file descriptors left (RLIMIT_NOFILE %d): pausing "
+                        "accepts for %gs to keep them for open connections",
+                        limit - self.fd_ceiling,
+                        limit,
+                        ACCEPT_PAUSE,
+                    )
+                    self.pause()
+                key = source_key(family, peer) if source_limit else None
+                token = admit(key, source_limit)
+            except Exception as error:
+                self.refusals.drop(fd, None, token, family, peer, error)
+                continue
             if token >= ADMITTED:
                 self._admit(fd, peer, plan, token)
             elif token == REFUSED_CAP and self.queue_on_limit:
                 self._hold(_Held(fd, peer, plan, key))
                 return
             else:
-                self._refuse(fd, plan, peer, token)
+                self.refusals.refuse(fd, family, peer, token, source_limit)
 
     def _admit(self, fd: int, peer: object, plan: "ListenerPlan", token: int) -> None:
-        """An admitted client: connect it to a target (`token` goes back to the admitter)."""
+        """An admitted client: connect it to a target (`token` goes back to the admitter).
+        Never raises: the connector owns the client from `connect` on, and before that a
+        failure releases it here."""
+        client = None
+        try:
+            client = socket.socket(plan.family, plan.kind, 0, fd)
+            client.setblocking(False)
+            failpoint = self.failpoint
+            if failpoint is not None and failpoint.due("accept"):
+                raise failpoint.fault()
+        except Exception as error:
+            self.refusals.drop(fd, client, token, plan.family, peer, error)
+            return
         slot = self.slot
         slot[ACCEPTED] += 1
         slot[ACTIVE] += 1
-        client = socket.socket(plan.family, socket.SOCK_STREAM, 0, fd)
-        client.setblocking(False)
         if plan.client_options:
             try:
                 set_socket_options(client, plan.client_options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
         self.connect(client, token, peer, plan.route)
-
-    def _refuse(self, fd: int, plan: "ListenerPlan", peer: object, why: int) -> None:
-        family = plan.family
-        self.slot[REFUSED] += 1  # before the close: a kill between them must not hide it
-        os.close(fd)
-        if why == REFUSED_CAP:
-            self.refusals.log(
-                "connection cap %d reached, refusing connection from %s",
-                self.config.connections_max,
-                format_sockaddr(family, peer),
-            )
-        elif why == REFUSED_BUSY:
-            self.refusals.log(
-                "admission lock busy, refusing connection from %s",
-                format_sockaddr(family, peer),
-            )
-        else:
-            self.source_refusals.log(
-                "connection limit %d per source reached, refusing connection from %s",
-                plan.source_limit,
-                format_sockaddr(family, peer),
-            )
 
     # -- --on-limit=queue ----------------------------------------------------------------
 
@@ -188,41 +197,67 @@ class Acceptor:
             os.close(held.fd)
             return
         self.held = held
-        self.stop()
-        if self.waiter is None:
-            self.waiter = CapacityWaiter(
-                self.admitter.admission.seq_address, self.loop, self.on_capacity
-            )
-        self.admitter.wait_begin()
+        try:
+            self.stop()
+            if self.waiter is None:
+                self.waiter = CapacityWaiter(
+                    self.admitter.admission.seq_address, self.loop, self.on_capacity
+                )
+            self.admitter.wait_begin()
+            held.waiting = True
+        except Exception as error:  # no thread to wait with, say: refuse it, go on
+            self._give_up_held(error)
+            return
         self.on_capacity()  # once more, now counted as a waiter: no release is missed
 
     def on_capacity(self) -> None:
-        """Capacity may have come back: try to admit the held client, else wait again."""
+        """Capacity may have come back: try to admit the held client, else wait again.
+        Never raises: after an internal error the held client is refused."""
         held = self.held
         if held is None:  # closed by the graceful timeout meanwhile
             return
         admitter = self.admitter
-        seq = admitter.capacity_seq()  # before the attempt: a release after it changes seq
-        token = admitter.admit(held.key, held.plan.source_limit)
-        if token in (REFUSED_CAP, REFUSED_BUSY):
-            assert self.waiter is not None
-            self.waiter.wait(seq)
+        try:
+            seq = admitter.capacity_seq()  # before the attempt: a release after it changes seq
+            token = admitter.admit(held.key, held.plan.source_limit)
+            if token in (REFUSED_CAP, REFUSED_BUSY):
+                assert self.waiter is not None
+                self.waiter.wait(seq)
+                return
+        except Exception as error:
+            self._give_up_held(error)
             return
-        admitter.wait_end()
         self.held = None
+        held.waiting = False
+        admitter.wait_end()
         if token >= ADMITTED:
             self._admit(held.fd, held.peer, held.plan, token)
         else:
-            self._refuse(held.fd, held.plan, held.peer, token)
+            self.refusals.refuse(
+                held.fd, held.plan.family, held.peer, token, held.plan.source_limit
+            )
+        if not self.worker.draining:
+            self.start()
+
+    def _give_up_held(self, error: Exception) -> None:
+        """An internal error while holding a client: refuse it, say so once, go on."""
+        held = self.held
+        if held is not None:
+            peer = format_sockaddr(held.plan.family, held.peer)
+            self.internal_errors.report(f"holding the connection from {peer}", error)
+        self.drop_held()
         if not self.worker.draining:
             self.start()
 
     def drop_held(self) -> None:
-        """The graceful timeout: refuse a client still waiting for capacity (queue mode)."""
+        """Refuse a client still waiting for capacity (queue mode): at the graceful
+        timeout, or after an internal error."""
         held = self.held
         if held is not None:
             self.held = None
-            self.admitter.wait_end()
+            if held.waiting:
+                held.waiting = False
+                self.admitter.wait_end()
             self.slot[REFUSED] += 1
             os.close(held.fd)
 

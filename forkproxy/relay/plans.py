@@ -15,8 +15,9 @@ import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
-from forkproxy.relay.splice import Direction, IdleDirection, PipePool, Relay
+from forkproxy.relay.splice import Direction, IdleDirection, Relay
 from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions
 from forkproxy.relay.targets import TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_idle, sweep_interval
@@ -73,13 +74,14 @@ class Route:
 class ListenerPlan:
     """What a worker does with the clients of one listener."""
 
-    __slots__ = ("listener", "family", "client_options", "source_limit", "route")
+    __slots__ = ("listener", "family", "kind", "client_options", "source_limit", "route")
 
     def __init__(
         self, listener: Listener, client_options: SocketOptions, source_limit: int, route: Route
     ) -> None:
         self.listener = listener
         self.family = listener.sock.family
+        self.kind = listener.kind  # stream or sequential-packet: what accept() returns
         self.client_options = client_options  # setsockopt(2) on each client: TCP only
         self.source_limit = source_limit  # --connections-max-per-source; 0: none
         self.route = route
@@ -139,9 +141,10 @@ def _route(
     timeout = settings.idle_timeout
     if timeout != math.inf:
         relays: set[Relay] = set()
+        on_error = connector.crashed  # an exception escaped from one relay: abort it
 
         def sweep(now: float) -> None:
-            sweep_idle(relays, now, timeout)
+            sweep_idle(relays, now, timeout, on_error)
 
         idle = (LazySweep(connector.loop, sweep_interval(timeout), relays, sweep), relays)
     return Route(group, proxy_header, pool, connector.on_relay_closed, idle)

@@ -10,6 +10,13 @@ any connection socket is ready, and still runs timers, signals and name resoluti
 
 Level-triggered, like the loop's own add_reader/add_writer, whose signatures these
 methods share. Never closes the fds it watches.
+
+An exception raised by a callback does not leave the dispatch: it goes to `on_error(fd,
+exception)`, whose owner releases the connection that fd belongs to, and the batch goes on
+with the other fds. Afterwards the fd is no longer watched, whether or not `on_error` made
+it so: a callback that raised is not run again for it (a readable fd whose reader always
+raises would otherwise be dispatched at full speed for ever). Without `on_error` the
+exception propagates, as from the loop's own add_reader.
 """
 
 import select
@@ -29,6 +36,7 @@ _READER = 1  # index of the reader in a watch; the writer is at 2, the mask at 0
 _WRITER = 2
 
 Callback = Callable[[], None]
+OnError = Callable[[int, Exception], None]
 
 
 class Loop(Protocol):
@@ -38,12 +46,25 @@ class Loop(Protocol):
     def remove_reader(self, fd: int) -> object: ...
 
 
+class Readiness(Protocol):
+    """Where a relay or a connect attempt registers interest in its sockets (a `Poller`)."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> object: ...
+    def remove_reader(self, fd: int) -> object: ...
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> object: ...
+    def remove_writer(self, fd: int) -> object: ...
+    def forget(self, fd: int) -> object: ...
+
+    @property
+    def peer_closed(self) -> int: ...
+
+
 class Poller:
     """add_reader/add_writer for connection sockets; dispatches their events itself."""
 
-    __slots__ = ("_epoll", "_watches", "_gone", "_loop", "peer_closed")
+    __slots__ = ("_epoll", "_watches", "_gone", "_loop", "peer_closed", "on_error")
 
-    def __init__(self, loop: Loop) -> None:
+    def __init__(self, loop: Loop, on_error: OnError | None = None) -> None:
         self._epoll = select.epoll()
         # fd -> [event mask, reader or None, writer or None]
         self._watches: dict[int, list] = {}
@@ -54,6 +75,7 @@ class Poller:
         # While a reader runs: non-zero if its socket's peer has shut down writing, so
         # everything left to read ends in EOF. Zero outside the dispatch of an event.
         self.peer_closed = 0
+        self.on_error = on_error  # where an exception raised by a callback goes
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -112,20 +134,36 @@ class Poller:
             watch = watches.get(fd)
             if watch is None:
                 continue
-            if events & _READ_EVENTS:
-                reader = watch[1]
-                if reader is not None:
-                    self.peer_closed = events & _RDHUP
-                    try:
+            try:  # free until a callback raises (3.11+), as the try/finally it replaced
+                if events & _READ_EVENTS:
+                    reader = watch[1]
+                    if reader is not None:
+                        self.peer_closed = events & _RDHUP
                         reader()
-                    finally:
                         self.peer_closed = 0
-                    if fd in gone:  # the reader closed it
-                        continue
-            if events & _WRITE_EVENTS:
-                writer = watch[2]  # None if the reader just dropped it
-                if writer is not None:
-                    writer()
+                        if fd in gone:  # the reader closed it
+                            continue
+                if events & _WRITE_EVENTS:
+                    writer = watch[2]  # None if the reader just dropped it
+                    if writer is not None:
+                        writer()
+            except Exception as error:
+                self.peer_closed = 0
+                self._on_callback_error(fd, error)
+
+    def _on_callback_error(self, fd: int, error: Exception) -> None:
+        on_error = self.on_error
+        if on_error is None:
+            raise error
+        try:
+            on_error(fd, error)
+        finally:
+            if self._watches.pop(fd, None) is not None:  # its owner did not drop it
+                self._gone.add(fd)
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass  # closed already: the close took it out of the epoll
 
     def watching(self) -> int:
         """How many fds are watched (for tests and leak checks)."""

@@ -1,7 +1,7 @@
 """One relayed connection: two spliced directions, half-close, teardown, byte counts.
 
 Bytes go socket -> pipe -> socket with splice(2) and never enter Python, but for the
-bytes at a TCP urgent mark, where splice cannot go on (`_read_urgent_inline`). Each
+bytes at a TCP urgent mark, where splice cannot go on (urgent.py). Each
 direction borrows a pipe from its worker's `PipePool` only while it holds bytes in
 flight, so an idle connection costs two descriptors, not six (systemd-socket-proxyd
 keeps two pipes per connection for its whole life).
@@ -14,35 +14,58 @@ again, up to READS_PER_WAKEUP times, so a bulk stream moves several pipes per wa
 is one whose peer has sent its FIN, so the EOF costs no wakeup of its own. Interest is
 registered with the worker's `Poller` (poller.py).
 
-EOF from a source is passed on as shutdown(SHUT_WR) of the destination once the pipe has
-drained, and the other direction keeps going until it ends too. A reset or error on
-either side closes both. With --idle-timeout the directions are `IdleDirection`s, which
-flag the relay `active` on every read for the worker's sweep to see; without it nothing
-is done per event for it. Never accepts, admits or logs above debug. Closing breaks
-every reference cycle of a connection, so its objects are freed at once by reference
-counting, not by the cyclic garbage collector.
+How a connection ends (the compiled engine must do the same):
+
+- Clean end. A direction ends when its source has sent EOF (splice(2) returned 0) and every
+  byte read before it has been written: the EOF is passed on as shutdown(SHUT_WR) of the
+  destination, and the other direction keeps going. Once both have ended, both sockets are
+  closed (`close`). Each peer has had all the bytes and a FIN.
+- Abort. Anything else ends the connection at once (`fail`): an error from splice(2) on
+  either socket, reading or writing, whatever the errno (ECONNRESET, EPIPE, ETIMEDOUT, ...);
+  an error from shutdown(2) other than the peer being gone; no pipe to be had; the
+  --idle-timeout or --graceful-timeout closing it; an exception escaping the connection's
+  own code (`salvage`). Both sockets are closed with SO_LINGER {1, 0}, so a TCP peer gets an
+  RST rather than a FIN and reads ECONNRESET: a stream cut short is never mistaken for a
+  complete one (the end of a close-delimited response, an upload). On the socket that
+  failed this changes nothing, it is reset or unusable already; on the other it passes the
+  abort on. Bytes still in the pipes or in the sockets' send queues are dropped, as the
+  kernel drops those of a reset connection. Unix and vsock sockets have no RST: a unix peer
+  reads EOF (or ECONNRESET if it had sent bytes forkproxy had not read yet).
+- An abort is seen when forkproxy next reads from or writes to that socket: at once while
+  the direction from it is reading; once the other side has taken the bytes in flight while
+  it is paused by backpressure; at the next byte for it once it has sent its EOF.
+
+With --idle-timeout the directions are `IdleDirection`s, which flag the relay `active` on
+every read for the worker's sweep to see; without it nothing is done per event for it.
+Never accepts, admits or logs above debug. Closing breaks every reference cycle of a
+connection, so its objects are freed at once by reference counting, not by the cyclic
+garbage collector.
 """
 
 import errno
-import fcntl
 import os
 import socket
+import struct
 from collections.abc import Callable
-from typing import Protocol
 
-from forkproxy.errors import ForkproxyError
-from forkproxy.settings.options import format_size
+from forkproxy.relay.pipes import Pipe as Pipe
+from forkproxy.relay.pipes import PipePool as PipePool
+from forkproxy.relay.pipes import check_pipe_size as check_pipe_size
+from forkproxy.relay.poller import Readiness
+from forkproxy.relay.urgent import at_urgent_mark, read_urgent_inline
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
 READS_PER_WAKEUP = 4  # full pipes a direction moves per readable event, at most
-_SIOCATMARK = 0x8905  # ioctl: at the TCP urgent mark? (linux/sockios.h)
-_INT_ZERO = bytes(4)
-_URGENT_READ = 4096  # bytes read through Python at an urgent mark, at most
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}
 # One item per read; true for the first, the one the readiness event was about.
 _READ_ROUNDS = (True,) + (False,) * (READS_PER_WAKEUP - 1)
 
-# How a connection normally dies: the peer went away. Anything else gets a warning.
+# A connection's `token` while it holds no admission (not set yet, given back, or handed
+# over to its relay): below every value `Admitter.admit` returns (shared/admission.py).
+NO_TOKEN = -(1 << 16)
+
+# Errors that mean the peer went away: an abort passed on, logged at debug level only.
 PEER_GONE_ERRNOS = frozenset(
     {
         errno.ECONNRESET,
@@ -54,81 +77,6 @@ PEER_GONE_ERRNOS = frozenset(
         errno.ENOTCONN,
     }
 )
-
-
-def _at_urgent_mark(fd: int) -> bool:
-    """Whether the next byte to read from the TCP socket `fd` is urgent data (SIOCATMARK)."""
-    try:
-        return fcntl.ioctl(fd, _SIOCATMARK, _INT_ZERO) != _INT_ZERO
-    except OSError:
-        return False  # not a TCP socket: it has no urgent data
-
-
-def _read_urgent_inline(src: socket.socket, pipe_fd: int, room: int) -> int:
-    """Move the bytes at the urgent mark into the pipe through a plain read, the urgent
-    byte in its place in the stream (SO_OOBINLINE), so splice can go on after it.
-
-    The one place bytes pass through Python, and only when a peer sends urgent data.
-    """
-    src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-    try:
-        data = src.recv(min(room, _URGENT_READ))
-    except BlockingIOError:
-        return 0
-    return os.write(pipe_fd, data)  # an empty pipe takes it whole: room >= len(data)
-
-
-class Pipe:
-    """A kernel pipe used as a splice buffer; owned by the pool or by one direction."""
-
-    __slots__ = ("read_fd", "write_fd", "capacity")
-
-    def __init__(self, read_fd: int, write_fd: int, capacity: int) -> None:
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-        self.capacity = capacity
-
-    def close(self) -> None:
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
-class PipePool:
-    """A worker's empty pipes, created lazily and reused across connections.
-
-    Only empty pipes come back (`release`); a pipe that still holds bytes when its
-    connection dies is closed (`discard`), so no byte can leak into another connection.
-    """
-
-    __slots__ = ("_free", "_size", "_keep")
-
-    def __init__(self, size: int, keep: int) -> None:
-        self._free: list[Pipe] = []
-        self._size = size
-        self._keep = keep
-
-    def acquire(self) -> Pipe:
-        if self._free:
-            return self._free.pop()
-        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self._size:
-            try:
-                fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, self._size)
-            except OSError:
-                pass  # over /proc/sys/fs/pipe-user-pages-soft: keep the default size
-        return Pipe(read_fd, write_fd, fcntl.fcntl(read_fd, fcntl.F_GETPIPE_SZ))
-
-    def release(self, pipe: Pipe) -> None:
-        # A pipe the kernel made smaller (the per-user pipe limit was reached) is not
-        # kept: the next one may get the full size once the user's pipes are fewer.
-        if len(self._free) < self._keep and pipe.capacity >= self._size:
-            self._free.append(pipe)
-        else:
-            pipe.close()
-
-    def close(self) -> None:
-        while self._free:
-            self._free.pop().close()
 
 
 class Direction:
@@ -209,11 +157,11 @@ class Direction:
                 # stops for good while the socket stays readable (a busy loop). Read past
                 # it once, the urgent byte inline. (A later round's EAGAIN needs no look:
                 # a mark left there is met by the next wakeup's first read.)
-                if not first or not _at_urgent_mark(self.src_fd):
+                if not first or not at_urgent_mark(self.src_fd):
                     self._return_pipe()
                     return
                 try:
-                    count = _read_urgent_inline(self.src, pipe.write_fd, room)
+                    count = read_urgent_inline(self.src, pipe.write_fd, room)
                 except OSError as error:
                     self._fail(error)
                     return
@@ -334,7 +282,7 @@ class Relay:
     """A connected client and target, relayed both ways until both ends are done.
 
     Owns both sockets from `start()` and closes them exactly once, then calls
-    `on_close(relay)` so the worker can release the connection's admission.
+    `on_close(relay)` exactly once so the worker can release the connection's admission.
     """
 
     __slots__ = (
@@ -370,12 +318,12 @@ class Relay:
         self.pool = pool
         self.client = client
         self.target = target
-        self.on_close = on_close
+        self.on_close: Callable[[Relay], None] | None = on_close  # None once called
         self.closed = False
-        self.token = -1  # the admission this connection holds; set by the worker
+        self.token = NO_TOKEN  # the admission this connection holds; set by the worker
         self.started = 0.0  # when the client was accepted; set by the worker
         self.peer: object = None  # the client's address, for logs; set by the worker
-        self.error: OSError | None = None  # what ended the connection, if not a clean EOF
+        self.error: OSError | None = None  # what aborted the connection; None: a clean end
         # --idle-timeout: an IdleDirection sets `active` on a read; the worker's sweep
         # clears it and keeps `quiet_since`, when it last found the relay inactive.
         self.active = False
@@ -391,51 +339,53 @@ class Relay:
         if self.client_to_target.done and self.target_to_client.done:
             self.close()
 
+    def close(self) -> None:
+        """The clean end: both EOFs passed on, so close both sockets as they are."""
+        if not self.closed:
+            self._teardown(False)
+
     def fail(self, error: OSError) -> None:
-        """An error on either side ends the whole connection; `on_close` sees it."""
+        """Abort the connection (see the module docstring); `on_close` sees `error`, the
+        first one if several came."""
         if self.error is None:
             self.error = error
-        self.close()
+        if not self.closed:
+            self._teardown(True)
 
-    def close(self) -> None:
-        if self.closed:
-            return
+    def salvage(self, error: OSError) -> None:
+        """An exception escaped from this relay's code: abort it, finishing a teardown
+        that the exception may have cut short. Each step below is done at most once
+        however often this runs; `on_close` sees `error`."""
+        self.error = error
+        self._teardown(True)
+
+    def _teardown(self, abort: bool) -> None:
         self.closed = True
         io = self.io
         client = self.client
         target = self.target
-        io.forget(client.fileno())
-        io.forget(target.fileno())
+        # Forget an fd only while its socket is open: once closed, the number may be
+        # another connection's.
+        if client.fileno() >= 0:
+            io.forget(self.client_to_target.src_fd)
+        if target.fileno() >= 0:
+            io.forget(self.target_to_client.src_fd)
         self.client_to_target.stop()
         self.target_to_client.stop()
-        client.close()
+        if abort:
+            reset_on_close(client)
+            reset_on_close(target)
+        client.close()  # a socket object forgets its fd before closing it: never twice
         target.close()
-        self.on_close(self)
+        on_close = self.on_close
+        if on_close is not None:
+            self.on_close = None
+            on_close(self)
 
 
-class Readiness(Protocol):
-    """Where a relay registers interest in its sockets (a `poller.Poller`)."""
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> object: ...
-    def remove_reader(self, fd: int) -> object: ...
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> object: ...
-    def remove_writer(self, fd: int) -> object: ...
-    def forget(self, fd: int) -> object: ...
-
-    @property
-    def peer_closed(self) -> int: ...
-
-
-def check_pipe_size(size: int) -> None:
-    """ForkproxyError if this process cannot make pipes of `size` bytes (--pipe-size)."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+def reset_on_close(sock: socket.socket) -> None:
+    """SO_LINGER {1, 0}: the close that follows sends an RST, not a FIN (socket(7))."""
     try:
-        fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, size)
-    except OSError as error:
-        raise ForkproxyError(
-            f"cannot make pipes of --pipe-size={format_size(size)}: {error.strerror} (without "
-            "CAP_SYS_RESOURCE the most is /proc/sys/fs/pipe-max-size)"
-        ) from None
-    finally:
-        os.close(read_fd)
-        os.close(write_fd)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # closed already, or a socket family without lingering

@@ -5,7 +5,17 @@ loop's getaddrinfo) on every connection, as systemd-socket-proxyd does, and each
 it yields is tried in turn until one connects. Each address gets --connect-timeout, which
 the worker's sweep enforces through `expire` (no timer per connection), and TCP sockets
 get their options before connect(). Never relays and never logs: the outcome
-goes to the caller's `on_connected(sock)` or `on_failed(error)`, exactly one of them.
+goes to the caller's `on_connected(sock)` or `on_failed(error)`, exactly one of them,
+which must not raise (the worker's connector guards its own).
+
+What counts as a failed address: anything that goes wrong between socket(2) and a
+connected socket, whatever Python raises for it. An errno from socket(2), setsockopt(2),
+connect(2), SO_ERROR or the epoll registration; `socket.gaierror` from connect() itself
+when a scoped IPv6 address names no interface (`[fe80::1%bogus0]:80`: an interface
+removed while running, or a typo), which becomes ENODEV; any other exception (ValueError,
+UnicodeError, ...), which becomes EINVAL with its text. The socket is closed and the next
+address is tried; after the last, `on_failed` gets the last address's error. Resolving
+fails the attempt as EHOSTUNREACH, whatever the resolver raised.
 """
 
 import errno
@@ -16,7 +26,7 @@ from collections.abc import Callable
 from os import strerror
 from typing import TYPE_CHECKING
 
-from forkproxy.relay.splice import Readiness
+from forkproxy.relay.poller import Readiness
 from forkproxy.settings.address import SockAddr, TargetAddress
 
 if TYPE_CHECKING:
@@ -46,6 +56,18 @@ def send_proxy_header(target: socket.socket, header: bytes) -> None:
     sent = target.send(header)
     if sent != len(header):
         raise OSError(errno.EMSGSIZE, f"sent {sent} of {len(header)} bytes")
+
+
+def attempt_error(error: Exception, sockaddr: object) -> OSError:
+    """What an exception raised while connecting to one address means, as an OSError."""
+    host = sockaddr[0] if isinstance(sockaddr, tuple) and len(sockaddr) == 4 else None
+    if isinstance(error, socket.gaierror) and isinstance(host, str) and "%" in host:
+        # connect() looks an IPv6 scope's name up itself (the address is checked already).
+        scope = host.partition("%")[2]
+        return OSError(errno.ENODEV, f"no network interface '{scope}' for '{host}'")
+    if isinstance(error, OSError):
+        return error
+    return OSError(errno.EINVAL, f"{type(error).__name__}: {error}")
 
 
 class TargetConnect:
@@ -110,6 +132,11 @@ class TargetConnect:
             self._task.cancel()
         self._drop_socket()
 
+    def fileno(self) -> int:
+        """The fd of the socket whose connect is under way, or -1."""
+        sock = self._sock
+        return -1 if sock is None else sock.fileno()
+
     def expire(self, now: float) -> bool:
         """Past the deadline: give up the step under way as timed out (ETIMEDOUT) and go
         on with the next address, or fail. Returns whether the deadline had passed."""
@@ -134,50 +161,53 @@ class TargetConnect:
             infos = await self._loop.getaddrinfo(
                 target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
             )
-        except (OSError, UnicodeError) as error:
+            addresses: list[tuple[int, SockAddr | tuple[int, bytes]]] = [
+                (family, sockaddr) for family, _, _, _, sockaddr in infos
+            ]
+        except Exception as error:  # not CancelledError, a BaseException: expire() cancels
+            self._task = None
             self._fail(OSError(errno.EHOSTUNREACH, f"cannot resolve '{target.host}': {error}"))
             return
         self._task = None
         if self._finished:
             return
-        self._addresses = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+        self._addresses = addresses
         self._try_next()
 
     def _try_next(self) -> None:
         while self._next < len(self._addresses):
             family, sockaddr = self._addresses[self._next]
             self._next += 1
+            sock = None
             try:
                 sock = socket.socket(
-                    family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+                    family, self._target.kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
                 )
-            except OSError as error:
-                self._error = error
-                continue
-            if self._options and family in TCP_FAMILIES:
-                try:
+                if self._options and family in TCP_FAMILIES:
                     set_socket_options(sock, self._options)
-                except OSError as error:
+                code = sock.connect_ex(sockaddr)
+                if code == errno.EINPROGRESS:
+                    # On loopback the handshake usually completes inside connect(2), which
+                    # still says EINPROGRESS: asking again costs one call and answers 0,
+                    # where waiting costs a registration, a trip through the loop and
+                    # SO_ERROR.
+                    again = sock.connect_ex(sockaddr)
+                    if again in (0, errno.EISCONN):
+                        code = 0
+                    elif again not in (errno.EALREADY, errno.EINPROGRESS):
+                        code = again  # refused meanwhile
+                if code in _CONNECTING_ERRNOS:
+                    self._io.add_writer(sock.fileno(), self._on_writable)
+                    self._sock = sock
+                    self.deadline = _monotonic() + self._timeout
+                    return
+            except Exception as error:
+                if sock is not None:
                     sock.close()
-                    self._error = error
-                    continue
-            code = sock.connect_ex(sockaddr)
-            if code == errno.EINPROGRESS:
-                # On loopback the handshake usually completes inside connect(2), which
-                # still says EINPROGRESS: asking again costs one call and answers 0, where
-                # waiting costs a registration, a trip through the loop and SO_ERROR.
-                again = sock.connect_ex(sockaddr)
-                if again in (0, errno.EISCONN):
-                    code = 0
-                elif again not in (errno.EALREADY, errno.EINPROGRESS):
-                    code = again  # refused meanwhile
+                self._error = attempt_error(error, sockaddr)
+                continue
             if code == 0:
-                self._succeed(sock)
-                return
-            if code in _CONNECTING_ERRNOS:
-                self._sock = sock
-                self.deadline = _monotonic() + self._timeout
-                self._io.add_writer(sock.fileno(), self._on_writable)
+                self._succeed(sock)  # outside the try: the caller's code, not this attempt's
                 return
             sock.close()
             self._error = OSError(code, strerror(code))
@@ -187,21 +217,25 @@ class TargetConnect:
         sock = self._sock
         if sock is None:
             return
-        self._io.remove_writer(sock.fileno())
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code == 0:
+        try:
+            self._io.remove_writer(sock.fileno())
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            error = None if code == 0 else OSError(code, strerror(code))
+        except Exception as exc:
+            error = attempt_error(exc, None)
+        if error is None:
             self._sock = None
             self._succeed(sock)
             return
         self._drop_socket()
-        self._error = OSError(code, strerror(code))
+        self._error = error
         self._try_next()
 
     def _drop_socket(self) -> None:
         sock = self._sock
         if sock is not None:
             self._sock = None
-            self._io.remove_writer(sock.fileno())
+            self._io.forget(sock.fileno())  # the close takes it out of the epoll
             sock.close()
 
     def _succeed(self, sock: socket.socket) -> None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from forkproxy.relay.splice import Readiness
+from forkproxy.relay.poller import Readiness
 from forkproxy.relay.target_connect import SocketOptions, TargetConnect
 from forkproxy.settings.address import TargetAddress
 
@@ -164,6 +164,10 @@ class FailoverConnect:
             return
         self.group.failed(self.order[self.step - 1], error)
         self._try_next(error)
+
+    def fileno(self) -> int:
+        current = self.current
+        return -1 if current is None else current.fileno()
 
     def expire(self, now: float) -> bool:
         current = self.current

@@ -5,13 +5,17 @@ deadline, armed only while there is something to watch, looks at every watched
 connection each `sweep_interval(timeout)` and closes those past their deadline. A
 deadline is therefore met late by at most one interval (idle: two, see `sweep_idle`),
 which is an eighth of the timeout. Never logs and never touches a socket itself.
+
+An exception from one watched connection goes to the sweep's `on_error(item, exception)`
+and the sweep goes on with the others; a sweep whose callback raised anyway is armed
+again all the same, so one fault cannot end the timeouts of every connection.
 """
 
 import errno
 import os
 import time
 from collections.abc import Callable, Collection, Iterable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from forkproxy.relay.splice import Relay
 
@@ -19,7 +23,10 @@ SWEEP_DIVISOR = 8  # sweeps per timeout: how late a deadline may be met, as a fr
 SWEEP_INTERVAL_MIN = 0.01
 SWEEP_INTERVAL_MAX = 60.0
 
+# What a relay closed by a timeout records: ETIMEDOUT, logged at debug level only (the
+# worker logs one line for the whole graceful timeout).
 IDLE_ERROR = OSError(errno.ETIMEDOUT, f"{os.strerror(errno.ETIMEDOUT)} (--idle-timeout)")
+GRACEFUL_ERROR = OSError(errno.ETIMEDOUT, f"{os.strerror(errno.ETIMEDOUT)} (--graceful-timeout)")
 
 
 class Loop(Protocol):
@@ -32,6 +39,9 @@ class Expiring(Protocol):
     """A connection attempt with a deadline (`TargetConnect`, `FailoverConnect`)."""
 
     def expire(self, now: float) -> bool: ...
+
+
+E = TypeVar("E", bound=Expiring)
 
 
 def sweep_interval(timeout: float) -> float:
@@ -68,19 +78,31 @@ class LazySweep:
 
     def _run(self) -> None:
         self.armed = False
-        self.sweep(time.monotonic())
-        if self.watched:
-            self.arm()
+        try:
+            self.sweep(time.monotonic())
+        finally:
+            if self.watched:
+                self.arm()
 
 
-def sweep_connects(attempts: Iterable[Expiring], now: float) -> None:
+def sweep_connects(
+    attempts: Iterable[E], now: float, on_error: Callable[[E, Exception], None]
+) -> None:
     """Let every attempt past its deadline time out (each moves on or fails by itself)."""
     for attempt in list(attempts):
-        attempt.expire(now)
+        try:
+            attempt.expire(now)
+        except Exception as error:
+            on_error(attempt, error)
 
 
-def sweep_idle(relays: Iterable[Relay], now: float, timeout: float) -> None:
-    """Close relays that moved no byte for `timeout`.
+def sweep_idle(
+    relays: Iterable[Relay],
+    now: float,
+    timeout: float,
+    on_error: Callable[[Relay, Exception], None],
+) -> None:
+    """Abort relays that moved no byte for `timeout` (an abort: see splice.py).
 
     A relay read since the last sweep is only marked: its quiet time starts now. So a
     relay is closed between `timeout` and `timeout` plus two intervals after its last
@@ -91,4 +113,7 @@ def sweep_idle(relays: Iterable[Relay], now: float, timeout: float) -> None:
             relay.active = False
             relay.quiet_since = now
         elif now - relay.quiet_since >= timeout and not relay.closed:
-            relay.fail(IDLE_ERROR)
+            try:
+                relay.fail(IDLE_ERROR)
+            except Exception as error:
+                on_error(relay, error)

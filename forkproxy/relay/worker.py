@@ -16,17 +16,25 @@ import gc
 import logging
 import os
 import signal
+import socket
 import struct
 import time
+from typing import Any
 
 from setproctitle import setproctitle
 
 from forkproxy import logs
 from forkproxy.relay.accepting import Acceptor
 from forkproxy.relay.connecting import Connector
+from forkproxy.relay.datagram import DatagramRelay
+from forkproxy.relay.failpoints import WORKER_CRASH, failpoint_from_environment
+from forkproxy.relay.messages import MessageBuffer, message_buffer
+from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.plans import make_plans
 from forkproxy.relay.poller import Poller
-from forkproxy.relay.splice import PipePool
+from forkproxy.settings.kinds import STREAM
+from forkproxy.shared.layout import MAX_LISTENERS, ROW_WORDS
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.protocol import (
     EVENT_FORMAT,
     EVENT_IDLE,
@@ -36,6 +44,7 @@ from forkproxy.shared.protocol import (
     EXIT_OK,
     MASTER_DEATH_SIGNAL,
     WorkerSpec,
+    reads_datagram_listener,
 )
 from forkproxy.shared.scoreboard import (
     ACTIVE,
@@ -67,14 +76,12 @@ _MASTERS_SIGNALS = (
     signal.SIGWINCH,
     signal.SIGURG,
 )
-# Fault injection for tests: FORKPROXY_FAILPOINT=worker-crash makes every worker crash at
-# start, as a bug would (uncaught exception, exit status 70).
-_FAILPOINT = "FORKPROXY_FAILPOINT"
 
 
 def run_worker(spec: WorkerSpec) -> int:
     """The whole life of a worker process; returns its exit status."""
-    if os.environ.get(_FAILPOINT) == "worker-crash":
+    failpoint = failpoint_from_environment()  # tests only: see failpoints.py
+    if failpoint is not None and failpoint.stage == WORKER_CRASH:
         raise RuntimeError("crashing at start, as FORKPROXY_FAILPOINT=worker-crash asks")
     logs.set_process_tag(f"worker {spec.slot}: ")
     setproctitle(f"forkproxy: worker {spec.slot}")
@@ -92,7 +99,18 @@ class Worker:
         self.config = config = spec.config
         self.admitter = spec.admission.admitter(spec.slot)
         self.slot = spec.scoreboard.slot(spec.slot)
-        self.listeners = spec.listeners
+        # Stream and sequential-packet listeners are accepted on; datagram ones are read,
+        # each by one worker of a generation only (supervisor/ranks.py).
+        self.listeners = tuple(listener for listener in spec.listeners if not listener.is_datagram)
+        datagram_listeners = self._datagram_listeners(spec)
+        self.message_buffer: MessageBuffer | None = None  # datagrams, sequential packets
+        messaging = [
+            *(listener for listener, _ in datagram_listeners),
+            *(one for one in self.listeners if one.kind != STREAM),
+        ]
+        if messaging:
+            unix = any(listener.sock.family == socket.AF_UNIX for listener in messaging)
+            self.message_buffer = message_buffer(unix)
         self.pools: dict[int, PipePool] = {}  # by pipe size: one per size a listener uses
         self.draining = False
         self.report_idle = config.exit_idle_time != float("inf")
@@ -103,14 +121,37 @@ class Worker:
         import uvloop
 
         self.loop = uvloop.new_event_loop()
+        self.loop.set_exception_handler(self.on_loop_error)
         # Connection sockets are watched through this epoll, which the loop sees as one fd.
-        self.poller = Poller(self.loop)
+        self.poller = Poller(self.loop, self.on_callback_error)
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.loop.add_signal_handler(MASTER_DEATH_SIGNAL, self.check_master)
-        self.connector = Connector(self)
+        failpoint = failpoint_from_environment()  # tests only: see failpoints.py
+        self.connector = Connector(self, failpoint)
+        self.internal_errors = self.connector.internal_errors
         plans = make_plans(self.listeners, config, self.connector, self.pools)
+        self.datagrams: DatagramRelay | None = None
+        if datagram_listeners:
+            assert self.message_buffer is not None
+            self.datagrams = DatagramRelay(self, datagram_listeners, self.message_buffer)
         # Last: it measures the descriptors left once everything above took its own.
-        self.acceptor = Acceptor(self, plans)
+        self.acceptor = Acceptor(self, plans, failpoint)
+
+    @staticmethod
+    def _datagram_listeners(spec: WorkerSpec) -> list[tuple[Listener, memoryview]]:
+        """The datagram listeners this worker reads, each with its row of counters in our
+        slot (by its index among all listeners); it closes its copies of the others."""
+        mine = []
+        datagram = 0
+        for index, listener in enumerate(spec.listeners):
+            if not listener.is_datagram:
+                continue
+            if reads_datagram_listener(datagram, spec.rank, spec.generation_size):
+                mine.append((listener, _listener_row(spec, index)))
+            else:
+                listener.sock.close()  # our copy only: the master keeps its own
+            datagram += 1
+        return mine
 
     @staticmethod
     def _reset_signals() -> None:
@@ -125,6 +166,8 @@ class Worker:
         slot[PID] = os.getpid()
         self.check_master()
         self.acceptor.start()
+        if self.datagrams is not None:
+            self.datagrams.start()
         slot[STATE] = SlotState.SERVING
         self._heartbeat()
         self._send_event(EVENT_READY)
@@ -156,9 +199,45 @@ class Worker:
         if self.draining and self._idle():
             self.loop.stop()
 
+    def on_drained_part(self) -> None:
+        """Something that kept a draining worker alive has ended (a datagram session)."""
+        if self.draining and self._idle():
+            self.loop.stop()
+
     def _idle(self) -> bool:
         connector = self.connector
-        return not connector.relays and not connector.pending and self.acceptor.held is None
+        return (
+            not connector.relays
+            and not connector.pending
+            and self.acceptor.held is None
+            and not self.datagrams
+        )
+
+    def _open_count(self) -> int:
+        """Connections and datagram sessions open."""
+        return self.connector.open_count() + len(self.datagrams or ())
+
+    # -- internal errors -----------------------------------------------------------------
+
+    def on_callback_error(self, fd: int, error: Exception) -> None:
+        """The poller's `on_error`: a callback for `fd` raised. Release its connection, or
+        for a listener, pause accepting (a fault that repeats then cannot spin)."""
+        connection = self.connector.owner_of(fd)
+        if connection is not None:
+            self.connector.crashed(connection, error)
+            return
+        if any(listener.fd == fd for listener in self.listeners):
+            self.internal_errors.report_other(f"accepting on fd {fd}", error)
+            self.acceptor.pause()  # it watches the listener again afterwards
+            return
+        self.internal_errors.report_other(f"in a callback for fd {fd}", error)
+
+    def on_loop_error(self, loop: object, context: dict[str, Any]) -> None:
+        """The loop's exception handler: a timer, a task or a signal handler raised."""
+        error = context.get("exception")
+        if not isinstance(error, Exception):
+            error = RuntimeError(context.get("message", "unknown error"))
+        self.internal_errors.report_other("in the event loop", error)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -181,21 +260,28 @@ class Worker:
         self.draining = True
         self.slot[STATE] = SlotState.DRAINING
         self.acceptor.close()
+        if self.datagrams is not None:
+            self.datagrams.stop_reading()  # its sessions still pass replies back
         if self._idle():
             self.loop.stop()
             return
         log.info(
-            "stopping: waiting up to %gs for %d connections",
+            "stopping: waiting up to %gs for %d connections and datagram sessions",
             self.config.graceful_timeout,
-            self.connector.open_count(),
+            self._open_count(),
         )
         if self.config.graceful_timeout != float("inf"):
             self.loop.call_later(self.config.graceful_timeout, self._on_graceful_timeout)
 
     def _on_graceful_timeout(self) -> None:
-        log.warning("graceful timeout: closing %d open connections", self.connector.open_count())
+        log.warning(
+            "graceful timeout: closing %d open connections and datagram sessions",
+            self._open_count(),
+        )
         self.acceptor.drop_held()  # queue mode: a client still waiting for capacity
         self.connector.close_all()
+        if self.datagrams is not None:
+            self.datagrams.close_all()
         self.loop.stop()
 
     def _send_event(self, event: int) -> None:
@@ -203,6 +289,14 @@ class Worker:
             os.write(self.spec.events_fd, struct.pack(EVENT_FORMAT, self.spec.slot, event))
         except OSError as error:
             log.debug("cannot notify the master: %s", error)
+
+
+def _listener_row(spec: WorkerSpec, index: int) -> memoryview:
+    """Listener `index`'s row in our slot; one of our own past MAX_LISTENERS listeners
+    (their counters are not reported: the master says so at start)."""
+    if index < MAX_LISTENERS:
+        return spec.scoreboard.row(spec.slot, index)
+    return memoryview(bytearray(ROW_WORDS * 8)).cast("q")
 
 
 def _set_parent_death_signal(signum: int) -> None:

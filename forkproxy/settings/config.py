@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from forkproxy.errors import UsageError
 from forkproxy.settings.address import ListenAddress, TargetAddress
+from forkproxy.settings.kinds import check_one_kind
 from forkproxy.settings.options import (
     ON_LIMIT_MODES,
     ON_LIMIT_REFUSE,
@@ -43,6 +44,8 @@ DEFAULT_PIPE_SIZE = 256 * 1024  # systemd-socket-proxyd's too; measured in docs/
 PIPE_SIZE_MIN = 4096  # one page: the smallest pipe F_SETPIPE_SZ makes
 PIPE_SIZE_MAX = 1 << 30
 MAX_CONNECTIONS_PER_SOURCE = 32767  # fits the per-slot uint16 counts of the per-source table
+DEFAULT_DATAGRAM_TIMEOUT = 30.0  # a datagram session ends after this long without traffic
+MAX_DATAGRAM_REPLIES = 1 << 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +66,14 @@ class ListenerSettings:
     nodelay: bool = DEFAULT_NODELAY
     pipe_size: int = DEFAULT_PIPE_SIZE
     connections_max_per_source: int = 0  # 0: no per-source limit
+    datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT  # datagram listeners' sessions
+    datagram_replies: int = 0  # a session ends after this many replies; 0: no limit
     # Where it was set, for messages ("[listeners.web] in /etc/forkproxy.toml:7").
     origin: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
         _check_relay_options(self)
+        check_one_kind(self.targets, f"the targets of listener '{self.name}'")
 
     def relay_options(self) -> dict[str, object]:
         """The relay options by field name (RELAY_OPTIONS)."""
@@ -103,6 +109,8 @@ class Config:
     pipe_size: int = DEFAULT_PIPE_SIZE
     on_limit: str = ON_LIMIT_REFUSE
     connections_max_per_source: int = 0  # 0: no per-source limit
+    datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT
+    datagram_replies: int = 0  # a datagram session ends after this many replies; 0: none
     # Named listeners with settings of their own; the others use the global ones.
     listeners: tuple[ListenerSettings, ...] = ()
 
@@ -137,6 +145,7 @@ class Config:
         ):
             raise UsageError(f"--metrics={self.metrics.text} is also a --listen= address")
         _check_relay_options(self)
+        check_one_kind(self.targets, "the targets")
         if self.on_limit not in ON_LIMIT_MODES:
             raise UsageError(f"--on-limit= must be refuse or queue, got '{self.on_limit}'")
         listener_names = [settings.name for settings in self.listeners]
@@ -187,6 +196,13 @@ def _check_relay_options(settings: "Config | ListenerSettings") -> None:
         raise UsageError(
             f"--connections-max-per-source= must be in 0-{MAX_CONNECTIONS_PER_SOURCE}, "
             f"got {settings.connections_max_per_source}"
+        )
+    if settings.datagram_timeout <= 0:
+        raise UsageError("--datagram-timeout= must be longer than 0")
+    if not 0 <= settings.datagram_replies <= MAX_DATAGRAM_REPLIES:
+        raise UsageError(
+            f"--datagram-replies= must be in 0-{MAX_DATAGRAM_REPLIES}, "
+            f"got {settings.datagram_replies}"
         )
 
 

@@ -117,6 +117,8 @@ VALUES: dict[str, ValueSyntax] = {
     "pipe_size": ValueSyntax(pipe_size, "size", format_size),
     "on_limit": ValueSyntax(lambda text, what: parse_on_limit(text, what), "value"),
     "connections_max_per_source": ValueSyntax(whole_number, "number"),
+    "datagram_timeout": ValueSyntax(time_span, "time span", format_timespan),
+    "datagram_replies": ValueSyntax(whole_number, "number"),
     "route": ValueSyntax(_route, "route", lambda route: f"{route[0]}={route[1].text}"),
 }
 

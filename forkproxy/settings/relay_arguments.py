@@ -12,6 +12,7 @@ import re
 from forkproxy.errors import UsageError
 from forkproxy.settings.config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DATAGRAM_TIMEOUT,
     DEFAULT_NODELAY,
     DEFAULT_PIPE_SIZE,
 )
@@ -108,6 +109,18 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="relay connections from the listener named NAME (FileDescriptorName=, "
         "--listen NAME=ADDR) to TARGET instead; repeatable",
+    )
+    parser.add_argument(
+        "--datagram-timeout",
+        metavar="TIME",
+        help="end a datagram session (UDP, unix datagram) after TIME without a datagram "
+        f"either way (default {format_timespan(DEFAULT_DATAGRAM_TIMEOUT)})",
+    )
+    parser.add_argument(
+        "--datagram-replies",
+        metavar="N",
+        help="end a datagram session after N replies to its client, as for DNS "
+        "(default 0: no limit)",
     )
 
 

@@ -53,11 +53,23 @@ generations of up to 128 workers each). The first SLOT_WORDS int64 words, by ind
   The counters 7-42 are folded into RETIRED when the worker is reaped, so totals never
   go backwards.
 
-  Then, reserved for per-listener and per-target metrics (not yet written by anyone;
-  each row is ROW_WORDS int64 counters of this worker, folded into RETIRED_ROWS):
-  LISTENER_ROWS  MAX_LISTENERS rows: connections, refusals by reason, header errors, ...
-  TARGET_ROWS    MAX_TARGETS rows, one per (route, target): active, total, connect
-                 errors by reason, bytes each way, ...
+  Then, per-listener and per-target metrics (each row is ROW_WORDS int64 words of this
+  worker, written by it only, folded into RETIRED_ROWS when it is reaped):
+  LISTENER_ROWS  MAX_LISTENERS rows, by the listener's index among the master's
+                 listeners. A row's words are what its listener's kind needs. A
+                 datagram listener's (relay/datagram.py), by word:
+                   0  DG_SESSIONS_ACTIVE   sessions open now (a gauge: summed over live
+                                           slots only; its folded total means nothing)
+                   1  DG_SESSIONS          sessions opened
+                   2  DG_TO_TARGET         datagrams sent to targets
+                   3  DG_TO_CLIENT         datagrams sent to clients
+                   4  DG_BYTES_TO_TARGET   their bytes
+                   5  DG_BYTES_TO_CLIENT
+                   6- DG_DROPPED + reason  datagrams dropped, by DG_DROP_REASONS
+                 Stream and sequential-packet listeners' rows: reserved (connections,
+                 refusals by reason, header errors, ...).
+  TARGET_ROWS    reserved: MAX_TARGETS rows, one per (route, target): active, total,
+                 connect errors by reason, bytes each way, ...
 
 After the slots (master only, so a re-executed master keeps counters monotonic):
   RETIRED       MAX_SLOTS x SLOT_WORDS int64: per slot, the counters of its dead workers
@@ -171,6 +183,18 @@ MAX_LISTENERS = 64
 MAX_TARGETS = 256
 LISTENER_ROWS = SLOT_WORDS * WORD  # byte offset inside a slot
 TARGET_ROWS = LISTENER_ROWS + MAX_LISTENERS * ROW_WORDS * WORD
+
+# A datagram listener's row, by word (see above).
+DG_SESSIONS_ACTIVE = 0
+DG_SESSIONS = 1
+DG_TO_TARGET = 2
+DG_TO_CLIENT = 3
+DG_BYTES_TO_TARGET = 4
+DG_BYTES_TO_CLIENT = 5
+DG_DROPPED = 6  # + the reason's index in DG_DROP_REASONS
+# Why a datagram was dropped (the `reason` label of forkproxy_datagrams_dropped_total).
+DG_DROP_REASONS = ("cap", "per_source", "busy", "truncated", "send_error", "no_session")
+assert DG_DROPPED + len(DG_DROP_REASONS) <= ROW_WORDS
 
 
 def _pages(size: int) -> int:

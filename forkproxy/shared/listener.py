@@ -1,7 +1,8 @@
-"""The `Listener` value: a listening stream socket the workers accept on, and its owner.
+"""The `Listener` value: a socket the workers take clients from, its kind and its owner.
 
 The supervisor makes them (`activation` adopts passed sockets, `listeners` binds
---listen addresses) and hands them to every worker, which only accepts on them.
+--listen addresses) and hands them to every worker, which accepts on a stream or
+sequential-packet listener, and reads datagrams from a datagram one.
 `is_connection` tells a passed connection (Accept=yes, --inetd) from a listener. Never
 binds, listens, shuts down or unlinks.
 """
@@ -12,10 +13,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """A listening stream socket the workers accept on.
+    """A socket the workers take clients from: listening (stream, sequential-packet) or
+    bound (datagram).
 
-    `unlink_path` is set only for a unix socket file forkproxy created itself (--listen),
-    which it removes at exit; passed sockets belong to systemd.
+    `kind` is its SO_TYPE. `unlink_path` is set only for a unix socket file forkproxy
+    created itself (--listen), which it removes at exit; passed sockets belong to systemd.
     """
 
     sock: socket.socket
@@ -23,10 +25,16 @@ class Listener:
     label: str
     unlink_path: str | None = None
     unlink_inode: int = 0  # the file we created, so we never remove a successor's
+    kind: int = socket.SOCK_STREAM
 
     @property
     def fd(self) -> int:
         return self.sock.fileno()
+
+    @property
+    def is_datagram(self) -> bool:
+        """Read datagram by datagram (UDP, unix datagram), not accepted on."""
+        return self.kind == socket.SOCK_DGRAM
 
 
 def is_connection(fd: int) -> bool:

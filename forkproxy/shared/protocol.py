@@ -56,3 +56,12 @@ class WorkerSpec:
     events_fd: int
     master_pid: int
     heartbeat_interval: float
+    # Its place in its generation (supervisor/ranks.py), for the datagram listeners.
+    rank: int = 0
+    generation_size: int = 1
+
+
+def reads_datagram_listener(index: int, rank: int, generation_size: int) -> bool:
+    """Whether the worker of `rank` reads datagram listener `index` (counted among the
+    datagram listeners): one worker of a generation reads each (supervisor/ranks.py)."""
+    return index % generation_size == rank

@@ -8,7 +8,8 @@ counters into RETIRED, also in the mapping, so a re-executed master reports the 
 totals and nothing goes backwards. Plain aligned 8-byte stores: a reader sees each word
 old or new, never torn. The fields, their units and writers: layout.py. Sums run over
 slots [0, SLOT_HIGH_WATER) only: slots never prepared are zero, and reading their pages
-would allocate them. Never logs and never decides policy.
+would allocate them. So do the listener rows' sums and folds: over the rows of the
+listeners there are (`listener_rows`). Never logs and never decides policy.
 """
 
 import enum
@@ -32,10 +33,14 @@ from forkproxy.shared.layout import (
     GENERATION,
     HEARTBEAT_NS,
     LAST_ACTIVITY_NS,
+    LISTENER_ROWS,
+    MAX_LISTENERS,
     MAX_SLOTS,
     PID,
     REFUSED,
     RETIRED,
+    RETIRED_ROWS,
+    ROW_WORDS,
     SLOT_BYTES,
     SLOT_HIGH_WATER,
     SLOT_STRIDE,
@@ -73,6 +78,8 @@ __all__ = [
 ]
 
 _ZEROS = memoryview(bytes(SLOT_WORDS * WORD)).cast("q")
+_ZERO_ROW = memoryview(bytes(ROW_WORDS * WORD)).cast("q")
+_ROWS = LISTENER_ROWS // WORD  # word index of a slot's first listener row
 
 
 class SlotState(enum.IntEnum):
@@ -85,12 +92,21 @@ class SlotState(enum.IntEnum):
 class Scoreboard:
     """The shared slots and their retired totals, in `mapping`."""
 
-    def __init__(self, mapping: SharedMapping) -> None:
+    def __init__(self, mapping: SharedMapping, listeners: int = 0) -> None:
         self.slot_count = MAX_SLOTS
         self._mapping = mapping
         memory = memoryview(mapping.memory)
         self._words = memory[SLOTS : SLOTS + MAX_SLOTS * SLOT_BYTES].cast("q")
         self._retired = memory[RETIRED : RETIRED + MAX_SLOTS * SLOT_WORDS * WORD].cast("q")
+        rows_bytes = MAX_LISTENERS * ROW_WORDS * WORD
+        self._retired_rows = memory[RETIRED_ROWS : RETIRED_ROWS + rows_bytes].cast("q")
+        # Listener rows [0, this) may be written: one per listener the master has, or had
+        # before a reload (its old workers still write theirs).
+        self.listener_rows = min(listeners, MAX_LISTENERS)
+
+    def widen_listener_rows(self, listeners: int) -> None:
+        """A reload's listeners: rows [0, `listeners`) may be written too."""
+        self.listener_rows = max(self.listener_rows, min(listeners, MAX_LISTENERS))
 
     def slot(self, index: int) -> memoryview:
         """The words of slot `index`, for its owner to write with `slot[FIELD] += n`."""
@@ -99,6 +115,22 @@ class Scoreboard:
 
     def get(self, index: int, field: int) -> int:
         return self._words[index * SLOT_STRIDE + field]
+
+    def row(self, index: int, listener: int) -> memoryview:
+        """The words of slot `index`'s row for listener `listener` (< MAX_LISTENERS), for
+        the slot's owner to write with `row[WORD] += n`."""
+        start = index * SLOT_STRIDE + _ROWS + listener * ROW_WORDS
+        return self._words[start : start + ROW_WORDS]
+
+    def row_live(self, listener: int, word: int) -> int:
+        """A listener row's word summed over the live and prepared slots (a gauge)."""
+        offset = _ROWS + listener * ROW_WORDS + word
+        words = self._words
+        return sum(words[index * SLOT_STRIDE + offset] for index in range(self.high_water()))
+
+    def row_total(self, listener: int, word: int) -> int:
+        """A listener row's counter over all slots, past and present."""
+        return self._retired_rows[listener * ROW_WORDS + word] + self.row_live(listener, word)
 
     def high_water(self) -> int:
         """Slots [0, this) have ever been prepared."""
@@ -125,6 +157,12 @@ class Scoreboard:
         for field in range(FIRST_COUNTER, COUNTERS_END):
             retired[base + field] += self._words[start + field]
         self._words[start : start + SLOT_WORDS] = _ZEROS
+        retired_rows = self._retired_rows
+        for listener in range(self.listener_rows):
+            row = start + _ROWS + listener * ROW_WORDS
+            for word in range(ROW_WORDS):
+                retired_rows[listener * ROW_WORDS + word] += self._words[row + word]
+            self._words[row : row + ROW_WORDS] = _ZERO_ROW
 
     def counter(self, index: int, field: int) -> int:
         """A slot's counter including every worker that ever ran in it."""
@@ -146,7 +184,7 @@ class Scoreboard:
 
     def close(self) -> None:
         """Drop this process's views (the mapping itself is closed by its owner)."""
-        for view in (self._words, self._retired):
+        for view in (self._words, self._retired, self._retired_rows):
             try:
                 view.release()
             except BufferError:

@@ -3,12 +3,14 @@
 Parsing has checked every value already. This adds what needs the world, as the master
 would meet it: the listeners (the sockets systemd passed, by LISTEN_FDNAMES, else the
 --listen addresses, parsed and not bound) against the names the settings give routes
-for; a target for every listener; host-name targets resolved (getaddrinfo(3)); pipes
-of each --pipe-size in use. The answer is one line per route, listener -> targets, with
-the relay options that differ from the defaults, or every problem found (`UsageErrors`).
-A reload's check (reload.py) gets one line more, about the code that ran it.
-`listener_problems` is the master's check too. Never binds, adopts a passed socket,
-forks or prints (`cli` prints).
+for; a target for every listener, of the kind the listener takes (`kind_problems`);
+host-name targets resolved (getaddrinfo(3)); pipes of each --pipe-size in use. The
+answer is one line per route, listener -> targets, with the relay options that differ
+from the defaults, or every problem found (`UsageErrors`). A reload's check (reload.py)
+gets one line more, about the code that ran it. `listener_problems` (with
+`kind_problems`) is the master's check too, with the descriptor limit and pipe sizes
+(`check_settings_for`). Never binds, adopts a passed socket, forks
+or prints (`cli` prints).
 """
 
 import dataclasses
@@ -22,15 +24,18 @@ from forkproxy.relay.engine import engine_name
 from forkproxy.relay.splice import check_pipe_size
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.settings.config import RELAY_OPTIONS, Config, ListenerSettings
+from forkproxy.settings.kinds import kind_mismatch
 from forkproxy.settings.option_values import VALUES
 from forkproxy.settings.options import KeepAlive
 from forkproxy.shared.layout import LAYOUT_VERSION
 from forkproxy.shared.listener import is_connection
 from forkproxy.supervisor.activation import METRICS_FD_NAME, passed_fds
+from forkproxy.supervisor.limits import check_fd_limit
 from forkproxy.supervisor.reexec_state import CHECK_VARIABLE, check_marker
 
-# (name, label): a listener as the routes see it; name "" if it has none.
-ListenerName = tuple[str, str]
+# (name, label, kind): a listener as the routes see it (name "" if it has none) and its
+# socket type (SO_TYPE).
+ListenerKind = tuple[str, str, int]
 
 _DEFAULTS = {
     field.name: field.default
@@ -55,7 +60,7 @@ def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> 
     if problems:
         raise UsageErrors(problems)
     if listeners:
-        lines = [_route_line(label, config.settings_for(name)) for name, label in listeners]
+        lines = [_route_line(label, config.settings_for(name)) for name, label, _ in listeners]
     else:
         # No socket passed and no --listen: the routes by name, as systemd will name them.
         lines = [_route_line(f"'{settings.name}'", settings) for settings in config.listeners]
@@ -67,10 +72,11 @@ def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> 
     return lines
 
 
-def listener_problems(config: Config, listeners: Sequence[ListenerName]) -> list[str]:
-    """Settings for a listener that does not exist, and listeners left without a target."""
+def listener_problems(config: Config, listeners: Sequence[ListenerKind]) -> list[str]:
+    """Settings for a listener that does not exist, listeners left without a target, and
+    listeners whose targets cannot take what they receive (`kind_problems`)."""
     problems = []
-    names = {name for name, _ in listeners if name}
+    names = {name for name, _, _ in listeners if name}
     known = ", ".join(f"'{name}'" for name in sorted(names)) or "none"
     for settings in config.listeners:
         if settings.name not in names:
@@ -80,25 +86,42 @@ def listener_problems(config: Config, listeners: Sequence[ListenerName]) -> list
                 "--listen NAME=ADDR)"
             )
     if not config.targets:
-        for name, label in listeners:
+        for name, label, _ in listeners:
             if not config.settings_for(name).targets:
                 problems.append(
                     f"{label}: no target for this listener: give targets (or a "
                     "[listeners.NAME] section naming it) in the configuration file, or as "
                     "arguments"
                 )
+    return problems + kind_problems(config, listeners)
+
+
+def kind_problems(config: Config, listeners: Sequence[ListenerKind]) -> list[str]:
+    """Listeners whose targets cannot take what they receive (a datagram listener with a
+    TCP target, ...)."""
+    problems = []
+    for name, label, kind in listeners:
+        settings = config.settings_for(name)
+        why = kind_mismatch(kind, settings.targets)
+        if why is not None:
+            where = f" ({settings.origin})" if settings.origin else ""
+            problems.append(f"cannot relay listener {label}{where}: {why}")
     return problems
 
 
 def _listeners(
     config: Config, environ: Mapping[str, str], problems: list[str]
-) -> list[ListenerName]:
+) -> list[ListenerKind]:
     """The listeners a master would have: passed sockets, else --listen addresses."""
     passed = [(fd, name) for fd, name in passed_fds(dict(environ)) if name != METRICS_FD_NAME]
     if not passed:
         # As written, without the name: "8080", not the [::]:8080 it binds.
         return [
-            (address.name, _label(address.name, address.text.removeprefix(f"{address.name}=")))
+            (
+                address.name,
+                _label(address.name, address.text.removeprefix(f"{address.name}=")),
+                address.kind,
+            )
             for address in config.listen
         ]
     listeners = []
@@ -112,13 +135,14 @@ def _listeners(
         try:
             where = format_sockaddr(sock.family, sock.getsockname())
             listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         except OSError:
-            where, listening = "?", 0
+            where, listening, kind = "?", 0, socket.SOCK_STREAM
         finally:
             sock.detach()  # only looked at it: it stays systemd's
-        if not listening and not is_connection(fd):
+        if not listening and kind != socket.SOCK_DGRAM and not is_connection(fd):
             problems.append(f"fd {fd} from systemd is not a listening stream socket")
-        listeners.append((name, f"fd {fd} " + _label(name, where)))
+        listeners.append((name, f"fd {fd} " + _label(name, where), kind))
     return listeners
 
 
@@ -162,3 +186,15 @@ def _format(dest: str, value: object) -> str:
     if isinstance(value, bool) or value == KeepAlive():
         return "true" if value else "false"
     return VALUES[dest].format(value)
+
+
+def check_settings_for(config: Config, listeners: list[ListenerKind], fd_limit: int) -> None:
+    """What can only be checked with the listeners ((name, label, kind) each) and the
+    kernel at hand: a route of the right kind for every listener, the pipe sizes, the
+    descriptor limit. Raises ForkproxyError."""
+    check_fd_limit(fd_limit, config.connections_max)
+    problems = listener_problems(config, listeners)
+    if problems:
+        raise UsageErrors(problems)
+    for size in {config.settings_for(name).pipe_size for name, _, _ in listeners}:
+        check_pipe_size(size)

@@ -1,7 +1,7 @@
 """The master: set-up, the selector loop, the signal table, shutdown.
 
 Single-threaded, so forking is safe at any time. One selector waits on a wakeup socket
-(signal.set_wakeup_fd), the workers' event pipe, the metrics sockets, a reload's check
+(`signals.SignalWakeup`), the workers' event pipe, the metrics sockets, a reload's check
 and the nearest deadline; signal handlers do nothing, and the loop dispatches signal
 numbers through `self.on_signal`. What it holds is `resources.Resources`', its workers
 `pool.WorkerPool`'s, what it tells systemd `readiness.Readiness`'s, a reload
@@ -13,14 +13,10 @@ relays bytes and never starts threads.
 import gc
 import logging
 import math
-import os
 import selectors
 import signal
-import socket
-import struct
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING
 
 from setproctitle import setproctitle
@@ -28,9 +24,7 @@ from setproctitle import setproctitle
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.config import Config
 from forkproxy.settings.timespan import format_timespan
-from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
-from forkproxy.supervisor.limits import raise_fd_limit
-from forkproxy.supervisor.listeners import close_listeners
+from forkproxy.shared.protocol import EVENT_READY, WorkerSpec
 from forkproxy.supervisor.notify import Notifier, notify_environment, watchdog_interval
 from forkproxy.supervisor.pool import WorkerPool
 from forkproxy.supervisor.readiness import Readiness
@@ -38,12 +32,11 @@ from forkproxy.supervisor.reexec_state import ReexecState
 from forkproxy.supervisor.reload import Reloader
 from forkproxy.supervisor.resources import (
     Resources,
-    check_settings_for,
     describe,
     log_routes,
     source_limit,
 )
-from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
+from forkproxy.supervisor.signals import MASTER_SIGNALS, SignalWakeup, unused_signal_table
 
 # At start, like everything a reload runs: by the time of a reload, the files may be
 # another version's (an upgrade), and this image must not import a mix.
@@ -82,7 +75,7 @@ class Master:
         self.exit_status = EXIT_OK
         self.shutdown_deadline = math.inf
         self.selector: selectors.BaseSelector | None = None
-        self.wakeup: tuple[socket.socket, socket.socket] | None = None
+        self.wakeup: SignalWakeup | None = None
         self.metrics: MetricsEndpoint | None = None  # the responder on the metrics sockets
         self.notify_environment = notify_environment()  # before the Notifier takes it
         self.notifier = Notifier()
@@ -98,9 +91,7 @@ class Master:
             signal.SIGUSR1: self.on_sigusr1,
             signal.SIGUSR2: lambda: self.reloader.request(signal.SIGUSR2),  # HAProxy's reload
         }
-        for signum in UNUSED_SIGNALS:
-            self.on_signal[signum] = partial(self.on_unused_signal, signum)
-        self.unused_logged: set[int] = set()
+        self.on_signal.update(unused_signal_table())
         assert set(self.on_signal) == MASTER_SIGNALS
 
     # -- setup ---------------------------------------------------------------------------
@@ -108,20 +99,14 @@ class Master:
     def _setup(self) -> None:
         resources = self.resources
         if self.takeover is None:
-            fd_limit = raise_fd_limit()
-            resources.open(self.config, self.passed)
-            named = [(listener.name, listener.label) for listener in resources.listeners]
-            check_settings_for(self.config, named, fd_limit)
-            resources.create_shared(self.config)
+            resources.start(self.config, self.passed)
         scoreboard, admission = resources.scoreboard, resources.admission
         assert scoreboard is not None and admission is not None and resources.events is not None
         # -c applies to every worker at once, old and new: CAPACITY is read at each admit.
         admission.set_limits(self.config.connections_max, source_limit(self.config))
-        self.wakeup = socket.socketpair()
-        for end in self.wakeup:
-            end.setblocking(False)
+        self.wakeup = SignalWakeup(self.on_signal)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.wakeup[0], selectors.EVENT_READ, self._on_wakeup)
+        self.selector.register(self.wakeup.read_end, selectors.EVENT_READ, self.wakeup.dispatch)
         self.selector.register(resources.events[0], selectors.EVENT_READ, self._on_worker_events)
         self.pool = WorkerPool(
             self.worker_spec(self.config),
@@ -156,49 +141,26 @@ class Master:
                 admission,
                 self.reloader,
             )
-        signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
-        for signum in self.on_signal:
-            signal.signal(signum, _ignore_signal)
+        self.wakeup.install()
         first = self.config.settings_for(resources.listeners[0].name)
         setproctitle(f"forkproxy: master {first.targets[0].text}")
 
     def worker_spec(self, config: Config) -> WorkerSpec:
-        resources = self.resources
-        assert resources.scoreboard is not None and resources.admission is not None
-        assert resources.events is not None
         heartbeat_interval = config.heartbeat_interval
         if self.watchdog_interval is not None:
             heartbeat_interval = min(heartbeat_interval, self.watchdog_interval / 4)
-        return WorkerSpec(
-            config=config,
-            slot=0,
-            generation=0,
-            listeners=tuple(resources.listeners),
-            scoreboard=resources.scoreboard,
-            admission=resources.admission,
-            events_fd=resources.events[1],
-            master_pid=os.getpid(),
-            heartbeat_interval=heartbeat_interval,
-        )
+        return self.resources.worker_spec(config, heartbeat_interval)
 
     def _drop_master_resources(self) -> None:
         """In a new worker: close what only the master uses."""
         assert self.selector is not None and self.wakeup is not None
-        resources = self.resources
-        assert resources.events is not None
-        signal.set_wakeup_fd(-1)
+        self.wakeup.close()
         self.selector.close()
         self.reloader.close_in_child()
-        for end in self.wakeup:
-            end.close()
-        os.close(resources.events[0])
         self.notifier.close()
         if self.metrics is not None:  # the metrics sockets are the master's
             self.metrics.close()
-        # Our copies only: never unlink the master's socket files. Listeners a reload
-        # dropped must not stay open (and accepting into a queue) in a new worker.
-        for listener in (*resources.metrics_listeners, *resources.retiring):
-            listener.sock.close()
+        self.resources.close_in_worker()
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -230,41 +192,17 @@ class Master:
 
     def close(self) -> None:
         """Release what the master holds; safe after a failed setup."""
-        signal.set_wakeup_fd(-1)
+        if self.wakeup is not None:
+            self.wakeup.close()
         if self.selector is not None:
             self.selector.close()
-        if self.wakeup is not None:
-            for end in self.wakeup:
-                end.close()
         if self.metrics is not None:  # its clients; the metrics listeners go with the rest
             self.metrics.close()
         self.resources.close()
         self.notifier.close()
 
-    def _on_wakeup(self) -> None:
-        assert self.wakeup is not None
-        received = bytearray()
-        while True:  # all of it: a full wakeup socket would drop signals
-            try:
-                data = self.wakeup[0].recv(4096)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            received += data
-        for signum in sorted(received, key=_dispatch_rank):
-            handler = self.on_signal.get(signum)
-            if handler is not None:
-                handler()
-
     def _on_worker_events(self) -> None:
-        events = self.resources.events
-        assert events is not None
-        try:
-            data = os.read(events[0], 64 * EVENT_SIZE)
-        except BlockingIOError:
-            return
-        for slot, event in struct.iter_unpack(EVENT_FORMAT, data):
+        for slot, event in self.resources.read_events():
             # EVENT_IDLE needs nothing: the idle deadline is recomputed after every wakeup.
             if event == EVENT_READY and self.pool.mark_ready(slot):
                 self.on_serving()
@@ -312,7 +250,8 @@ class Master:
         return self.pool.stopping
 
     def before_exec(self) -> bool:
-        self._on_wakeup()  # signals received but not yet handled would die with this image
+        assert self.wakeup is not None
+        self.wakeup.dispatch()  # signals received but not handled yet would die with this image
         return not self.pool.stopping
 
     def reexec_state(self, started: float, pending: bool) -> ReexecState:
@@ -341,11 +280,6 @@ class Master:
     def on_sigusr1(self) -> None:
         log.info("SIGUSR1: no log files to reopen")  # TODO(#19): reopen the access log
 
-    def on_unused_signal(self, signum: int) -> None:
-        if signum not in self.unused_logged:
-            self.unused_logged.add(signum)
-            log.info("ignoring %s (logged once)", signal.Signals(signum).name)
-
     def _on_fatal(self, reason: str) -> None:
         if self.takeover is not None and self.takeover.fall_back(self, reason):
             return
@@ -361,22 +295,4 @@ class Master:
         self.shutdown_deadline = time.monotonic() + self.config.graceful_timeout + KILL_MARGIN
         self.pool.stop_all()
         self.reloader.cancel()
-        resources = self.resources
-        if resources.owns_listeners:
-            # The workers close their copies as they stop; once ours is closed too, new
-            # clients are refused at once instead of waiting in a backlog nobody accepts
-            # from. Sockets systemd passed stay open in systemd, whose backlog keeps such
-            # clients for the next start.
-            close_listeners(resources.listeners + resources.retiring)
-            resources.listeners, resources.retiring = [], []
-
-
-def _dispatch_rank(signum: int) -> int:
-    """Order of handling within one wakeup: stops, then the rest, then SIGCHLD."""
-    if signum in STOP_SIGNALS:
-        return 0
-    return 2 if signum == signal.SIGCHLD else 1
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    """Python-level handler: the wakeup fd carries the signal to the master loop."""
+        self.resources.close_own_listeners()

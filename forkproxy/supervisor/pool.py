@@ -2,20 +2,23 @@
 
 Signals change only what is wanted (`target_workers`, `rotation_wanted`); `_settle()`,
 run after each, and after each exit and READY, moves the processes towards it, so the
-count converges after any storm of SIGTTIN and SIGTTOU. One generation starts at a time
-(a rotation asked for during one starts after it), and only with free slots: there are
-2 x MAX_WORKERS, so old workers leaving always make room. A reload is a re-executed
-master whose pool adopts the previous image's workers as the old generation
-(`adopt`), and gives up a new generation that cannot start (`fall_back`). Never relays
-bytes; never decides to shut down.
+count converges after any storm of SIGTTIN and SIGTTOU. A worker stopped for good frees
+its rank (`ranks.Ranks`); if that rank read a datagram listener, a rotation follows. One
+generation starts at a time (a rotation asked for during one starts after it), and only
+with free slots: there are 2 x MAX_WORKERS, so old workers leaving always make room. A
+reload is a re-executed master whose pool adopts the previous image's workers as the old
+generation (`adopt`), and gives up a new generation that cannot start (`fall_back`).
+Never relays bytes; never decides to shut down.
 """
 
 import logging
 from collections.abc import Callable, Collection
 
 from forkproxy.settings.config import MAX_WORKERS
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.protocol import WorkerSpec
 from forkproxy.shared.scoreboard import PID
+from forkproxy.supervisor.ranks import Ranks
 from forkproxy.supervisor.respawn import RespawnPolicy
 from forkproxy.supervisor.worker_record import WorkerProcess
 from forkproxy.supervisor.workers import WorkerProcesses
@@ -47,6 +50,11 @@ class WorkerPool(WorkerProcesses):
         self.rotation_wanted = False
         self.waiting_for_slots = False  # logged once per wait
 
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The listeners every worker is handed (what metrics label by)."""
+        return self.spec.listeners
+
     def start(self) -> bool:
         """Start what is missing; True when every current worker serves already (the
         workers a re-executed master took over)."""
@@ -70,9 +78,16 @@ class WorkerPool(WorkerProcesses):
             if w.generation != self.generation
         )
 
-    def fall_back(self, spec: WorkerSpec, generation: int, target_workers: int) -> None:
+    def fall_back(
+        self,
+        spec: WorkerSpec,
+        generation: int,
+        target_workers: int,
+        ranks: tuple[int, dict[int, int]],
+    ) -> None:
         """Give up the current generation (a reload whose workers cannot start): stop it
-        and make `generation`, which still serves, current again, respawning with `spec`."""
+        and make `generation`, which still serves, current again, respawning with `spec`
+        and its `ranks` (size, rank by slot)."""
         for worker in self.current():
             if not worker.stopping:
                 self._stop_worker(worker)
@@ -83,6 +98,9 @@ class WorkerPool(WorkerProcesses):
         self.generation_serving = True
         self.respawn_at.clear()
         self.policy = RespawnPolicy()
+        datagram_listeners = sum(1 for listener in spec.listeners if listener.is_datagram)
+        self.ranks = Ranks(ranks[0], datagram_listeners)
+        self.ranks.restore(*ranks)
         self._settle()
 
     def reap(self) -> None:
@@ -165,6 +183,7 @@ class WorkerPool(WorkerProcesses):
         self.generation += 1
         self.generation_serving = False
         self.respawn_at.clear()
+        self.ranks.new_generation(self.target_workers)
         log.info("rotating workers: starting %d new workers", self.target_workers)
         self._converge()
         return True
@@ -182,12 +201,16 @@ class WorkerPool(WorkerProcesses):
             return
         for _ in range(-missing):
             if self.respawn_at:
-                del self.respawn_at[max(self.respawn_at)]
-                continue
-            # Not yet serving first, then the highest slot.
-            worker = max(active, key=lambda w: (not w.ready, w.slot))
-            active.remove(worker)
-            self._stop_worker(worker)
+                slot = max(self.respawn_at)
+                del self.respawn_at[slot]
+            else:  # not yet serving first, then the highest slot
+                worker = max(active, key=lambda w: (not w.ready, w.slot))
+                active.remove(worker)
+                self._stop_worker(worker)
+                slot = worker.slot
+            if self.ranks.free(slot) and not self.rotation_wanted:
+                log.info("a datagram listener lost its worker: rotating the workers")
+                self.rotation_wanted = True
 
     def _current_serving(self) -> bool:
         active = [w for w in self.current() if not w.stopping and not w.killed]

@@ -4,13 +4,14 @@ JSON in a memfd whose descriptor number is in $FORKPROXY_REEXEC_STATE: the liste
 metrics sockets (descriptor, name, label, the socket file to unlink, and for those bound
 from --listen or --metrics the address asked for, so a new configuration keeps what it
 still names), the shared mapping's memfd, both ends of the workers' event pipe, the live
-workers (pid, slot, generation, start, ready, draining), the generation numbers, the
-counters kept outside the mapping (restarts, reloads) and the settings the previous image
-ran with (its argv and --config text), which the new one falls back to. Every descriptor
-named stays open across exec(2): the reloader makes them inheritable just before it
-(reload.py), the new image makes them close-on-exec again at once. Times are
-CLOCK_MONOTONIC seconds, the same clock on both sides of an exec. Never execs, forks or
-reads settings.
+workers (pid, slot, generation, start, ready, draining), the generation numbers and the
+current generation's ranks (which worker reads which datagram listener), how many
+listener rows of the scoreboard workers may have written, the counters kept outside the
+mapping (restarts, reloads) and the settings the previous image ran with (its argv and
+--config text), which the new one falls back to. Every descriptor named stays open
+across exec(2): the reloader makes them inheritable just before it (reload.py), the new
+image makes them close-on-exec again at once. Times are CLOCK_MONOTONIC seconds, the
+same clock on both sides of an exec. Never execs, forks or reads settings.
 """
 
 import json
@@ -76,6 +77,9 @@ class ReexecState:
     generation: int
     generation_serving: bool
     target_workers: int
+    ranks_size: int  # the current generation's ranks.Ranks: its size, and rank by slot
+    ranks: tuple[tuple[int, int], ...]
+    listener_rows: int  # Scoreboard.listener_rows
     restarts: int
     reloads_ok: int
     reloads_failed: int
@@ -105,14 +109,14 @@ def parse_check_marker(lines: list[str]) -> dict[str, str] | None:
 
 
 def address_key(address: ListenAddress) -> str:
-    """What identifies an address forkproxy binds, across reloads: its family, its socket
-    address as asked for, and whether it is dual-stack (not its name)."""
+    """What identifies an address forkproxy binds, across reloads: its family, socket
+    type, socket address as asked for, and whether it is dual-stack (not its name)."""
     sockaddr: Any = address.sockaddr
     if isinstance(sockaddr, str) and sockaddr.startswith("/"):
         sockaddr = os.path.normpath(sockaddr)
     elif isinstance(sockaddr, tuple):
         sockaddr = list(sockaddr)
-    return json.dumps([int(address.family), sockaddr, address.dual_stack])
+    return json.dumps([int(address.family), int(address.kind), sockaddr, address.dual_stack])
 
 
 def write_state(state: ReexecState) -> int:
@@ -182,6 +186,7 @@ def _decode(data: dict[str, Any]) -> ReexecState:
         _record(SocketRecord, item) for item in values["metrics_listeners"]
     )
     values["workers"] = tuple(_record(WorkerRecord, item) for item in values["workers"])
+    values["ranks"] = tuple((int(slot), int(rank)) for slot, rank in values["ranks"])
     read_end, write_end = values["events"]
     values["events"] = (int(read_end), int(write_end))
     return ReexecState(**values)

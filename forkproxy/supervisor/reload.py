@@ -242,32 +242,10 @@ class Reloader:
         self.check_pid, self.check_status, self.check_deadline = 0, None, math.inf
         if self.host.reload_stopping():
             return  # killed by `cancel`
-        lines = [line for line in text.splitlines() if line.strip()]
-        marker = parse_check_marker(lines)
-        # cli's error lines start with "forkproxy: "; the log says who it is already.
-        reports = [
-            line.removeprefix("forkproxy: ") for line in lines if parse_check_marker([line]) is None
-        ]
-        failed = os.waitstatus_to_exitcode(status) != 0
-        if failed:
-            for line in reports or [f"the check {describe_exit(status)}"]:
-                log.error("reload failed: %s", line)
-        elif marker is None or marker.get("state") != str(STATE_FORMAT):
-            failed = True
-            log.error(
-                "reload failed: restart needed: the installed forkproxy cannot take over "
-                "from this one"
-            )
-        elif marker.get("layout") != str(LAYOUT_VERSION):
-            failed = True
-            log.error(
-                "reload failed: restart needed: shared memory layout changed (this one's is "
-                "%d, forkproxy %s's %s)",
-                LAYOUT_VERSION,
-                marker.get("version", "?"),
-                marker.get("layout", "?"),
-            )
-        if failed or marker is None:
+        marker, reports, errors = judge_check(status, text)
+        for line in errors:
+            log.error("reload failed: %s", line)
+        if marker is None:
             self._failed()
             return
         for line in reports:
@@ -326,6 +304,30 @@ class Reloader:
         self.notifier.ready("reload failed")
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         self._failed()
+
+
+def judge_check(status: int, text: str) -> tuple[dict[str, str] | None, list[str], list[str]]:
+    """What a reload's check, which exited with wait `status` and wrote `text`, says:
+    the marker of the code it ran (None: the reload fails), its other lines, and why the
+    reload fails."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    marker = parse_check_marker(lines)
+    # cli's error lines start with "forkproxy: "; the log says who it is already.
+    reports = [
+        line.removeprefix("forkproxy: ") for line in lines if parse_check_marker([line]) is None
+    ]
+    if os.waitstatus_to_exitcode(status) != 0:
+        return None, [], reports or [f"the check {describe_exit(status)}"]
+    if marker is None or marker.get("state") != str(STATE_FORMAT):
+        why = "restart needed: the installed forkproxy cannot take over from this one"
+        return None, reports, [why]
+    if marker.get("layout") != str(LAYOUT_VERSION):
+        why = (
+            f"restart needed: shared memory layout changed (this one's is {LAYOUT_VERSION}, "
+            f"forkproxy {marker.get('version', '?')}'s {marker.get('layout', '?')})"
+        )
+        return None, reports, [why]
+    return marker, reports, []
 
 
 def reexec_command(argv: list[str]) -> tuple[list[str], list[str]]:

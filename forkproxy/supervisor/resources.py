@@ -5,7 +5,7 @@ with the listeners then made what the new settings ask (`apply`): an address --l
 still names keeps its socket (nothing re-bound, the accept queue intact), a new one is
 bound, one no longer named is retired, and closed (its socket file unlinked) once the old
 generation has been told to drain (`close_retiring`). Sockets systemd passed are never
-changed. Checks a configuration against the listeners (`check_settings_for`). Never forks.
+changed. Never forks.
 """
 
 import dataclasses
@@ -14,19 +14,20 @@ import logging
 import os
 import resource
 import socket
+import struct
 
-from forkproxy.errors import ForkproxyError, UsageErrors
-from forkproxy.relay.splice import check_pipe_size
+from forkproxy.errors import ForkproxyError
 from forkproxy.settings.address import ListenAddress
 from forkproxy.settings.config import Config
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.layout import mapping_bytes, source_entries
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.mapping import LayoutMismatch, SharedMapping
+from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_SIZE, WorkerSpec
 from forkproxy.shared.scoreboard import Scoreboard
 from forkproxy.supervisor.activation import METRICS_FD_NAME, adopt_listener
-from forkproxy.supervisor.check import listener_problems
-from forkproxy.supervisor.limits import check_fd_limit
+from forkproxy.supervisor.check import ListenerKind, check_settings_for
+from forkproxy.supervisor.limits import raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.reexec_state import ReexecState, SocketRecord, address_key
 
@@ -59,6 +60,15 @@ class Resources:
 
     # -- a fresh start ---------------------------------------------------------------------
 
+    def start(self, config: Config, passed: list[tuple[int, str]]) -> None:
+        """What a master that is not a reload's holds: the sockets (`open`), checked
+        against `config`, then the shared mapping. Raises ForkproxyError, OSError."""
+        fd_limit = raise_fd_limit()
+        self.open(config, passed)
+        named = [(one.name, one.label, one.kind) for one in self.listeners]
+        check_settings_for(config, named, fd_limit)
+        self.create_shared(config)
+
     def open(self, config: Config, passed: list[tuple[int, str]]) -> None:
         """Adopt the sockets systemd passed, or bind --listen; the metrics sockets.
         Raises ForkproxyError, OSError."""
@@ -85,7 +95,7 @@ class Resources:
         """A new shared mapping, its caps, and the event pipe. Raises ForkproxyError,
         OSError."""
         self.mapping = shared_mapping(config)
-        self.scoreboard = Scoreboard(self.mapping)
+        self.scoreboard = Scoreboard(self.mapping, len(self.listeners))
         self.admission = Admission.set_up(
             self.mapping, config.connections_max, source_limit(config)
         )
@@ -109,16 +119,18 @@ class Resources:
             self.mapping = SharedMapping.adopt(state.mapping_fd)
         except LayoutMismatch as error:
             raise ForkproxyError(f"restart needed: {error}") from None
-        self.scoreboard = Scoreboard(self.mapping)
+        # Rows as wide as any worker, of any image before, may have written.
+        self.scoreboard = Scoreboard(self.mapping, state.listener_rows)
         self.admission = Admission(self.mapping)
 
-    def planned(self, config: Config) -> list[tuple[str, str]]:
-        """(name, label) of the listeners `apply(config)` would leave, for the checks."""
+    def planned(self, config: Config) -> list[ListenerKind]:
+        """(name, label, kind) of the listeners `apply(config)` would leave, for the
+        checks."""
         if not self.owns_listeners:
-            return [(listener.name, listener.label) for listener in self.listeners]
+            return [(one.name, one.label, one.kind) for one in self.listeners]
         labels = {self.addresses.get(listener.fd): listener.label for listener in self.listeners}
         return [
-            (a.name, labels.get(address_key(a), a.text.removeprefix(f"{a.name}=")))
+            (a.name, labels.get(address_key(a), a.text.removeprefix(f"{a.name}=")), a.kind)
             for a in config.listen
         ]
 
@@ -146,6 +158,8 @@ class Resources:
             raise
         self.before_reload = (self.listeners, self.addresses)
         self.listeners, self.addresses = listeners, addresses
+        if self.scoreboard is not None:  # the old workers' rows, and the new ones'
+            self.scoreboard.widen_listener_rows(len(listeners))
         self.added, self.retiring = added, retiring
         if metrics is not None:
             old = self.metrics_listeners
@@ -188,7 +202,50 @@ class Resources:
         self.listeners, self.addresses = self.before_reload
         self.retiring, self.added, self.before_reload = [], [], None
 
-    # -- for the next image, and the end ---------------------------------------------------
+    # -- for the workers, the next image, and the end ----------------------------------------
+
+    def worker_spec(self, config: Config, heartbeat_interval: float) -> WorkerSpec:
+        """What every new worker is handed (its slot and generation set as it starts)."""
+        assert self.scoreboard is not None and self.admission is not None
+        assert self.events is not None
+        return WorkerSpec(
+            config=config,
+            slot=0,
+            generation=0,
+            listeners=tuple(self.listeners),
+            scoreboard=self.scoreboard,
+            admission=self.admission,
+            events_fd=self.events[1],
+            master_pid=os.getpid(),
+            heartbeat_interval=heartbeat_interval,
+        )
+
+    def read_events(self) -> list[tuple[int, int]]:
+        """(slot, event) of what the workers wrote to the event pipe since the last read."""
+        assert self.events is not None
+        try:
+            data = os.read(self.events[0], 64 * EVENT_SIZE)
+        except BlockingIOError:
+            return []
+        return list(struct.iter_unpack(EVENT_FORMAT, data))
+
+    def close_own_listeners(self) -> None:
+        """A stop begins. With --listen: the workers close their copies as they stop;
+        once ours are closed too, new clients are refused at once instead of waiting in a
+        backlog nobody accepts from. Sockets systemd passed stay open in systemd, whose
+        backlog keeps such clients for the next start."""
+        if self.owns_listeners:
+            close_listeners(self.listeners + self.retiring)
+            self.listeners, self.retiring = [], []
+
+    def close_in_worker(self) -> None:
+        """In a new worker: our copies of what only the master uses (never unlinking the
+        master's socket files). Listeners a reload dropped must not stay open, and
+        accepting into a queue, in a new worker."""
+        assert self.events is not None
+        os.close(self.events[0])
+        for listener in (*self.metrics_listeners, *self.retiring):
+            listener.sock.close()
 
     def records(self) -> tuple[tuple[SocketRecord, ...], tuple[SocketRecord, ...]]:
         """The listeners and the metrics sockets, for a reload's state."""
@@ -211,18 +268,6 @@ class Resources:
             self.scoreboard.close()
         if self.mapping is not None:
             self.mapping.close()
-
-
-def check_settings_for(config: Config, listeners: list[tuple[str, str]], fd_limit: int) -> None:
-    """What can only be checked with the listeners ((name, label) each) and the kernel at
-    hand: a route for every listener, the pipe sizes, the descriptor limit. Raises
-    ForkproxyError."""
-    check_fd_limit(fd_limit, config.connections_max)
-    problems = listener_problems(config, listeners)
-    if problems:
-        raise UsageErrors(problems)
-    for size in {config.settings_for(name).pipe_size for name, _ in listeners}:
-        check_pipe_size(size)
 
 
 def log_routes(config: Config, listeners: list[Listener], workers: int) -> None:
@@ -325,11 +370,12 @@ def _rebind(
 def _adopt(record: SocketRecord) -> Listener:
     try:
         sock = socket.socket(fileno=record.fd)
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
     except OSError as error:
         raise ForkproxyError(
             f"inherited fd {record.fd} is not a socket: {error.strerror}"
         ) from None
-    return Listener(sock, record.name, record.label, record.unlink_path, record.unlink_inode)
+    return Listener(sock, record.name, record.label, record.unlink_path, record.unlink_inode, kind)
 
 
 def _record(listener: Listener, addresses: dict[int, str]) -> SocketRecord:

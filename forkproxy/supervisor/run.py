@@ -8,7 +8,9 @@ process. Anything else is a listener for a `Master` and its workers.
 import signal
 
 from forkproxy import logs
+from forkproxy.errors import ForkproxyError
 from forkproxy.settings.config import Config
+from forkproxy.settings.kinds import STREAM, kind_mismatch
 from forkproxy.shared.listener import is_connection
 from forkproxy.supervisor.activation import INETD_FD, passed_fds
 from forkproxy.supervisor.master import Master
@@ -38,6 +40,9 @@ def run(config: Config, argv: list[str] | None = None, config_text: str | None =
 
 
 def _relay_connection(config: Config, fd: int, what: str) -> int:
+    why = kind_mismatch(STREAM, config.targets)
+    if why is not None:
+        raise ForkproxyError(f"cannot relay the stream connection on {what}: {why}")
     # Imported here: the one-shot relay needs uvloop, which a master never loads (the
     # workers it forks load their own, so they do not start with a copy of it).
     from forkproxy.oneshot import relay_connection

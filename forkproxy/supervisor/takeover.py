@@ -27,6 +27,7 @@ from forkproxy.errors import ForkproxyError, UsageErrors
 from forkproxy.settings.arguments import load_settings
 from forkproxy.settings.config import Config
 from forkproxy.shared.layout import SOURCE_ENTRIES, source_entries
+from forkproxy.supervisor.check import check_settings_for
 from forkproxy.supervisor.limits import raise_fd_limit
 from forkproxy.supervisor.pool import WorkerPool
 from forkproxy.supervisor.reexec_state import (
@@ -37,7 +38,7 @@ from forkproxy.supervisor.reexec_state import (
     take_state,
 )
 from forkproxy.supervisor.reload import Reloader
-from forkproxy.supervisor.resources import Resources, check_settings_for, source_limit
+from forkproxy.supervisor.resources import Resources, source_limit
 from forkproxy.supervisor.worker_record import WorkerProcess
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ class Takeover:
         pool.adopt(workers, generation, not self.applied and state.generation_serving)
         if not self.applied:
             pool.target_workers = state.target_workers
+            pool.ranks.restore(state.ranks_size, dict(state.ranks))
         pool.restarts = state.restarts
         reloader.ok, reloader.failed = state.reloads_ok, state.reloads_failed
         reloader.last_success = state.last_reload_success
@@ -153,7 +155,9 @@ class Takeover:
         master.reloader.taking_over = False
         master.reloader.count_failed()
         spec = master.worker_spec(config)
-        pool.fall_back(spec, self.state.generation, self.state.target_workers)
+        state = self.state
+        ranks = (state.ranks_size, dict(state.ranks))
+        pool.fall_back(spec, state.generation, state.target_workers, ranks)
         master.on_serving()
         return True
 
@@ -162,6 +166,7 @@ def snapshot(master: "Master", started: float, pending: bool) -> ReexecState:
     """What `master` hands the image it re-executes into."""
     resources, pool, reloader = master.resources, master.pool, master.reloader
     assert resources.mapping is not None and resources.events is not None
+    assert resources.scoreboard is not None
     listeners, metrics_listeners = resources.records()
     return ReexecState(
         pid=os.getpid(),
@@ -177,6 +182,9 @@ def snapshot(master: "Master", started: float, pending: bool) -> ReexecState:
         generation=pool.generation,
         generation_serving=pool.generation_serving,
         target_workers=pool.target_workers,
+        ranks_size=pool.ranks.size,
+        ranks=tuple(sorted(pool.ranks.assigned().items())),
+        listener_rows=resources.scoreboard.listener_rows,
         restarts=pool.restarts,
         reloads_ok=reloader.ok,
         reloads_failed=reloader.failed,

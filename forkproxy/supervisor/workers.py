@@ -2,9 +2,9 @@
 
 A `WorkerProcess` record per live worker, a respawn deadline per slot; the master's loop
 waits on `next_deadline()`. Forking happens here only; `respawn.RespawnPolicy` says when
-a replacement starts and when to give up (`on_fatal`). How many workers of which
-generation are wanted is `pool.WorkerPool`'s, built on this. Never relays bytes; never
-decides to shut down.
+a replacement starts and when to give up (`on_fatal`), `ranks.Ranks` what datagram
+listeners a new worker reads. How many workers of which generation are wanted is
+`pool.WorkerPool`'s, built on this. Never relays bytes; never decides to shut down.
 """
 
 import dataclasses
@@ -19,6 +19,7 @@ from forkproxy.relay.worker import run_worker
 from forkproxy.settings.timespan import format_timespan
 from forkproxy.shared.protocol import EXIT_CANNOT_START, WorkerSpec
 from forkproxy.shared.scoreboard import HEARTBEAT_NS
+from forkproxy.supervisor.ranks import Ranks
 from forkproxy.supervisor.respawn import (
     CRASH_WINDOW,
     STABLE_AFTER,
@@ -62,6 +63,8 @@ class WorkerProcesses:
         self.last_exit = 0.0  # monotonic time a worker last exited (its connections ended)
         # A child that is not a worker exited (pid, wait status): a reload's check.
         self.on_other_exit: Callable[[int, int], None] = _ignore_exit
+        datagram_listeners = sum(1 for listener in spec.listeners if listener.is_datagram)
+        self.ranks = Ranks(self.config.workers, datagram_listeners)
 
     def current(self) -> list[WorkerProcess]:
         """The workers of the newest generation."""
@@ -76,7 +79,10 @@ class WorkerProcesses:
 
     def spawn(self, slot: int) -> None:
         self.scoreboard.prepare(slot, self.generation, time.monotonic_ns())
-        spec = dataclasses.replace(self.spec, slot=slot, generation=self.generation)
+        rank, size = self.ranks.assign(slot), self.ranks.size
+        spec = dataclasses.replace(
+            self.spec, slot=slot, generation=self.generation, rank=rank, generation_size=size
+        )
         # Signals stay blocked across fork: a signal for the new worker must neither run
         # the master's handler in it (which would report it on the master's wakeup fd) nor
         # be lost; the worker unblocks once its own loop handles them. The master gets

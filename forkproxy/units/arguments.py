@@ -36,6 +36,16 @@ flags:
   --listen-stream ADDR   listen on PORT, IPV4:PORT, [IPV6]:PORT, [IPV6%DEV]:PORT
                          (repeatable)
   --listen-unix PATH     listen on a unix socket, /path or @abstract (repeatable)
+  --listen-datagram ADDR receive UDP datagrams on PORT, IPV4:PORT or [IPV6]:PORT
+                         (ListenDatagram=; repeatable; TARGET is then udp:HOST:PORT
+                         or unix-dgram:PATH)
+  --listen-unix-datagram PATH
+                         receive datagrams on a unix socket, /path or @abstract
+                         (ListenDatagram=; repeatable)
+  --listen-sequential-packet PATH
+                         listen on a unix SOCK_SEQPACKET socket, /path or @abstract
+                         (ListenSequentialPacket=; repeatable; TARGET is then
+                         seqpacket:PATH)
   --socket-user USER     owner of the unix socket files (SocketUser=)
   --socket-group GROUP   group of the unix socket files (SocketGroup=)
   --socket-mode MODE     octal access mode of the unix socket files (SocketMode=)
@@ -43,7 +53,7 @@ flags:
   --accept               one forkproxy per connection (Accept=yes, NAME@.service)
   --max-connections N    with --accept: instances at once (MaxConnections=)
   --metrics ADDR         serve Prometheus metrics on ADDR (NAME-metrics.socket)
-  --upstream-unit UNIT   the unit serving TARGET, started first (Requires=, After=)
+  --target-unit UNIT     the unit serving TARGET, started first (Requires=, After=)
   --share-namespace      run in UNIT's network namespace (JoinsNamespaceOf=)
   --description TEXT     Description= of the units
   --executable PATH      forkproxy's absolute path (default
@@ -61,10 +71,19 @@ See man {PROG} for the units, their sandbox and more examples.
 
 _VALUE_FLAGS = frozenset({
     "--listen-stream", "--listen-unix", "--socket-user", "--socket-group", "--socket-mode",
-    "--backlog", "--max-connections", "--metrics", "--upstream-unit", "--description",
+    "--backlog", "--max-connections", "--metrics", "--target-unit", "--description",
     "--executable", "--output-dir", "--unit",
 })  # fmt: skip
-_REPEATABLE = frozenset({"--listen-stream", "--listen-unix"})
+# The flags of sockets of other kinds than streams, and the request field of each.
+_MESSAGE_FLAGS = {
+    "--listen-datagram": "listen_datagram",
+    "--listen-unix-datagram": "listen_unix_datagram",
+    "--listen-sequential-packet": "listen_sequential_packet",
+}
+_VALUE_FLAGS |= _MESSAGE_FLAGS.keys()
+# Old spellings still accepted, not in --help: old to current.
+_ALIASES = {"--upstream-unit": "--target-unit"}
+_REPEATABLE = frozenset({"--listen-stream", "--listen-unix", *_MESSAGE_FLAGS})
 _SWITCHES = frozenset({"--accept", "--share-namespace", "--user", "--force"})
 _INFO_FLAGS = frozenset({"-h", "--help", "--version"})
 
@@ -120,10 +139,11 @@ def split_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], list[s
             positional.append(arg)
         else:
             flag, has_value, value = arg.partition("=")
-            if flag in _SWITCHES or flag in _INFO_FLAGS:
+            name = _ALIASES.get(flag, flag)
+            if name in _SWITCHES or name in _INFO_FLAGS:
                 if has_value:
                     raise ForkproxyError(f"option '{flag}' takes no value")
-            elif flag in _VALUE_FLAGS:
+            elif name in _VALUE_FLAGS:
                 if not has_value:
                     if i == len(argv):
                         raise ForkproxyError(f"option '{flag}' needs a value")
@@ -133,17 +153,17 @@ def split_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], list[s
                 raise ForkproxyError(
                     f"unknown option '{flag}' (forkproxy's own options go after TARGET)"
                 )
-            if flag == "--unit" and positional:
+            if name == "--unit" and positional:
                 raise ForkproxyError(
                     f"unit name given twice: '{positional[0]}', and '{value}' with --unit"
                 )
-            values.setdefault(flag, []).append(value)
+            values.setdefault(name, []).append(value)
     for flag, given in values.items():
         if len(given) > 1 and flag not in _REPEATABLE:
             raise ForkproxyError(f"option '{flag}' given more than once")
     for arg in argv[i:]:
         flag = arg.partition("=")[0]
-        if flag in _VALUE_FLAGS or flag in _SWITCHES:
+        if _ALIASES.get(flag, flag) in _VALUE_FLAGS or flag in _SWITCHES:
             raise ForkproxyError(
                 f"option '{flag}' after TARGET would go to forkproxy: give the {PROG} "
                 "flags before TARGET"
@@ -158,6 +178,8 @@ def canonical_args(request: UnitRequest) -> list[str]:
     args = ["--unit", r.name] if r.name.startswith("-") else [r.name]
     args += [word for address in r.listen_stream for word in ("--listen-stream", address)]
     args += [word for path in r.listen_unix for word in ("--listen-unix", path)]
+    for flag, field in _MESSAGE_FLAGS.items():
+        args += [word for address in getattr(r, field) for word in (flag, address)]
     mode = None if r.socket_mode is None else f"{r.socket_mode:04o}"
     for flag, value in (
         ("--socket-user", r.socket_user),
@@ -167,7 +189,7 @@ def canonical_args(request: UnitRequest) -> list[str]:
         ("--accept", r.accept),
         ("--max-connections", r.max_connections),
         ("--metrics", r.metrics),
-        ("--upstream-unit", r.target_unit),
+        ("--target-unit", r.target_unit),
         ("--share-namespace", r.share_namespace),
         ("--description", r.description),
         ("--executable", r.executable),
@@ -196,6 +218,9 @@ def _build_request(
     metrics = _one(values, "--metrics")
     streams = values.get("--listen-stream", [])
     unix_paths = values.get("--listen-unix", [])
+    datagrams = values.get("--listen-datagram", [])
+    unix_datagrams = values.get("--listen-unix-datagram", [])
+    packets = values.get("--listen-sequential-packet", [])
     request = UnitRequest(
         name=checks.check_name(name),
         target=checks.check_target(target),
@@ -204,6 +229,15 @@ def _build_request(
             listen.parse_inet(address, "--listen-stream").text for address in streams
         ),
         listen_unix=tuple(listen.parse_unix(path, "--listen-unix").text for path in unix_paths),
+        listen_datagram=tuple(
+            listen.parse_inet(address, "--listen-datagram").text for address in datagrams
+        ),
+        listen_unix_datagram=tuple(
+            listen.parse_unix(path, "--listen-unix-datagram").text for path in unix_datagrams
+        ),
+        listen_sequential_packet=tuple(
+            listen.parse_unix(path, "--listen-sequential-packet").text for path in packets
+        ),
         socket_user=checks.check_user_group(_one(values, "--socket-user"), "--socket-user"),
         socket_group=checks.check_user_group(_one(values, "--socket-group"), "--socket-group"),
         socket_mode=None if mode is None else checks.parse_mode(mode),
@@ -211,7 +245,7 @@ def _build_request(
         accept="--accept" in values,
         max_connections=number("--max-connections"),
         metrics=None if metrics is None else listen.parse_metrics(metrics).text,
-        target_unit=checks.check_target_unit(_one(values, "--upstream-unit")),
+        target_unit=checks.check_target_unit(_one(values, "--target-unit")),
         share_namespace="--share-namespace" in values,
         description=checks.check_description(_one(values, "--description")),
         executable=checks.check_executable(_one(values, "--executable")),

@@ -9,11 +9,13 @@ import contextlib
 import io
 import os
 import re
+import socket
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.settings.address import TargetAddress, parse_target
 from forkproxy.settings.arguments import parse_args as parse_forkproxy_args
 from forkproxy.settings.config import Config
+from forkproxy.settings.kinds import DATAGRAM, SEQPACKET, STREAM, kind_mismatch
 from forkproxy.units import listen
 from forkproxy.units.listen import CONTROL
 from forkproxy.units.request import PROG, UnitRequest
@@ -105,7 +107,7 @@ def parse_count(text: str, flag: str, maximum: int) -> int:
 def check_target_unit(unit: str | None) -> str | None:
     if unit is not None and not (_UNIT_NAME.fullmatch(unit) and len(unit) <= _UNIT_NAME_MAX):
         raise ForkproxyError(
-            f"invalid --upstream-unit '{unit}': expected a unit name such as nginx.service"
+            f"invalid --target-unit '{unit}': expected a unit name such as nginx.service"
         )
     return unit
 
@@ -191,13 +193,17 @@ def _given(request: UnitRequest, option: str, field: str, probes: tuple[str, ...
 
 
 def check_combinations(r: UnitRequest) -> None:
-    if not r.listen_stream and not r.listen_unix:
-        raise ForkproxyError("nothing to listen on: give --listen-stream or --listen-unix")
-    listen.check_distinct(
-        [("--listen-stream", address) for address in r.listen_stream]
-        + [("--listen-unix", path) for path in r.listen_unix]
-        + ([("--metrics", r.metrics)] if r.metrics is not None else [])
-    )
+    if not (r.listen_stream or r.listen_unix or r.listen_datagram or r.unix_paths):
+        raise ForkproxyError(
+            "nothing to listen on: give --listen-stream, --listen-unix, --listen-datagram, "
+            "--listen-unix-datagram or --listen-sequential-packet"
+        )
+    _check_distinct(r)
+    if r.accept and (r.listen_datagram or r.listen_unix_datagram or r.listen_sequential_packet):
+        raise ForkproxyError(
+            "--accept relays stream connections only: give datagram and sequential-packet "
+            "sockets to a unit without --accept"
+        )
     if r.max_connections is not None and not r.accept:
         raise ForkproxyError(
             "--max-connections needs --accept; without it, pass --connections-max=N "
@@ -208,7 +214,7 @@ def check_combinations(r: UnitRequest) -> None:
             "--metrics cannot be used with --accept: an instance serves one connection"
         )
     if r.share_namespace and r.target_unit is None:
-        raise ForkproxyError("--share-namespace needs --upstream-unit: whose namespace to join")
+        raise ForkproxyError("--share-namespace needs --target-unit: whose namespace to join")
     if r.user:
         if r.socket_user is not None or r.socket_group is not None:
             raise ForkproxyError(
@@ -217,7 +223,7 @@ def check_combinations(r: UnitRequest) -> None:
             )
         if r.share_namespace:
             raise ForkproxyError("--share-namespace cannot be used with --user")
-    if not any(path.startswith("/") for path in r.listen_unix):
+    if not any(path.startswith("/") for path in r.unix_paths):
         for flag, value in (
             ("--socket-user", r.socket_user),
             ("--socket-group", r.socket_group),
@@ -234,6 +240,7 @@ def check_combinations(r: UnitRequest) -> None:
         if _has_option(r.forkproxy_args, short, long):
             raise ForkproxyError(f"forkproxy option '{long}' would bypass the socket unit: {hint}")
     config = forkproxy_config(r)  # what forkproxy would refuse fails here, not in systemd
+    _check_kinds(r, config)
     if r.accept:
         _check_per_connection(r, config)
     if not r.user:
@@ -243,12 +250,78 @@ def check_combinations(r: UnitRequest) -> None:
         raise ForkproxyError(f"unit name '{longest}' is longer than {_UNIT_NAME_MAX} characters")
 
 
+def _check_distinct(r: UnitRequest) -> None:
+    """Addresses the kernel would not let both be bound: the same IP address and port of
+    one protocol (TCP, UDP), the same socket file whatever its type, the same abstract
+    name of one type (unix(7): the abstract namespace is per socket type)."""
+    files = [
+        (flag, path)
+        for flag, paths in (
+            ("--listen-unix-datagram", r.listen_unix_datagram),
+            ("--listen-sequential-packet", r.listen_sequential_packet),
+        )
+        for path in paths
+        if path.startswith("/")
+    ]
+    listen.check_distinct(
+        [("--listen-stream", address) for address in r.listen_stream]
+        + [("--listen-unix", path) for path in r.listen_unix]
+        + files
+        + ([("--metrics", r.metrics)] if r.metrics is not None else [])
+    )
+    listen.check_distinct(
+        [("--listen-datagram", address) for address in r.listen_datagram]
+        + [("--listen-unix-datagram", path) for path in r.listen_unix_datagram]
+    )
+    listen.check_distinct(
+        [("--listen-sequential-packet", path) for path in r.listen_sequential_packet]
+    )
+
+
+def _check_kinds(r: UnitRequest, config: Config) -> None:
+    """Each socket's targets must take what it receives, as forkproxy checks at start."""
+    given = [
+        (flag, addresses[0], kind)
+        for flag, addresses, kind in (
+            ("--listen-stream", r.listen_stream, STREAM),
+            ("--listen-unix", r.listen_unix, STREAM),
+            ("--listen-datagram", r.listen_datagram, DATAGRAM),
+            ("--listen-unix-datagram", r.listen_unix_datagram, DATAGRAM),
+            ("--listen-sequential-packet", r.listen_sequential_packet, SEQPACKET),
+        )
+        if addresses
+    ]
+    first_flag, _, first_kind = given[0]
+    for flag, _, kind in given[1:]:
+        if kind != first_kind:
+            raise ForkproxyError(
+                f"{first_flag} and {flag} make sockets of different kinds, which cannot "
+                "share their targets (systemd names every socket of a unit alike, so one "
+                "--route would take them all): give each kind a unit of its own"
+            )
+    # Without FileDescriptorName=, systemd names every socket of the unit after it.
+    targets = config.settings_for(f"{r.name}.socket").targets
+    flag, address, kind = given[0]
+    why = kind_mismatch(kind, targets)
+    if why is not None:
+        raise ForkproxyError(f"cannot relay {flag} {address}: {why}")
+
+
 def socket_file_under(target: TargetAddress, directories: tuple[str, ...]) -> str | None:
     """The one of `directories` (each ending in '/') that holds a socket file target."""
-    if not target.text.startswith("/"):
+    path = socket_file(target)
+    if path is None:
         return None
-    path = "/" + os.path.normpath(target.text).lstrip("/")
+    path = "/" + os.path.normpath(path).lstrip("/")
     return next((directory for directory in directories if path.startswith(directory)), None)
+
+
+def socket_file(target: TargetAddress) -> str | None:
+    """The path of a target that is a unix socket file (of any type), or None."""
+    sockaddr = target.sockaddr
+    if target.family == socket.AF_UNIX and isinstance(sockaddr, str) and sockaddr[:1] == "/":
+        return sockaddr
+    return None
 
 
 def _check_reachable(config: Config) -> None:

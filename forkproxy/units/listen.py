@@ -1,8 +1,11 @@
 """What the generated socket units listen on: address syntax, ListenStream= text, clashes.
 
-`--listen-stream` takes systemd.socket(5)'s IP forms: PORT, IPV4:PORT, [IPV6]:PORT, and a
-scoped IPv6 address as forkproxy writes it, [IPV6%DEV]:PORT, or as systemd does,
-[IPV6]:PORT%DEV. `--listen-unix` takes a /path or an @name; `--metrics` either kind, but
+`--listen-stream` and `--listen-datagram` take systemd.socket(5)'s IP forms: PORT,
+IPV4:PORT, [IPV6]:PORT, and a scoped IPv6 address as forkproxy writes it,
+[IPV6%DEV]:PORT, or as systemd does, [IPV6]:PORT%DEV. `--listen-unix`,
+`--listen-unix-datagram` and `--listen-sequential-packet` take a /path or an @name
+(`listen_stream` is the text of any of ListenStream=, ListenDatagram= and
+ListenSequentialPacket=, which take the same forms); `--metrics` either kind, but
 no bare PORT (forkproxy's rule: it would serve metrics on every interface). Two addresses
 the kernel would not let both listen (the same one, or a wildcard and an address on its
 port) are refused here, not left to a socket unit that fails to start. Never renders a
@@ -67,7 +70,8 @@ class Listen:
 def parse_inet(address: str, flag: str) -> Listen:
     """PORT, IPV4:PORT, [IPV6]:PORT, [IPV6%DEV]:PORT or [IPV6]:PORT%DEV."""
     if address[:1] in ("/", "@"):
-        raise ForkproxyError(f"invalid {flag} '{address}': use --listen-unix for unix sockets")
+        unix_flag = "--listen-unix-datagram" if flag == "--listen-datagram" else "--listen-unix"
+        raise ForkproxyError(f"invalid {flag} '{address}': use {unix_flag} for unix sockets")
     scope = ""
     bare = False
     ip: IPAddress

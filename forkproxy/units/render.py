@@ -12,7 +12,13 @@ import socket
 
 from forkproxy.settings.config import Config
 from forkproxy.units.arguments import canonical_args
-from forkproxy.units.checks import HOMES, every_target, forkproxy_config, socket_file_under
+from forkproxy.units.checks import (
+    HOMES,
+    every_target,
+    forkproxy_config,
+    socket_file,
+    socket_file_under,
+)
 from forkproxy.units.listen import CONTROL, parse_listen
 from forkproxy.units.request import PROG, SYSTEM_EXECUTABLE, USER_EXECUTABLE, UnitRequest
 
@@ -110,12 +116,20 @@ def _header(filename: str, purpose: str, r: UnitRequest) -> list[str]:
 def _socket_unit(r: UnitRequest, config: Config) -> str:
     if r.accept:
         purpose = f"starts an instance of {r.service_name} for each connection."
+    elif r.listen_datagram or r.listen_unix_datagram:
+        first = "connection or datagram" if r.listen_stream or r.listen_unix else "datagram"
+        purpose = f"starts {r.service_name} on the first {first}."
     else:
         purpose = f"starts {r.service_name} on the first connection."
     lines = [*_header(f"{r.name}.socket", purpose, r), "[Unit]"]
     lines += [f"Description={_description(r, config)} (socket)", "", "[Socket]"]
-    for address in (*r.listen_stream, *r.listen_unix):
-        lines.append(f"ListenStream={_specifiers(parse_listen(address).listen_stream)}")
+    for key, addresses in (
+        ("ListenStream", (*r.listen_stream, *r.listen_unix)),
+        ("ListenDatagram", (*r.listen_datagram, *r.listen_unix_datagram)),
+        ("ListenSequentialPacket", r.listen_sequential_packet),
+    ):
+        for address in addresses:
+            lines.append(f"{key}={_specifiers(parse_listen(address).listen_stream)}")
     if r.socket_user is not None:
         lines.append(f"SocketUser={r.socket_user}")
     if r.socket_group is not None:
@@ -307,7 +321,13 @@ def _network(r: UnitRequest, config: Config) -> list[str]:
             ]
         else:
             lines += ["# No IP traffic at all: no target is an IP address.", "IPAddressDeny=any"]
-        if all(t.text.startswith("/") for t in targets) and not r.share_namespace:
+        replied = any(t.family == socket.AF_UNIX and t.kind == socket.SOCK_DGRAM for t in targets)
+        if replied and not r.share_namespace:
+            lines += [
+                "# No PrivateNetwork=: a unix datagram target replies to an @abstract address",
+                "# of forkproxy's, which exists only in forkproxy's network namespace.",
+            ]
+        elif all(socket_file(t) for t in targets) and not r.share_namespace:
             lines += [
                 "# A socket file is reachable from any network namespace (an @abstract",
                 "# one is not), so the service gets a private one.",

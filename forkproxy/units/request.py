@@ -21,6 +21,11 @@ class UnitRequest:
     forkproxy_args: tuple[str, ...] = ()
     listen_stream: tuple[str, ...] = ()
     listen_unix: tuple[str, ...] = ()
+    # ListenDatagram= (UDP, unix) and ListenSequentialPacket=: their own flags, so that
+    # the kind of each socket is said where it is given.
+    listen_datagram: tuple[str, ...] = ()
+    listen_unix_datagram: tuple[str, ...] = ()
+    listen_sequential_packet: tuple[str, ...] = ()
     socket_user: str | None = None
     socket_group: str | None = None
     socket_mode: int | None = None
@@ -33,6 +38,11 @@ class UnitRequest:
     description: str | None = None
     executable: str | None = None
     user: bool = False
+
+    @property
+    def unix_paths(self) -> tuple[str, ...]:
+        """Every unix socket address the socket unit listens on."""
+        return (*self.listen_unix, *self.listen_unix_datagram, *self.listen_sequential_packet)
 
     @property
     def service_name(self) -> str:

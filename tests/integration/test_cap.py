@@ -32,7 +32,7 @@ def test_bursts_never_exceed_the_cap(workdir: Path, workers: int) -> None:
         for _ in range(3):
             admitted, refused = _burst(proxy, 200)
             # Everyone holds on, so exactly `cap` get through and the rest are refused
-            # without ever reaching the backend.
+            # without ever reaching the target.
             assert len(admitted) == cap
             assert len(refused) == 200 - cap
             assert backend.peak == cap
@@ -84,7 +84,7 @@ def test_capacity_of_killed_workers_is_reclaimed(workdir: Path) -> None:
             client.close()
 
 
-def test_refused_connection_gets_nothing_and_backend_sees_nothing(workdir: Path) -> None:
+def test_refused_connection_gets_nothing_and_target_sees_nothing(workdir: Path) -> None:
     with (
         CountingBackend() as backend,
         run_proxy(["-c", "1", "-w", "1", backend.target], workdir) as proxy,
@@ -92,7 +92,7 @@ def test_refused_connection_gets_nothing_and_backend_sees_nothing(workdir: Path)
         first = proxy.connect()
         assert outcome(first) == "admitted"
         second = proxy.connect()
-        second.sendall(b"must not reach the backend")
+        second.sendall(b"must not reach the target")
         try:
             assert second.recv(100) == b""
         except ConnectionResetError:

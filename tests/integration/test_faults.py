@@ -169,10 +169,10 @@ def test_no_descriptor_for_the_target_connection_keeps_the_client_waiting(
                 opened.append(client)
                 client.sendall(b"client %d" % index)
                 waiting[client] = b"client %d" % index
-            wait_until(lambda: "upstream" in proxy.stderr(), 10, "socket() to fail")
+            wait_until(lambda: "connection to target" in proxy.stderr(), 10, "socket() to fail")
             readable, _, _ = select.select(list(waiting), [], [], 0)
             assert readable == [], "a client was closed (or served without a descriptor)"
-            assert "cannot open a connection to upstream" in proxy.stderr()
+            assert "cannot open a connection to target" in proxy.stderr()
         finally:
             resource.prlimit(worker, resource.RLIMIT_NOFILE, (soft, hard))
         assert serve_waiting(waiting) == []
@@ -300,7 +300,7 @@ def settled_fds(pids: list[int], baseline: dict[int, dict[str, int]]) -> None:
         assert_no_leak(pid, baseline[pid])
 
 
-def test_backend_reset_closes_that_client_and_nothing_else(workdir: Path) -> None:
+def test_target_reset_closes_that_client_and_nothing_else(workdir: Path) -> None:
     with (
         ScriptedBackend() as backend,
         run_proxy(["-w", "1", backend.target], workdir) as proxy,
@@ -316,7 +316,7 @@ def test_backend_reset_closes_that_client_and_nothing_else(workdir: Path) -> Non
                 open_script(victim, "reset", f"victim{index}", VICTIM_SIZE)
                 assert read_exactly(victim, VICTIM_SIZE) == pattern(f"victim{index}", VICTIM_SIZE)
             for index, victim in enumerate(victims):
-                backend.release(f"victim{index}")  # RST from the backend, mid-connection
+                backend.release(f"victim{index}")  # RST from the target, mid-connection
                 assert read_to_end(victim)[0] == b""  # closed by the proxy: EOF or reset
             assert all(intact for intact, _ in streams.finish().values())
         finally:
@@ -327,7 +327,7 @@ def test_backend_reset_closes_that_client_and_nothing_else(workdir: Path) -> Non
         assert "failed" not in proxy.stderr()  # a reset is a normal end: no warning
 
 
-def test_client_reset_closes_the_backend_connection_and_nothing_else(workdir: Path) -> None:
+def test_client_reset_closes_the_target_connection_and_nothing_else(workdir: Path) -> None:
     with (
         ScriptedBackend() as backend,
         run_proxy(["-w", "1", backend.target], workdir) as proxy,

@@ -91,7 +91,7 @@ def test_a_target_with_nothing_listening_closes_the_client_and_recovers(workdir:
         for _ in range(3):
             with proxy.connect() as client:
                 assert client.recv(1) == b""  # closed promptly, not left hanging
-        assert "cannot connect to upstream" in proxy.stderr()
+        assert "cannot connect to target" in proxy.stderr()
         assert proxy.process.poll() is None
         with run_backend("echo", f"tcp:127.0.0.1:{port}"), proxy.connect() as client:
             assert send_all_then_read(client, b"back again") == b"back again"
@@ -291,7 +291,7 @@ def test_journald_lines_carry_priorities_and_no_timestamps(workdir: Path) -> Non
     lines = proxy.stderr().splitlines()
     assert lines and all(line[:3] in ("<6>", "<4>", "<3>", "<7>") for line in lines), lines
     assert any(line.startswith("<6>ready: ") for line in lines)
-    assert any(line.startswith("<4>worker 0: cannot connect to upstream") for line in lines)
+    assert any(line.startswith("<4>worker 0: cannot connect to target") for line in lines)
 
 
 def test_terminal_lines_carry_time_and_level(workdir: Path) -> None:

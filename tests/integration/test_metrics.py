@@ -162,10 +162,10 @@ def test_counts_match_the_traffic_exactly(workdir: Path) -> None:
 
     m = len(sizes)
     assert grew("forkproxy_connections_accepted_total") == m
-    assert grew("forkproxy_relayed_bytes_total", direction="to_backend") == sum(sizes)
+    assert grew("forkproxy_relayed_bytes_total", direction="to_target") == sum(sizes)
     assert grew("forkproxy_relayed_bytes_total", direction="to_client") == sum(map(len, replies))
     assert grew("forkproxy_connections_refused_total") == 0
-    assert grew("forkproxy_backend_connect_errors_total") == 0
+    assert grew("forkproxy_target_connect_errors_total") == 0
     assert grew("forkproxy_connect_duration_seconds_count") == m
     assert grew("forkproxy_connect_duration_seconds_bucket", le="+Inf") == m
     assert grew("forkproxy_connection_duration_seconds_count") == m
@@ -181,7 +181,7 @@ def test_counts_match_the_traffic_exactly(workdir: Path) -> None:
         )
 
     assert per_worker("forkproxy_worker_connections_accepted_total") == m
-    for direction in ("to_backend", "to_client"):
+    for direction in ("to_target", "to_client"):
         total = value(after, "forkproxy_relayed_bytes_total", direction=direction)
         assert per_worker("forkproxy_worker_relayed_bytes_total", direction=direction) == total
 

@@ -12,18 +12,18 @@ from tests.support.proxy import run_backend, run_proxy, send_all_then_read
 
 
 @pytest.mark.parametrize(
-    ("backend_address", "target_of"),
+    ("target_address", "target_of"),
     [
         ("tcp:127.0.0.1:0", lambda b: b.target),
         ("tcp:127.0.0.1:0", lambda b: f"localhost:{b.port}"),
         ("tcp6:::1:0", lambda b: b.target),
-        ("unix:{dir}/backend.sock", lambda b: b.target),
-        ("abstract:fp-backend-{pid}", lambda b: b.target),
+        ("unix:{dir}/target.sock", lambda b: b.target),
+        ("abstract:fp-target-{pid}", lambda b: b.target),
     ],
     ids=["ipv4", "localhost", "ipv6", "unix-path", "abstract"],
 )
-def test_every_target_kind_relays(workdir: Path, backend_address: str, target_of) -> None:
-    address = backend_address.format(dir=workdir, pid=os.getpid())
+def test_every_target_kind_relays(workdir: Path, target_address: str, target_of) -> None:
+    address = target_address.format(dir=workdir, pid=os.getpid())
     with (
         run_backend("echo", address) as backend,
         run_proxy(["-w", "2", target_of(backend)], workdir) as proxy,
@@ -80,7 +80,7 @@ def test_256_mib_one_way_transfer_arrives_intact(workdir: Path) -> None:
 
 
 def test_half_close_keeps_the_reply_direction_open(workdir: Path) -> None:
-    """The client shuts down writing; the backend reads to EOF, then replies in full."""
+    """The client shuts down writing; the target reads to EOF, then replies in full."""
     with run_backend("digest") as backend, run_proxy(["-w", "1", backend.target], workdir) as proxy:
         request = os.urandom(300_000)
         with proxy.connect() as client:
@@ -88,8 +88,8 @@ def test_half_close_keeps_the_reply_direction_open(workdir: Path) -> None:
         assert reply.decode().split() == [hashlib.sha256(request).hexdigest(), str(len(request))]
 
 
-def test_backend_eof_reaches_the_client_after_all_bytes(workdir: Path) -> None:
-    """The backend sends then closes: the client gets every byte, then EOF."""
+def test_target_eof_reaches_the_client_after_all_bytes(workdir: Path) -> None:
+    """The target sends then closes: the client gets every byte, then EOF."""
     from tests.support.backend import pseudo_random
 
     size = 5_000_000

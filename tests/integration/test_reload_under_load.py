@@ -62,7 +62,7 @@ class Scraper:
 
     COUNTERS = (
         ("forkproxy_connections_accepted_total", {}),
-        ("forkproxy_relayed_bytes_total", {"direction": "to_backend"}),
+        ("forkproxy_relayed_bytes_total", {"direction": "to_target"}),
         ("forkproxy_relayed_bytes_total", {"direction": "to_client"}),
         ("forkproxy_connection_duration_seconds_count", {}),
     )

@@ -193,6 +193,8 @@ DAEMON_OPTIONS = (
     "--connections-max-per-source",
     "--max-connections-per-source",
     "--route",
+    "--datagram-timeout",
+    "--datagram-replies",
     "--config",
 )
 INETD_OPTIONS = ("--inetd",)
@@ -281,6 +283,7 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
             *("--keepalive=30,5,3", "--no-nodelay", "--nodelay", "--pipe-size", "128K"),
             *("--on-limit", "queue", "--max-connections-per-source", "5"),
             *("--connections-max-per-source", "5"),
+            *("--datagram-timeout", "10s", "--datagram-replies", "1"),
             *("--route", f"web={routed.target}", backend.target),
         ]
         options = {arg.partition("=")[0] for arg in daemon if arg.startswith("--")}
@@ -327,7 +330,7 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
     units_args = [
         *("web", "--listen-stream", "127.0.0.1:8080", "--listen-unix", "/run/web.sock"),
         *("--socket-user", "www", "--socket-group", "www", "--socket-mode", "0660"),
-        *("--backlog", "128", "--metrics", "127.0.0.1:9100", "--upstream-unit", "app.service"),
+        *("--backlog", "128", "--metrics", "127.0.0.1:9100", "--target-unit", "app.service"),
         *("--description", "web", "--executable", "/usr/bin/forkproxy"),
         *("--", "127.0.0.1:9000", "-c", "10"),
     ]

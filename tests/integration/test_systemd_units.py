@@ -131,7 +131,7 @@ GENERATED = [
     "d --listen-unix @d-proxy --description 'd: 100% abstract' -- @upstream",
     "e --listen-stream 80 --accept --max-connections 10 -- /run/e.sock",
     "f --listen-stream 80 --metrics /run/f-metrics.sock -- 10.0.0.1:80 --exit-idle-time=5min",
-    "g --listen-stream 80 --upstream-unit nginx.service --share-namespace -- @nginx",
+    "g --listen-stream 80 --target-unit nginx.service --share-namespace -- @nginx",
     "h --listen-stream 80 --executable /usr/local/bin/forkproxy -- [fe80::1%eth0]:80",
     "i --listen-stream [fe80::1%lo]:80 --listen-stream [::1]:80%lo --metrics [fe80::2%lo]:9100 "
     "-- 127.0.0.1:80 --graceful-timeout=5min --route admin=vsock:2:80",
@@ -139,6 +139,12 @@ GENERATED = [
     "k --listen-stream 80 -- /run/k.sock --route admin=db.example:5432",
     "l --listen-stream 80 -- /home/l/l.sock",
     ACCEPTANCE,
+    "m --listen-datagram 127.0.0.1:53 --listen-datagram [::1]:53 -- udp:127.0.0.1:5353 "
+    "--datagram-replies=1",
+    "n --listen-unix-datagram /run/n/log.sock --socket-mode 0660 -- unix-dgram:/run/log.sock "
+    "--datagram-timeout=5min",
+    "o --listen-sequential-packet @o -- seqpacket:/run/o.sock",
+    "p --listen-datagram 127.0.0.1:8125 --metrics 127.0.0.1:9102 -- udp:statsd.example:8125",
 ]
 
 
@@ -168,6 +174,7 @@ def test_generated_service_exposure(root: Path, command: str) -> None:
         "u --listen-stream 8080 -- 127.0.0.1:9000",
         "v --listen-unix /tmp/v.sock --socket-mode 600 --metrics 127.0.0.1:9100 -- /run/v",
         "w --listen-stream 8080 --accept -- example.org:80",
+        "x --listen-datagram 5353 -- udp:[::1]:53",
     ],
 )
 def test_generated_user_units_verify_without_warnings(tmp_path: Path, command: str) -> None:

@@ -50,3 +50,18 @@ def test_examples_are_the_shipped_units_and_configuration_file() -> None:
     assert shipped == ["systemd/*", "examples/forkproxy.toml"]
     assert list((REPO / "systemd").glob("*.service"))
     assert (REPO / "examples/forkproxy.toml").is_file()
+
+
+def test_rules_and_dashboard_are_installed_under_usr_share() -> None:
+    # dh_install lines: SOURCE DESTINATION-DIRECTORY
+    lines = [line.split() for line in (DEBIAN / "forkproxy.install").read_text().splitlines()]
+    installed = {source: destination for source, destination in lines}
+    shipped = sorted(
+        str(path.relative_to(REPO))
+        for pattern in ("contrib/prometheus/*.yml", "contrib/grafana/*.json")
+        for path in REPO.glob(pattern)
+    )
+    assert sorted(installed) == shipped
+    for source, destination in installed.items():
+        kind = "grafana" if source.endswith(".json") else "prometheus"
+        assert destination == f"usr/share/forkproxy/{kind}", source

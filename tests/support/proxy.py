@@ -48,10 +48,13 @@ class Backend:
 
 
 @contextlib.contextmanager
-def run_backend(mode: str, address: str = "tcp:127.0.0.1:0") -> Iterator[Backend]:
-    """A backend from tests.support.backend in its own process; see that module for modes."""
+def run_backend(
+    mode: str, address: str = "tcp:127.0.0.1:0", module: str = "tests.support.backend"
+) -> Iterator[Backend]:
+    """A backend from tests.support.backend (or tests.support.message_backend, for
+    datagram and sequential-packet targets) in its own process; see it for modes."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.backend", mode, address],
+        [sys.executable, "-m", module, mode, address],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
@@ -117,9 +120,14 @@ class Proxy:
         return self.listeners[index].getsockname()
 
     def connect(self, index: int = 0, timeout: float = 10.0) -> socket.socket:
+        """A client connected to listener `index` (a stream or sequential-packet one), or
+        for a datagram listener a datagram socket connected to it (bound, if unix, so
+        that replies can reach it)."""
         listener = self.listeners[index]
-        sock = socket.socket(listener.family, socket.SOCK_STREAM)
+        sock = socket.socket(listener.family, listener.type)
         sock.settimeout(timeout)
+        if listener.type == socket.SOCK_DGRAM and listener.family == socket.AF_UNIX:
+            sock.bind("")  # autobind: an address for the replies
         sock.connect(listener.getsockname())
         return sock
 
@@ -195,18 +203,34 @@ def process_state(pid: int) -> str:
         return ""
 
 
+# Datagram listeners get a receive buffer for bursts (the kernel caps it at rmem_max).
+DATAGRAM_RECEIVE_BUFFER = 4 << 20
+
+
 def make_listener(spec: str, directory: Path) -> socket.socket:
-    """A listening socket for the proxy: 'tcp' (127.0.0.1), 'tcp6' (::1), 'unix', 'abstract'."""
+    """A listening socket for the proxy: 'tcp' (127.0.0.1), 'tcp6' (::1), 'unix',
+    'abstract', 'seqpacket' (a unix path), or a bound datagram socket: 'udp'
+    (127.0.0.1), 'udp6' (::1), 'unix-dgram' (a unix path)."""
     if spec == "tcp":
         return socket.create_server(("127.0.0.1", 0), backlog=1024)
     if spec == "tcp6":
         return socket.create_server(("::1", 0), family=socket.AF_INET6, backlog=1024)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if spec == "unix":
+    if spec in ("udp", "udp6"):
+        family, host = (socket.AF_INET, "127.0.0.1") if spec == "udp" else (socket.AF_INET6, "::1")
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DATAGRAM_RECEIVE_BUFFER)
+        sock.bind((host, 0))
+        return sock
+    kind = {"unix-dgram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET}
+    sock = socket.socket(socket.AF_UNIX, kind.get(spec, socket.SOCK_STREAM))
+    if spec != "abstract":
         sock.bind(str(directory / f"proxy-{len(os.listdir(directory))}.sock"))
     else:
         sock.bind(f"\0forkproxy-test-{os.getpid()}-{time.monotonic_ns()}")
-    sock.listen(1024)
+    if sock.type == socket.SOCK_DGRAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DATAGRAM_RECEIVE_BUFFER)
+    else:
+        sock.listen(1024)
     return sock
 
 

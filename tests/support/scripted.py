@@ -6,12 +6,15 @@ pseudo-random bytes of `pattern(NAME, SIZE)` (so the client can check every byte
   stream NAME SIZE  the first half, then waits for `release(NAME)`, the rest, then closes
   reset NAME SIZE   all SIZE bytes, then waits for `release(NAME)`, then resets (RST)
   hold NAME SIZE    all SIZE bytes, then reads until the proxy closes the connection
+  sink NAME SIZE    nothing; reads until EOF (`received[NAME]` counts the bytes as they
+                    come), then answers the sha256 hex digest of what it read and closes
 
 `ended[NAME]` records how each connection ended on the backend's side ("closed", "eof",
 "reset", ...), so a test can see that the proxy closed the target end. A thread per
 connection; used by the fault tests, which need to order events across connections.
 """
 
+import hashlib
 import random
 import socket
 import struct
@@ -32,6 +35,7 @@ class ScriptedBackend:
         self.lock = threading.Lock()
         self.gates: dict[str, threading.Event] = {}
         self.ended: dict[str, str] = {}
+        self.received: dict[str, int] = {}
         self.threads: list[threading.Thread] = []
         self.accepter = threading.Thread(target=self._accept_loop, daemon=True)
         self.accepter.start()
@@ -89,6 +93,14 @@ class ScriptedBackend:
                     while conn.recv(65536):
                         pass
                     how = "eof"
+                elif mode == "sink":
+                    digest = hashlib.sha256()
+                    self.received[name] = 0
+                    while chunk := conn.recv(1 << 20):
+                        digest.update(chunk)
+                        self.received[name] += len(chunk)
+                    how = "eof"
+                    conn.sendall(digest.hexdigest().encode())
         except ConnectionResetError:
             how = "reset"
         except BrokenPipeError:

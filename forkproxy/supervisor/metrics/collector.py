@@ -6,6 +6,7 @@ asks, and answers /healthz. Never keeps metric state of its own: every value is 
 scrape time, so counters are as monotonic as the scoreboard's retired totals make them.
 """
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
@@ -24,6 +25,18 @@ from prometheus_client.utils import floatToGoString
 from forkproxy import __version__
 from forkproxy.relay.engine import engine_name
 from forkproxy.shared.admission import Admission
+from forkproxy.shared.layout import (
+    DG_BYTES_TO_CLIENT,
+    DG_BYTES_TO_TARGET,
+    DG_DROP_REASONS,
+    DG_DROPPED,
+    DG_SESSIONS,
+    DG_SESSIONS_ACTIVE,
+    DG_TO_CLIENT,
+    DG_TO_TARGET,
+    MAX_LISTENERS,
+)
+from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import (
     ACCEPTED,
     ACTIVE,
@@ -41,6 +54,8 @@ from forkproxy.shared.scoreboard import (
     SlotState,
 )
 from forkproxy.supervisor.workers import STALE_HEARTBEATS
+
+log = logging.getLogger("forkproxy")
 
 # -- what the collector reads -------------------------------------------------------------
 
@@ -82,6 +97,9 @@ class MasterView(Protocol):
     @property
     def heartbeat_interval(self) -> float: ...
 
+    @property
+    def listeners(self) -> Sequence[Listener]: ...  # the proxied ones: datagram metrics
+
 
 class ReloadView(Protocol):
     """The reload counters (`reload.Reloader`); a re-executed master keeps them."""
@@ -110,6 +128,8 @@ class ScoreboardCollector(Collector):
         self.scoreboard = scoreboard
         self.admission = admission
         self.reloads = reloads
+        # (listener row, its `listener` label) of each datagram listener that has a row
+        self.datagram_listeners = datagram_rows(master.listeners)
 
     def collect(self) -> Iterable[Metric]:
         board = self.scoreboard
@@ -136,22 +156,28 @@ class ScoreboardCollector(Collector):
             "Connections closed at once, unanswered, because a connection cap was reached.",
             value=board.total(REFUSED),
         )
+        connect_errors = board.total(CONNECT_ERRORS)
+        yield CounterMetricFamily(
+            "forkproxy_target_connect_errors",
+            "Admitted connections closed because no target could be connected to.",
+            value=connect_errors,
+        )
         yield CounterMetricFamily(
             "forkproxy_backend_connect_errors",
-            "Admitted connections closed because the backend could not be connected to.",
-            value=board.total(CONNECT_ERRORS),
+            "Deprecated: use forkproxy_target_connect_errors_total",
+            value=connect_errors,
         )
         relayed = CounterMetricFamily(
             "forkproxy_relayed_bytes",
-            "Bytes relayed: to_backend from clients, to_client from the backend.",
+            "Bytes relayed: to_target from clients, to_client from targets.",
             labels=["direction"],
         )
-        relayed.add_metric(["to_backend"], board.total(BYTES_TO_TARGET))
+        relayed.add_metric(["to_target"], board.total(BYTES_TO_TARGET))
         relayed.add_metric(["to_client"], board.total(BYTES_TO_CLIENT))
         yield relayed
         yield _histogram(
             "forkproxy_connect_duration_seconds",
-            "Time to connect to the backend, of connections that got one.",
+            "Time to connect to a target, of connections that got one.",
             board,
             CONNECT_DURATION_BUCKETS,
             CONNECT_DURATION_BOUNDS,
@@ -183,6 +209,7 @@ class ScoreboardCollector(Collector):
             "Workers started to replace workers that died unexpectedly.",
             value=master.restarts,
         )
+        yield from self._datagrams()
         yield from self._per_worker(live)
         yield from self._reloads()
         yield InfoMetricFamily(
@@ -210,6 +237,53 @@ class ScoreboardCollector(Collector):
             value=0.0 if last is None else last,
         )
 
+    def _datagrams(self) -> Iterable[Metric]:
+        """Datagram listeners' sessions, datagrams and drops, by listener (their rows)."""
+        listeners = self.datagram_listeners
+        if not listeners:
+            return
+        board = self.scoreboard
+        active = GaugeMetricFamily(
+            "forkproxy_datagram_sessions_active",
+            "Datagram sessions open now (each holds a unit of the connection cap).",
+            labels=["listener"],
+        )
+        opened = CounterMetricFamily(
+            "forkproxy_datagram_sessions",
+            "Datagram sessions opened: a new client address's first datagram admitted.",
+            labels=["listener"],
+        )
+        datagrams = CounterMetricFamily(
+            "forkproxy_datagrams",
+            "Datagrams relayed: to_target from clients, to_client from targets.",
+            labels=["listener", "direction"],
+        )
+        relayed = CounterMetricFamily(
+            "forkproxy_datagram_bytes",
+            "Bytes of the datagrams relayed, by direction.",
+            labels=["listener", "direction"],
+        )
+        dropped = CounterMetricFamily(
+            "forkproxy_datagrams_dropped",
+            "Datagrams dropped, by reason: cap, per_source and busy (a new client at the "
+            "connection cap, at its source's, or the admission lock taken), truncated "
+            "(larger than the buffer), send_error (the kernel refused to send it), "
+            "no_session (no socket to a target could be opened).",
+            labels=["listener", "reason"],
+        )
+        for row, name in listeners:
+            active.add_metric([name], board.row_live(row, DG_SESSIONS_ACTIVE))
+            opened.add_metric([name], board.row_total(row, DG_SESSIONS))
+            for direction, count, size in (
+                ("to_target", DG_TO_TARGET, DG_BYTES_TO_TARGET),
+                ("to_client", DG_TO_CLIENT, DG_BYTES_TO_CLIENT),
+            ):
+                datagrams.add_metric([name, direction], board.row_total(row, count))
+                relayed.add_metric([name, direction], board.row_total(row, size))
+            for index, reason in enumerate(DG_DROP_REASONS):
+                dropped.add_metric([name, reason], board.row_total(row, DG_DROPPED + index))
+        yield from (active, opened, datagrams, relayed, dropped)
+
     def _per_worker(self, live: set[int]) -> Iterable[Metric]:
         """By slot (a worker's identity): every live slot and every slot that ever accepted."""
         board = self.scoreboard
@@ -234,7 +308,7 @@ class ScoreboardCollector(Collector):
                 continue
             worker = str(slot)
             accepted.add_metric([worker], count)
-            relayed.add_metric([worker, "to_backend"], board.counter(slot, BYTES_TO_TARGET))
+            relayed.add_metric([worker, "to_target"], board.counter(slot, BYTES_TO_TARGET))
             relayed.add_metric([worker, "to_client"], board.counter(slot, BYTES_TO_CLIENT))
             if slot in live:
                 active.add_metric([worker], board.get(slot, ACTIVE))
@@ -274,6 +348,25 @@ def _histogram(
     upper = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
     buckets = list(zip(upper, cumulative, strict=True))
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum_ns / 1e9)
+
+
+def datagram_rows(listeners: Sequence[Listener]) -> list[tuple[int, str]]:
+    """(row, metrics label) of each datagram listener, by its index among the listeners;
+    past MAX_LISTENERS there are no rows (said in the log)."""
+    rows = []
+    for index, listener in enumerate(listeners):
+        if not listener.is_datagram:
+            continue
+        if index >= MAX_LISTENERS:
+            log.warning(
+                "datagram listener %s is listener %d: metrics are kept for the first %d only",
+                listener.label,
+                index + 1,
+                MAX_LISTENERS,
+            )
+            continue
+        rows.append((index, listener.name or listener.label))
+    return rows
 
 
 def make_registry(collector: Collector) -> CollectorRegistry:

@@ -37,6 +37,7 @@ def _connector() -> SimpleNamespace:
         loop=SimpleNamespace(call_later=lambda delay, callback: None),
         on_target_failed=lambda target, error, newly: None,
         on_relay_closed=lambda relay: None,
+        crashed=lambda relay, error: None,
     )
 
 
@@ -92,3 +93,36 @@ def test_each_listener_gets_its_settings(listeners: list[Listener]) -> None:
 def test_the_connect_sweep_follows_the_shortest_timeout(listeners: list[Listener]) -> None:
     assert min_connect_timeout(listeners, CONFIG) == 2.0
     assert min_connect_timeout(listeners[3:4], CONFIG) == CONFIG.connect_timeout
+
+
+class _IdleRelay:
+    """What the idle sweep looks at in a relay; `fail` raises if given an exception."""
+
+    def __init__(self, raises: Exception | None = None) -> None:
+        self.active = False
+        self.quiet_since = 0.0
+        self.closed = False
+        self.raises = raises
+        self.failed: list[OSError] = []
+
+    def fail(self, error: OSError) -> None:
+        self.failed.append(error)
+        if self.raises is not None:
+            raise self.raises
+
+
+def test_an_exception_in_a_listeners_idle_sweep_goes_to_the_connector(
+    listeners: list[Listener],
+) -> None:
+    crashed: list[tuple[object, Exception]] = []
+    connector = _connector()
+    connector.crashed = lambda relay, error: crashed.append((relay, error))
+    plans = make_plans(listeners, CONFIG, connector, {})  # type: ignore[arg-type]
+    route = plans[listeners[0].fd].route  # web: --idle-timeout 300
+    assert route.idle_sweep is not None
+    broken = _IdleRelay(RuntimeError("fail broke"))
+    other = _IdleRelay()
+    route.idle_relays.update((broken, other))  # type: ignore[arg-type]
+    route.idle_sweep.sweep(1000.0)  # both idle past 300s: one fault stops neither
+    assert crashed == [(broken, broken.raises)]
+    assert len(broken.failed) == len(other.failed) == 1

@@ -153,3 +153,50 @@ def test_close_stops_watching_with_the_loop(loop: uvloop.Loop) -> None:
         far.send(b"x")
         _turns(loop)
         assert calls == []
+
+
+def test_an_exception_in_a_callback_goes_to_on_error_and_the_batch_goes_on(
+    loop: uvloop.Loop,
+) -> None:
+    errors: list[tuple[int, str]] = []
+    poller = Poller(loop, lambda fd, error: errors.append((fd, str(error))))
+    broken, broken_far = _pair()
+    healthy, healthy_far = _pair()
+    calls: list[str] = []
+
+    def raises() -> None:
+        calls.append("broken")
+        raise RuntimeError("callback bug")
+
+    with broken, broken_far, healthy, healthy_far:
+        poller.add_reader(broken.fileno(), raises)
+        poller.add_reader(healthy.fileno(), _recorder(calls, "healthy"))
+        broken_far.send(b"x")
+        healthy_far.send(b"x")  # both ready in one batch, in whichever order
+        _turns(loop)
+        assert errors == [(broken.fileno(), "callback bug")]  # once: then no longer watched
+        assert calls.count("broken") == 1 and "healthy" in calls
+        assert poller.watching() == 1  # the healthy one only
+        calls.clear()
+        _turns(loop)
+        assert set(calls) == {"healthy"}  # still readable, still served
+    poller.close()
+
+
+def test_without_on_error_an_exception_propagates(loop: uvloop.Loop) -> None:
+    poller = Poller(loop)
+    escaped: list[object] = []
+    loop.set_exception_handler(lambda _loop, context: escaped.append(context.get("exception")))
+    near, far = _pair()
+
+    def raises() -> None:
+        raise RuntimeError("callback bug")
+
+    with near, far:
+        poller.add_reader(near.fileno(), raises)
+        far.send(b"x")
+        _turns(loop, 1)
+        assert escaped and {str(error) for error in escaped} == {"callback bug"}
+        assert poller.peer_closed == 0
+        poller.remove_reader(near.fileno())
+    poller.close()

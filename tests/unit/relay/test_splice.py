@@ -1,24 +1,29 @@
 """The splice relay on real socketpairs and a real uvloop loop."""
 
+import errno
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 
 import pytest
 import uvloop
 
+from forkproxy.relay.internal_error import INTERNAL_ERROR
+from forkproxy.relay.pipes import Pipe
 from forkproxy.relay.poller import Poller
 from forkproxy.relay.splice import Direction, PipePool, Relay
 
 
 class Harness:
-    """client_app <-> [client | relay | target] <-> target_app."""
+    """client_app <-> [client | relay | target] <-> target_app, on socketpairs or TCP."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool = False) -> None:
         self.loop = uvloop.new_event_loop()
-        self.client_app, client = socket.socketpair()
-        target, self.target_app = socket.socketpair()
+        pair = _tcp_pair if tcp else socket.socketpair
+        self.client_app, client = pair()
+        target, self.target_app = pair()
         client.setblocking(False)
         target.setblocking(False)
         self.counters = memoryview(bytearray(16 * 8)).cast("q")
@@ -53,6 +58,13 @@ class Harness:
 @pytest.fixture
 def harness():
     h = Harness()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def tcp_harness():
+    h = Harness(tcp=True)
     yield h
     h.close()
 
@@ -239,6 +251,123 @@ def test_urgent_data_is_relayed_inline_without_spinning() -> None:
     finally:
         relay.close()
         poller.close()
+        pool.close()
+        loop.close()
+        client_app.close()
+        target_app.close()
+
+
+# -- how a connection ends: a clean end, an abort ------------------------------------------
+
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _ends_with(sock: socket.socket) -> tuple[bytes, str]:
+    """What `sock` reads until the connection ends, and how: "eof" or "reset"."""
+    sock.settimeout(5)
+    received = bytearray()
+    try:
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    except ConnectionResetError:
+        return bytes(received), "reset"
+    return bytes(received), "eof"
+
+
+def test_a_target_reset_is_passed_on_to_the_client_as_a_reset(tcp_harness: Harness) -> None:
+    harness = tcp_harness
+    harness.target_app.sendall(b"partial response")
+    harness.run_until(lambda: harness.counters[1] == 16)
+    harness.target_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    harness.target_app.close()
+    harness.run_until(lambda: harness.relay.closed)
+    assert harness.relay.error is not None and harness.relay.error.errno == errno.ECONNRESET
+    assert _ends_with(harness.client_app) == (b"partial response", "reset")
+
+
+def test_a_client_reset_is_passed_on_to_the_target_as_a_reset(tcp_harness: Harness) -> None:
+    harness = tcp_harness
+    harness.client_app.sendall(b"partial upload")
+    harness.run_until(lambda: harness.counters[0] == 14)
+    harness.client_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    harness.client_app.close()
+    harness.run_until(lambda: harness.relay.closed)
+    assert _ends_with(harness.target_app) == (b"partial upload", "reset")
+
+
+def test_a_half_closed_connection_that_resets_is_still_an_abort(tcp_harness: Harness) -> None:
+    """The client's EOF went on as a FIN; then the target resets: the client gets an RST
+    after all (its request went through, the response did not)."""
+    harness = tcp_harness
+    harness.client_app.sendall(b"request")
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: harness.relay.client_to_target.done)
+    assert _ends_with(harness.target_app) == (b"request", "eof")
+    harness.target_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    harness.target_app.close()
+    harness.run_until(lambda: harness.relay.closed)
+    assert _ends_with(harness.client_app) == (b"", "reset")
+
+
+def test_clean_ends_are_fins_after_every_byte(tcp_harness: Harness) -> None:
+    harness = tcp_harness
+    harness.client_app.sendall(b"request")
+    harness.client_app.shutdown(socket.SHUT_WR)
+    harness.target_app.sendall(b"response")
+    harness.target_app.shutdown(socket.SHUT_WR)
+    harness.run_until(lambda: harness.relay.closed)
+    assert harness.relay.error is None
+    assert _ends_with(harness.target_app) == (b"request", "eof")
+    assert _ends_with(harness.client_app) == (b"response", "eof")
+
+
+def test_fail_resets_both_peers(tcp_harness: Harness) -> None:
+    """What the idle and graceful timeouts do: both peers read ECONNRESET."""
+    harness = tcp_harness
+    harness.relay.fail(OSError(errno.ETIMEDOUT, "timed out"))
+    assert harness.closed == [harness.relay]
+    assert _ends_with(harness.client_app) == (b"", "reset")
+    assert _ends_with(harness.target_app) == (b"", "reset")
+
+
+class _FlakyPool(PipePool):
+    """Its `release` raises once, as a bug in a teardown step would."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 4)
+        self.broken = True
+
+    def release(self, pipe: Pipe) -> None:
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("release bug")
+        super().release(pipe)
+
+
+def test_salvage_finishes_a_teardown_cut_short() -> None:
+    loop = uvloop.new_event_loop()
+    client_app, client = _tcp_pair()
+    target, target_app = _tcp_pair()
+    for sock in (client, target):
+        sock.setblocking(False)
+    pool = _FlakyPool()
+    closed: list[Relay] = []
+    counters = memoryview(bytearray(16 * 8)).cast("q")
+    relay = Relay(Poller(loop), pool, client, target, counters, 0, 1, closed.append)
+    relay.start()
+    lent = relay.client_to_target.pipe = pool.acquire()  # an empty pipe, lent out
+    try:
+        with pytest.raises(RuntimeError, match="release bug"):
+            relay.close()  # raises at the pipe's return, before the sockets are closed
+        assert relay.closed and closed == [] and client.fileno() >= 0
+        relay.salvage(INTERNAL_ERROR)
+        relay.salvage(INTERNAL_ERROR)  # again: nothing is done twice
+        assert closed == [relay] and relay.error is INTERNAL_ERROR
+        assert client.fileno() == -1 and target.fileno() == -1
+        assert _ends_with(client_app) == (b"", "reset")
+        assert _ends_with(target_app) == (b"", "reset")
+    finally:
+        lent.close()  # its return failed: nobody else closes it
         pool.close()
         loop.close()
         client_app.close()

@@ -9,6 +9,7 @@ import pytest
 import uvloop
 
 from forkproxy.relay.poller import Poller
+from forkproxy.relay.target_connect import attempt_error
 from forkproxy.relay.targets import COOLDOWN, TargetGroup
 from forkproxy.settings.address import TargetAddress, parse_target
 
@@ -103,3 +104,45 @@ def test_one_target_connects_directly(loop: asyncio.AbstractEventLoop) -> None:
         group = TargetGroup([target], options=nodelay)
         with loop.run_until_complete(asyncio.wait_for(_connect(group, loop), 10)) as sock:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+# -- a connect that raises instead of returning an errno ------------------------------------
+
+NO_SUCH_INTERFACE = "[fe80::1%fpnosuch0]:80"  # connect() raises socket.gaierror
+
+
+def test_a_scoped_address_without_its_interface_is_a_failed_attempt(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    future = _connect(TargetGroup([parse_target(NO_SUCH_INTERFACE)]), loop)
+    assert future.done()  # failed inside connect(), as a refused connect would
+    error = future.exception()
+    assert isinstance(error, OSError) and not isinstance(error, socket.gaierror)
+    assert error.errno == errno.ENODEV
+    assert str(error) == "[Errno 19] no network interface 'fpnosuch0' for 'fe80::1%fpnosuch0'"
+
+
+def test_a_scoped_address_without_its_interface_fails_over(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    failed: list[tuple[str, int | None]] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        good = parse_target(f"127.0.0.1:{server.getsockname()[1]}")
+        group = TargetGroup(
+            [parse_target(NO_SUCH_INTERFACE), good],
+            on_target_failed=lambda target, error, _: failed.append((target.text, error.errno)),
+        )
+        for _ in range(2):  # either target first: round-robin
+            sock = loop.run_until_complete(_connect(group, loop))
+            assert sock.getpeername() == server.getsockname()
+            sock.close()
+    assert failed and set(failed) == {(NO_SUCH_INTERFACE, errno.ENODEV)}
+
+
+def test_any_exception_of_an_attempt_is_a_failed_attempt() -> None:
+    assert attempt_error(ValueError("bad"), None).args == (errno.EINVAL, "ValueError: bad")
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    assert attempt_error(refused, ("127.0.0.1", 1)) is refused
+    gai = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert attempt_error(gai, ("fe80::1%x", 80, 0, 0)).errno == errno.ENODEV
+    assert attempt_error(gai, ("::1", 80, 0, 0)) is gai  # no scope: as raised

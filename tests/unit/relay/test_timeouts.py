@@ -19,6 +19,7 @@ from forkproxy.relay.timeouts import (
     SWEEP_INTERVAL_MAX,
     SWEEP_INTERVAL_MIN,
     LazySweep,
+    sweep_connects,
     sweep_idle,
     sweep_interval,
 )
@@ -50,6 +51,10 @@ def _relay(
     counters = memoryview(bytearray(8 * 16)).cast("q")
     relay = Relay(Poller(loop), pool, client, target, counters, 0, 1, closed.append, direction)
     return relay, client_far, target_far, closed
+
+
+def _unexpected(item: object, error: Exception) -> None:
+    raise AssertionError(f"on_error({item!r}, {error!r})")
 
 
 def test_sweep_interval() -> None:
@@ -90,7 +95,7 @@ def test_sweep_idle_closes_only_the_quiet(loop: asyncio.AbstractEventLoop, pool:
         now += interval
         if now % (timeout / 2) < interval:  # a byte every half timeout
             busy.active = True
-        sweep_idle([quiet, busy], now, timeout)
+        sweep_idle([quiet, busy], now, timeout, _unexpected)
         if quiet.closed:
             break
     assert quiet_closed == [quiet]
@@ -117,6 +122,75 @@ def test_lazy_sweep_runs_while_watched(loop: asyncio.AbstractEventLoop) -> None:
     while lazy.armed:
         loop.run_until_complete(asyncio.sleep(0.001))
     assert len(calls) == 2 and not watched  # re-armed once, then nothing left to watch
+
+
+class _BrokenRelay(Relay):
+    """A relay whose abort raises, as a bug in its teardown would."""
+
+    __slots__ = ()
+
+    def fail(self, error: OSError) -> None:
+        raise RuntimeError("broken teardown")
+
+
+def test_sweep_idle_hands_a_failing_relay_to_on_error_and_goes_on(
+    loop: asyncio.AbstractEventLoop, pool: PipePool
+) -> None:
+    client, client_far = socket.socketpair()
+    target, target_far = socket.socketpair()
+    counters = memoryview(bytearray(8 * 16)).cast("q")
+    broken = _BrokenRelay(Poller(loop), pool, client, target, counters, 0, 1, lambda r: None)
+    quiet, *ends, quiet_closed = _relay(loop, pool, IdleDirection)
+    broken.quiet_since = quiet.quiet_since = 0.0
+    errors: list[tuple[object, Exception]] = []
+    sweep_idle([broken, quiet], 10.0, 1.0, lambda item, error: errors.append((item, error)))
+    assert [(item, str(error)) for item, error in errors] == [(broken, "broken teardown")]
+    assert quiet_closed == [quiet]  # the one after it was swept all the same
+    broken.close()
+    for end in (client_far, target_far, *ends):
+        end.close()
+
+
+class _Attempt:
+    def __init__(self, raises: bool) -> None:
+        self.raises = raises
+        self.expired = False
+
+    def expire(self, now: float) -> bool:
+        if self.raises:
+            raise ValueError("broken attempt")
+        self.expired = True
+        return True
+
+
+def test_sweep_connects_hands_a_failing_attempt_to_on_error_and_goes_on() -> None:
+    broken, fine = _Attempt(raises=True), _Attempt(raises=False)
+    errors: list[tuple[object, Exception]] = []
+    sweep_connects([broken, fine], 1.0, lambda item, error: errors.append((item, error)))
+    assert [(item, str(error)) for item, error in errors] == [(broken, "broken attempt")]
+    assert fine.expired
+
+
+def test_lazy_sweep_is_armed_again_after_its_sweep_raised(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    watched = {1, 2}
+    calls: list[float] = []
+    escaped: list[object] = []
+    loop.set_exception_handler(lambda _loop, context: escaped.append(context.get("exception")))
+
+    def sweep(now: float) -> None:
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("first sweep fails")
+        watched.clear()
+
+    lazy = LazySweep(loop, 0.001, watched, sweep)
+    lazy.arm()
+    while lazy.armed:
+        loop.run_until_complete(asyncio.sleep(0.001))
+    assert len(calls) == 2 and not watched  # the failure did not end the sweeping
+    assert [str(error) for error in escaped] == ["first sweep fails"]
 
 
 @pytest.fixture

@@ -196,3 +196,141 @@ def test_any_metrics_address_parses_or_raises_usage_error(text: str) -> None:
         return
     assert not text.isdigit()  # never a bare port: that would listen on every interface
     assert address.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+
+# -- socket kinds: udp:, unix-dgram:, seqpacket: -------------------------------------------
+
+DGRAM, SEQPACKET, STREAM = socket.SOCK_DGRAM, socket.SOCK_SEQPACKET, socket.SOCK_STREAM
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "host", "port", "sockaddr", "kind"),
+    [
+        ("udp:127.0.0.1:53", socket.AF_INET, "127.0.0.1", 53, ("127.0.0.1", 53), DGRAM),
+        ("udp:[::1]:53", socket.AF_INET6, "::1", 53, ("::1", 53, 0, 0), DGRAM),
+        ("udp:dns.example:domain", 0, "dns.example", 53, None, DGRAM),
+        ("udp:statsd:8125", 0, "statsd", 8125, None, DGRAM),
+        ("unix-dgram:/run/log.sock", socket.AF_UNIX, "", 0, "/run/log.sock", DGRAM),
+        ("unix-dgram:@log", socket.AF_UNIX, "", 0, "\0log", DGRAM),
+        ("seqpacket:/run/sp.sock", socket.AF_UNIX, "", 0, "/run/sp.sock", SEQPACKET),
+        ("seqpacket:@sp", socket.AF_UNIX, "", 0, "\0sp", SEQPACKET),
+        ("127.0.0.1:53", socket.AF_INET, "127.0.0.1", 53, ("127.0.0.1", 53), STREAM),
+        ("/run/s.sock", socket.AF_UNIX, "", 0, "/run/s.sock", STREAM),
+    ],
+)
+def test_target_kinds(
+    text: str, family: int, host: str, port: int, sockaddr: object, kind: int
+) -> None:
+    address = parse_target(text)
+    assert (address.family, address.host, address.port, address.sockaddr, address.kind) == (
+        family,
+        host,
+        port,
+        sockaddr,
+        kind,
+    )
+    assert address.text == text
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "udp:",
+            "invalid target 'udp:': expected udp:HOST:PORT (unix-dgram:PATH for a unix "
+            "datagram socket)",
+        ),  # fmt: skip
+        (
+            "udp:/run/a",
+            "invalid target 'udp:/run/a': expected udp:HOST:PORT (unix-dgram:PATH "
+            "for a unix datagram socket)",
+        ),  # fmt: skip
+        ("udp:host", "invalid target 'udp:host': missing ':PORT'"),
+        ("udp:127.0.0.1:0", "invalid target 'udp:127.0.0.1:0': port 0 is not in 1-65535"),
+        ("udp:::1:53", "invalid target 'udp:::1:53': write IPv6 addresses in brackets"),
+        (
+            "unix-dgram:",
+            "invalid target 'unix-dgram:': expected unix-dgram:/path or unix-dgram:@name",
+        ),  # fmt: skip
+        ("unix-dgram:run/a", "invalid target 'unix-dgram:run/a': expected unix-dgram:/path"),
+        ("seqpacket:@", "invalid target 'seqpacket:@': empty abstract socket name"),
+        (
+            "seqpacket:/" + "a" * 107,
+            f"invalid target 'seqpacket:/{'a' * 107}': unix socket paths are at most 107 bytes",
+        ),
+    ],
+)
+def test_target_kind_errors(text: str, error: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_target(text)
+    assert str(raised.value).startswith(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "family", "sockaddr", "dual_stack", "kind"),
+    [
+        ("udp:53", "", socket.AF_INET6, ("::", 53, 0, 0), True, DGRAM),
+        ("udp:127.0.0.1:53", "", socket.AF_INET, ("127.0.0.1", 53), False, DGRAM),
+        ("dns=udp:[::1]:53", "dns", socket.AF_INET6, ("::1", 53, 0, 0), False, DGRAM),
+        ("unix-dgram:/run/l.sock", "", socket.AF_UNIX, "/run/l.sock", False, DGRAM),
+        ("log=unix-dgram:@log", "log", socket.AF_UNIX, "\0log", False, DGRAM),
+        ("unix-dgram:/run/a=b", "", socket.AF_UNIX, "/run/a=b", False, DGRAM),
+        ("seqpacket:/run/sp", "", socket.AF_UNIX, "/run/sp", False, SEQPACKET),
+        ("sp=seqpacket:@sp", "sp", socket.AF_UNIX, "\0sp", False, SEQPACKET),
+        ("8080", "", socket.AF_INET6, ("::", 8080, 0, 0), True, STREAM),
+    ],
+)
+def test_listen_kinds(
+    text: str, name: str, family: int, sockaddr: object, dual_stack: bool, kind: int
+) -> None:
+    address = parse_listen(text)
+    assert (address.name, address.family, address.sockaddr, address.dual_stack) == (
+        name,
+        family,
+        sockaddr,
+        dual_stack,
+    )
+    assert address.kind == kind
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "udp:",
+            "invalid listen address 'udp:': expected udp:PORT, udp:IPV4:PORT or "
+            "udp:[IPV6]:PORT (unix-dgram:PATH for a unix datagram socket)",
+        ),  # fmt: skip
+        ("udp:/run/x", "invalid listen address 'udp:/run/x': expected udp:PORT"),
+        (
+            "udp:localhost:53",
+            "invalid listen address 'udp:localhost:53': 'localhost' is not an IP address",
+        ),  # fmt: skip
+        ("udp:0", "invalid listen address 'udp:0': port 0 is not in 1-65535"),
+        ("dns=udp:", "invalid listen address 'dns=udp:': expected udp:PORT"),
+        (
+            "seqpacket:x",
+            "invalid listen address 'seqpacket:x': expected seqpacket:/path or seqpacket:@name",
+        ),  # fmt: skip
+        (
+            "x=unix-dgram:@",
+            "invalid listen address 'x=unix-dgram:@': empty abstract socket name",
+        ),  # fmt: skip
+    ],
+)
+def test_listen_kind_errors(text: str, error: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_listen(text)
+    assert str(raised.value).startswith(error)
+
+
+@given(ipv4s, ports)
+def test_udp_round_trips(host: str, port: int) -> None:
+    target = parse_target(f"udp:{host}:{port}")
+    listen = parse_listen(f"udp:{host}:{port}")
+    for address in (target, listen):
+        assert (address.family, address.sockaddr, address.kind) == (
+            socket.AF_INET,
+            (host, port),
+            DGRAM,
+        )

@@ -319,3 +319,12 @@ def test_inetd_is_not_abbreviated() -> None:
 
 def test_help_ends_by_naming_the_man_page() -> None:
     assert _build_parser().format_help().rstrip().endswith("man forkproxy")
+
+
+def test_max_connections_per_source_is_a_hidden_alias() -> None:
+    help_text = _build_parser().format_help()
+    assert "--connections-max-per-source" in help_text
+    assert "--max-connections-per-source" not in help_text
+    old = parse_args(["--max-connections-per-source=3", "h:1"])
+    assert old == parse_args(["--connections-max-per-source=3", "h:1"])
+    assert old.connections_max_per_source == 3

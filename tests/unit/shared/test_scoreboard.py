@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from forkproxy.shared.layout import SLOT_HIGH_WATER
+from forkproxy.shared.layout import DG_SESSIONS, DG_SESSIONS_ACTIVE, SLOT_HIGH_WATER
 from forkproxy.shared.mapping import LayoutMismatch, SharedMapping
 from forkproxy.shared.scoreboard import (
     ACCEPTED,
@@ -120,3 +120,25 @@ def test_adopt_refuses_what_is_not_our_mapping(shared: Shared) -> None:
     adopted = SharedMapping.adopt(os.dup(shared.mapping.fd))
     assert adopted.size == shared.mapping.size
     adopted.close()
+
+
+def test_listener_rows_fold_into_retired_rows_and_the_gauge_is_live_only(
+    shared: Shared,
+) -> None:
+    board = shared.scoreboard
+    board.listener_rows = 2
+    for index in (0, 1):
+        board.prepare(index, generation=0, started_ns=1)
+    board.row(0, 1)[DG_SESSIONS] += 3
+    board.row(0, 1)[DG_SESSIONS_ACTIVE] += 2
+    board.row(1, 1)[DG_SESSIONS] += 4
+    board.row(1, 1)[DG_SESSIONS_ACTIVE] += 1
+    board.row(1, 0)[DG_SESSIONS] += 9  # another listener's row
+    assert (board.row_total(1, DG_SESSIONS), board.row_live(1, DG_SESSIONS_ACTIVE)) == (7, 3)
+    board.retire(0)  # its worker died: its sessions are gone, their count stays
+    assert (board.row_total(1, DG_SESSIONS), board.row_live(1, DG_SESSIONS_ACTIVE)) == (7, 1)
+    assert board.row(0, 1).tolist() == [0] * len(board.row(0, 1))
+    board.prepare(0, generation=1, started_ns=2)
+    board.row(0, 1)[DG_SESSIONS] += 1
+    assert board.row_total(1, DG_SESSIONS) == 8
+    assert board.row_total(0, DG_SESSIONS) == 9

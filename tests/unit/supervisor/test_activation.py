@@ -96,11 +96,80 @@ def _peer_gone(sock: socket.socket) -> bool:
     return False
 
 
-def test_refuses_a_datagram_socket() -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with pytest.raises(ForkproxyError, match="is not a listening stream socket"):
-        adopt_listener(sock.fileno(), "unknown")
-    sock.close()
+@pytest.mark.parametrize(
+    ("make", "kind", "label"),
+    [
+        (
+            lambda d: _bound(socket.AF_INET, socket.SOCK_DGRAM, ("127.0.0.1", 0)),
+            2,
+            "udp:127.0.0.1:",
+        ),
+        (lambda d: _bound(socket.AF_INET6, socket.SOCK_DGRAM, ("::1", 0)), 2, "udp:[::1]:"),
+        (lambda d: _bound(socket.AF_UNIX, socket.SOCK_DGRAM, f"{d}/d.sock"), 2, "unix-dgram:/"),
+        (lambda d: _listening(socket.SOCK_SEQPACKET, f"{d}/s.sock"), 5, "seqpacket:/"),
+    ],
+    ids=["udp", "udp6", "unix-dgram", "seqpacket"],
+)
+def test_adopts_datagram_and_sequential_packet_sockets(tmp_path, make, kind, label) -> None:
+    """ListenDatagram= and ListenSequentialPacket= pass these: bound, or listening."""
+    sock = make(tmp_path)
+    with sock:
+        adopted = adopt_listener(sock.fileno(), "dns")
+        assert adopted.kind == kind
+        assert adopted.is_datagram == (kind == socket.SOCK_DGRAM)
+        assert adopted.label.startswith(f"fd {sock.fileno()} 'dns' ({label}")
+        assert adopted.sock.getblocking() is False
+        adopted.sock.detach()
+
+
+def _bound(family: int, kind: int, address: object) -> socket.socket:
+    sock = socket.socket(family, kind)
+    sock.bind(address)
+    return sock
+
+
+def _listening(kind: int, path: str) -> socket.socket:
+    sock = _bound(socket.AF_UNIX, kind, path)
+    sock.listen()
+    return sock
+
+
+def test_refuses_a_sequential_packet_connection() -> None:
+    """Accept=yes with ListenSequentialPacket= passes a connection: not relayed."""
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with left, right:
+        assert not is_connection(left.fileno())
+        with pytest.raises(ForkproxyError) as raised:
+            adopt_listener(left.fileno(), "unknown")
+        assert str(raised.value) == (
+            f"fd {left.fileno()} from systemd is a sequential-packet connection (Accept=yes): "
+            "forkproxy relays sequential-packet sockets with Accept=no only"
+        )
+
+
+def test_refuses_a_sequential_packet_socket_not_listening(tmp_path) -> None:
+    with _bound(socket.AF_UNIX, socket.SOCK_SEQPACKET, f"{tmp_path}/s.sock") as sock:
+        with pytest.raises(ForkproxyError) as raised:
+            adopt_listener(sock.fileno(), "unknown")
+        assert str(raised.value) == (
+            f"fd {sock.fileno()} from systemd is not a listening sequential-packet socket: "
+            "listen() was not called on it"
+        )
+
+
+def test_refuses_a_datagram_socket_neither_udp_nor_unix() -> None:
+    udplite = getattr(socket, "IPPROTO_UDPLITE", 136)  # udplite(7): SOCK_DGRAM, not UDP
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, udplite)
+    except OSError:
+        pytest.skip("no UDP-Lite in this kernel")
+    fd = sock.fileno()
+    with sock, pytest.raises(ForkproxyError) as raised:
+        adopt_listener(fd, "unknown")
+    assert str(raised.value) == (
+        f"fd {fd} from systemd is a datagram socket neither UDP nor unix "
+        f"(family 2, protocol {udplite})"
+    )
 
 
 def _is_open(fd: int) -> bool:

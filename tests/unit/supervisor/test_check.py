@@ -4,6 +4,7 @@ import pytest
 
 from forkproxy.errors import UsageErrors
 from forkproxy.settings.arguments import parse_args
+from forkproxy.settings.kinds import DATAGRAM, STREAM
 from forkproxy.supervisor.check import check_settings, listener_problems
 
 NO_SOCKETS: dict[str, str] = {}
@@ -11,7 +12,12 @@ NO_SOCKETS: dict[str, str] = {}
 
 def test_a_route_naming_no_listener() -> None:
     config = parse_args(["--route=admin=h:1", "d:1"])
-    listeners = [("web", "fd 3 'web'"), ("api", "fd 4 'api'"), ("other", "fd 5"), ("", "fd 6")]
+    listeners = [
+        ("web", "fd 3 'web'", STREAM),
+        ("api", "fd 4 'api'", STREAM),
+        ("other", "fd 5", STREAM),
+        ("", "fd 6", STREAM),
+    ]
     assert listener_problems(config, listeners) == [
         "--route=admin=...: no listening socket is named 'admin' (named: 'api', 'other', "
         "'web'; name them with FileDescriptorName= or --listen NAME=ADDR)"
@@ -22,9 +28,28 @@ def test_a_route_naming_no_listener() -> None:
 def test_a_listener_without_a_target() -> None:
     config = parse_args(["--route=web=h:1", "--listen=web=127.0.0.1:1", "--listen=127.0.0.1:2"])
     assert config.targets == ()
-    assert listener_problems(config, [("web", "'web'"), ("", "127.0.0.1:2")]) == [
+    listeners = [("web", "'web'", STREAM), ("", "127.0.0.1:2", STREAM)]
+    assert listener_problems(config, listeners) == [
         "127.0.0.1:2: no target for this listener: give targets (or a [listeners.NAME] "
         "section naming it) in the configuration file, or as arguments"
+    ]
+
+
+def test_listeners_whose_targets_are_of_another_kind() -> None:
+    config = parse_args(["--route=dns=udp:127.0.0.1:53", "127.0.0.1:80"])
+    listeners = [
+        ("dns", "fd 3 'dns'", DATAGRAM),
+        ("", "fd 4", DATAGRAM),
+        ("web", "fd 5 'web'", STREAM),
+    ]
+    assert listener_problems(config, listeners) == [
+        "cannot relay listener fd 4: it receives datagrams but target '127.0.0.1:80' is a "
+        "stream target (write udp:HOST:PORT, unix-dgram:/path or unix-dgram:@name)"
+    ]
+    listeners = [("dns", "fd 3 'dns'", STREAM)]
+    assert listener_problems(config, listeners) == [
+        "cannot relay listener fd 3 'dns' (--route=dns=...): it receives stream connections "
+        "but target 'udp:127.0.0.1:53' is a datagram target (write HOST:PORT, /path or @name)"
     ]
 
 

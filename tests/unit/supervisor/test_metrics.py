@@ -67,6 +67,7 @@ class FakeMaster:
     restarts: int = 0
     stopping: bool = False
     heartbeat_interval: float = 1.0
+    listeners: tuple = ()
 
 
 def _samples(text: str) -> Samples:
@@ -133,9 +134,10 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     assert _value(samples, "forkproxy_connections_max") == 10
     assert _value(samples, "forkproxy_connections_accepted_total") == 12
     assert _value(samples, "forkproxy_connections_refused_total") == 3
-    assert _value(samples, "forkproxy_backend_connect_errors_total") == 4
+    assert _value(samples, "forkproxy_target_connect_errors_total") == 4
+    assert _value(samples, "forkproxy_backend_connect_errors_total") == 4  # deprecated alias
     relayed = "forkproxy_relayed_bytes_total"
-    assert _value(samples, relayed, direction="to_backend") == 1000 + (1 << 40)
+    assert _value(samples, relayed, direction="to_target") == 1000 + (1 << 40)
     assert _value(samples, relayed, direction="to_client") == 12
     assert _value(samples, "forkproxy_workers", generation="current") == 2
     assert _value(samples, "forkproxy_workers", generation="draining") == 0
@@ -146,7 +148,7 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     assert _value(samples, per_worker, worker="1") == 7
     assert _value(samples, "forkproxy_worker_connections_active", worker="1") == 2
     worker_bytes = "forkproxy_worker_relayed_bytes_total"
-    assert _value(samples, worker_bytes, worker="1", direction="to_backend") == 1 << 40
+    assert _value(samples, worker_bytes, worker="1", direction="to_target") == 1 << 40
     assert _value(samples, worker_bytes, worker="0", direction="to_client") == 3
     assert _value(samples, "forkproxy_build_info", version=__version__, engine="python") == 1
     assert not any(name.startswith("forkproxy_reload") for name, _ in samples)  # no reloader
@@ -154,8 +156,28 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     assert _value(samples, "process_resident_memory_bytes") > 0
     # Slots that never had a worker are left out.
     assert not [key for key in samples if ("worker", "5") in key[1]]
+    assert not [key for key in samples if ("direction", "to_backend") in key[1]]
     for _ in range(3):
         admitter.release(ADMITTED)
+
+
+def test_help_texts_say_target_and_the_old_name_is_marked_deprecated(
+    board: Scoreboard, admission: Admission
+) -> None:
+    master = FakeMaster()
+    _serving(board, master, 0)
+    text = generate_latest(make_registry(ScoreboardCollector(master, board, admission)))
+    helps = {
+        family.name: family.documentation
+        for family in text_string_to_metric_families(text.decode())
+    }
+    assert helps["forkproxy_backend_connect_errors"] == (
+        "Deprecated: use forkproxy_target_connect_errors_total"
+    )
+    del helps["forkproxy_backend_connect_errors"]
+    for name, documentation in helps.items():
+        assert "backend" not in documentation.lower(), name
+        assert "upstream" not in documentation.lower(), name
 
 
 def test_histograms_are_cumulative_with_seconds(board: Scoreboard, admission: Admission) -> None:

@@ -30,7 +30,7 @@ def _state(**changes: object) -> ReexecState:
         "log_level": "debug",
         "listeners": (
             SocketRecord(3, "web", "fd 3 'web' (0.0.0.0:80)", None, 0, None),
-            SocketRecord(4, "", "/run/a.sock", "/run/a.sock", 77, '[1, "/run/a.sock", false]'),
+            SocketRecord(4, "", "/run/a.sock", "/run/a.sock", 77, '[1, 1, "/run/a.sock", false]'),
         ),
         "metrics_listeners": (SocketRecord(5, "metrics", "127.0.0.1:9100", None, 0, None),),
         "mapping_fd": 6,
@@ -42,6 +42,9 @@ def _state(**changes: object) -> ReexecState:
         "generation": 4,
         "generation_serving": True,
         "target_workers": 2,
+        "ranks_size": 2,
+        "ranks": ((0, 1), (3, 0)),
+        "listener_rows": 2,
         "restarts": 7,
         "reloads_ok": 3,
         "reloads_failed": 1,
@@ -111,6 +114,9 @@ def test_descriptors_are_every_one_to_keep() -> None:
         ("8080", "0.0.0.0:8080", False),  # dual-stack or not
         ("127.0.0.1:8080", "127.0.0.1:8081", False),
         ("@name", "/name", False),
+        ("udp:127.0.0.1:8080", "127.0.0.1:8080", False),  # one port, two socket types
+        ("unix-dgram:/run/a.sock", "/run/a.sock", False),
+        ("seqpacket:/run/a.sock", "/run/a.sock", False),
     ],
 )
 def test_address_keys(one: str, other: str, same: bool) -> None:

@@ -75,16 +75,20 @@ def test_a_reload_given_up_puts_the_listeners_back(workdir: Path, resources: Res
     resources.revert()
     assert resources.listeners == before and _accepts(a)
     assert not b.exists()  # the one the reload added is gone
-    assert resources.planned(_config(str(a))) == [("", str(a))]
+    assert resources.planned(_config(str(a))) == [("", str(a), socket.SOCK_STREAM)]
 
 
 def test_planned_names_and_labels(workdir: Path, resources: Resources) -> None:
     a = workdir / "a.sock"
     resources.open(_config(str(a)), [])
     port = free_port()
-    assert resources.planned(_config(f"web={a}", f"api=127.0.0.1:{port}")) == [
-        ("web", str(a)),
-        ("api", f"127.0.0.1:{port}"),
+    dns = free_port()
+    assert resources.planned(
+        _config(f"web={a}", f"api=127.0.0.1:{port}", f"dns=udp:127.0.0.1:{dns}")
+    ) == [
+        ("web", str(a), socket.SOCK_STREAM),
+        ("api", f"127.0.0.1:{port}", socket.SOCK_STREAM),
+        ("dns", f"udp:127.0.0.1:{dns}", socket.SOCK_DGRAM),
     ]
 
 
@@ -97,7 +101,7 @@ def test_passed_listeners_stay_whatever_listen_says(resources: Resources) -> Non
     before = list(resources.listeners)
     resources.apply(_config(f"127.0.0.1:{free_port()}"))
     assert resources.listeners == before and resources.retiring == []
-    assert resources.planned(_config()) == [("web", before[0].label)]
+    assert resources.planned(_config()) == [("web", before[0].label, socket.SOCK_STREAM)]
 
 
 def test_metrics_address_changes_at_once(workdir: Path, resources: Resources) -> None:
@@ -112,3 +116,18 @@ def test_metrics_address_changes_at_once(workdir: Path, resources: Resources) ->
     assert new.label == str(second) and not first.exists() and old.sock.fileno() == -1
     resources.apply(_config(str(a)))
     assert resources.metrics_listeners == [] and not second.exists()
+
+
+def test_a_datagram_listener_added(resources: Resources) -> None:
+    """A reload adding a UDP listener binds it as one, keeps the TCP one, and the
+    scoreboard's listener rows cover both."""
+    port, dns = free_port(), free_port()
+    resources.open(_config(f"web=127.0.0.1:{port}"), [])
+    resources.create_shared(_config(f"web=127.0.0.1:{port}"))
+    assert resources.scoreboard is not None and resources.scoreboard.listener_rows == 1
+    (web,) = resources.listeners
+    resources.apply(_config(f"web=127.0.0.1:{port}", f"dns=udp:127.0.0.1:{dns}"))
+    kept, added = resources.listeners
+    assert kept.sock is web.sock and resources.retiring == []
+    assert added.is_datagram and added.sock.getsockname() == ("127.0.0.1", dns)
+    assert resources.scoreboard.listener_rows == 2

@@ -18,14 +18,15 @@ FORKPROXY_UNITS = str(Path(FORKPROXY).with_name("forkproxy-units"))
 FLAGS = [
     "--unit", "--listen-stream", "--listen-unix", "--socket-user", "--socket-group",
     "--socket-mode", "--backlog", "--accept", "--max-connections", "--metrics",
-    "--upstream-unit", "--share-namespace", "--description", "--executable", "--user",
-    "--force", "-h", "--help", "--version", "--", "-",
+    "--target-unit", "--upstream-unit", "--share-namespace", "--description", "--executable",
+    "--user", "--force", "-h", "--help", "--version", "--", "-",
 ]  # fmt: skip
 FORKPROXY_OPTIONS = [
     "-c", "-w", "-l", "-p", "-pv2", "--connections-max", "--workers", "--listen", "--inetd",
     "--inet", "--exit-idle-time", "--graceful-timeout", "--worker-timeout", "--on-limit",
-    "--max-connections-per-source", "--route", "--keepalive", "--proxy-protocol",
-    "--pipe-size", "--nodelay", "--no-nodelay", "--log-level", "--socket-mode", "--conn",
+    "--connections-max-per-source", "--max-connections-per-source", "--route", "--keepalive",
+    "--proxy-protocol", "--pipe-size", "--nodelay", "--no-nodelay", "--log-level",
+    "--socket-mode", "--conn",
 ]  # fmt: skip
 VALUES = [
     "web", "80", "0", "-1", "65536", "127.0.0.1:80", "[::1]:80", "[fe80::1%lo]:80",

@@ -1,5 +1,6 @@
 """forkproxy-units: the stop timeout, what --accept refuses, unit naming, listen
-addresses (scoped, duplicate, metrics), the default executable and the help's last line."""
+addresses (scoped, duplicate, metrics), the default executable, old flag spellings and the
+help's last line."""
 
 import os
 import shlex
@@ -334,6 +335,24 @@ def test_console_script_passes_its_path(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert "ExecStart=/usr/bin/forkproxy 127.0.0.1:80" in done.stdout.splitlines()
+
+
+# ---- old spellings -----------------------------------------------------------------------
+
+
+def test_upstream_unit_is_a_hidden_alias_of_target_unit() -> None:
+    new = "web --listen-stream 80 --target-unit nginx.service --share-namespace 127.0.0.1:80"
+    old = new.replace("--target-unit", "--upstream-unit")
+    assert parse_args(shlex.split(old)) == parse_args(shlex.split(new))
+    assert units(old) == units(new)  # the header's command says --target-unit
+    assert "--target-unit nginx.service" in units(old)["web.service"]
+    assert "--upstream-unit" not in USAGE
+    assert "--target-unit UNIT" in USAGE
+    twice = "web --listen-stream 80 --upstream-unit a.service --target-unit b.service 127.0.0.1:80"
+    assert refused(twice) == "option '--target-unit' given more than once"
+    assert refused("web --listen-stream 80 --upstream-unit") == (
+        "option '--upstream-unit' needs a value"
+    )
 
 
 # ---- help --------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_user_units_restrict_families_but_not_addresses(targets: str) -> None:
 
 def test_shared_namespace_with_several_targets() -> None:
     got = service(
-        "web --listen-stream 80 --upstream-unit nginx.service --share-namespace "
+        "web --listen-stream 80 --target-unit nginx.service --share-namespace "
         "-- /run/a.sock /run/b.sock"
     )
     assert setting(got, "PrivateNetwork") == ["yes"]

@@ -86,7 +86,7 @@ GOOD = [
         ["Requires=web.socket", "After=web.socket", "Requires=web-metrics.socket"],
     ),
     (
-        "web --listen-stream 80 --upstream-unit nginx.service --share-namespace 127.0.0.1:80",
+        "web --listen-stream 80 --target-unit nginx.service --share-namespace 127.0.0.1:80",
         "web.service",
         [
             "Requires=nginx.service",
@@ -295,7 +295,8 @@ BAD = [
     ),
     (
         "web 127.0.0.1:80",
-        "nothing to listen on: give --listen-stream or --listen-unix",
+        "nothing to listen on: give --listen-stream, --listen-unix, --listen-datagram, "
+        "--listen-unix-datagram or --listen-sequential-packet",
     ),
     (
         "web.service --listen-stream 80 127.0.0.1:80",
@@ -491,15 +492,15 @@ BAD = [
     ),
     (
         "web --listen-stream 80 --share-namespace 127.0.0.1:80",
-        "--share-namespace needs --upstream-unit: whose namespace to join",
+        "--share-namespace needs --target-unit: whose namespace to join",
     ),
     (
-        "web --listen-stream 80 --upstream-unit nginx 127.0.0.1:80",
-        "invalid --upstream-unit 'nginx': expected a unit name such as nginx.service",
+        "web --listen-stream 80 --target-unit nginx 127.0.0.1:80",
+        "invalid --target-unit 'nginx': expected a unit name such as nginx.service",
     ),
     (
-        "web --listen-stream 80 --upstream-unit foo@.service 127.0.0.1:80",
-        "invalid --upstream-unit 'foo@.service': expected a unit name such as nginx.service",
+        "web --listen-stream 80 --target-unit foo@.service 127.0.0.1:80",
+        "invalid --target-unit 'foo@.service': expected a unit name such as nginx.service",
     ),
     (
         "web --user --listen-unix /run/x --socket-group g 127.0.0.1:80",
@@ -509,7 +510,7 @@ BAD = [
         ),
     ),
     (
-        "web --user --listen-stream 80 --upstream-unit n.service --share-namespace 127.0.0.1:80",
+        "web --user --listen-stream 80 --target-unit n.service --share-namespace 127.0.0.1:80",
         "--share-namespace cannot be used with --user",
     ),
     (
