@@ -8,12 +8,12 @@ image's.
 
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.counting import CountingBackend
 from tests.support.proxy import Proxy, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -98,50 +98,16 @@ def _reloads(scraper: Callable[[], Samples | None]) -> tuple[int, int]:
     return reloads(got[-1])
 
 
-class NamedTarget:
+class NamedTarget(CountingBackend):
     """An in-process target that greets each connection with its name and a newline,
     then echoes; counts connections open now."""
 
     def __init__(self, name: str) -> None:
+        super().__init__(greeting=name.encode() + b"\n", echo=True)
         self.name = name
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.target = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.lock = threading.Lock()
-        self.current = 0
-        self.total = 0
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.current += 1
-                self.total += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.sendall(self.name.encode() + b"\n")
-            while data := conn.recv(65536):
-                conn.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with self.lock:
-                self.current -= 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
     def __enter__(self) -> "NamedTarget":
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def greeting(client: socket.socket) -> str:
