@@ -4,10 +4,12 @@ in it while the workers change), each datagram listener has one reader after eac
 reload, the shared mapping is the same memfd in the master and every worker, old and
 new, and the datagram counters go on."""
 
+import os
+import signal
 import threading
 from pathlib import Path
 
-from tests.integration.test_datagram_supervision import readers
+from tests.integration.test_datagram_supervision import exchange, readers
 from tests.support.proxy import Proxy, run_backend, run_proxy, wait_until
 from tests.support.reloading import reload, reloads, scrape, value
 
@@ -113,3 +115,40 @@ def test_datagrams_are_answered_across_reloads(workdir: Path) -> None:
             assert CLIENTS <= sessions <= CLIENTS * (RELOADS + 1)
         assert proxy.stop(30) == 0
     print(f"{RELOADS} reloads with datagram listeners: {load.answered} exchanges, 0 lost")
+
+
+def test_a_reload_that_keeps_the_old_workers_keeps_their_datagram_listeners(
+    workdir: Path,
+) -> None:
+    """A section naming no listener passes the check (it sees no sockets) and fails in the
+    new image, which goes on with the old workers: a reader killed then is replaced by one
+    reading the same listener, as before the reload."""
+    config = workdir / "forkproxy.toml"
+    with run_backend("echo", "udp:127.0.0.1:0", MESSAGES) as backend:
+        settings = f'targets = ["{backend.target}"]\nworkers = 2\n'
+        config.write_text(settings)
+        with run_proxy(
+            ["--config", str(config)],
+            workdir,
+            listeners=("udp", "udp", "tcp"),
+            names=("one", "two", "metrics"),
+        ) as proxy:
+            for index in (0, 1):
+                assert exchange(proxy, index, b"before") == b"before"
+            config.write_text(settings + f'[listeners.nosuch]\ntargets = ["{backend.target}"]\n')
+            workers = proxy.workers()
+            reload(lambda: scrape(proxy, 2), proxy.signal, expect="failed")
+            assert "keeping the previous settings and workers" in proxy.stderr()
+            assert proxy.workers() == workers
+            (reader,) = readers(proxy, 1)
+            os.kill(reader, signal.SIGKILL)
+            wait_until(
+                lambda: len(proxy.workers()) == 2 and reader not in proxy.workers(),
+                20,
+                "the replacement",
+            )
+            for index in (0, 1):
+                assert exchange(proxy, index, b"after") == b"after"
+                assert len(readers(proxy, index)) == 1
+            assert readers(proxy, 0) != readers(proxy, 1)
+            assert proxy.stop(30) == 0
