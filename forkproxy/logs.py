@@ -2,7 +2,9 @@
 
 journald credits every stderr line to the master's pid, so each worker tags its lines
 ("worker 2: ..."). Under journald ($JOURNAL_STREAM names our stderr) lines carry the
-sd-daemon(3) "<N>" priority prefix and no timestamp; on a terminal they carry both.
+sd-daemon(3) "<N>" priority prefix and no timestamp (the journal keeps its own);
+elsewhere they start with the date and time in UTC, ISO 8601 with milliseconds
+(2026-12-07T16:54:08.123Z), and the level.
 """
 
 import logging
@@ -11,10 +13,15 @@ import sys
 import time
 
 LOGGER_NAME = "forkproxy"
+# Between info and warning: normal but significant (syslog's notice), as a target that
+# comes back up.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
 
 _PRIORITIES = {
     logging.DEBUG: 7,
     logging.INFO: 6,
+    NOTICE: 5,
     logging.WARNING: 4,
     logging.ERROR: 3,
     logging.CRITICAL: 2,
@@ -32,6 +39,14 @@ class _ProcessTag(logging.Filter):
         record.tag = self.tag
         record.priority = _PRIORITIES.get(record.levelno, 6)
         return True
+
+
+class _UtcFormatter(logging.Formatter):
+    """Times as ISO 8601 in UTC with milliseconds: 2026-12-07T16:54:08.123Z."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{seconds}.{int(record.msecs):03d}Z"
 
 
 def stderr_is_journal() -> bool:
@@ -55,9 +70,7 @@ def setup(level: str) -> None:
     if stderr_is_journal():
         handler.setFormatter(logging.Formatter("<%(priority)d>%(tag)s%(message)s"))
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(tag)s%(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(_UtcFormatter("%(asctime)s %(levelname)s %(tag)s%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False

@@ -7,7 +7,10 @@ sent to a target: refusals.py), and hands an admitted client to the worker's
 `Connector`. Accepting pauses while descriptors run short, so a flood of clients waits
 in the listen backlog instead of taking the pipes of connections already relaying. With
 --on-limit=queue it holds the one client that met the cap and stops accepting until
-capacity comes back (capacity_wait.py).
+capacity comes back (capacity_wait.py). In either mode it holds, the same way, a client
+that met the admission mutex busy (its holder preempted past LOCK_BUDGET, on a loaded
+host) and tries again every BUSY_RETRY_INTERVAL: refused, that client would be closed
+with its request unread, an RST for our own contention and not for a cap.
 Never connects, relays or blocks.
 
 An exception while one client is taken in (admission, its socket object, holding it)
@@ -45,6 +48,9 @@ log = logging.getLogger("forkproxy")
 
 ACCEPT_BATCH = 32  # accepts per wakeup: bounded, so one busy listener cannot starve the rest
 ACCEPT_PAUSE = 0.5  # seconds to stop accepting after running out of descriptors
+# Seconds between admission attempts for a client held for a busy mutex: the loop serves
+# its connections in between (each attempt may sleep up to LOCK_BUDGET on the mutex).
+BUSY_RETRY_INTERVAL = 0.01
 # Descriptors kept free for the pipes of open connections. Accepting pauses once new
 # clients would leave fewer (at most a quarter of those free at start), so a flood of
 # clients cannot take the pipes connections already relaying need, and waits in the backlog.
@@ -52,7 +58,8 @@ FD_HEADROOM = 32
 
 
 class _Held:
-    """Queue mode: the client a worker holds while it waits for capacity."""
+    """The client a worker holds while it waits for capacity (queue mode) or for the
+    admission mutex."""
 
     __slots__ = ("fd", "peer", "plan", "key", "waiting")
 
@@ -160,6 +167,11 @@ class Acceptor:
             elif token == REFUSED_CAP and self.queue_on_limit:
                 self._hold(_Held(fd, peer, plan, key))
                 return
+            elif token == REFUSED_BUSY:  # no cap turned it away: hold it, try again
+                self.held = _Held(fd, peer, plan, key)
+                self.stop()
+                self.loop.call_later(BUSY_RETRY_INTERVAL, self.on_capacity)
+                return
             else:
                 self.refusals.refuse(fd, family, peer, token, source_limit)
 
@@ -211,8 +223,8 @@ class Acceptor:
         self.on_capacity()  # once more, now counted as a waiter: no release is missed
 
     def on_capacity(self) -> None:
-        """Capacity may have come back: try to admit the held client, else wait again.
-        Never raises: after an internal error the held client is refused."""
+        """Capacity (or the mutex) may have come back: try to admit the held client, else
+        wait again. Never raises: after an internal error the held client is refused."""
         held = self.held
         if held is None:  # closed by the graceful timeout meanwhile
             return
@@ -220,16 +232,23 @@ class Acceptor:
         try:
             seq = admitter.capacity_seq()  # before the attempt: a release after it changes seq
             token = admitter.admit(held.key, held.plan.source_limit)
-            if token in (REFUSED_CAP, REFUSED_BUSY):
+            if held.waiting and token in (REFUSED_CAP, REFUSED_BUSY):
                 assert self.waiter is not None
                 self.waiter.wait(seq)
+                return
+            if token == REFUSED_BUSY:  # held for the mutex, in either mode
+                self.loop.call_later(BUSY_RETRY_INTERVAL, self.on_capacity)
                 return
         except Exception as error:
             self._give_up_held(error)
             return
         self.held = None
-        held.waiting = False
-        admitter.wait_end()
+        if held.waiting:
+            held.waiting = False
+            admitter.wait_end()
+        elif token == REFUSED_CAP and self.queue_on_limit:  # held for the mutex, now at the cap
+            self._hold(held)
+            return
         if token >= ADMITTED:
             self._admit(held.fd, held.peer, held.plan, token)
         else:

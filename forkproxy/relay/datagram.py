@@ -36,11 +36,18 @@ from typing import TYPE_CHECKING
 from forkproxy import logs
 from forkproxy.relay.datagram_drops import client_text
 from forkproxy.relay.datagram_listener import DatagramListener
-from forkproxy.relay.datagram_session import END_STOPPED, END_TIMEOUT, Session, open_session_socket
+from forkproxy.relay.datagram_session import (
+    END_REPLIES,
+    END_STOPPED,
+    END_TIMEOUT,
+    Session,
+    open_session_socket,
+)
 from forkproxy.relay.messages import MessageBuffer
 from forkproxy.relay.targets import COOLDOWN, TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_interval
 from forkproxy.settings.address import TargetAddress
+from forkproxy.shared.admission import ADMITTED
 from forkproxy.shared.layout import DG_SESSIONS, DG_SESSIONS_ACTIVE, LAST_ACTIVITY_NS
 from forkproxy.shared.listener import Listener
 
@@ -69,6 +76,11 @@ class DatagramRelay:
         admitter = worker.admitter
         self.admit = admitter.admit
         self.release = admitter.release
+        self.debug = log.isEnabledFor(logging.DEBUG)  # the level is set once, at start
+        # Admissions of sessions that ended by --datagram-replies in this batch of
+        # callbacks, not yet given back: a session opened in the same batch takes one
+        # without the admission lock. All go back when the batch ends (`after_dispatch`).
+        self.spare_units = 0
         self.connections_max = config.connections_max
         self.draining = False
         self.sessions: set[Session] = set()  # open, of every listener: what the sweep watches
@@ -86,6 +98,7 @@ class DatagramRelay:
                     settings.targets, on_target_failed=self._on_target_failed
                 )
             self.listeners.append(DatagramListener(self, listener, row, group, buffer, settings))
+        self.poller.after_dispatch = self.after_dispatch
         timeouts = [listener.timeout for listener in self.listeners]
         self.linger = math.inf  # draining: how long a quiet session is kept at most
         self.address_turns: dict[TargetAddress, int] = {}  # host-name targets, see _resolve
@@ -132,6 +145,27 @@ class DatagramRelay:
             if owner is not None:
                 owner.end_session(session, END_STOPPED)
 
+    def after_dispatch(self) -> None:
+        """A batch of readiness callbacks has run: add the replies they counted to the
+        slot, and give back the spare admissions."""
+        for listener in self.listeners:
+            if listener.replied:
+                listener.flush_replies()
+        spare = self.spare_units
+        if spare:
+            self.spare_units = 0
+            release = self.release
+            for _ in range(spare):
+                release(ADMITTED)
+
+    def take_unit(self, key: bytes | None, limit: int) -> int:
+        """A new session's admission (`Admitter.admit`): a spare unit when it needs no
+        per-source row, else from the admitter."""
+        if self.spare_units and key is None:
+            self.spare_units -= 1
+            return ADMITTED
+        return self.admit(key, limit)
+
     def session_opened(self, session: Session, row: memoryview) -> None:
         row[DG_SESSIONS] += 1
         row[DG_SESSIONS_ACTIVE] += 1
@@ -143,11 +177,19 @@ class DatagramRelay:
     def session_ended(self, listener: DatagramListener, session: Session, reason: str) -> None:
         """Where every session ends, once: its units go back, and `reason` (END_*) is
         known here, with its client, listener and byte counts (the access log's hook)."""
-        self.release(session.token)  # its socket is closed: `end_session` closed it
+        sessions = self.sessions
+        sessions.discard(session)
         listener.row[DG_SESSIONS_ACTIVE] -= 1
-        self.slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
-        self.sessions.discard(session)
-        if log.isEnabledFor(logging.DEBUG):
+        if not sessions:  # what --exit-idle-time counts from; only read while none is open
+            self.slot[LAST_ACTIVITY_NS] = time.monotonic_ns()
+        # Its socket is closed (`end_session` closed it): its unit can go back. One of a
+        # session ended by its replies is kept for the rest of the batch, when the
+        # callbacks run from the poller (`after_dispatch` returns it).
+        if reason == END_REPLIES and session.token == ADMITTED and not self.draining:
+            self.spare_units += 1
+        else:
+            self.release(session.token)
+        if self.debug:
             log.debug(
                 "datagram session of %s on %s ended (%s): %d bytes in, %d bytes out",
                 client_text(listener.family, session.client),

@@ -13,7 +13,6 @@ Never logs itself: what it drops goes to `Drops` (datagram_drops.py).
 import _socket
 import errno
 import socket
-import time
 from typing import TYPE_CHECKING
 
 from forkproxy.relay.datagram_drops import Drops
@@ -28,7 +27,12 @@ from forkproxy.relay.messages import MessageBuffer, grow_send_buffer
 from forkproxy.relay.targets import LOCAL_ERRNOS, TargetGroup
 from forkproxy.settings.config import ListenerSettings
 from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
-from forkproxy.shared.layout import DG_BYTES_TO_TARGET, DG_TO_TARGET
+from forkproxy.shared.layout import (
+    DG_BYTES_TO_CLIENT,
+    DG_BYTES_TO_TARGET,
+    DG_TO_CLIENT,
+    DG_TO_TARGET,
+)
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.per_source import source_key
 
@@ -45,6 +49,10 @@ class DatagramListener:
     __slots__ = (
         "relay",
         "listener",
+        "take_unit",
+        "add_reader",
+        "forget",
+        "direct",
         "family",
         "fd",
         "recvfrom_into",
@@ -62,6 +70,8 @@ class DatagramListener:
         "reading",
         "backpressure",
         "on_readable",
+        "replied",
+        "replied_bytes",
     )
 
     def __init__(
@@ -75,6 +85,14 @@ class DatagramListener:
     ) -> None:
         self.relay = relay
         self.listener = listener
+        self.take_unit = relay.take_unit
+        self.add_reader = relay.poller.add_reader
+        self.forget = relay.poller.forget
+        # (family, sockaddr) of the group's one target when it is an address, not a name
+        # to resolve: new sessions connect to it without the group's choice of target.
+        target = group.targets[0]
+        single = len(group.targets) == 1 and not target.needs_resolving
+        self.direct = (target.family, target.sockaddr) if single else None
         sock = listener.sock
         self.family = sock.family
         self.fd = sock.fileno()
@@ -93,6 +111,9 @@ class DatagramListener:
         self.reading = False
         self.backpressure = Backpressure(self)
         self.on_readable = self._on_readable
+        # Replies sent in the current batch of callbacks: added to the row after it.
+        self.replied = 0
+        self.replied_bytes = 0
 
     def start(self) -> None:
         if not self.reading and self.backpressure.session is None:
@@ -112,49 +133,55 @@ class DatagramListener:
         view = self.view
         size = self.size
         sessions = self.sessions
-        row = self.row
-        for _ in range(READS_PER_WAKEUP):
-            if not self.reading:  # a datagram is held: its target must take it first
-                return
-            try:
-                count, client = recvfrom_into(buffer, 0, _MSG_TRUNC)
-            except BlockingIOError:
-                return
-            except InterruptedError:
-                continue
-            except OSError as error:
-                self.drops.read_error(self.listener.label, error)
-                return
-            if count > size:
-                self.drops.truncated(self.family, client, count, size)
-                continue
-            session = sessions.get(client)
-            if session is None:
-                session = self._open(client)
-                if session is None:
+        sent = sent_bytes = 0  # added to the row once, after the batch
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                if not self.reading:  # a datagram is held: its target must take it first
+                    return
+                try:
+                    count, client = recvfrom_into(buffer, 0, _MSG_TRUNC)
+                except BlockingIOError:
+                    return
+                except InterruptedError:
                     continue
-            session.active = True
-            send = session.send
-            if send is None:  # its target's name is being resolved
-                self._keep_pending(session, view[:count])
-                continue
-            try:
-                send(view[:count])
-            except BlockingIOError:
-                self.backpressure.hold(session, bytes(view[:count]))
-                return
-            except OSError as error:
-                self.on_send_error(session, view[:count], error)
-                continue
-            session.bytes_to_target += count
-            row[DG_TO_TARGET] += 1
-            row[DG_BYTES_TO_TARGET] += count
+                except OSError as error:
+                    self.drops.read_error(self.listener.label, error)
+                    return
+                if count > size:
+                    self.drops.truncated(self.family, client, count, size)
+                    continue
+                session = sessions.get(client)
+                if session is None:
+                    session = self._open(client)
+                    if session is None:
+                        continue
+                session.active = True
+                send = session.send
+                if send is None:  # its target's name is being resolved
+                    self._keep_pending(session, view[:count])
+                    continue
+                try:
+                    send(view[:count])
+                except BlockingIOError:
+                    self.backpressure.hold(session, bytes(view[:count]))
+                    return
+                except OSError as error:
+                    self.on_send_error(session, view[:count], error)
+                    continue
+                session.bytes_to_target += count
+                sent += 1
+                sent_bytes += count
+        finally:
+            if sent:
+                row = self.row
+                row[DG_TO_TARGET] += sent
+                row[DG_BYTES_TO_TARGET] += sent_bytes
 
     def _open(self, client: object) -> Session | None:
         """A session for a new client, or None (its datagram dropped and counted)."""
         relay = self.relay
         per_source = self.source_limit
-        token = relay.admit(source_key(self.family, client) if per_source else None, per_source)
+        token = self.take_unit(source_key(self.family, client) if per_source else None, per_source)
         if token < ADMITTED:
             if token == REFUSED_CAP:
                 self.drops.cap(self.family, client, relay.connections_max)
@@ -163,11 +190,23 @@ class DatagramListener:
             else:
                 self.drops.per_source(self.family, client, per_source)
             return None
-        session = Session(self, client, token, time.monotonic())
+        session = Session(self, client, token)
         self.sessions[client] = session
         relay.session_opened(session, self.row)
-        self._connect(session)
-        return None if session.closed else session
+        direct = self.direct
+        if direct is None:
+            self._connect(session)
+            return None if session.closed else session
+        try:
+            sock = open_session_socket(*direct)
+        except OSError as error:
+            if error.errno not in LOCAL_ERRNOS:
+                self.group.failed(0, error)
+            self.no_session(session, error)
+            return None
+        session.attach(sock, 0)
+        self.add_reader(session.fd, session.on_readable)
+        return session
 
     def _connect(self, session: Session) -> None:
         """Open the session's socket to the first target of the group that takes it."""
@@ -196,7 +235,7 @@ class DatagramListener:
     def attach(self, session: Session, sock: _socket.socket, index: int) -> None:
         """`session`'s socket is connected: watch it, and send what it held meanwhile."""
         session.attach(sock, index)
-        self.relay.poller.add_reader(session.fd, session.on_readable)  # type: ignore[arg-type]
+        self.add_reader(session.fd, session.on_readable)
         pending = session.pending
         session.pending = None
         for datagram in pending or ():
@@ -208,6 +247,12 @@ class DatagramListener:
                     return
                 continue
             self.sent(session, len(datagram))
+
+    def flush_replies(self) -> None:
+        row = self.row
+        row[DG_TO_CLIENT] += self.replied
+        row[DG_BYTES_TO_CLIENT] += self.replied_bytes
+        self.replied = self.replied_bytes = 0
 
     def sent(self, session: Session, count: int) -> None:
         session.bytes_to_target += count
@@ -281,10 +326,9 @@ class DatagramListener:
             self.backpressure.release()
         sock = session.sock
         if sock is not None:
-            self.relay.poller.forget(session.fd)  # the close takes it out of the epoll
+            self.forget(session.fd)  # the close takes it out of the epoll
             sock.close()
         session.owner = None
-        session.on_readable = session.on_writable = None
         session.send = None
         self.relay.session_ended(self, session, reason)
 
@@ -312,7 +356,7 @@ class Backpressure:
         self.session = session
         self.datagram = datagram
         self.listener.stop()
-        self.listener.relay.poller.add_writer(session.fd, session.on_writable)  # type: ignore[arg-type]
+        self.listener.relay.poller.add_writer(session.fd, session.on_writable)
 
     def on_writable(self, session: Session) -> None:
         """The session's socket can take a datagram: send the held one, read again."""

@@ -16,8 +16,6 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from forkproxy.shared.layout import DG_BYTES_TO_CLIENT, DG_TO_CLIENT
-
 if TYPE_CHECKING:
     from forkproxy.relay.datagram import DatagramListener
 
@@ -69,22 +67,13 @@ class Session:
         "replies",
         "active",
         "quiet_since",
-        "started",
         "bytes_to_target",
         "bytes_to_client",
         "pending",
         "closed",
-        "on_readable",
-        "on_writable",
     )
 
-    def __init__(
-        self,
-        owner: "DatagramListener",
-        client: Address,
-        token: int,
-        started: float,
-    ) -> None:
+    def __init__(self, owner: "DatagramListener", client: Address, token: int) -> None:
         self.owner: DatagramListener | None = owner  # None once ended: no cycle outlives it
         self.client = client  # its address, the key of its owner's sessions
         self.sock: _socket.socket | None = None  # None while its target is resolved
@@ -94,15 +83,11 @@ class Session:
         self.token = token  # what its admission returned: the admitter takes it back
         self.replies = 0
         self.active = True  # a datagram either way since the last sweep
-        self.quiet_since = started
-        self.started = started
+        self.quiet_since = 0.0  # set by the sweep that first finds it not active
         self.bytes_to_target = 0
         self.bytes_to_client = 0
         self.pending: list[bytes] | None = None  # datagrams held while resolving
         self.closed = False
-        # Bound once: registering interest allocates no new callables.
-        self.on_readable: Callable[[], None] | None = self._on_readable
-        self.on_writable: Callable[[], None] | None = self._on_writable
 
     def attach(self, sock: _socket.socket, target_index: int) -> None:
         """The session's socket is connected to target `target_index`: use it."""
@@ -111,7 +96,7 @@ class Session:
         self.send = sock.send
         self.target_index = target_index
 
-    def _on_readable(self) -> None:
+    def on_readable(self) -> None:
         """A reply from the target: to the client, from the listening socket. One per
         readable event: most sessions get one at a time, and a second read would mostly
         find nothing (EAGAIN, an exception); a session with more queued is ready again at
@@ -140,14 +125,13 @@ class Session:
             owner.drops.reply(owner.family, client, error)
             return
         self.bytes_to_client += count
-        row = owner.row
-        row[DG_TO_CLIENT] += 1
-        row[DG_BYTES_TO_CLIENT] += count
+        owner.replied += 1  # to the row once the batch of callbacks is done
+        owner.replied_bytes += count
         self.replies += 1
         if self.replies == owner.replies_max:
             owner.end_session(self, END_REPLIES)
 
-    def _on_writable(self) -> None:
+    def on_writable(self) -> None:
         """The target can take the datagram its owner holds for this session."""
         owner = self.owner
         if owner is not None:

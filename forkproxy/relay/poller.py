@@ -62,7 +62,15 @@ class Readiness(Protocol):
 class Poller:
     """add_reader/add_writer for connection sockets; dispatches their events itself."""
 
-    __slots__ = ("_epoll", "_watches", "_gone", "_loop", "peer_closed", "on_error")
+    __slots__ = (
+        "_epoll",
+        "_watches",
+        "_gone",
+        "_loop",
+        "peer_closed",
+        "on_error",
+        "after_dispatch",
+    )
 
     def __init__(self, loop: Loop, on_error: OnError | None = None) -> None:
         self._epoll = select.epoll()
@@ -76,6 +84,9 @@ class Poller:
         # everything left to read ends in EOF. Zero outside the dispatch of an event.
         self.peer_closed = 0
         self.on_error = on_error  # where an exception raised by a callback goes
+        # Run after each batch of callbacks: where work they deferred is settled
+        # (datagram.py adds their counters to the slot and returns spare admissions).
+        self.after_dispatch: Callback | None = None
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -150,6 +161,9 @@ class Poller:
             except Exception as error:
                 self.peer_closed = 0
                 self._on_callback_error(fd, error)
+        after = self.after_dispatch
+        if after is not None:
+            after()
 
     def _on_callback_error(self, fd: int, error: Exception) -> None:
         on_error = self.on_error

@@ -55,6 +55,12 @@ class OpenRelays:
                     format_sockaddr(relay.client.family, relay.peer),
                     error,
                 )
+            elif error is not None:  # a reset passed on, or a timeout: a normal end
+                log.debug(
+                    "connection from %s ended: %s",
+                    format_sockaddr(relay.client.family, relay.peer),
+                    error,
+                )
             observe(
                 self.slot,
                 CONNECTION_DURATION_BUCKETS,

@@ -46,6 +46,13 @@ PIPE_SIZE_MAX = 1 << 30
 MAX_CONNECTIONS_PER_SOURCE = 32767  # fits the per-slot uint16 counts of the per-source table
 DEFAULT_DATAGRAM_TIMEOUT = 30.0  # a datagram session ends after this long without traffic
 MAX_DATAGRAM_REPLIES = 1 << 32
+# Active health checks (supervisor/health.py): off by default.
+MIN_CHECK_INTERVAL = 0.01  # the master's loop, not a busy one
+DEFAULT_CHECK_RISE = 2  # checks passed in a row that make a down target up
+DEFAULT_CHECK_FALL = 3  # checks failed in a row that make an up target down
+MAX_CHECK_STREAK = 1000
+DEFAULT_CHECK_TIMEOUT = 2.0  # or the interval, if shorter
+MAX_CHECK_PATH = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +75,29 @@ class ListenerSettings:
     connections_max_per_source: int = 0  # 0: no per-source limit
     datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT  # datagram listeners' sessions
     datagram_replies: int = 0  # a session ends after this many replies; 0: no limit
+    check_interval: float = 0.0  # active health checks this often; 0 (or infinity): none
+    check_http: str = ""  # the path of an HTTP check; "": a check only connects
+    check_rise: int = DEFAULT_CHECK_RISE
+    check_fall: int = DEFAULT_CHECK_FALL
+    check_timeout: float | None = None  # None: the interval, at most DEFAULT_CHECK_TIMEOUT
     # Where it was set, for messages ("[listeners.web] in /etc/forkproxy.toml:7").
     origin: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
         _check_relay_options(self)
         check_one_kind(self.targets, f"the targets of listener '{self.name}'")
+
+    @property
+    def checks(self) -> bool:
+        """Whether its targets get active health checks."""
+        return 0 < self.check_interval < math.inf
+
+    @property
+    def effective_check_timeout(self) -> float:
+        """How long one check may take (--check-timeout, else its default)."""
+        if self.check_timeout is not None:
+            return self.check_timeout
+        return min(self.check_interval, DEFAULT_CHECK_TIMEOUT)
 
     def relay_options(self) -> dict[str, object]:
         """The relay options by field name (RELAY_OPTIONS)."""
@@ -111,6 +135,11 @@ class Config:
     connections_max_per_source: int = 0  # 0: no per-source limit
     datagram_timeout: float = DEFAULT_DATAGRAM_TIMEOUT
     datagram_replies: int = 0  # a datagram session ends after this many replies; 0: none
+    check_interval: float = 0.0  # active health checks (ListenerSettings says more)
+    check_http: str = ""
+    check_rise: int = DEFAULT_CHECK_RISE
+    check_fall: int = DEFAULT_CHECK_FALL
+    check_timeout: float | None = None
     # Named listeners with settings of their own; the others use the global ones.
     listeners: tuple[ListenerSettings, ...] = ()
 
@@ -204,6 +233,39 @@ def _check_relay_options(settings: "Config | ListenerSettings") -> None:
             f"--datagram-replies= must be in 0-{MAX_DATAGRAM_REPLIES}, "
             f"got {settings.datagram_replies}"
         )
+    _check_check_options(settings)
+
+
+def _check_check_options(settings: "Config | ListenerSettings") -> None:
+    """Ranges of the health check options."""
+    interval = settings.check_interval
+    if not (interval == 0 or interval >= MIN_CHECK_INTERVAL):
+        raise UsageError(
+            f"--check-interval= must be 0 (no checks) or at least "
+            f"{format_timespan(MIN_CHECK_INTERVAL)}, got {format_timespan(interval)}"
+        )
+    for option, value in (("rise", settings.check_rise), ("fall", settings.check_fall)):
+        if not 1 <= value <= MAX_CHECK_STREAK:
+            raise UsageError(f"--check-{option}= must be in 1-{MAX_CHECK_STREAK}, got {value}")
+    timeout = settings.check_timeout
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise UsageError("--check-timeout= must be longer than 0 and finite")
+    problem = http_path_problem(settings.check_http)
+    if problem is not None:
+        raise UsageError(f"--check-http= {problem}")
+
+
+def http_path_problem(path: str) -> str | None:
+    """Why `path` cannot be the path of an HTTP check, or None ("" means no HTTP check)."""
+    if not path:
+        return None
+    if not path.startswith("/"):
+        return "must be a path starting with '/'"
+    if len(path) > MAX_CHECK_PATH:
+        return f"must be at most {MAX_CHECK_PATH} characters long"
+    if not all("!" <= char <= "~" for char in path):
+        return "must be printable ASCII without spaces (percent-encode the rest)"
+    return None
 
 
 def _refuse_duplicate_listen(listen: tuple[ListenAddress, ...]) -> None:

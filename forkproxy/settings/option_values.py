@@ -20,7 +20,7 @@ from forkproxy.settings.address import (
     parse_route,
     parse_target,
 )
-from forkproxy.settings.config import PIPE_SIZE_MAX, PIPE_SIZE_MIN
+from forkproxy.settings.config import PIPE_SIZE_MAX, PIPE_SIZE_MIN, http_path_problem
 from forkproxy.settings.options import (
     KeepAlive,
     format_size,
@@ -87,6 +87,14 @@ def _format_keepalive(value: KeepAlive) -> str:
     return f"{format_timespan(value.idle)},{format_timespan(value.interval)},{value.probes}"
 
 
+def http_path(text: str, what: str) -> str:
+    """--check-http PATH: the path of an HTTP check, as sent in its request line."""
+    problem = http_path_problem(text) if text else "must be a path starting with '/'"
+    if problem is not None:
+        raise UsageError(f"invalid {what} {quote(text)}: it {problem}")
+    return text
+
+
 def _route(text: str, what: str) -> tuple[str, TargetAddress]:
     return parse_route(text)
 
@@ -119,6 +127,11 @@ VALUES: dict[str, ValueSyntax] = {
     "connections_max_per_source": ValueSyntax(whole_number, "number"),
     "datagram_timeout": ValueSyntax(time_span, "time span", format_timespan),
     "datagram_replies": ValueSyntax(whole_number, "number"),
+    "check_interval": ValueSyntax(time_span, "time span", format_timespan),
+    "check_http": ValueSyntax(http_path, "path"),
+    "check_rise": ValueSyntax(whole_number, "number"),
+    "check_fall": ValueSyntax(whole_number, "number"),
+    "check_timeout": ValueSyntax(time_span, "time span", format_timespan),
     "route": ValueSyntax(_route, "route", lambda route: f"{route[0]}={route[1].text}"),
 }
 

@@ -11,6 +11,9 @@ import re
 
 from forkproxy.errors import UsageError
 from forkproxy.settings.config import (
+    DEFAULT_CHECK_FALL,
+    DEFAULT_CHECK_RISE,
+    DEFAULT_CHECK_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DATAGRAM_TIMEOUT,
     DEFAULT_NODELAY,
@@ -121,6 +124,38 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="end a datagram session after N replies to its client, as for DNS "
         "(default 0: no limit)",
+    )
+    add_check_arguments(parser)
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """The active health check options (relay options too: per listener in a file)."""
+    parser.add_argument(
+        "--check-interval",
+        metavar="TIME",
+        help="check every target every TIME from the master, by connecting (default 0: "
+        "no checks); workers send no client to a target the checks find down",
+    )
+    parser.add_argument(
+        "--check-http",
+        metavar="PATH",
+        help="check with an HTTP/1.1 GET of PATH instead, expecting a 2xx or 3xx status",
+    )
+    parser.add_argument(
+        "--check-rise",
+        metavar="N",
+        help=f"checks passed in a row that bring a target back up (default {DEFAULT_CHECK_RISE})",
+    )
+    parser.add_argument(
+        "--check-fall",
+        metavar="N",
+        help=f"checks failed in a row that mark a target down (default {DEFAULT_CHECK_FALL})",
+    )
+    parser.add_argument(
+        "--check-timeout",
+        metavar="TIME",
+        help="a check taking longer fails (default the interval, at most "
+        f"{format_timespan(DEFAULT_CHECK_TIMEOUT)})",
     )
 
 

@@ -24,10 +24,12 @@ of death; until then the count is high, never low, so the cap is never exceeded.
 An event loop never waits on the mutex for long: it tries it, then SPIN_TRIES more times
 (a running holder is out within microseconds); a holder still in is most likely
 preempted, so it then sleeps on it in the kernel, which lets the holder run, for at most
-LOCK_BUDGET, and past that refuses the client as busy (spinning instead, on a loaded
-machine, refused clients while the holder waited for a CPU). A SIGSTOPped holder makes
-everyone refuse until the master's worker timeout kills it; EOWNERDEAD then hands the lock
-on. The common path makes no system call at all.
+LOCK_BUDGET, and past that returns REFUSED_BUSY (spinning instead, on a loaded machine,
+refused clients while the holder waited for a CPU). A busy mutex is no cap: a stream
+worker keeps that client and tries again from its loop (relay/accepting.py), a datagram
+worker drops that datagram. A SIGSTOPped holder makes everyone wait until the master's
+worker timeout kills it; EOWNERDEAD then hands the lock on. The common path makes no
+system call at all.
 
 --on-limit=queue: a worker holding a client at the cap counts itself in WAITERS (and
 raises its slot's WAITING flag, so the master can take it back if it dies), reads
@@ -71,7 +73,7 @@ REFUSED_SOURCE = -3  # the client's source has its limit, or the table has no fr
 REFUSED_BUSY = -4  # the mutex stayed taken through SPIN_TRIES and LOCK_BUDGET
 
 SPIN_TRIES = 16  # trylocks before sleeping on the mutex: a running holder is done by then
-LOCK_BUDGET = 0.05  # seconds: then refuse as busy rather than stall the event loop longer
+LOCK_BUDGET = 0.05  # seconds: then REFUSED_BUSY rather than stall the event loop longer
 
 _HIGH_WATER = SLOT_HIGH_WATER // WORD  # header word indexes
 _CAPACITY = CAPACITY // WORD
@@ -305,7 +307,7 @@ class Admitter:
             self._table.repair()
             _consistent(mutex)
             return True
-        return False  # ETIMEDOUT: refuse as busy; ENOTRECOVERABLE: refuse, never guess
+        return False  # ETIMEDOUT: busy; ENOTRECOVERABLE (never made so here): never guess
 
 
 class _Timespec(ctypes.Structure):

@@ -66,19 +66,56 @@ generations of up to 128 workers each). The first SLOT_WORDS int64 words, by ind
                    4  DG_BYTES_TO_TARGET   their bytes
                    5  DG_BYTES_TO_CLIENT
                    6- DG_DROPPED + reason  datagrams dropped, by DG_DROP_REASONS
-                 Stream and sequential-packet listeners' rows: reserved (connections,
-                 refusals by reason, header errors, ...).
-  TARGET_ROWS    reserved: MAX_TARGETS rows, one per (route, target): active, total,
-                 connect errors by reason, bytes each way, ...
+                 A stream or sequential-packet listener's, by word:
+                   0  L_CONNECTIONS        clients admitted (their sum over listeners
+                                           is ACCEPTED's)
+                   1- L_REFUSED + reason   clients closed unserved, by LISTENER_REFUSALS:
+                                           cap, per_source, busy (admission refused
+                                           them: REFUSED counts these too), no_target
+                                           (admitted, but no target could be connected
+                                           to), proxy_header (a bad PROXY header in)
+  TARGET_ROWS    MAX_TARGETS rows, by the row of the target table (below) the master
+                 gave the (listener, target), by word:
+                   0  T_ACTIVE             connections to it open now (a gauge, as
+                                           DG_SESSIONS_ACTIVE)
+                   1  T_CONNECTIONS        connections made to it (connect succeeded)
+                   2  T_BYTES_TO_TARGET    bytes relayed to it
+                   3  T_BYTES_TO_CLIENT    bytes relayed from it
+                   4- T_CONNECT_ERRORS + reason  failed connect attempts, by
+                                           CONNECT_ERROR_REASONS (refused, timeout,
+                                           unreachable, other: `connect_error_reason`);
+                                           CONNECT_ERRORS counts each of them too
+  Only the rows the master has handed out are folded and summed (`listener_rows`,
+  `target_rows` of the scoreboard): never-used rows are never touched.
 
 After the slots (master only, so a re-executed master keeps counters monotonic):
   RETIRED       MAX_SLOTS x SLOT_WORDS int64: per slot, the counters of its dead workers
-  RETIRED_ROWS  (MAX_LISTENERS + MAX_TARGETS) x ROW_WORDS int64: the rows' dead totals
+  RETIRED_ROWS  (MAX_LISTENERS + MAX_TARGETS) x ROW_WORDS int64: the rows' dead totals,
+                listener rows first
 
-Target table (reserved for shared target health): TARGETS, MAX_TARGETS rows of
-TARGET_ROW_BYTES: HEALTH (int64, the master's checker; 0: no result yet), then
-COOLDOWN_UNTIL_NS (int64 CLOCK_MONOTONIC ns; any worker after a failed connect, last
-writer wins), then reserved words.
+Target table: TARGETS, MAX_TARGETS rows of TARGET_ROW_BYTES, one per (listener, target)
+of the configuration (shared/targets_table.py). By byte offset inside a row:
+
+  offset  field              unit                                writer
+  0       KEY                the (listener, target) it is for:   master, when it hands
+                             a 64-bit hash; 0: never used        the row out
+  8       UP                 1: up, or not checked; 0: active    master (checker); 1
+                             checks failed it                    when checks are off
+  16      COOLDOWN_UNTIL_NS  CLOCK_MONOTONIC ns: a connect       any worker, after a
+                             failed, skip it until then          failed connect (last
+                                                                 writer wins: benign)
+  24      STREAK             checks in a row: n > 0 passed,      master (checker)
+                             -n failed
+  32      CHECKED_NS         CLOCK_MONOTONIC ns of the last      master (checker)
+                             check's end; 0: none yet
+  40      CHANGED_NS         CLOCK_MONOTONIC ns UP last changed  master (checker)
+  48      REASON             why the last check failed           master (checker)
+                             (CheckReason); 0: it passed
+  56      DETAIL             its errno, or the HTTP status       master (checker)
+A target is usable when UP is 1 and COOLDOWN_UNTIL_NS is not in the future.
+
+Check durations (CHECK_DURATION, master only): the active checks' histogram, bucket
+counts (bounds CHECK_DURATION_BOUNDS, the last +Inf) then the sum in ns.
 
 Per-source table, SOURCE_ENTRIES rows of SOURCE_ROW_BYTES from SOURCE_TABLE:
   bytes 0-15   the source's key (IPv6, IPv4 as v4-mapped); all zeros: never used;
@@ -98,7 +135,7 @@ WORD = 8
 PAGE = mmap.PAGESIZE
 
 MAGIC_VALUE = int.from_bytes(b"FPXSHM\0\0", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 4  # 3: the compiled engine's; 4: the target table and rows
 
 # -- header --------------------------------------------------------------------------------
 HEADER_BYTES = 4096
@@ -196,6 +233,25 @@ DG_DROPPED = 6  # + the reason's index in DG_DROP_REASONS
 DG_DROP_REASONS = ("cap", "per_source", "busy", "truncated", "send_error", "no_session")
 assert DG_DROPPED + len(DG_DROP_REASONS) <= ROW_WORDS
 
+# A stream or sequential-packet listener's row, by word (see above).
+L_CONNECTIONS = 0
+L_REFUSED = 1  # + the reason's index in LISTENER_REFUSALS
+# Why a client was closed unserved (the `reason` label of
+# forkproxy_listener_connections_refused_total).
+LISTENER_REFUSALS = ("cap", "per_source", "busy", "no_target", "proxy_header")
+assert L_REFUSED + len(LISTENER_REFUSALS) <= ROW_WORDS
+
+# A target's row, by word (see above).
+T_ACTIVE = 0
+T_CONNECTIONS = 1
+T_BYTES_TO_TARGET = 2
+T_BYTES_TO_CLIENT = 3
+T_CONNECT_ERRORS = 4  # + the reason's index in CONNECT_ERROR_REASONS
+# Why a connect attempt failed (the `reason` label of
+# forkproxy_target_connect_errors_total); `connect_error_reason` sorts errnos.
+CONNECT_ERROR_REASONS = ("refused", "timeout", "unreachable", "other")
+assert T_CONNECT_ERRORS + len(CONNECT_ERROR_REASONS) <= ROW_WORDS
+
 
 def _pages(size: int) -> int:
     """`size` rounded up to whole pages."""
@@ -213,11 +269,25 @@ RETIRED_ROWS = RETIRED + MAX_SLOTS * SLOT_WORDS * WORD
 # -- target table ----------------------------------------------------------------------------
 TARGETS = _pages(RETIRED_ROWS + (MAX_LISTENERS + MAX_TARGETS) * ROW_WORDS * WORD)
 TARGET_ROW_BYTES = 64
-HEALTH = 0  # byte offsets inside a target row
-COOLDOWN_UNTIL_NS = 8
+# Byte offsets inside a target row. KEY is first: the engine takes an optional field at
+# offset 0 for "off", and UP and COOLDOWN_UNTIL_NS are what it reads.
+KEY = 0
+UP = 8
+COOLDOWN_UNTIL_NS = 16
+STREAK = 24
+CHECKED_NS = 32
+CHANGED_NS = 40
+REASON = 48
+DETAIL = 56
+assert DETAIL + WORD <= TARGET_ROW_BYTES
+
+# -- the active checks' durations (master only) ----------------------------------------------
+CHECK_DURATION = TARGETS + MAX_TARGETS * TARGET_ROW_BYTES
+CHECK_DURATION_BOUNDS = CONNECT_DURATION_BOUNDS  # a check is mostly a connect
+CHECK_DURATION_WORDS = len(CHECK_DURATION_BOUNDS) + 2  # the buckets, +Inf, the sum in ns
 
 # -- per-source table ------------------------------------------------------------------------
-SOURCE_TABLE = _pages(TARGETS + MAX_TARGETS * TARGET_ROW_BYTES)
+SOURCE_TABLE = _pages(CHECK_DURATION + CHECK_DURATION_WORDS * WORD)
 KEY_SIZE = 16
 SOURCE_COUNTS = KEY_SIZE  # byte offset of the counts inside a row
 SOURCE_ROW_BYTES = KEY_SIZE + 2 * MAX_SLOTS
@@ -284,6 +354,16 @@ def engine_offsets() -> dict[str, object]:
         "row_words": ROW_WORDS,
         "targets": TARGETS,
         "target_row_bytes": TARGET_ROW_BYTES,
-        "target_health": HEALTH,
+        "target_up": UP,
         "target_cooldown_until_ns": COOLDOWN_UNTIL_NS,
+        # Byte offsets inside a listener's or a target's row of a slot (always there).
+        "listener_connections": L_CONNECTIONS * WORD,
+        "listener_refused": L_REFUSED * WORD,
+        "listener_refusals": LISTENER_REFUSALS,
+        "target_active": T_ACTIVE * WORD,
+        "target_connections": T_CONNECTIONS * WORD,
+        "target_bytes_to_target": T_BYTES_TO_TARGET * WORD,
+        "target_bytes_to_client": T_BYTES_TO_CLIENT * WORD,
+        "target_connect_errors": T_CONNECT_ERRORS * WORD,
+        "connect_error_reasons": CONNECT_ERROR_REASONS,
     }

@@ -32,6 +32,11 @@ class Listener:
         return self.sock.fileno()
 
     @property
+    def metrics_name(self) -> str:
+        """How metrics, and the target table's rows, name it: its name, else its label."""
+        return self.name or self.label
+
+    @property
     def is_datagram(self) -> bool:
         """Read datagram by datagram (UDP, unix datagram), not accepted on."""
         return self.kind == socket.SOCK_DGRAM

@@ -14,6 +14,7 @@ from forkproxy.settings.config import Config
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import Scoreboard
+from forkproxy.shared.targets_table import ListenerTargets, TargetTable
 
 # Exit statuses of a worker.
 EXIT_OK = 0
@@ -59,6 +60,10 @@ class WorkerSpec:
     # Its place in its generation (supervisor/ranks.py), for the datagram listeners.
     rank: int = 0
     generation_size: int = 1
+    # The target table (shared/targets_table.py, which gives the contract) and, by
+    # listener (parallel to `listeners`), the rows of its targets and its round-robin word.
+    targets: TargetTable | None = None
+    listener_targets: tuple[ListenerTargets, ...] = ()
 
 
 def reads_datagram_listener(index: int, rank: int, generation_size: int) -> bool:

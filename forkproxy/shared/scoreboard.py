@@ -8,8 +8,9 @@ counters into RETIRED, also in the mapping, so a re-executed master reports the 
 totals and nothing goes backwards. Plain aligned 8-byte stores: a reader sees each word
 old or new, never torn. The fields, their units and writers: layout.py. Sums run over
 slots [0, SLOT_HIGH_WATER) only: slots never prepared are zero, and reading their pages
-would allocate them. So do the listener rows' sums and folds: over the rows of the
-listeners there are (`listener_rows`). Never logs and never decides policy.
+would allocate them. So do the rows' sums and folds: over the rows of the listeners
+there are (`listener_rows`) and of the target table's rows handed out (`target_rows`).
+Never logs and never decides policy.
 """
 
 import enum
@@ -36,6 +37,7 @@ from forkproxy.shared.layout import (
     LISTENER_ROWS,
     MAX_LISTENERS,
     MAX_SLOTS,
+    MAX_TARGETS,
     PID,
     REFUSED,
     RETIRED,
@@ -48,6 +50,7 @@ from forkproxy.shared.layout import (
     SLOTS,
     STARTED_NS,
     STATE,
+    TARGET_ROWS,
     WORD,
 )
 from forkproxy.shared.mapping import SharedMapping
@@ -80,6 +83,8 @@ __all__ = [
 _ZEROS = memoryview(bytes(SLOT_WORDS * WORD)).cast("q")
 _ZERO_ROW = memoryview(bytes(ROW_WORDS * WORD)).cast("q")
 _ROWS = LISTENER_ROWS // WORD  # word index of a slot's first listener row
+_TARGET_ROWS = TARGET_ROWS // WORD  # ... and of its first target row
+_RETIRED_TARGETS = MAX_LISTENERS * ROW_WORDS  # the target rows' place in RETIRED_ROWS
 
 
 class SlotState(enum.IntEnum):
@@ -98,11 +103,14 @@ class Scoreboard:
         memory = memoryview(mapping.memory)
         self._words = memory[SLOTS : SLOTS + MAX_SLOTS * SLOT_BYTES].cast("q")
         self._retired = memory[RETIRED : RETIRED + MAX_SLOTS * SLOT_WORDS * WORD].cast("q")
-        rows_bytes = MAX_LISTENERS * ROW_WORDS * WORD
+        rows_bytes = (MAX_LISTENERS + MAX_TARGETS) * ROW_WORDS * WORD
         self._retired_rows = memory[RETIRED_ROWS : RETIRED_ROWS + rows_bytes].cast("q")
         # Listener rows [0, this) may be written: one per listener the master has, or had
         # before a reload (its old workers still write theirs).
         self.listener_rows = min(listeners, MAX_LISTENERS)
+        # Target rows [0, this) may be written: the target table's high water (the
+        # master's to set, as it hands rows out).
+        self.target_rows = 0
 
     def widen_listener_rows(self, listeners: int) -> None:
         """A reload's listeners: rows [0, `listeners`) may be written too."""
@@ -132,6 +140,29 @@ class Scoreboard:
         """A listener row's counter over all slots, past and present."""
         return self._retired_rows[listener * ROW_WORDS + word] + self.row_live(listener, word)
 
+    def target_row(self, index: int, row: int) -> memoryview:
+        """The words of slot `index`'s row for target-table row `row` (< MAX_TARGETS), for
+        the slot's owner to write with `row[T_WORD] += n`."""
+        start = index * SLOT_STRIDE + _TARGET_ROWS + row * ROW_WORDS
+        return self._words[start : start + ROW_WORDS]
+
+    def target_live(self, row: int, word: int) -> int:
+        """A target row's word summed over the live and prepared slots (a gauge)."""
+        offset = _TARGET_ROWS + row * ROW_WORDS + word
+        words = self._words
+        return sum(words[index * SLOT_STRIDE + offset] for index in range(self.high_water()))
+
+    def target_total(self, row: int, word: int) -> int:
+        """A target row's counter over all slots, past and present."""
+        retired = self._retired_rows[_RETIRED_TARGETS + row * ROW_WORDS + word]
+        return retired + self.target_live(row, word)
+
+    def forget_target_totals(self, row: int) -> None:
+        """Master: target-table row `row` now counts for another target; the retired
+        totals of the one it had are not its."""
+        start = _RETIRED_TARGETS + row * ROW_WORDS
+        self._retired_rows[start : start + ROW_WORDS] = _ZERO_ROW
+
     def high_water(self) -> int:
         """Slots [0, this) have ever been prepared."""
         return min(self._mapping.header(SLOT_HIGH_WATER), MAX_SLOTS)
@@ -157,12 +188,16 @@ class Scoreboard:
         for field in range(FIRST_COUNTER, COUNTERS_END):
             retired[base + field] += self._words[start + field]
         self._words[start : start + SLOT_WORDS] = _ZEROS
-        retired_rows = self._retired_rows
-        for listener in range(self.listener_rows):
-            row = start + _ROWS + listener * ROW_WORDS
+        rows = [(start + _ROWS + n * ROW_WORDS, n * ROW_WORDS) for n in range(self.listener_rows)]
+        rows += [
+            (start + _TARGET_ROWS + n * ROW_WORDS, _RETIRED_TARGETS + n * ROW_WORDS)
+            for n in range(min(self.target_rows, MAX_TARGETS))
+        ]
+        words, retired_rows = self._words, self._retired_rows
+        for row, into in rows:
             for word in range(ROW_WORDS):
-                retired_rows[listener * ROW_WORDS + word] += self._words[row + word]
-            self._words[row : row + ROW_WORDS] = _ZERO_ROW
+                retired_rows[into + word] += words[row + word]
+            words[row : row + ROW_WORDS] = _ZERO_ROW
 
     def counter(self, index: int, field: int) -> int:
         """A slot's counter including every worker that ever ran in it."""

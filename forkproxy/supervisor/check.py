@@ -32,6 +32,7 @@ from forkproxy.shared.listener import is_connection
 from forkproxy.supervisor.activation import METRICS_FD_NAME, passed_fds
 from forkproxy.supervisor.limits import check_fd_limit
 from forkproxy.supervisor.reexec_state import CHECK_VARIABLE, check_marker
+from forkproxy.supervisor.target_rows import pair_problems
 
 # (name, label, kind): a listener as the routes see it (name "" if it has none) and its
 # socket type (SO_TYPE).
@@ -93,6 +94,7 @@ def listener_problems(config: Config, listeners: Sequence[ListenerKind]) -> list
                     "[listeners.NAME] section naming it) in the configuration file, or as "
                     "arguments"
                 )
+    problems += pair_problems(config, [name or label for name, label, _ in listeners])
     return problems + kind_problems(config, listeners)
 
 

@@ -30,17 +30,14 @@ from forkproxy.supervisor.pool import WorkerPool
 from forkproxy.supervisor.readiness import Readiness
 from forkproxy.supervisor.reexec_state import ReexecState
 from forkproxy.supervisor.reload import Reloader
-from forkproxy.supervisor.resources import (
-    Resources,
-    describe,
-    log_routes,
-    source_limit,
-)
+from forkproxy.supervisor.resources import Resources, describe, source_limit
+from forkproxy.supervisor.routes import startup_line
 from forkproxy.supervisor.signals import MASTER_SIGNALS, SignalWakeup, unused_signal_table
 
 # At start, like everything a reload runs: by the time of a reload, the files may be
 # another version's (an upgrade), and this image must not import a mix.
 from forkproxy.supervisor.takeover import Takeover, snapshot
+from forkproxy.supervisor.target_health import TargetHealth
 from forkproxy.supervisor.workers import KILL_MARGIN
 
 if TYPE_CHECKING:
@@ -57,6 +54,7 @@ class Master:
     pool: WorkerPool
     readiness: Readiness
     reloader: Reloader
+    targets: TargetHealth
 
     def __init__(
         self,
@@ -101,13 +99,19 @@ class Master:
         if self.takeover is None:
             resources.start(self.config, self.passed)
         scoreboard, admission = resources.scoreboard, resources.admission
-        assert scoreboard is not None and admission is not None and resources.events is not None
+        mapping, events = resources.mapping, resources.events
+        assert scoreboard is not None and admission is not None
+        assert mapping is not None and events is not None
         # -c applies to every worker at once, old and new: CAPACITY is read at each admit.
         admission.set_limits(self.config.connections_max, source_limit(self.config))
         self.wakeup = SignalWakeup(self.on_signal)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup.read_end, selectors.EVENT_READ, self.wakeup.dispatch)
-        self.selector.register(resources.events[0], selectors.EVENT_READ, self._on_worker_events)
+        self.selector.register(events[0], selectors.EVENT_READ, self._on_worker_events)
+        # After a reload, the pairs kept find their rows and health in the mapping.
+        self.targets = TargetHealth.set_up(
+            self.config, resources.listeners, self.selector, mapping, scoreboard
+        )
         self.pool = WorkerPool(
             self.worker_spec(self.config),
             self.on_signal,
@@ -127,20 +131,10 @@ class Master:
             self.pool,
             scoreboard,
             admission,
+            self.targets,
         )
-        # Metrics are served from this loop. prometheus_client is loaded only when there
-        # is a metrics socket: every worker forked later starts with a copy.
-        if resources.metrics_listeners:
-            from forkproxy.supervisor.metrics.endpoint import open_metrics
-
-            self.metrics = open_metrics(
-                resources.metrics_listeners,
-                self.selector,
-                self.pool,
-                scoreboard,
-                admission,
-                self.reloader,
-            )
+        # Metrics are served from this loop.
+        self.metrics = _serve_metrics(self) if resources.metrics_listeners else None
         self.wakeup.install()
         first = self.config.settings_for(resources.listeners[0].name)
         setproctitle(f"forkproxy: master {first.targets[0].text}")
@@ -149,7 +143,7 @@ class Master:
         heartbeat_interval = config.heartbeat_interval
         if self.watchdog_interval is not None:
             heartbeat_interval = min(heartbeat_interval, self.watchdog_interval / 4)
-        return self.resources.worker_spec(config, heartbeat_interval)
+        return self.resources.worker_spec(config, heartbeat_interval, self.targets.rows)
 
     def _drop_master_resources(self) -> None:
         """In a new worker: close what only the master uses."""
@@ -160,6 +154,7 @@ class Master:
         self.notifier.close()
         if self.metrics is not None:  # the metrics sockets are the master's
             self.metrics.close()
+        self.targets.close_in_worker()
         self.resources.close_in_worker()
 
     # -- main loop -----------------------------------------------------------------------
@@ -175,7 +170,10 @@ class Master:
             raise ForkproxyError(f"cannot start: {describe(error)}") from None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.on_signal)
         assert self.selector is not None
-        log_routes(self.config, self.resources.listeners, self.pool.target_workers)
+        # Where clients go, as it starts (and as a reload's new image takes over).
+        resources = self.resources
+        routes = [(one, self.config.settings_for(one.name).targets) for one in resources.listeners]
+        log.info("%s", startup_line(routes, self.pool.target_workers, self.config.connections_max))
         self.notifier.status(f"starting {self.pool.target_workers} workers")
         gc.freeze()  # keep the heap's pages shared with workers after fork
         if self.takeover is not None:
@@ -198,6 +196,8 @@ class Master:
             self.selector.close()
         if self.metrics is not None:  # its clients; the metrics listeners go with the rest
             self.metrics.close()
+        if hasattr(self, "targets"):  # made in set-up, with the mapping
+            self.targets.close()
         self.resources.close()
         self.notifier.close()
 
@@ -221,6 +221,7 @@ class Master:
             self.readiness.next_deadline(),
             self.pool.next_deadline(),
             self.reloader.next_deadline(),
+            self.targets.next_deadline(),  # active health checks
         )
         if self.metrics is not None:  # metrics clients' deadlines
             deadline = min(deadline, self.metrics.next_deadline())
@@ -235,6 +236,7 @@ class Master:
             self.shutdown_deadline = math.inf
         self.pool.run_deadlines(now)
         self.reloader.run_deadlines(now)
+        self.targets.run_deadlines(now)
         if now >= self.readiness.idle_deadline():
             self.begin_shutdown(
                 EXIT_OK, f"no connections for {format_timespan(self.config.exit_idle_time)}"
@@ -296,3 +298,24 @@ class Master:
         self.pool.stop_all()
         self.reloader.cancel()
         self.resources.close_own_listeners()
+
+
+def _serve_metrics(master: Master) -> "MetricsEndpoint | None":
+    """The metrics endpoint on `master`'s metrics sockets. prometheus_client is loaded
+    only when there is one: every worker forked later starts with a copy."""
+    from forkproxy.supervisor.metrics.endpoint import open_metrics
+
+    resources = master.resources
+    assert resources.scoreboard is not None and resources.admission is not None
+    assert master.selector is not None
+    return open_metrics(
+        resources.metrics_listeners,
+        master.selector,
+        master.pool,
+        resources.scoreboard,
+        resources.admission,
+        master.reloader,
+        master.targets,
+        # Held /healthz, at start-up only: after a reload, the old workers serve.
+        start_timeout=0.0 if master.takeover else master.config.worker_timeout,
+    )

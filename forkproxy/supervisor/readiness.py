@@ -1,7 +1,7 @@
 """What the master tells systemd about its workers, and when it has been idle long enough.
 
 READY=1 once every current worker serves (sd_notify(3)), STATUS= with a short line
-(`2 workers, 0 active, 0 refused`) when it changes, WATCHDOG=1 while the workers'
+(`2 workers, 0 active, 0 refused, targets 3/3 up`) when it changes, WATCHDOG=1 while the workers'
 heartbeats are fresh, and the --exit-idle-time deadline. Reads the worker records, the
 scoreboard and the admission count; never stops anything itself: the master compares
 `idle_deadline()` with the clock and begins its shutdown.
@@ -22,6 +22,7 @@ from forkproxy.shared.scoreboard import (
 )
 from forkproxy.supervisor.notify import Notifier
 from forkproxy.supervisor.pool import WorkerPool
+from forkproxy.supervisor.target_health import TargetsView
 
 log = logging.getLogger("forkproxy")
 
@@ -39,6 +40,7 @@ class Readiness:
         pool: WorkerPool,
         scoreboard: Scoreboard,
         admission: Admission,
+        targets: TargetsView | None = None,
     ) -> None:
         self.config = config
         self.notifier = notifier
@@ -46,6 +48,7 @@ class Readiness:
         self.pool = pool
         self.scoreboard = scoreboard
         self.admission = admission
+        self.targets = targets
         self.ready_notified = False
         self.idle_since = time.monotonic()
         self.status_text = ""
@@ -106,10 +109,14 @@ class Readiness:
             if self.scoreboard.get(worker.slot, STATE) == SlotState.SERVING
             and self.pool.responsive(worker, now)
         )
-        return (
+        line = (
             f"{serving} workers, {self.admission.in_use()} active, "
             f"{self.scoreboard.total(REFUSED)} refused"
         )
+        if self.targets is not None and self.targets.rows.entries:
+            counts = self.targets.rows.usable_counts().values()
+            line += f", targets {sum(up for up, _ in counts)}/{sum(n for _, n in counts)} up"
+        return line
 
     def update_status(self) -> None:
         if self.pool.stopping or not self.notifier.enabled:

@@ -30,6 +30,7 @@ from forkproxy.supervisor.check import ListenerKind, check_settings_for
 from forkproxy.supervisor.limits import raise_fd_limit
 from forkproxy.supervisor.listeners import bind_listener, close_listeners
 from forkproxy.supervisor.reexec_state import ReexecState, SocketRecord, address_key
+from forkproxy.supervisor.target_rows import TargetRows
 
 log = logging.getLogger("forkproxy")
 
@@ -204,7 +205,9 @@ class Resources:
 
     # -- for the workers, the next image, and the end ----------------------------------------
 
-    def worker_spec(self, config: Config, heartbeat_interval: float) -> WorkerSpec:
+    def worker_spec(
+        self, config: Config, heartbeat_interval: float, targets: TargetRows
+    ) -> WorkerSpec:
         """What every new worker is handed (its slot and generation set as it starts)."""
         assert self.scoreboard is not None and self.admission is not None
         assert self.events is not None
@@ -218,6 +221,8 @@ class Resources:
             events_fd=self.events[1],
             master_pid=os.getpid(),
             heartbeat_interval=heartbeat_interval,
+            targets=targets.table,
+            listener_targets=targets.by_listener,
         )
 
     def read_events(self) -> list[tuple[int, int]]:
@@ -268,23 +273,6 @@ class Resources:
             self.scoreboard.close()
         if self.mapping is not None:
             self.mapping.close()
-
-
-def log_routes(config: Config, listeners: list[Listener], workers: int) -> None:
-    """What the master relays where, as it starts (or takes over)."""
-    if config.listeners:  # per-listener routes: one line each
-        for listener in listeners:
-            targets = config.settings_for(listener.name).targets
-            log.info("relaying %s to %s", listener.label, ", ".join(t.text for t in targets))
-        log.info("with %d workers, at most %d connections", workers, config.connections_max)
-    else:
-        log.info(
-            "relaying %s to %s with %d workers, at most %d connections",
-            ", ".join(listener.label for listener in listeners),
-            ", ".join(target.text for target in config.targets),
-            workers,
-            config.connections_max,
-        )
 
 
 def source_limit(config: Config) -> int:

@@ -152,6 +152,7 @@ class Takeover:
         master.config, master.config_text = config, config_text
         master.readiness.config = config
         resources.admission.set_limits(config.connections_max, source_limit(config))
+        master.targets.reset(config, resources.listeners)  # the old workers' pairs
         master.reloader.taking_over = False
         master.reloader.count_failed()
         spec = master.worker_spec(config)

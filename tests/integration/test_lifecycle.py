@@ -1,6 +1,8 @@
 """Start, readiness, process titles, graceful stop, and the ways users launch forkproxy."""
 
+import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -294,8 +296,25 @@ def test_journald_lines_carry_priorities_and_no_timestamps(workdir: Path) -> Non
     assert any(line.startswith("<4>worker 0: cannot connect to target") for line in lines)
 
 
-def test_terminal_lines_carry_time_and_level(workdir: Path) -> None:
-    with run_backend("echo") as backend, run_proxy(["-w", "1", backend.target], workdir) as proxy:
+TERMINAL_LINE = re.compile(
+    r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z (DEBUG|INFO|NOTICE|WARNING|ERROR) "
+)
+
+
+def test_terminal_lines_carry_the_date_and_time_in_utc_and_the_level(workdir: Path) -> None:
+    """Not under journald, every line, the master's and the workers', starts with ISO 8601
+    in UTC with milliseconds: a log kept over days can be read without guessing the day."""
+    started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    with run_proxy(["-w", "1", "127.0.0.1:9"], workdir) as proxy:
+        with proxy.connect() as client:
+            assert client.recv(1) == b""  # nothing listens on the target: a worker's warning
+        wait_until(lambda: "cannot connect" in proxy.stderr(), 10, "the warning")
         assert proxy.stop() == 0
-    first = proxy.stderr().splitlines()[0]
-    assert first[2] == ":" and " INFO " in first
+    stopped = datetime.datetime.now(datetime.timezone.utc)
+    lines = proxy.stderr().splitlines()
+    assert any(" WARNING worker 0: cannot connect to target" in line for line in lines), lines
+    for line in lines:
+        match = TERMINAL_LINE.match(line)
+        assert match is not None, line
+        moment = datetime.datetime.fromisoformat(match[1]).replace(tzinfo=datetime.timezone.utc)
+        assert started <= moment <= stopped, line

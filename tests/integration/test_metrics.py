@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,11 @@ def scrape(where: Where) -> dict[Key, float]:
 
 def value(samples: dict[Key, float], name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
+
+
+def summed(samples: dict[Key, float], name: str) -> float:
+    """The sum of a metric over all its labels."""
+    return sum(number for (sample, _), number in samples.items() if sample == name)
 
 
 def metrics_at(proxy: Proxy) -> tuple[str, int]:
@@ -165,7 +171,8 @@ def test_counts_match_the_traffic_exactly(workdir: Path) -> None:
     assert grew("forkproxy_relayed_bytes_total", direction="to_target") == sum(sizes)
     assert grew("forkproxy_relayed_bytes_total", direction="to_client") == sum(map(len, replies))
     assert grew("forkproxy_connections_refused_total") == 0
-    assert grew("forkproxy_target_connect_errors_total") == 0
+    errors = "forkproxy_target_connect_errors_total"
+    assert summed(after, errors) - summed(before, errors) == 0
     assert grew("forkproxy_connect_duration_seconds_count") == m
     assert grew("forkproxy_connect_duration_seconds_bucket", le="+Inf") == m
     assert grew("forkproxy_connection_duration_seconds_count") == m
@@ -495,3 +502,45 @@ def test_promtool_finds_nothing_in_a_real_scrape(workdir: Path) -> None:
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, b"")
+
+
+def test_the_health_request_that_starts_forkproxy_gets_200_once_workers_serve(
+    workdir: Path, echo_target: str
+) -> None:
+    """Socket activation of the metrics socket: the probe's connection is what starts
+    forkproxy, so its request is read before any worker serves. It is answered when
+    they do (after READY=1), with 200, not with an early 503."""
+    with run_proxy(
+        ["-w", "2", echo_target], workdir, listeners=LISTENERS, names=NAMES, wait_ready=False
+    ) as proxy:
+        with socket.create_connection(proxy.address(1), timeout=30) as probe:  # type: ignore[arg-type]
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            response = bytearray()
+            while chunk := probe.recv(4096):
+                response += chunk
+        assert "READY=1" in proxy.notifications.lines()
+        assert bytes(response).startswith(b"HTTP/1.1 200 OK\r\n"), bytes(response)
+        assert bytes(response).endswith(b"\r\n\r\n2 of 2 workers serving\n")
+        assert proxy.stop() == 0
+
+
+def test_scrapes_are_not_relay_activity_and_do_not_hold_off_exit_idle_time(
+    workdir: Path, echo_target: str
+) -> None:
+    """Prometheus scraping every few hundred milliseconds must not keep an idle forkproxy
+    running: only relayed connections count for --exit-idle-time."""
+    with run_proxy(
+        ["-w", "1", "--exit-idle-time=1s", echo_target], workdir, listeners=LISTENERS, names=NAMES
+    ) as proxy:
+        scrapes = 0
+        while proxy.process.poll() is None:
+            try:
+                status, _, _ = fetch(metrics_at(proxy), "/metrics")
+            except OSError:  # the master closed the socket as it stopped
+                break
+            assert status == 200
+            scrapes += 1
+            time.sleep(0.1)  # the scenario: a scrape every 100 ms, ten per idle time
+        assert proxy.wait(10) == 0
+    assert scrapes >= 2
+    assert "stopping: no connections for 1s" in proxy.stderr()

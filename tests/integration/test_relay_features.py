@@ -238,13 +238,12 @@ def test_connect_timeout_closes_the_client_and_counts_an_error(
         assert timeout <= elapsed <= 2 * timeout, elapsed
         if metrics:
             address = proxy.address(1)[:2]  # type: ignore[index]
+            # The deprecated name, kept one release: the sum of the per-target counter.
             wait_until(
-                lambda: _scrape(address)["forkproxy_target_connect_errors_total"] == 1,
+                lambda: _scrape(address)["forkproxy_backend_connect_errors_total"] == 1,
                 10,
                 "the connect error to be counted",
             )
-            # The deprecated name, kept one release, counts the same.
-            assert _scrape(address)["forkproxy_backend_connect_errors_total"] == 1
         wait_until(lambda: "Connection timed out" in proxy.stderr(), 10, "the warning")
         assert f"cannot connect to target '{never_accepting}'" in proxy.stderr()
 
@@ -281,6 +280,30 @@ def test_idle_connection_is_closed_and_an_active_one_is_not(workdir: Path) -> No
         assert send_all_then_read(active, b"still here") == b"still here"
         idle.close()
         active.close()
+
+
+def test_an_idle_timeout_close_is_logged_at_debug_level_only(workdir: Path) -> None:
+    """Why a quiet connection was cut is in the debug log, with the client; not above it."""
+    for level in ("debug", "info"):
+        with (
+            run_backend("echo") as backend,
+            run_proxy(
+                ["-w", "1", "--idle-timeout=1s", f"--log-level={level}", backend.target], workdir
+            ) as proxy,
+        ):
+            with proxy.connect() as client:
+                client.sendall(b"x")
+                assert client.recv(1) == b"x"
+                with pytest.raises(ConnectionResetError):
+                    client.recv(1)  # aborted by the idle timeout
+                port = client.getsockname()[1]
+            line = f"DEBUG worker 0: connection from 127.0.0.1:{port} ended: "
+            if level == "debug":
+                wait_until(lambda: line in proxy.stderr(), 10, "the debug line")  # noqa: B023
+                assert "(--idle-timeout)" in proxy.stderr().split(line, 1)[1].splitlines()[0]
+            assert proxy.stop() == 0
+            if level == "info":
+                assert "connection from" not in proxy.stderr()
 
 
 # -- --on-limit=queue ---------------------------------------------------------------------

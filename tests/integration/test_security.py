@@ -195,6 +195,11 @@ DAEMON_OPTIONS = (
     "--route",
     "--datagram-timeout",
     "--datagram-replies",
+    "--check-interval",
+    "--check-http",
+    "--check-rise",
+    "--check-fall",
+    "--check-timeout",
     "--config",
 )
 INETD_OPTIONS = ("--inetd",)
@@ -284,6 +289,9 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
             *("--on-limit", "queue", "--max-connections-per-source", "5"),
             *("--connections-max-per-source", "5"),
             *("--datagram-timeout", "10s", "--datagram-replies", "1"),
+            # One check in the test's time (fall 3): the echo targets stay up.
+            *("--check-interval", "1h", "--check-http", "/", "--check-rise", "1"),
+            *("--check-fall", "3", "--check-timeout", "2s"),
             *("--route", f"web={routed.target}", backend.target),
         ]
         options = {arg.partition("=")[0] for arg in daemon if arg.startswith("--")}

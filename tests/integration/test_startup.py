@@ -128,3 +128,16 @@ def test_no_room_for_the_shared_memory_is_one_line() -> None:
         1,
         "forkproxy: cannot create the shared memory (11 MiB): File too large\n",
     )
+
+
+def test_the_startup_line_names_every_route(workdir) -> None:
+    """One line says where each listener's clients go, by name and address."""
+    args = ["-w", "1", "--route", "web=127.0.0.1:9", "--route", "api=/run/nothing.sock"]
+    with run_proxy(args, workdir, listeners=("tcp", "tcp"), names=("web", "api")) as proxy:
+        web, api = (proxy.address(index)[1] for index in (0, 1))  # type: ignore[index]
+        assert proxy.stop() == 0
+    assert (
+        f"INFO relaying fd 3 'web' (127.0.0.1:{web}) -> 127.0.0.1:9; "
+        f"fd 4 'api' (127.0.0.1:{api}) -> /run/nothing.sock with 1 worker, "
+        "at most 256 connections\n"
+    ) in proxy.stderr()

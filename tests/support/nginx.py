@@ -5,7 +5,8 @@ off``: one process, so its pid is all there is to stop) with a config written in
 temp dir that also holds the pid file, the logs and every temp path, so it works as root
 and as any other user and never touches /etc/nginx or /var. It listens where the test
 says (``127.0.0.1:PORT``, ``[::1]:PORT`` or ``unix:/path``; port 0 picks a free one) as
-an HTTP server with a fixed body or a directory of files, or as a stream server that
+an HTTP server with a fixed body or a directory of files (and, for the paths
+``statuses`` names, a fixed status: ``{"/health": 503}``), or as a stream server that
 answers every connection with a fixed body. With ``proxy_protocol=True`` the listener
 expects a PROXY header, and the JSON access log records ``$proxy_protocol_addr``,
 ``$proxy_protocol_port`` and friends next to ``$remote_addr``; `Nginx.wait_for_access_log`
@@ -31,7 +32,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -244,6 +245,7 @@ def run_nginx(
     mode: Mode = "http",
     startup_timeout: float = 10.0,
     binary: Path = NGINX_BINARY,
+    statuses: Mapping[str, int] | None = None,
 ) -> Iterator[Nginx]:
     """Run nginx for the ``with`` block and stop it after.
 
@@ -252,6 +254,7 @@ def run_nginx(
     in nginx's temp dir. ``mode="http"`` serves ``body`` for every path, or the files
     under ``root`` when given; ``mode="stream"`` sends ``body`` on every connection and
     closes it. ``proxy_protocol`` adds ``proxy_protocol`` to the listen directive.
+    ``statuses``: in http mode, paths answered with a fixed status instead.
     """
     require_nginx(binary, stream=mode == "stream")
     if mode == "stream" and root is not None:
@@ -262,7 +265,15 @@ def run_nginx(
         directory = Path(tempfile.mkdtemp(prefix="fp-nginx-"))
         try:
             nginx = _start(
-                directory, listen, proxy_protocol, body, root, mode, startup_timeout, binary
+                directory,
+                listen,
+                proxy_protocol,
+                body,
+                root,
+                mode,
+                startup_timeout,
+                binary,
+                dict(statuses or {}),
             )
         except _PortTaken as taken:
             shutil.rmtree(directory, ignore_errors=True)
@@ -303,6 +314,7 @@ class NginxFactory:
         root: Path | None = None,
         mode: Mode = "http",
         startup_timeout: float = 10.0,
+        statuses: Mapping[str, int] | None = None,
     ) -> Nginx:
         return self._stack.enter_context(
             run_nginx(
@@ -312,6 +324,7 @@ class NginxFactory:
                 root=root,
                 mode=mode,
                 startup_timeout=startup_timeout,
+                statuses=statuses,
             )
         )
 
@@ -409,6 +422,7 @@ def _config(
     body: bytes,
     root: Path | None,
     mode: Mode,
+    statuses: Mapping[str, int],
 ) -> str:
     q = _quote
     listen_flags = " proxy_protocol" if proxy_protocol else ""
@@ -449,6 +463,10 @@ def _config(
             "    server {",
             f"        listen {listen_spec}{listen_flags};",
             f"        location / {{ {location} }}",
+            *(
+                f"        location = {q(path)} {{ return {int(status)}; }}"
+                for path, status in statuses.items()
+            ),
             "    }",
             "    server {",
             f"        listen unix:{ready};",
@@ -492,11 +510,15 @@ def _start(
     mode: Mode,
     startup_timeout: float,
     binary: Path,
+    statuses: Mapping[str, int],
 ) -> Nginx:
+    if statuses and mode != "http":
+        raise ValueError("statuses are for mode='http'")
     listen_spec, family, address = _resolve_listen(listen, directory)
     config = directory / "nginx.conf"
     config.write_text(
-        _config(directory, listen_spec, proxy_protocol, body, root, mode), encoding="utf-8"
+        _config(directory, listen_spec, proxy_protocol, body, root, mode, statuses),
+        encoding="utf-8",
     )
     error_log = directory / "error.log"
     with open(directory / "stderr.log", "wb") as stderr:

@@ -1,9 +1,10 @@
 """Prometheus metric families read from the scoreboard, the admission count and the master.
 
 `ScoreboardCollector` turns what the master can read (scoreboard slots and retired
-totals, the admission count, its worker records) into metric families when a scrape
-asks, and answers /healthz. Never keeps metric state of its own: every value is read at
-scrape time, so counters are as monotonic as the scoreboard's retired totals make them.
+totals, the admission count, its worker records, the target table: targets.py) into
+metric families when a scrape asks, and answers /healthz. Never keeps metric state of
+its own: every value is read at scrape time, so counters are as monotonic as the
+scoreboard's retired totals make them.
 """
 
 import logging
@@ -53,6 +54,13 @@ from forkproxy.shared.scoreboard import (
     Scoreboard,
     SlotState,
 )
+from forkproxy.supervisor.metrics.targets import (
+    listener_families,
+    no_target_reason,
+    status_lines,
+    target_families,
+)
+from forkproxy.supervisor.target_health import TargetsView
 from forkproxy.supervisor.workers import STALE_HEARTBEATS
 
 log = logging.getLogger("forkproxy")
@@ -123,11 +131,13 @@ class ScoreboardCollector(Collector):
         scoreboard: Scoreboard,
         admission: Admission,
         reloads: ReloadView | None = None,
+        targets: TargetsView | None = None,
     ) -> None:
         self.master = master
         self.scoreboard = scoreboard
         self.admission = admission
         self.reloads = reloads
+        self.targets = targets  # the target table's rows of the settings, and the checks
         # (listener row, its `listener` label) of each datagram listener that has a row
         self.datagram_listeners = datagram_rows(master.listeners)
 
@@ -156,16 +166,11 @@ class ScoreboardCollector(Collector):
             "Connections closed at once, unanswered, because a connection cap was reached.",
             value=board.total(REFUSED),
         )
-        connect_errors = board.total(CONNECT_ERRORS)
-        yield CounterMetricFamily(
-            "forkproxy_target_connect_errors",
-            "Admitted connections closed because no target could be connected to.",
-            value=connect_errors,
-        )
         yield CounterMetricFamily(
             "forkproxy_backend_connect_errors",
-            "Deprecated: use forkproxy_target_connect_errors_total",
-            value=connect_errors,
+            "Deprecated: use forkproxy_target_connect_errors_total (this is its sum over "
+            "its labels).",
+            value=board.total(CONNECT_ERRORS),
         )
         relayed = CounterMetricFamily(
             "forkproxy_relayed_bytes",
@@ -210,6 +215,9 @@ class ScoreboardCollector(Collector):
             value=master.restarts,
         )
         yield from self._datagrams()
+        if self.targets is not None:
+            yield from target_families(self.targets.rows, self.targets.checker, board)
+        yield from listener_families(master.listeners, board)
         yield from self._per_worker(live)
         yield from self._reloads()
         yield InfoMetricFamily(
@@ -315,7 +323,8 @@ class ScoreboardCollector(Collector):
         return (accepted, active, relayed)
 
     def health(self) -> tuple[bool, str]:
-        """Healthy while every current worker serves and there are as many as asked for.
+        """Healthy while every listener has a target up, and every current worker serves
+        and there are as many as asked for.
 
         Current: of the newest generation, neither asked to stop nor killed. During a
         rotation that is the new generation, so health dips until it serves. Serving: in
@@ -325,6 +334,9 @@ class ScoreboardCollector(Collector):
         master = self.master
         if master.stopping:
             return False, "stopping"
+        no_target = None if self.targets is None else no_target_reason(self.targets.rows)
+        if no_target is not None:
+            return False, no_target
         board = self.scoreboard
         current = [
             worker
@@ -339,6 +351,14 @@ class ScoreboardCollector(Collector):
         if serving < len(started):
             reason += f", {len(started) - serving} not responding"
         return healthy, reason
+
+    def status(self) -> tuple[bool, str]:
+        """/healthz?verbose: the health line, then each listener's targets."""
+        healthy, reason = self.health()
+        lines = [reason]
+        if self.targets is not None:
+            lines += status_lines(self.targets.rows, self.scoreboard)
+        return healthy, "\n".join(lines)
 
 
 def _histogram(

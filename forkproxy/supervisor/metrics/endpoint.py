@@ -12,6 +12,12 @@ for its request (then of the oldest done), so holding sockets open only cuts the
 own earlier connections. A probe sends its request as it connects and is read at once,
 in the same pass as its accept, so it is answered before anyone can push it out. (Serving
 /healthz first would not help: a starved probe waits in the listen backlog, unread.)
+
+At start-up a /healthz (or /status) request is held until forkproxy is healthy, or its
+start-up time is up: under socket activation the request that started forkproxy is
+the first one read, long before a worker serves, and it asks whether forkproxy is up,
+not whether it has finished starting. Once healthy, or past that time, requests are
+answered at once.
 """
 
 import errno
@@ -36,6 +42,7 @@ from forkproxy.supervisor.metrics.collector import (
     ScoreboardCollector,
     make_registry,
 )
+from forkproxy.supervisor.target_health import TargetsView
 
 log = logging.getLogger("forkproxy")
 
@@ -66,17 +73,25 @@ def open_metrics(
     scoreboard: Scoreboard,
     admission: Admission,
     reloads: ReloadView | None = None,
+    targets: TargetsView | None = None,
+    start_timeout: float = 0.0,
 ) -> "MetricsEndpoint | None":
-    """The master's metrics endpoint on `listeners` (None if there are none)."""
+    """The master's metrics endpoint on `listeners` (None if there are none), holding
+    health requests for up to `start_timeout` until healthy."""
     if not listeners:
         return None
-    collector = ScoreboardCollector(master, scoreboard, admission, reloads)
+    collector = ScoreboardCollector(master, scoreboard, admission, reloads, targets)
     registry = make_registry(collector)
     endpoint = MetricsEndpoint(
-        listeners, selector, partial(generate_latest, registry), collector.health
+        listeners,
+        selector,
+        partial(generate_latest, registry),
+        collector.health,
+        start_deadline=time.monotonic() + start_timeout,
     )
+    endpoint.status = collector.status
     for listener in listeners:
-        log.info("serving metrics on %s (/metrics, /healthz)", listener.label)
+        log.info("serving metrics on %s (/metrics, /healthz, /status)", listener.label)
     return endpoint
 
 
@@ -86,7 +101,7 @@ def open_metrics(
 class _Client:
     """One metrics client: read the request head, write the response, wait for its close."""
 
-    __slots__ = ("endpoint", "sock", "deadline", "head", "response", "lingering", "events")
+    __slots__ = ("endpoint", "sock", "deadline", "head", "response", "lingering", "held", "events")
 
     def __init__(self, endpoint: "MetricsEndpoint", sock: socket.socket, deadline: float) -> None:
         self.endpoint = endpoint
@@ -95,6 +110,7 @@ class _Client:
         self.head = bytearray()
         self.response: memoryview | None = None
         self.lingering = False  # response sent and write side shut: reading to EOF
+        self.held: bytes | None = None  # a health request's head, held during start-up
         self.events = selectors.EVENT_READ
 
     def on_ready(self) -> None:
@@ -107,7 +123,8 @@ class _Client:
             self._read()
 
     def _read(self) -> None:
-        want = 4096 if self.lingering else MAX_REQUEST_SIZE - len(self.head)
+        ignoring = self.lingering or self.held is not None
+        want = 4096 if ignoring else MAX_REQUEST_SIZE - len(self.head)
         try:
             data = self.sock.recv(want)
         except (BlockingIOError, InterruptedError):
@@ -118,16 +135,20 @@ class _Client:
         if not data:  # the client is done (or gave up before a whole request)
             self.endpoint.close_client(self)
             return
-        if self.lingering:
+        if ignoring:
             return  # input after the request is ignored
         self.head += data
         end = _END_OF_HEAD.search(self.head)
         if end is not None:
-            self._respond(self.endpoint.response_for(bytes(self.head[: end.start()])))
+            head = bytes(self.head[: end.start()])
+            if self.endpoint.holds(head):
+                self.endpoint.hold(self, head)
+            else:
+                self.respond(self.endpoint.response_for(head))
         elif len(self.head) >= MAX_REQUEST_SIZE:
-            self._respond(_response(431, b"request head too large\n"))
+            self.respond(_response(431, b"request head too large\n"))
 
-    def _respond(self, response: bytes) -> None:
+    def respond(self, response: bytes) -> None:
         self.head = bytearray()
         self.response = memoryview(response)
         self._write()
@@ -179,14 +200,19 @@ class MetricsEndpoint:
         health: Callable[[], tuple[bool, str]],
         client_timeout: float = CLIENT_TIMEOUT,
         max_clients: int = MAX_CLIENTS,
+        start_deadline: float = -math.inf,
     ) -> None:
         self.listeners = tuple(listeners)
         self.selector = selector
         self.render = render
         self.health = health
+        self.status = health  # /healthz?verbose and /status: more lines, if it has them
         self.client_timeout = client_timeout
         self.max_clients = max_clients
         self.clients: dict[_Client, None] = {}  # in the order they came
+        # Until then, while not healthy, health requests wait (`held`) instead of a 503.
+        self.start_deadline = start_deadline
+        self.held: dict[_Client, None] = {}
         self.accepting = False
         self.resume_deadline = math.inf  # when to accept again after running out of fds
         self.accept_failures = logs.RateLimitedLog(log, logging.WARNING)
@@ -197,11 +223,19 @@ class MetricsEndpoint:
 
     def next_deadline(self) -> float:
         deadline = self.resume_deadline
+        if self.held:
+            deadline = min(deadline, self.start_deadline)
         for client in self.clients:
             deadline = min(deadline, client.deadline)
         return deadline
 
     def run_deadlines(self, now: float) -> None:
+        """Called after every wakeup of the loop, not only at a deadline: a worker that
+        starts to serve may be what makes held requests answerable."""
+        if self.held and (now >= self.start_deadline or self.health()[0]):
+            self.start_deadline = -math.inf  # started, or given up on: answer from now on
+            for client in list(self.held):
+                self._release(client)
         if now >= self.resume_deadline:
             self.resume_deadline = math.inf
             self._maybe_resume()
@@ -279,6 +313,7 @@ class MetricsEndpoint:
 
     def close_client(self, client: _Client) -> None:
         self.clients.pop(client, None)
+        self.held.pop(client, None)
         try:
             self.selector.unregister(client.sock)
         except (KeyError, ValueError):
@@ -287,6 +322,30 @@ class MetricsEndpoint:
         self._maybe_resume()
 
     # -- answering ------------------------------------------------------------------------
+
+    def holds(self, head: bytes) -> bool:
+        """Whether to hold this request: a health request during start-up, unhealthy."""
+        if time.monotonic() >= self.start_deadline:
+            return False
+        path = head.split(b" ", 2)[1:2]
+        if path and path[0].partition(b"?")[0] in (b"/healthz", b"/status"):
+            if self.health()[0]:
+                self.start_deadline = -math.inf  # healthy once: start-up is over
+                return False
+            return True
+        return False
+
+    def hold(self, client: _Client, head: bytes) -> None:
+        """Answer `client` when healthy or at the start deadline (`run_deadlines`)."""
+        client.held = head
+        client.deadline = max(client.deadline, self.start_deadline + self.client_timeout)
+        self.held[client] = None
+
+    def _release(self, client: _Client) -> None:
+        self.held.pop(client, None)
+        head, client.held = client.held, None
+        if head is not None and client.sock.fileno() >= 0:
+            client.respond(self.response_for(head))
 
     def response_for(self, head: bytes) -> bytes:
         """The whole response to a request head (request line and headers, no blank line)."""
@@ -298,7 +357,7 @@ class MetricsEndpoint:
         if method not in (b"GET", b"HEAD"):
             return _response(405, b"only GET and HEAD\n", allow=True)
         with_body = method == b"GET"
-        path = target.split(b"?", 1)[0]
+        path, _, query = target.partition(b"?")
         if path == b"/metrics":
             try:
                 body = self.render()
@@ -306,10 +365,11 @@ class MetricsEndpoint:
                 log.exception("cannot collect metrics")
                 return _response(500, b"cannot collect metrics, see the log\n", with_body)
             return _response(200, body, with_body, CONTENT_TYPE_PLAIN_0_0_4)
-        if path == b"/healthz":
-            healthy, reason = self.health()
+        if path == b"/healthz" or path == b"/status":
+            verbose = path == b"/status" or b"verbose" in query.split(b"&")
+            healthy, reason = self.status() if verbose else self.health()
             return _response(200 if healthy else 503, reason.encode() + b"\n", with_body)
-        return _response(404, b"not found: try /metrics or /healthz\n", with_body)
+        return _response(404, b"not found: try /metrics, /healthz or /status\n", with_body)
 
 
 def _response(

@@ -1,8 +1,10 @@
 """The acceptor's guards: an exception while a client is taken in or held (queue mode)
 refuses that client, gives back its one admission (global cap and per-source row alike)
-exactly once, logs one warning and leaves the acceptor accepting. Real sockets and a real
-shared mapping; a stand-in for the worker around them."""
+exactly once, logs one warning and leaves the acceptor accepting; an admission mutex that
+stays taken (its holder preempted) delays a client, never refuses it. Real sockets and a
+real shared mapping; a stand-in for the worker around them."""
 
+import asyncio
 import logging
 import socket
 from collections.abc import Iterator
@@ -20,11 +22,12 @@ from forkproxy.relay.poller import Poller
 from forkproxy.settings.address import parse_target
 from forkproxy.settings.config import Config
 from forkproxy.settings.options import ON_LIMIT_QUEUE, ON_LIMIT_REFUSE
-from forkproxy.shared.admission import ADMITTED
+from forkproxy.shared.admission import ADMITTED, _unlock
 from forkproxy.shared.layout import WAITERS, WAITING
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.per_source import source_key
 from forkproxy.shared.scoreboard import ACCEPTED, REFUSED
+from tests.support.forked import Child
 from tests.support.shared_memory import make_shared
 
 log = logging.getLogger("forkproxy")
@@ -193,3 +196,54 @@ def test_a_hold_that_fails_before_waiting_leaves_the_waiters_alone(
     assert _end(held) == "eof"
     (line,) = _internal_errors(caplog)
     assert "holding the connection from 127.0.0.1:" in line
+
+
+@pytest.mark.parametrize("queue", [False, True], ids=["refuse", "queue"])
+def test_a_busy_admission_lock_delays_a_client_and_never_refuses_it(
+    stages: list[Stage], queue: bool
+) -> None:
+    """Another process holds the admission mutex past the wait budget, as a holder
+    preempted on a loaded host does: no cap turned the client away, so it is kept (with
+    the request it sent), the next clients wait in the backlog, and it is admitted once the
+    mutex is free. Refused, it would be closed with its request unread: an RST."""
+    stage = Stage(4, queue=queue)
+    stages.append(stage)
+    admission = stage.shared.admission
+    holder = Child(
+        lambda: int(admission.admitter(1)._lock()),
+        then=lambda: _unlock(admission.mutex_address),
+    )
+    holder.start()
+    try:
+        assert holder.result() == 1
+        first = socket.create_connection(stage.address, timeout=5)
+        stage.clients.append(first)
+        first.sendall(b"request")
+        stage.acceptor.on_listener_readable(stage.listener)  # admit() finds it busy
+        assert stage.connected == [] and stage.slot[REFUSED] == 0
+        assert stage.acceptor.held is not None and not stage.acceptor.accepting
+        first.setblocking(False)
+        with pytest.raises(BlockingIOError):  # open: neither reset nor closed
+            first.recv(1)
+        second = stage.client()  # left in the backlog meanwhile
+        assert stage.connected == []
+    finally:
+        holder.finish()  # unlocks and exits
+    both: asyncio.Future[None] = stage.loop.create_future()
+    connect = stage.acceptor.connect
+
+    def on_connect(client: socket.socket, token: int, peer: object, route: object) -> None:
+        connect(client, token, peer, route)
+        if len(stage.connected) == 2:
+            both.set_result(None)
+
+    stage.acceptor.connect = on_connect
+    # The retry admits the held client, then accepting resumes and takes the next one.
+    stage.loop.run_until_complete(asyncio.wait_for(both, 10))
+    (held, held_token), (waited, _) = stage.connected
+    assert held_token == ADMITTED and held.getpeername() == first.getsockname()
+    assert held.recv(16) == b"request"
+    assert waited.getpeername() == second.getsockname()
+    assert stage.acceptor.held is None and stage.acceptor.accepting
+    assert stage.slot[REFUSED] == 0 and stage.slot[ACCEPTED] == 2
+    assert stage.in_use() == (2, 0)

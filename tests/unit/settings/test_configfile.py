@@ -264,7 +264,8 @@ BAD: list[tuple[str, list[str]]] = [
             "FILE:3: key 'workers' in [listeners.web]: not a per-listener option (these are: "
             "targets, listen, proxy-protocol, connect-timeout, idle-timeout, keepalive, "
             "nodelay, pipe-size, connections-max-per-source, datagram-timeout, "
-            "datagram-replies)",
+            "datagram-replies, check-interval, check-http, check-rise, check-fall, "
+            "check-timeout)",
             "FILE:4: key 'listen' in [listeners.web]: give the address alone: the section names it",
             "FILE:5: key 'idle-timout' in [listeners.web]: no such option (did you mean "
             "'idle-timeout'?)",

@@ -50,6 +50,7 @@ def test_regions_follow_each_other_page_aligned() -> None:
             (layout.MAX_LISTENERS + layout.MAX_TARGETS) * layout.ROW_WORDS * WORD,
         ),
         (layout.TARGETS, layout.MAX_TARGETS * layout.TARGET_ROW_BYTES),
+        (layout.CHECK_DURATION, layout.CHECK_DURATION_WORDS * WORD),
         (layout.SOURCE_TABLE, 0),
     ]
     end = HEADER_BYTES
@@ -73,6 +74,28 @@ def test_a_slot_holds_its_words_and_rows() -> None:
     assert layout.HELD not in counters and layout.ACTIVE not in counters
 
 
+def test_a_target_row_holds_its_fields_and_the_rows_their_words() -> None:
+    fields = [
+        layout.KEY,
+        layout.UP,
+        layout.COOLDOWN_UNTIL_NS,
+        layout.STREAK,
+        layout.CHECKED_NS,
+        layout.CHANGED_NS,
+        layout.REASON,
+        layout.DETAIL,
+    ]
+    assert len(set(fields)) == len(fields)
+    assert all(field % WORD == 0 and field + WORD <= layout.TARGET_ROW_BYTES for field in fields)
+    target_words = [layout.T_ACTIVE, layout.T_CONNECTIONS, layout.T_BYTES_TO_TARGET]
+    target_words += [layout.T_BYTES_TO_CLIENT]
+    target_words += [layout.T_CONNECT_ERRORS + i for i in range(len(layout.CONNECT_ERROR_REASONS))]
+    listener_words = [layout.L_CONNECTIONS]
+    listener_words += [layout.L_REFUSED + i for i in range(len(layout.LISTENER_REFUSALS))]
+    for words in (target_words, listener_words):
+        assert len(set(words)) == len(words) and max(words) < layout.ROW_WORDS
+
+
 def test_engine_offsets_agree_with_the_constants() -> None:
     offsets = engine_offsets()
     assert offsets["layout_version"] == layout.LAYOUT_VERSION
@@ -90,6 +113,11 @@ def test_engine_offsets_agree_with_the_constants() -> None:
     # Optional fields of the engine are off at 0: none of ours may sit there.
     for name in ("capacity_seq", "waiters", "source_limit", "source_table", "source_dirty"):
         assert offsets[name] != 0, name
+    assert (offsets["target_up"], offsets["target_cooldown_until_ns"]) == (
+        layout.UP,
+        layout.COOLDOWN_UNTIL_NS,
+    )
+    assert 0 not in (layout.UP, layout.COOLDOWN_UNTIL_NS)
 
 
 def test_a_huge_cap_keeps_the_mapping_small() -> None:

@@ -1,6 +1,7 @@
 """Metrics: the collector over a real scoreboard, the health rule, the HTTP responder on real
 sockets driven by a real selector, and the --metrics option."""
 
+import math
 import os
 import selectors
 import shutil
@@ -134,7 +135,6 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     assert _value(samples, "forkproxy_connections_max") == 10
     assert _value(samples, "forkproxy_connections_accepted_total") == 12
     assert _value(samples, "forkproxy_connections_refused_total") == 3
-    assert _value(samples, "forkproxy_target_connect_errors_total") == 4
     assert _value(samples, "forkproxy_backend_connect_errors_total") == 4  # deprecated alias
     relayed = "forkproxy_relayed_bytes_total"
     assert _value(samples, relayed, direction="to_target") == 1000 + (1 << 40)
@@ -171,7 +171,7 @@ def test_help_texts_say_target_and_the_old_name_is_marked_deprecated(
         family.name: family.documentation
         for family in text_string_to_metric_families(text.decode())
     }
-    assert helps["forkproxy_backend_connect_errors"] == (
+    assert helps["forkproxy_backend_connect_errors"].startswith(
         "Deprecated: use forkproxy_target_connect_errors_total"
     )
     del helps["forkproxy_backend_connect_errors"]
@@ -499,7 +499,7 @@ def test_get_metrics(served: Callable[..., Served], family: int) -> None:
         (
             b"GET / HTTP/1.1\r\n\r\n",
             "HTTP/1.1 404 Not Found",
-            b"not found: try /metrics or /healthz\n",
+            b"not found: try /metrics, /healthz or /status\n",
         ),
         (b"GET /metricsx HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found", None),
         (b"POST /metrics HTTP/1.1\r\n\r\n", "HTTP/1.1 405 Method Not Allowed", None),
@@ -525,6 +525,22 @@ def test_healthz_503_says_why(served: Callable[..., Served]) -> None:
     status, headers, body = _split(server.exchange(b"GET /healthz HTTP/1.1\r\n\r\n"))
     assert status == "HTTP/1.1 503 Service Unavailable"
     assert body == b"1 of 2 workers serving\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (b"/healthz", b"no target\n"),
+        (b"/healthz?verbose", b"no target\nlistener 'web': 0 of 1 targets up\n"),
+        (b"/healthz?x=1&verbose", b"no target\nlistener 'web': 0 of 1 targets up\n"),
+        (b"/status", b"no target\nlistener 'web': 0 of 1 targets up\n"),
+    ],
+)
+def test_verbose_health_and_status(served: Callable[..., Served], path: bytes, body: bytes) -> None:
+    server = served(health=lambda: (False, "no target"))
+    server.endpoint.status = lambda: (False, "no target\nlistener 'web': 0 of 1 targets up")
+    status, _, got = _split(server.exchange(b"GET " + path + b" HTTP/1.1\r\n\r\n"))
+    assert (status, got) == ("HTTP/1.1 503 Service Unavailable", body)
 
 
 def test_a_request_in_pieces_is_answered_once_whole(served: Callable[..., Served]) -> None:
@@ -773,3 +789,79 @@ def test_unix_socket_mode_follows_socket_mode(workdir: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == mode
         close_listeners([listener])
         assert not path.exists()
+
+
+def _run_as_the_master(server: Served, condition: Callable[[], bool], what: str) -> None:
+    """The master's loop: wait for events or the endpoint's deadline, then run_deadlines
+    (after every wakeup, as the master calls it)."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        timeout = min(0.05, max(0.0, server.endpoint.next_deadline() - time.monotonic()))
+        for key, _ in server.selector.select(timeout):
+            key.data()
+        server.endpoint.run_deadlines(time.monotonic())
+
+
+def test_at_start_up_a_health_request_waits_until_healthy(served: Callable[..., Served]) -> None:
+    """Under socket activation the probe that started forkproxy is read before any worker
+    serves: it gets its 200 once they do, not a 503 at once; /metrics is not held."""
+    healthy = [False]
+    server = served(health=lambda: (healthy[0], f"{2 if healthy[0] else 0} of 2 workers serving"))
+    endpoint = server.endpoint
+    endpoint.start_deadline = math.inf  # the start-up timeout, never reached here
+    with server.connect() as probe, server.connect() as scrape:
+        probe.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        scrape.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        _run_as_the_master(
+            server,
+            lambda: len(endpoint.held) == 1 and sum(c.lingering for c in endpoint.clients) == 1,
+            "the probe held and the scrape answered",
+        )
+        assert _split(_read_to_eof(scrape))[2] == b"metric_a 1\n"
+        healthy[0] = True
+        _run_as_the_master(server, lambda: not endpoint.held, "the probe answered")
+        assert _split(_read_to_eof(probe)) == (
+            "HTTP/1.1 200 OK",
+            {
+                "Content-Type": "text/plain; charset=utf-8",
+                "Content-Length": "23",
+                "Cache-Control": "no-store",
+                "Connection": "close",
+            },
+            b"2 of 2 workers serving\n",
+        )
+    _run_as_the_master(server, lambda: not endpoint.clients, "both closed")
+    # Started: from now on health is answered at once, a 503 too.
+    healthy[0] = False
+    assert _split(server.exchange(b"GET /status HTTP/1.1\r\n\r\n"))[0] == (
+        "HTTP/1.1 503 Service Unavailable"
+    )
+
+
+def test_a_held_health_request_gets_503_at_the_start_deadline(
+    served: Callable[..., Served],
+) -> None:
+    server = served(health=lambda: (False, "0 of 2 workers serving"))
+    endpoint = server.endpoint
+    endpoint.start_deadline = time.monotonic() + 0.2
+    with server.connect() as probe:
+        probe.sendall(b"GET /healthz?verbose HTTP/1.1\r\n\r\n")
+        _run_as_the_master(server, lambda: bool(endpoint.held), "the probe held")
+        _run_as_the_master(server, lambda: not endpoint.held, "the start deadline")
+        assert _split(_read_to_eof(probe))[::2] == (
+            "HTTP/1.1 503 Service Unavailable",
+            b"0 of 2 workers serving\n",
+        )
+    assert endpoint.start_deadline == -math.inf
+
+
+def test_a_held_client_that_leaves_is_forgotten(served: Callable[..., Served]) -> None:
+    server = served(health=lambda: (False, "0 of 2 workers serving"))
+    endpoint = server.endpoint
+    endpoint.start_deadline = math.inf
+    with server.connect() as probe:
+        probe.sendall(b"GET /healthz HTTP/1.1\r\n\r\nmore input is ignored")
+        _run_as_the_master(server, lambda: bool(endpoint.held), "the probe held")
+    _run_as_the_master(server, lambda: not endpoint.clients and not endpoint.held, "its close")
