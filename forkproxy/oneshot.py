@@ -131,7 +131,9 @@ class _Connection:
                 set_socket_options(self.client, self.options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
-        group = TargetGroup(self.config.targets, self.config.connect_timeout, self.options)
+        # The targets in order, then the backups: one connection has no balancing to do.
+        targets = self.config.targets + self.config.backup
+        group = TargetGroup(targets, self.config.connect_timeout, self.options)
         attempt = group.connect(self.loop, self.poller, self.on_connected, self.on_failed)
         still_connecting = self.relay is None and self.status == 0
         if still_connecting and self.config.connect_timeout != math.inf:
@@ -148,8 +150,9 @@ class _Connection:
     def _on_sweep_error(self, _item: object, error: Exception) -> None:
         self.crashed(error)
 
-    def on_connected(self, target: socket.socket) -> None:
-        """Relay client and target. Never raises: an internal error ends the connection."""
+    def on_connected(self, target: socket.socket, index: int = -1) -> None:
+        """Relay client and target (`index`: which of the targets, unused). Never raises:
+        an internal error ends the connection."""
         self.connecting.clear()
         try:
             self._relay(target)

@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING
 from forkproxy import logs
 from forkproxy.relay.capacity_wait import CapacityWaiter
 from forkproxy.relay.failpoints import Failpoint
-from forkproxy.relay.refusals import Refusals
+from forkproxy.relay.refusals import REFUSAL_WORDS, Refusals
 from forkproxy.relay.splice import NO_TOKEN
 from forkproxy.relay.target_connect import set_socket_options
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.options import ON_LIMIT_QUEUE
 from forkproxy.shared.admission import ADMITTED, REFUSED_BUSY, REFUSED_CAP
+from forkproxy.shared.layout import L_CONNECTIONS
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.per_source import source_key
 from forkproxy.shared.scoreboard import ACCEPTED, ACTIVE, REFUSED
@@ -173,7 +174,7 @@ class Acceptor:
                 self.loop.call_later(BUSY_RETRY_INTERVAL, self.on_capacity)
                 return
             else:
-                self.refusals.refuse(fd, family, peer, token, source_limit)
+                self.refusals.refuse(fd, family, peer, token, source_limit, plan.counters)
 
     def _admit(self, fd: int, peer: object, plan: "ListenerPlan", token: int) -> None:
         """An admitted client: connect it to a target (`token` goes back to the admitter).
@@ -192,12 +193,13 @@ class Acceptor:
         slot = self.slot
         slot[ACCEPTED] += 1
         slot[ACTIVE] += 1
+        plan.counters[L_CONNECTIONS] += 1
         if plan.client_options:
             try:
                 set_socket_options(client, plan.client_options)
             except OSError:
                 pass  # the client is gone already: its relay will find out
-        self.connect(client, token, peer, plan.route)
+        self.connect(client, token, peer, plan.route, plan.counters)
 
     # -- --on-limit=queue ----------------------------------------------------------------
 
@@ -206,6 +208,7 @@ class Acceptor:
         in the listen backlog, and wait for capacity (why a thread: capacity_wait.py)."""
         if self.held is not None:  # not reached: accepting stops while a client is held
             self.slot[REFUSED] += 1
+            held.plan.counters[REFUSAL_WORDS[REFUSED_CAP]] += 1
             os.close(held.fd)
             return
         self.held = held
@@ -252,8 +255,9 @@ class Acceptor:
         if token >= ADMITTED:
             self._admit(held.fd, held.peer, held.plan, token)
         else:
+            plan = held.plan
             self.refusals.refuse(
-                held.fd, held.plan.family, held.peer, token, held.plan.source_limit
+                held.fd, plan.family, held.peer, token, plan.source_limit, plan.counters
             )
         if not self.worker.draining:
             self.start()
@@ -274,10 +278,12 @@ class Acceptor:
         held = self.held
         if held is not None:
             self.held = None
+            why = REFUSED_CAP if held.waiting else REFUSED_BUSY  # what it was held for
             if held.waiting:
                 held.waiting = False
                 self.admitter.wait_end()
             self.slot[REFUSED] += 1
+            held.plan.counters[REFUSAL_WORDS[why]] += 1
             os.close(held.fd)
 
     # -- running short of descriptors ------------------------------------------------------

@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.accepting import ACCEPT_PAUSE
+from forkproxy.relay.balance import BalancedConnect, Balancer
 from forkproxy.relay.failpoints import FailingDirection, Failpoint
 from forkproxy.relay.internal_error import INTERNAL_ERROR, InternalErrors
-from forkproxy.relay.plans import Route, min_connect_timeout
+from forkproxy.relay.plans import Route, min_connect_timeout, spare_row
 from forkproxy.relay.proxy_protocol import HeaderEncoder
+from forkproxy.relay.refusals import NO_TARGET
 from forkproxy.relay.relaying import OpenRelays, observe
 from forkproxy.relay.seqpacket import MessageRelay
 from forkproxy.relay.splice import NO_TOKEN, Relay, reset_on_close
@@ -37,6 +39,7 @@ from forkproxy.relay.targets import COOLDOWN, FailoverConnect
 from forkproxy.relay.timeouts import LazySweep, sweep_connects, sweep_interval
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.settings.kinds import SEQPACKET
+from forkproxy.shared.layout import T_ACTIVE, T_CONNECTIONS
 from forkproxy.shared.scoreboard import (
     BYTES_TO_CLIENT,
     BYTES_TO_TARGET,
@@ -58,7 +61,16 @@ _RETRY_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE)
 class _PendingClient:
     """An admitted client while its connection to a target is being opened."""
 
-    __slots__ = ("connector", "client", "token", "started", "peer", "connect", "route")
+    __slots__ = (
+        "connector",
+        "client",
+        "token",
+        "started",
+        "peer",
+        "connect",
+        "route",
+        "counters",
+    )
 
     def __init__(
         self,
@@ -67,6 +79,7 @@ class _PendingClient:
         token: int,
         peer: object,
         route: Route,
+        counters: memoryview,
     ) -> None:
         self.connector = connector
         self.client = client
@@ -75,11 +88,13 @@ class _PendingClient:
         self.token = token
         self.started = time.monotonic()
         self.peer = peer
-        self.connect: TargetConnect | FailoverConnect | None = None
+        self.connect: TargetConnect | FailoverConnect | BalancedConnect | None = None
         self.route = route  # its listener's: target group, PROXY header, pipes
+        self.counters = counters  # its listener's row in the worker's slot
 
-    def on_connected(self, target: socket.socket) -> None:
-        self.connector.on_target_connected(self, target)
+    def on_connected(self, target: socket.socket, index: int = -1) -> None:
+        """Connected to target `index` of its route's balancer (-1: a `TargetGroup`'s)."""
+        self.connector.on_target_connected(self, target, index)
 
     def on_failed(self, error: OSError) -> None:
         self.connector.on_connect_failed(self, error)
@@ -118,16 +133,31 @@ class Connector:
 
     # -- connecting ----------------------------------------------------------------------
 
-    def connect(self, client: socket.socket, token: int, peer: object, route: Route) -> None:
-        """Take over an admitted client and connect it to `route`'s targets. Never raises."""
-        pending = _PendingClient(self, client, token, peer, route)
+    def connect(
+        self,
+        client: socket.socket,
+        token: int,
+        peer: object,
+        route: Route,
+        counters: memoryview | None = None,
+    ) -> None:
+        """Take over an admitted client and connect it to `route`'s targets (`counters`:
+        its listener's row in the worker's slot). Never raises."""
+        if counters is None:
+            counters = spare_row()
+        pending = _PendingClient(self, client, token, peer, route, counters)
         self.pending.add(pending)
         self._start_connect(pending)
 
     def _start_connect(self, pending: _PendingClient) -> None:
         try:
             attempt = pending.route.group.connect(
-                self.loop, self.poller, pending.on_connected, pending.on_failed
+                self.loop,
+                self.poller,
+                pending.on_connected,
+                pending.on_failed,
+                pending.client.family,
+                pending.peer,
             )
             # On loopback the connect usually ended (on_target_connected or
             # on_connect_failed ran) inside group.connect(): only an attempt still under
@@ -161,7 +191,9 @@ class Connector:
                 COOLDOWN,
             )
 
-    def on_target_connected(self, pending: _PendingClient, target: socket.socket) -> None:
+    def on_target_connected(
+        self, pending: _PendingClient, target: socket.socket, index: int = -1
+    ) -> None:
         """The attempt connected: hand client and target over to a new relay. Never raises."""
         if pending not in self.pending:  # released meanwhile, after an internal error
             target.close()
@@ -180,20 +212,23 @@ class Connector:
             )
             route = pending.route
             proxy_header = route.proxy_header
-            seqpacket = route.group.targets[0].kind == SEQPACKET
+            group = route.group
+            seqpacket = group.targets[0].kind == SEQPACKET
             # Messages: no PROXY header (a stream's), and no splice (it would merge them).
             if (
                 not seqpacket
                 and proxy_header is not None
-                and not self._send_proxy_header(pending, target, proxy_header)
+                and not self._send_proxy_header(pending, target, proxy_header, index)
             ):
                 return
+            # The worker's row of counters for the target, if it has one.
+            target_row = group.counters[index] if isinstance(group, Balancer) else None
             direction = route.direction
             failpoint = self.failpoint
             if failpoint is not None and failpoint.due("readable"):
                 direction = FailingDirection
             if seqpacket:
-                relay = self._message_relay(pending.client, target, route)
+                relay = self._message_relay(pending.client, target, route, target_row)
             else:
                 relay = Relay(
                     self.poller,
@@ -205,7 +240,12 @@ class Connector:
                     BYTES_TO_CLIENT,
                     route.on_relay_closed,
                     direction,
+                    target_row,
                 )
+            # Open until the relay closes (OpenRelays.on_relay_closed), however it ends.
+            row = relay.target_row
+            row[T_CONNECTIONS] += 1
+            row[T_ACTIVE] += 1
             # From here the relay owns both sockets and the admission.
             relay.token = pending.token
             pending.token = NO_TOKEN
@@ -227,7 +267,13 @@ class Connector:
             else:
                 self.crashed(relay, error)
 
-    def _message_relay(self, client: socket.socket, target: socket.socket, route: Route) -> Relay:
+    def _message_relay(
+        self,
+        client: socket.socket,
+        target: socket.socket,
+        route: Route,
+        target_row: memoryview | None,
+    ) -> Relay:
         buffer = self.worker.message_buffer
         assert buffer is not None  # made for the worker's sequential-packet listeners
         return MessageRelay(
@@ -241,10 +287,11 @@ class Connector:
             BYTES_TO_CLIENT,
             route.on_relay_closed,
             route.idle_sweep is not None,
+            target_row,
         )
 
     def _send_proxy_header(
-        self, pending: _PendingClient, target: socket.socket, encode: HeaderEncoder
+        self, pending: _PendingClient, target: socket.socket, encode: HeaderEncoder, index: int
     ) -> bool:
         """--proxy-protocol: the header first, in one send(2); False if that failed."""
         client = pending.client
@@ -257,6 +304,9 @@ class Connector:
             text = error.strerror if isinstance(error, OSError) else None
             reason = f"sending the PROXY protocol header: {text or error}"
             code = error.errno if isinstance(error, OSError) else errno.EINVAL
+            group = pending.route.group
+            if isinstance(group, Balancer):  # a failed attempt of that target
+                group.count_error(index, code)
             self._connect_failed(pending, OSError(code, reason))
             return False
         return True
@@ -284,7 +334,9 @@ class Connector:
                 self.pending.add(pending)  # still, or again after a failed PROXY header
                 self.loop.call_later(ACCEPT_PAUSE, self._retry_connect, pending)
                 return
-            self.slot[CONNECT_ERRORS] += 1
+            if not isinstance(pending.route.group, Balancer):
+                self.slot[CONNECT_ERRORS] += 1  # a balancer counts each failed attempt
+            pending.counters[NO_TARGET] += 1
             self.connect_failures.log(
                 "cannot connect to target %s for %s: %s, closing connection",
                 pending.route.group.label,

@@ -2,7 +2,8 @@
 
 A `ListenerPlan` per listener holds what accepting needs (the family, the client-side
 TCP options, the per-source limit) and the listener's `Route`, which holds what
-connecting and relaying need: the target group (with its round-robin and cool-down),
+connecting and relaying need: the target group (a `Balancer` by the shared target
+table, balance.py; or, without one, a `TargetGroup` of the worker's own, targets.py),
 the PROXY header encoder, the relay's direction class, the pipe pool and the idle
 sweep. Listeners with the same settings share one route, and routes with the same
 targets, connect timeout and TCP options share one group; with no per-listener
@@ -12,23 +13,43 @@ costs what it did before there were any. Never accepts, connects or relays.
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from forkproxy.relay.balance import Balancer
 from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.proxy_protocol import HeaderEncoder, header_encoder
 from forkproxy.relay.splice import Direction, IdleDirection, Relay
 from forkproxy.relay.target_connect import TCP_FAMILIES, SocketOptions
 from forkproxy.relay.targets import TargetGroup
 from forkproxy.relay.timeouts import LazySweep, sweep_idle, sweep_interval
-from forkproxy.settings.address import TargetAddress
 from forkproxy.settings.config import Config, ListenerSettings
 from forkproxy.settings.options import tcp_socket_options
+from forkproxy.shared.layout import ROW_WORDS, WORD
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.protocol import pipe_pool_keep
+from forkproxy.shared.scoreboard import Scoreboard
+from forkproxy.shared.targets_table import ListenerTargets, TargetTable
 
 if TYPE_CHECKING:
     from forkproxy.relay.connecting import Connector
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerTargets:
+    """A worker's view of the target table and of its slot's rows, for its plans."""
+
+    table: TargetTable
+    scoreboard: Scoreboard
+    slot: int  # this worker's slot index
+    by_fd: Mapping[int, ListenerTargets]  # each stream listener's rows, by its fd
+    counters: Mapping[int, memoryview]  # each listener's row of counters in our slot
+
+
+def spare_row() -> memoryview:
+    """A row of counters nobody reads: for a listener or target without one."""
+    return memoryview(bytearray(ROW_WORDS * WORD)).cast("q")
 
 
 class Route:
@@ -47,7 +68,7 @@ class Route:
 
     def __init__(
         self,
-        group: TargetGroup,
+        group: TargetGroup | Balancer,
         proxy_header: HeaderEncoder | None,
         pool: PipePool,
         on_relay_closed: Callable[[Relay], None],
@@ -74,12 +95,27 @@ class Route:
 class ListenerPlan:
     """What a worker does with the clients of one listener."""
 
-    __slots__ = ("listener", "family", "kind", "client_options", "source_limit", "route")
+    __slots__ = (
+        "listener",
+        "family",
+        "kind",
+        "client_options",
+        "source_limit",
+        "route",
+        "counters",
+    )
 
     def __init__(
-        self, listener: Listener, client_options: SocketOptions, source_limit: int, route: Route
+        self,
+        listener: Listener,
+        client_options: SocketOptions,
+        source_limit: int,
+        route: Route,
+        counters: memoryview | None = None,
     ) -> None:
         self.listener = listener
+        # The listener's row in the worker's slot: clients admitted, refused by reason.
+        self.counters = spare_row() if counters is None else counters
         self.family = listener.sock.family
         self.kind = listener.kind  # stream or sequential-packet: what accept() returns
         self.client_options = client_options  # setsockopt(2) on each client: TCP only
@@ -92,27 +128,34 @@ def make_plans(
     config: Config,
     connector: "Connector",
     pools: dict[int, PipePool],
+    targets: WorkerTargets | None = None,
 ) -> dict[int, ListenerPlan]:
     """Each listener's plan, by fd. `pools` gets a pool per pipe size used (the worker
-    closes them)."""
-    routes: dict[ListenerSettings, Route] = {}
-    groups: dict[tuple[tuple[TargetAddress, ...], float, SocketOptions], TargetGroup] = {}
+    closes them). With `targets`, a listener that has rows in the target table gets a
+    `Balancer` (balance.py); else a `TargetGroup` of this worker's own."""
+    routes: dict[tuple[ListenerSettings, ListenerTargets | None], Route] = {}
+    groups: dict[tuple[object, ...], TargetGroup | Balancer] = {}
     plans = {}
     for listener in listeners:
         settings = config.settings_for(listener.name)
         tcp_options = tcp_socket_options(settings.nodelay, settings.keepalive)
-        shared = dataclasses.replace(settings, name="")  # what listeners share a route by
+        rows = None if targets is None else targets.by_fd.get(listener.fd)
+        # What listeners share a route by: their settings, and their rows (by name).
+        shared = (dataclasses.replace(settings, name=""), rows)
         route = routes.get(shared)
         if route is None:
-            key = (settings.targets, settings.connect_timeout, tcp_options)
+            key = (
+                settings.targets,
+                settings.backup,
+                settings.balance,
+                settings.connect_retry,
+                settings.connect_timeout,
+                tcp_options,
+                rows,
+            )
             group = groups.get(key)
             if group is None:
-                group = groups[key] = TargetGroup(
-                    settings.targets,
-                    settings.connect_timeout,
-                    tcp_options,
-                    connector.on_target_failed,
-                )
+                group = groups[key] = _group(settings, tcp_options, rows, targets, connector)
             route = routes[shared] = _route(settings, group, connector, pools)
         family = listener.sock.family
         plans[listener.fd] = ListenerPlan(
@@ -120,13 +163,44 @@ def make_plans(
             tcp_options if family in TCP_FAMILIES else (),
             settings.connections_max_per_source,
             route,
+            None if targets is None else targets.counters.get(listener.fd),
         )
     return plans
 
 
+def _group(
+    settings: ListenerSettings,
+    tcp_options: SocketOptions,
+    rows: ListenerTargets | None,
+    targets: WorkerTargets | None,
+    connector: "Connector",
+) -> TargetGroup | Balancer:
+    if rows is None or targets is None:
+        return TargetGroup(
+            settings.targets + settings.backup,
+            settings.connect_timeout,
+            tcp_options,
+            connector.on_target_failed,
+        )
+    return Balancer(
+        settings.targets,
+        settings.backup,
+        rows.rows,
+        rows.route,
+        targets.table,
+        targets.scoreboard,
+        targets.slot,
+        settings.balance,
+        settings.connect_timeout,
+        tcp_options,
+        settings.connect_retry,
+        connector.on_target_failed,
+    )
+
+
 def _route(
     settings: ListenerSettings,
-    group: TargetGroup,
+    group: TargetGroup | Balancer,
     connector: "Connector",
     pools: dict[int, PipePool],
 ) -> Route:

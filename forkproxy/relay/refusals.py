@@ -15,10 +15,19 @@ from forkproxy.relay.internal_error import InternalErrors
 from forkproxy.relay.splice import NO_TOKEN, reset_on_close
 from forkproxy.settings.address import format_sockaddr
 from forkproxy.settings.config import Config
-from forkproxy.shared.admission import REFUSED_BUSY, REFUSED_CAP, Admitter
+from forkproxy.shared.admission import REFUSED_BUSY, REFUSED_CAP, REFUSED_SOURCE, Admitter
+from forkproxy.shared.layout import L_REFUSED, LISTENER_REFUSALS
 from forkproxy.shared.scoreboard import REFUSED
 
 log = logging.getLogger("forkproxy")
+
+# A listener row's word for each refusal of admission (layout.py).
+REFUSAL_WORDS = {
+    REFUSED_CAP: L_REFUSED + LISTENER_REFUSALS.index("cap"),
+    REFUSED_SOURCE: L_REFUSED + LISTENER_REFUSALS.index("per_source"),
+    REFUSED_BUSY: L_REFUSED + LISTENER_REFUSALS.index("busy"),
+}
+NO_TARGET = L_REFUSED + LISTENER_REFUSALS.index("no_target")
 
 
 class Refusals:
@@ -43,10 +52,20 @@ class Refusals:
         self.at_cap = logs.RateLimitedLog(log, logging.WARNING)  # and busy
         self.per_source_lines = logs.RateLimitedLog(log, logging.WARNING)
 
-    def refuse(self, fd: int, family: int, peer: object, why: int, source_limit: int) -> None:
+    def refuse(
+        self,
+        fd: int,
+        family: int,
+        peer: object,
+        why: int,
+        source_limit: int,
+        counters: memoryview,
+    ) -> None:
         """Admission refused the client (`why`: REFUSED_CAP, REFUSED_BUSY, REFUSED_SOURCE;
-        `source_limit`: its listener's per-source limit)."""
-        self.slot[REFUSED] += 1  # before the close: a kill between them must not hide it
+        `source_limit`: its listener's per-source limit; `counters`: its listener's row)."""
+        # Before the close: a kill between them must not hide it.
+        self.slot[REFUSED] += 1
+        counters[REFUSAL_WORDS[why]] += 1
         os.close(fd)
         if why == REFUSED_CAP:
             self.at_cap.log(

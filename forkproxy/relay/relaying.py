@@ -16,6 +16,7 @@ from forkproxy import logs
 from forkproxy.relay.splice import NO_TOKEN, PEER_GONE_ERRNOS, Relay
 from forkproxy.relay.timeouts import GRACEFUL_ERROR
 from forkproxy.settings.address import format_sockaddr
+from forkproxy.shared.layout import T_ACTIVE
 from forkproxy.shared.scoreboard import (
     CONNECTION_DURATION_BOUNDS,
     CONNECTION_DURATION_BUCKETS,
@@ -47,6 +48,7 @@ class OpenRelays:
         self.relays.discard(relay)
         token = relay.token
         relay.token = NO_TOKEN
+        relay.target_row[T_ACTIVE] -= 1  # the connector counted it open with the relay
         try:
             error = relay.error
             if error is not None and error.errno not in PEER_GONE_ERRNOS:

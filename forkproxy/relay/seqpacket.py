@@ -81,6 +81,7 @@ class MessageDirection(Direction):
             if not self._send(self.view[:count]):
                 return
             self.counters[self.counter_field] += count
+            self.target_counters[self.target_field] += count
 
     def _send(self, message: memoryview | bytes) -> bool:
         """Send one message whole; False if it is held (backpressure) or the relay failed."""
@@ -121,6 +122,7 @@ class MessageDirection(Direction):
             return
         self.held = None
         self.counters[self.counter_field] += len(held)
+        self.target_counters[self.target_field] += len(held)
         self.writing = False
         self.io.remove_writer(self.dst_fd)
         if not self.reading:
@@ -149,6 +151,7 @@ class MessageRelay(Relay):
         to_client_field: int,
         on_close: Callable[[Relay], None],
         mark_active: bool = False,
+        target_row: memoryview | None = None,
     ) -> None:
         self.buffer = buffer  # the worker's; the directions read into it
         self.mark_active = mark_active
@@ -163,6 +166,7 @@ class MessageRelay(Relay):
             to_client_field,
             on_close,
             MessageDirection,
+            target_row,
         )
 
 

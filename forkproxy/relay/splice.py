@@ -53,6 +53,7 @@ from forkproxy.relay.pipes import PipePool as PipePool
 from forkproxy.relay.pipes import check_pipe_size as check_pipe_size
 from forkproxy.relay.poller import Readiness
 from forkproxy.relay.urgent import at_urgent_mark, read_urgent_inline
+from forkproxy.shared.layout import ROW_WORDS, T_BYTES_TO_CLIENT, T_BYTES_TO_TARGET
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
@@ -98,6 +99,8 @@ class Direction:
         "done",
         "counters",
         "counter_field",
+        "target_counters",
+        "target_field",
         "on_readable",
         "on_writable",
     )
@@ -125,6 +128,9 @@ class Direction:
         self.done = False  # EOF passed on; this direction is finished
         self.counters = counters
         self.counter_field = counter_field
+        # The same bytes again in the relay's row of its target (layout.py).
+        self.target_counters = relay.target_row
+        self.target_field = T_BYTES_TO_TARGET if src is relay.client else T_BYTES_TO_CLIENT
         # Bound once: registering interest allocates no new callables.
         self.on_readable: Callable[[], None] | None = self._on_readable
         self.on_writable: Callable[[], None] | None = self._on_writable
@@ -204,6 +210,7 @@ class Direction:
         if count:
             self.pending -= count
             self.counters[self.counter_field] += count
+            self.target_counters[self.target_field] += count
         if self.pending:
             if not self.writing:
                 self.writing = True
@@ -300,6 +307,7 @@ class Relay:
         "error",
         "active",
         "quiet_since",
+        "target_row",
     )
 
     def __init__(
@@ -313,6 +321,7 @@ class Relay:
         to_client_field: int,
         on_close: Callable[["Relay"], None],
         direction: type[Direction] = Direction,
+        target_row: memoryview | None = None,
     ) -> None:
         self.io = io
         self.pool = pool
@@ -328,6 +337,9 @@ class Relay:
         # clears it and keeps `quiet_since`, when it last found the relay inactive.
         self.active = False
         self.quiet_since = 0.0
+        # The worker's row of counters for the target (layout.py): bytes each way here,
+        # the connection's count by its connector. A spare row if it has none.
+        self.target_row = _spare_row() if target_row is None else target_row
         self.client_to_target = direction(self, client, target, counters, to_target_field)
         self.target_to_client = direction(self, target, client, counters, to_client_field)
 
@@ -381,6 +393,10 @@ class Relay:
         if on_close is not None:
             self.on_close = None
             on_close(self)
+
+
+def _spare_row() -> memoryview:
+    return memoryview(bytearray(ROW_WORDS * 8)).cast("q")
 
 
 def reset_on_close(sock: socket.socket) -> None:

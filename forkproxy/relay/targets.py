@@ -15,7 +15,7 @@ import math
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from forkproxy.relay.poller import Readiness
 from forkproxy.relay.target_connect import SocketOptions, TargetConnect
@@ -28,9 +28,28 @@ COOLDOWN = 5.0  # seconds a target that failed to connect is tried only if all o
 # Failures of this machine, not of a target: no cool-down, and no other target is tried.
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-OnConnected = Callable[[socket.socket], None]
 OnFailed = Callable[[OSError], None]
 OnTargetFailed = Callable[[TargetAddress, OSError, bool], None]
+
+
+class OnConnected(Protocol):
+    """Connected: the socket, and the index of its target in the group (-1 when a group
+    of one connected it directly)."""
+
+    def __call__(self, sock: socket.socket, index: int = -1, /) -> None: ...
+
+
+class Group(Protocol):
+    """What a `FailoverConnect` tries: a `TargetGroup`, or a `Balancer` (balance.py)."""
+
+    @property
+    def targets(self) -> tuple[TargetAddress, ...]: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def options(self) -> SocketOptions: ...
+    def failed(self, index: int, error: OSError) -> None: ...
+    def succeeded(self, index: int) -> None: ...
 
 
 class TargetGroup:
@@ -70,14 +89,18 @@ class TargetGroup:
         io: Readiness,
         on_connected: OnConnected,
         on_failed: OnFailed,
+        family: int = 0,
+        peer: object = None,
     ) -> "TargetConnect | FailoverConnect":
-        """Start connecting one client; exactly one of the callbacks will run."""
+        """Start connecting one client; exactly one of the callbacks will run. (`family`
+        and `peer`, the client's address, are for a `Balancer`'s --balance source.)"""
         if len(self.targets) == 1:
             attempt: TargetConnect | FailoverConnect = TargetConnect(
                 loop, io, self.targets[0], on_connected, on_failed, self.timeout, self.options
             )
         else:
             attempt = FailoverConnect(self, loop, io, on_connected, on_failed)
+            attempt.order = self.order()
         attempt.start()
         return attempt
 
@@ -108,13 +131,14 @@ class TargetGroup:
 
 
 class FailoverConnect:
-    """One client's connection: each target of a group in `order()` until one connects."""
+    """One client's connection: each target of a group in `order` (the group's indexes,
+    set before `start`) until one connects."""
 
     __slots__ = ("group", "loop", "io", "on_connected", "on_failed", "order", "step", "current")
 
     def __init__(
         self,
-        group: TargetGroup,
+        group: Group,
         loop: "asyncio.AbstractEventLoop",
         io: Readiness,
         on_connected: OnConnected,
@@ -125,18 +149,22 @@ class FailoverConnect:
         self.io = io
         self.on_connected = on_connected
         self.on_failed = on_failed
-        self.order = group.order()
+        self.order: list[int] = []
         self.step = 0
         self.current: TargetConnect | None = None
 
     def start(self) -> None:
         self._try_next(None)
 
+    def _exhausted(self, error: OSError | None) -> None:
+        """Every target in `order` failed (`error`: the last one's)."""
+        assert error is not None
+        self.on_failed(error)
+
     def _try_next(self, error: OSError | None) -> None:
         if self.step >= len(self.order):
             self.current = None
-            assert error is not None
-            self.on_failed(error)
+            self._exhausted(error)
             return
         index = self.order[self.step]
         self.step += 1
@@ -154,8 +182,9 @@ class FailoverConnect:
 
     def _on_connected(self, sock: socket.socket) -> None:
         self.current = None
-        self.group.succeeded(self.order[self.step - 1])
-        self.on_connected(sock)
+        index = self.order[self.step - 1]
+        self.group.succeeded(index)
+        self.on_connected(sock, index)
 
     def _on_target_failed(self, error: OSError) -> None:
         if error.errno in LOCAL_ERRNOS:

@@ -30,7 +30,7 @@ from forkproxy.relay.datagram import DatagramRelay
 from forkproxy.relay.failpoints import WORKER_CRASH, failpoint_from_environment
 from forkproxy.relay.messages import MessageBuffer, message_buffer
 from forkproxy.relay.pipes import PipePool
-from forkproxy.relay.plans import make_plans
+from forkproxy.relay.plans import WorkerTargets, make_plans
 from forkproxy.relay.poller import Poller
 from forkproxy.settings.kinds import STREAM
 from forkproxy.shared.layout import MAX_LISTENERS, ROW_WORDS
@@ -129,7 +129,9 @@ class Worker:
         failpoint = failpoint_from_environment()  # tests only: see failpoints.py
         self.connector = Connector(self, failpoint)
         self.internal_errors = self.connector.internal_errors
-        plans = make_plans(self.listeners, config, self.connector, self.pools)
+        plans = make_plans(
+            self.listeners, config, self.connector, self.pools, self._worker_targets(spec)
+        )
         self.datagrams: DatagramRelay | None = None
         if datagram_listeners:
             assert self.message_buffer is not None
@@ -152,6 +154,21 @@ class Worker:
                 listener.sock.close()  # our copy only: the master keeps its own
             datagram += 1
         return mine
+
+    @staticmethod
+    def _worker_targets(spec: WorkerSpec) -> WorkerTargets | None:
+        """Our stream listeners' rows of the target table and rows of counters."""
+        if spec.targets is None:
+            return None
+        by_fd = {}
+        counters = {}
+        for index, listener in enumerate(spec.listeners):
+            if listener.is_datagram:
+                continue
+            counters[listener.fd] = _listener_row(spec, index)
+            if index < len(spec.listener_targets):
+                by_fd[listener.fd] = spec.listener_targets[index]
+        return WorkerTargets(spec.targets, spec.scoreboard, spec.slot, by_fd, counters)
 
     @staticmethod
     def _reset_signals() -> None:

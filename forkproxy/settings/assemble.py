@@ -44,7 +44,9 @@ _DEFAULTS = {
     if field.default is not dataclasses.MISSING
 }
 # Values no single check can refuse: lists, and what Config checks only with others.
-_NOT_CHECKED_ALONE = frozenset({"targets", "listen", "route", "metrics", "inetd", "log_level"})
+_NOT_CHECKED_ALONE = frozenset(
+    {"targets", "listen", "route", "metrics", "inetd", "log_level", "backup"}
+)
 _TRIAL_TARGETS = (parse_target("127.0.0.1:1"),)
 _BAD = object()  # a value that was refused; its error is collected
 
@@ -148,6 +150,9 @@ class _Assembly:
             return _DEFAULTS[dest]
         if isinstance(raw, bool):
             return raw
+        if isinstance(raw, tuple):  # a repeatable option (--backup): each text parsed
+            parsed = [self.parse(dest, text, given.where) for text in raw]
+            return tuple(value for value in parsed if value is not _BAD)
         assert isinstance(raw, str)
         value = self.parse(dest, raw, given.where)
         if value is not _BAD and dest not in _NOT_CHECKED_ALONE:

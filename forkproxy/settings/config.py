@@ -53,6 +53,9 @@ DEFAULT_CHECK_FALL = 3  # checks failed in a row that make an up target down
 MAX_CHECK_STREAK = 1000
 DEFAULT_CHECK_TIMEOUT = 2.0  # or the interval, if shorter
 MAX_CHECK_PATH = 1024
+# How a route picks its target (relay/balance.py): the first is the default.
+BALANCE_MODES = ("round-robin", "least-connections", "source", "first")
+DEFAULT_BALANCE = BALANCE_MODES[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +83,16 @@ class ListenerSettings:
     check_rise: int = DEFAULT_CHECK_RISE
     check_fall: int = DEFAULT_CHECK_FALL
     check_timeout: float | None = None  # None: the interval, at most DEFAULT_CHECK_TIMEOUT
+    balance: str = DEFAULT_BALANCE  # how a target is picked among the usable ones
+    backup: tuple[TargetAddress, ...] = ()  # tried only when no target is usable
+    connect_retry: float = 0.0  # retry while every target refuses, for this long
     # Where it was set, for messages ("[listeners.web] in /etc/forkproxy.toml:7").
     origin: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
         _check_relay_options(self)
-        check_one_kind(self.targets, f"the targets of listener '{self.name}'")
+        check_one_kind(self.targets + self.backup, f"the targets of listener '{self.name}'")
+        _check_backups(self.targets, self.backup)
 
     @property
     def checks(self) -> bool:
@@ -140,6 +147,9 @@ class Config:
     check_rise: int = DEFAULT_CHECK_RISE
     check_fall: int = DEFAULT_CHECK_FALL
     check_timeout: float | None = None
+    balance: str = DEFAULT_BALANCE
+    backup: tuple[TargetAddress, ...] = ()
+    connect_retry: float = 0.0
     # Named listeners with settings of their own; the others use the global ones.
     listeners: tuple[ListenerSettings, ...] = ()
 
@@ -174,7 +184,9 @@ class Config:
         ):
             raise UsageError(f"--metrics={self.metrics.text} is also a --listen= address")
         _check_relay_options(self)
-        check_one_kind(self.targets, "the targets")
+        check_one_kind(self.targets + self.backup, "the targets")
+        if self.targets:
+            _check_backups(self.targets, self.backup)
         if self.on_limit not in ON_LIMIT_MODES:
             raise UsageError(f"--on-limit= must be refuse or queue, got '{self.on_limit}'")
         listener_names = [settings.name for settings in self.listeners]
@@ -234,6 +246,21 @@ def _check_relay_options(settings: "Config | ListenerSettings") -> None:
             f"got {settings.datagram_replies}"
         )
     _check_check_options(settings)
+    if settings.balance not in BALANCE_MODES:
+        raise UsageError(
+            f"--balance= must be one of {', '.join(BALANCE_MODES)}, got '{settings.balance}'"
+        )
+    if not 0 <= settings.connect_retry < math.inf:
+        raise UsageError("--connect-retry= must be 0 (no retries) or a finite time span")
+
+
+def _check_backups(targets: tuple[TargetAddress, ...], backup: tuple[TargetAddress, ...]) -> None:
+    """A backup is another target than the route's targets, and given once."""
+    seen = {target.text for target in targets}
+    for target in backup:
+        if target.text in seen:
+            raise UsageError(f"--backup={target.text} is a target already")
+        seen.add(target.text)
 
 
 def _check_check_options(settings: "Config | ListenerSettings") -> None:

@@ -20,7 +20,12 @@ from forkproxy.settings.address import (
     parse_route,
     parse_target,
 )
-from forkproxy.settings.config import PIPE_SIZE_MAX, PIPE_SIZE_MIN, http_path_problem
+from forkproxy.settings.config import (
+    BALANCE_MODES,
+    PIPE_SIZE_MAX,
+    PIPE_SIZE_MIN,
+    http_path_problem,
+)
 from forkproxy.settings.options import (
     KeepAlive,
     format_size,
@@ -95,6 +100,15 @@ def http_path(text: str, what: str) -> str:
     return text
 
 
+def balance_mode(text: str, what: str) -> str:
+    """--balance MODE: how a route picks its target."""
+    if text not in BALANCE_MODES:
+        raise UsageError(
+            f"invalid {what} {quote(text)}: expected one of {', '.join(BALANCE_MODES)}"
+        )
+    return text
+
+
 def _route(text: str, what: str) -> tuple[str, TargetAddress]:
     return parse_route(text)
 
@@ -132,6 +146,9 @@ VALUES: dict[str, ValueSyntax] = {
     "check_rise": ValueSyntax(whole_number, "number"),
     "check_fall": ValueSyntax(whole_number, "number"),
     "check_timeout": ValueSyntax(time_span, "time span", format_timespan),
+    "balance": ValueSyntax(balance_mode, "balancing mode"),
+    "backup": ValueSyntax(lambda text, what: parse_target(text), "target", lambda t: t.text),
+    "connect_retry": ValueSyntax(time_span, "time span", format_timespan),
     "route": ValueSyntax(_route, "route", lambda route: f"{route[0]}={route[1].text}"),
 }
 

@@ -126,6 +126,7 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 0: no limit)",
     )
     add_check_arguments(parser)
+    add_balance_arguments(parser)
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +157,32 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TIME",
         help="a check taking longer fails (default the interval, at most "
         f"{format_timespan(DEFAULT_CHECK_TIMEOUT)})",
+    )
+
+
+def add_balance_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which target a connection goes to (relay options too: per listener in a file)."""
+    parser.add_argument(
+        "--balance",
+        metavar="MODE",
+        help="pick targets by round-robin (the default, across all workers), "
+        "least-connections (fewest open across all workers), source (by the client's "
+        "IP address: one client keeps its target while it is up) or first (the first "
+        "usable: failover order)",
+    )
+    parser.add_argument(
+        "--backup",
+        metavar="TARGET",
+        action="append",
+        default=[],
+        help="a target used only while no other target is usable (up, and not cooling "
+        "down after a failed connect); repeatable, tried in order",
+    )
+    parser.add_argument(
+        "--connect-retry",
+        metavar="TIME",
+        help="while every target refuses (not listening yet), keep the client and retry "
+        "for up to TIME, waiting from 50ms to 1s between rounds (default 0: no retries)",
     )
 
 

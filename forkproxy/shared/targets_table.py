@@ -46,6 +46,7 @@ from forkproxy.shared.layout import (
     MAX_ROUTES,
     MAX_TARGETS,
     REASON,
+    ROUND_ROBIN,
     STREAK,
     TARGET_ROW_BYTES,
     TARGETS,
@@ -94,8 +95,9 @@ def connect_error_reason(code: int | None) -> int:
 
 
 def route_targets(settings: ListenerSettings) -> tuple[TargetAddress, ...]:
-    """The targets of a listener that have rows, in row order."""
-    return settings.targets
+    """The targets of a listener that have rows, in row order: its targets, then its
+    backups (--backup), which are checked and counted as the others are."""
+    return settings.targets + settings.backup
 
 
 def row_key_hash(key: RowKey) -> int:
@@ -132,6 +134,7 @@ class TargetTable:
     def __init__(self, mapping: SharedMapping) -> None:
         memory = memoryview(mapping.memory)
         self._words = memory[TARGETS : TARGETS + MAX_TARGETS * TARGET_ROW_BYTES].cast("q")
+        self._turns = memory[ROUND_ROBIN : ROUND_ROBIN + MAX_ROUTES * WORD].cast("q")
 
     # -- workers (and the master) -----------------------------------------------------------
 
@@ -151,6 +154,15 @@ class TargetTable:
         index = row * _STRIDE + _COOLDOWN
         if self._words[index]:
             self._words[index] = 0
+
+    def next_turn(self, route: int) -> int:
+        """Round-robin: the route's counter word, counted on by one. A plain read and
+        write: two workers picking at once may read the same turn, which only skews
+        the rotation by one pick."""
+        turns = self._turns
+        turn = turns[route]
+        turns[route] = turn + 1 if turn < (1 << 62) else 0
+        return int(turn)
 
     def is_up(self, row: int) -> bool:
         return self._words[row * _STRIDE + _UP] != 0
@@ -249,10 +261,11 @@ class TargetTable:
 
     def close(self) -> None:
         """Drop this process's view (the mapping is closed by its owner)."""
-        try:
-            self._words.release()
-        except BufferError:
-            pass
+        for view in (self._words, self._turns):
+            try:
+                view.release()
+            except BufferError:
+                pass
 
 
 def listener_targets(

@@ -104,7 +104,7 @@ def kind_problems(config: Config, listeners: Sequence[ListenerKind]) -> list[str
     problems = []
     for name, label, kind in listeners:
         settings = config.settings_for(name)
-        why = kind_mismatch(kind, settings.targets)
+        why = kind_mismatch(kind, settings.targets + settings.backup)
         if why is not None:
             where = f" ({settings.origin})" if settings.origin else ""
             problems.append(f"cannot relay listener {label}{where}: {why}")
@@ -161,7 +161,7 @@ def _resolve_targets(config: Config) -> list[str]:
     problems = []
     seen: set[TargetAddress] = set()
     for settings in _all_settings(config):
-        for target in settings.targets:
+        for target in settings.targets + settings.backup:
             if target in seen or not (target.needs_resolving or "%" in target.host):
                 continue
             seen.add(target)
@@ -187,6 +187,8 @@ def _route_line(listener: str, settings: ListenerSettings) -> str:
 def _format(dest: str, value: object) -> str:
     if isinstance(value, bool) or value == KeepAlive():
         return "true" if value else "false"
+    if isinstance(value, tuple):  # a repeatable option's (--backup)
+        return ",".join(VALUES[dest].format(one) for one in value)
     return VALUES[dest].format(value)
 
 

@@ -40,7 +40,7 @@ def run(config: Config, argv: list[str] | None = None, config_text: str | None =
 
 
 def _relay_connection(config: Config, fd: int, what: str) -> int:
-    why = kind_mismatch(STREAM, config.targets)
+    why = kind_mismatch(STREAM, config.targets + config.backup)
     if why is not None:
         raise ForkproxyError(f"cannot relay the stream connection on {what}: {why}")
     # Imported here: the one-shot relay needs uvloop, which a master never loads (the

@@ -244,6 +244,14 @@ def test_connect_timeout_closes_the_client_and_counts_an_error(
                 10,
                 "the connect error to be counted",
             )
+            # Per target, by reason: one, a timeout.
+            errors = {
+                name: value
+                for name, value in _scrape(address).items()
+                if name.startswith("forkproxy_target_connect_errors_total{") and value
+            }
+            assert len(errors) == 1 and sum(errors.values()) == 1, errors
+            assert 'reason="timeout"' in next(iter(errors))
         wait_until(lambda: "Connection timed out" in proxy.stderr(), 10, "the warning")
         assert f"cannot connect to target '{never_accepting}'" in proxy.stderr()
 

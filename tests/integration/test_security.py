@@ -201,6 +201,9 @@ DAEMON_OPTIONS = (
     "--check-fall",
     "--check-timeout",
     "--config",
+    "--balance",
+    "--backup",
+    "--connect-retry",
 )
 INETD_OPTIONS = ("--inetd",)
 CHECK_OPTIONS = ("--check",)
@@ -292,6 +295,8 @@ def test_no_option_writes_outside_the_paths_it_was_given(workdir: Path) -> None:
             # One check in the test's time (fall 3): the echo targets stay up.
             *("--check-interval", "1h", "--check-http", "/", "--check-rise", "1"),
             *("--check-fall", "3", "--check-timeout", "2s"),
+            # First: the backup (nothing listens there) is never tried.
+            *("--balance", "first", "--backup", "127.0.0.1:1", "--connect-retry", "1s"),
             *("--route", f"web={routed.target}", backend.target),
         ]
         options = {arg.partition("=")[0] for arg in daemon if arg.startswith("--")}

@@ -76,7 +76,9 @@ class Stage:
         self.acceptor.start()
         self.clients: list[socket.socket] = []
 
-    def _connect(self, client: socket.socket, token: int, peer: object, route: object) -> None:
+    def _connect(
+        self, client: socket.socket, token: int, peer: object, route: object, counters: object
+    ) -> None:
         self.connected.append((client, token))
 
     def client(self) -> socket.socket:
@@ -232,8 +234,10 @@ def test_a_busy_admission_lock_delays_a_client_and_never_refuses_it(
     both: asyncio.Future[None] = stage.loop.create_future()
     connect = stage.acceptor.connect
 
-    def on_connect(client: socket.socket, token: int, peer: object, route: object) -> None:
-        connect(client, token, peer, route)
+    def on_connect(
+        client: socket.socket, token: int, peer: object, route: object, counters: object
+    ) -> None:
+        connect(client, token, peer, route, counters)
         if len(stage.connected) == 2:
             both.set_result(None)
 

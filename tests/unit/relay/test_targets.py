@@ -39,7 +39,11 @@ def _connect(
     group: TargetGroup, loop: asyncio.AbstractEventLoop
 ) -> "asyncio.Future[socket.socket]":
     future: asyncio.Future[socket.socket] = loop.create_future()
-    group.connect(loop, Poller(loop), future.set_result, future.set_exception)
+
+    def on_connected(sock: socket.socket, index: int = -1) -> None:
+        future.set_result(sock)
+
+    group.connect(loop, Poller(loop), on_connected, future.set_exception)
     return future
 
 

@@ -265,7 +265,7 @@ BAD: list[tuple[str, list[str]]] = [
             "targets, listen, proxy-protocol, connect-timeout, idle-timeout, keepalive, "
             "nodelay, pipe-size, connections-max-per-source, datagram-timeout, "
             "datagram-replies, check-interval, check-http, check-rise, check-fall, "
-            "check-timeout)",
+            "check-timeout, balance, backup, connect-retry)",
             "FILE:4: key 'listen' in [listeners.web]: give the address alone: the section names it",
             "FILE:5: key 'idle-timout' in [listeners.web]: no such option (did you mean "
             "'idle-timeout'?)",

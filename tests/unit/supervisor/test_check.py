@@ -73,6 +73,15 @@ def test_routes_by_name_without_listeners() -> None:
     ]
 
 
+def test_balancing_options_and_backups() -> None:
+    argv = ["--balance=source", "--backup=127.0.0.1:8", "--backup=/run/b.sock"]
+    config = parse_args([*argv, "--connect-retry=5s", "127.0.0.1:80"])
+    assert check_settings(config, NO_SOCKETS) == [
+        "every listener -> 127.0.0.1:80  (balance=source, "
+        "backup=127.0.0.1:8,/run/b.sock, connect-retry=5s)"
+    ]
+
+
 def test_every_problem_at_once() -> None:
     config = parse_args(
         ["-l", "web=127.0.0.1:81", "--route=api=bad.invalid:80", "localhost:80", "nope.invalid"]
