@@ -77,6 +77,7 @@ def test_a_reload_keeps_a_down_target_down_and_the_totals(workdir: Path) -> None
             )
             assert [_served_by(proxy) for _ in range(CLIENTS)] == ["up"] * CLIENTS
             before = watch.totals()
+            assert before["connections up"] == CLIENTS
             watch.seen.clear()
 
             reload(watch.scrape, proxy.signal)
@@ -85,7 +86,7 @@ def test_a_reload_keeps_a_down_target_down_and_the_totals(workdir: Path) -> None
             after = watch.totals()
             assert after["connections down"] == before["connections down"] == 0
             assert after["refused down"] == before["refused down"]  # no client sent there
-            assert after["connections up"] >= before["connections up"]
+            assert after["connections up"] == before["connections up"] + CLIENTS
 
             # Once the old workers are gone, their counts are folded into the retired
             # totals: no step back.
