@@ -128,6 +128,9 @@ static void admitted(engine *e, struct listener *l, int fd, const struct sockadd
     e->open++;
     slot_add(e, e->lay.accepted, 1);
     slot_add(e, e->lay.active, 1);
+    size_t row = listener_row(e, l);
+    if (row)
+        slot_add(e, row + e->lay.listener_connections, 1);
     for (int i = 0; i < l->nclient_options; i++) {
         const int *opt = l->client_options[i];
         setsockopt(fd, opt[0], opt[1], &opt[2], sizeof opt[2]); /* a gone client: found later */
@@ -150,6 +153,7 @@ static void refuse(engine *e, struct listener *l, int fd, const struct sockaddr 
                    socklen_t peerlen, enum admit_result why)
 {
     slot_add(e, e->lay.refused, 1); /* before the close: a kill between must not hide it */
+    count_refusal(e, l, why == REFUSED_CAP ? L_CAP : why == REFUSED_SOURCE ? L_PER_SOURCE : L_BUSY);
     close(fd);
     enum event_code code = why == REFUSED_CAP      ? EVENT_REFUSED_CAP
                            : why == REFUSED_SOURCE ? EVENT_REFUSED_SOURCE

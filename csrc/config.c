@@ -110,10 +110,74 @@ static const struct layout_field {
     FIELD("connect_duration_sum_ns", connect_sum_ns, false),
     FIELD("connection_duration_buckets", connection_buckets, false),
     FIELD("connection_duration_sum_ns", connection_sum_ns, false),
+    FIELD("round_robin", round_robin, true),
+    FIELD("max_routes", max_routes, false),
+    FIELD("listener_rows", listener_rows, true),
+    FIELD("max_listeners", max_listeners, false),
+    FIELD("target_rows", target_rows, true),
+    FIELD("max_targets", max_targets, false),
+    FIELD("row_words", row_words, false),
+    FIELD("listener_connections", listener_connections, false),
+    FIELD("listener_refused", listener_refused, false),
+    FIELD("target_active", target_active, false),
+    FIELD("target_connections", target_connections, false),
+    FIELD("target_bytes_to_target", target_bytes_to_target, false),
+    FIELD("target_bytes_to_client", target_bytes_to_client, false),
+    FIELD("target_connect_errors", target_connect_errors, false),
+    FIELD("targets", targets, true),
+    FIELD("target_row_bytes", target_row_bytes, false),
+    FIELD("target_up", target_up, false),
+    FIELD("target_cooldown_until_ns", target_cooldown_until_ns, false),
 #undef FIELD
 };
 #define LAYOUT_FIELDS (sizeof layout_fields / sizeof layout_fields[0])
 static const char *const bound_fields[] = {"connect_duration_bounds", "connection_duration_bounds"};
+
+/* The reasons the rows count by, in the engine's order (enum listener_refusal and enum
+ * connect_error_reason): the layout's tuples must start with these. */
+static const char *const listener_refusals[] = {"cap", "per_source", "busy", "no_target",
+                                                 "proxy_header"};
+static const char *const connect_error_reasons[] = {"refused", "timeout", "unreachable", "other"};
+static const struct reason_field {
+    const char *name;
+    const char *const *reasons;
+    size_t count;
+} reason_fields[] = {
+    {"listener_refusals", listener_refusals, LISTENER_REFUSALS},
+    {"connect_error_reasons", connect_error_reasons, CONNECT_ERROR_REASONS},
+};
+#define REASON_FIELDS (sizeof reason_fields / sizeof reason_fields[0])
+
+static PyObject *reasons_tuple(const struct reason_field *f)
+{
+    PyObject *t = PyTuple_New((Py_ssize_t)f->count);
+    for (size_t i = 0; t != NULL && i < f->count; i++) {
+        PyObject *v = PyUnicode_FromString(f->reasons[i]);
+        if (v == NULL) {
+            Py_CLEAR(t);
+            break;
+        }
+        PyTuple_SET_ITEM(t, (Py_ssize_t)i, v);
+    }
+    return t;
+}
+
+/* The layout's reason tuple `f` starts with the engine's reasons, in its order. */
+static int check_reasons(PyObject *layout, const struct reason_field *f)
+{
+    PyObject *v = layout_item(layout, f->name);
+    if (v == NULL)
+        return -1;
+    PyObject *mine = reasons_tuple(f);
+    PyObject *head = mine == NULL ? NULL : PySequence_GetSlice(v, 0, (Py_ssize_t)f->count);
+    Py_DECREF(v);
+    int same = head == NULL ? -1 : PyObject_RichCompareBool(head, mine, Py_EQ);
+    Py_XDECREF(head);
+    Py_XDECREF(mine);
+    if (same == 0)
+        PyErr_Format(PyExc_ValueError, "layout field %s: not the engine's reasons", f->name);
+    return same == 1 ? 0 : -1;
+}
 
 static size_t *layout_member(struct layout *l, size_t i)
 {
@@ -123,7 +187,7 @@ static size_t *layout_member(struct layout *l, size_t i)
 /* The names the engine reads: the module's LAYOUT_FIELDS, for the agreement test. */
 PyObject *layout_names(void)
 {
-    PyObject *names = PyTuple_New((Py_ssize_t)LAYOUT_FIELDS + 3);
+    PyObject *names = PyTuple_New((Py_ssize_t)(LAYOUT_FIELDS + 3 + REASON_FIELDS));
     if (names == NULL)
         return NULL;
     Py_ssize_t n = 0;
@@ -132,6 +196,8 @@ PyObject *layout_names(void)
         PyTuple_SET_ITEM(names, n++, PyUnicode_FromString(layout_fields[i].name));
     for (size_t i = 0; i < 2; i++)
         PyTuple_SET_ITEM(names, n++, PyUnicode_FromString(bound_fields[i]));
+    for (size_t i = 0; i < REASON_FIELDS; i++)
+        PyTuple_SET_ITEM(names, n++, PyUnicode_FromString(reason_fields[i].name));
     for (Py_ssize_t i = 0; i < n; i++)
         if (PyTuple_GET_ITEM(names, i) == NULL) {
             Py_DECREF(names);
@@ -177,6 +243,12 @@ PyObject *layout_dict(engine *e)
             goto fail;
         Py_DECREF(v);
     }
+    for (size_t i = 0; i < REASON_FIELDS; i++) {
+        v = reasons_tuple(&reason_fields[i]);
+        if (v == NULL || PyDict_SetItemString(d, reason_fields[i].name, v) < 0)
+            goto fail;
+        Py_DECREF(v);
+    }
     return d;
 fail:
     Py_XDECREF(v);
@@ -201,6 +273,9 @@ int parse_layout(engine *e, PyObject *layout)
     if (layout_bounds(layout, bound_fields[0], &e->connect_hist) < 0 ||
         layout_bounds(layout, bound_fields[1], &e->connection_hist) < 0)
         return -1;
+    for (size_t i = 0; i < REASON_FIELDS; i++)
+        if (check_reasons(layout, &reason_fields[i]) < 0)
+            return -1;
     e->connect_hist.buckets = l->connect_buckets;
     e->connect_hist.sum_ns = l->connect_sum_ns;
     e->connection_hist.buckets = l->connection_buckets;
@@ -238,6 +313,27 @@ int parse_layout(engine *e, PyObject *layout)
                  (uint64_t)entries <= (size - l->source_table) / l->source_row_bytes;
         }
     }
+    size_t row_bytes = l->row_words * 8;
+    size_t row_fields[] = {l->listener_connections,
+                           l->listener_refused + 8 * (LISTENER_REFUSALS - 1),
+                           l->target_active, l->target_connections, l->target_bytes_to_target,
+                           l->target_bytes_to_client,
+                           l->target_connect_errors + 8 * (CONNECT_ERROR_REASONS - 1)};
+    for (size_t i = 0; ok && i < sizeof row_fields / sizeof row_fields[0]; i++)
+        ok = row_fields[i] % 8 == 0 && row_fields[i] + 8 <= row_bytes;
+    if (ok && l->listener_rows)
+        ok = l->listener_rows % 8 == 0 &&
+             l->listener_rows + l->max_listeners * row_bytes <= l->slot_bytes;
+    if (ok && l->target_rows)
+        ok = l->target_rows % 8 == 0 && l->target_rows + l->max_targets * row_bytes <= l->slot_bytes;
+    if (ok && l->round_robin)
+        ok = l->round_robin % 8 == 0 && l->round_robin + l->max_routes * 8 <= size;
+    if (ok && l->targets)
+        ok = l->targets % 8 == 0 && l->target_row_bytes % 8 == 0 &&
+             l->target_up % 8 == 0 && l->target_up + 8 <= l->target_row_bytes &&
+             l->target_cooldown_until_ns % 8 == 0 &&
+             l->target_cooldown_until_ns + 8 <= l->target_row_bytes &&
+             l->targets + l->max_targets * l->target_row_bytes <= size;
     if (!ok) {
         PyErr_SetString(PyExc_ValueError,
                         "the layout does not fit the shared mapping (see csrc/README.md)");
@@ -414,8 +510,10 @@ static int parse_group(struct group *g, PyObject *targets_obj)
         PyErr_NoMemory();
         return -1;
     }
+    g->turn = -1;
     for (Py_ssize_t j = 0; j < count; j++) {
         g->count = (int)j + 1;
+        g->targets[j].row = -1;
         if (parse_target(&g->targets[j], PySequence_Fast_GET_ITEM(targets, j)) < 0) {
             Py_DECREF(targets);
             return -1;
@@ -492,6 +590,46 @@ static int route_int(PyObject *route, const char *name, long *out)
     return 0;
 }
 
+/* A group's rows of the target table (`rows`: one per target), its round-robin word
+ * (`turn`, -1: none) and --balance first (`first`): then the shared table decides. */
+static int parse_shared(engine *e, struct group *g, PyObject *obj)
+{
+    PyObject *rows = route_item(obj, "rows");
+    if (rows == NULL || rows == Py_None) {
+        Py_XDECREF(rows);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    long turn = -1, first = 0;
+    PyObject *seq = PySequence_Fast(rows, "a route's rows must be a sequence");
+    Py_DECREF(rows);
+    if (seq == NULL || route_int(obj, "turn", &turn) < 0 || route_int(obj, "first", &first) < 0)
+        goto fail;
+    if (PySequence_Fast_GET_SIZE(seq) != g->count || !e->lay.targets || !e->lay.target_rows ||
+        turn < -1 || (turn >= 0 && (!e->lay.round_robin || (size_t)turn >= e->lay.max_routes))) {
+        PyErr_SetString(PyExc_ValueError, "a route's rows must be one per target, and its turn "
+                                          "a round-robin word, in a layout that has them");
+        goto fail;
+    }
+    for (int j = 0; j < g->count; j++) {
+        long row = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, j));
+        if (row == -1 && PyErr_Occurred())
+            goto fail;
+        if (row < 0 || (size_t)row >= e->lay.max_targets) {
+            PyErr_Format(PyExc_ValueError, "target row %ld out of range", row);
+            goto fail;
+        }
+        g->targets[j].row = (int)row;
+    }
+    Py_DECREF(seq);
+    g->shared = true;
+    g->first = first != 0;
+    g->turn = (int)turn;
+    return 0;
+fail:
+    Py_XDECREF(seq);
+    return -1;
+}
+
 static struct pipe_pool *pool_for(engine *e, int size, int keep)
 {
     for (int i = 0; i < e->npools; i++)
@@ -505,8 +643,9 @@ static struct pipe_pool *pool_for(engine *e, int size, int keep)
 
 /* A route is a sequence of targets (the Engine's keyword arguments apply), or an object
  * (or dict) with `targets` and any of connect_timeout, idle_timeout, proxy_protocol,
- * tcp_options, pipe_size, pipe_keep and group (routes of one group share their targets'
- * round-robin and cool-down: the first one's targets are the group's). */
+ * tcp_options, pipe_size, pipe_keep, group (routes of one group share their targets'
+ * round-robin and cool-down: the first one's targets are the group's), and rows, turn and
+ * first (the group's rows of the target table: parse_shared). */
 static int parse_route(engine *e, struct route *r, PyObject *obj, const struct route_defaults *d,
                        long *group_ids)
 {
@@ -547,7 +686,8 @@ static int parse_route(engine *e, struct route *r, PyObject *obj, const struct r
         }
     if (r->group == NULL) {
         r->group = &e->groups[e->ngroups++];
-        if (parse_group(r->group, targets) < 0)
+        if (parse_group(r->group, targets) < 0 ||
+            (targets != obj && parse_shared(e, r->group, obj) < 0))
             goto fail;
     }
     Py_XDECREF(options);
@@ -609,7 +749,8 @@ int parse_listeners(engine *e, PyObject *listeners)
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ii|ii", &l->fd, &l->route,
                               &l->source_limit, &l->row))
             goto fail;
-        if (l->route < 0 || l->route >= e->nroutes || l->source_limit < 0) {
+        if (l->route < 0 || l->route >= e->nroutes || l->source_limit < 0 ||
+            (l->row >= 0 && (size_t)l->row >= e->lay.max_listeners)) {
             PyErr_Format(PyExc_ValueError, "listener fd %d: no route %d, or a negative limit",
                          l->fd, l->route);
             goto fail;

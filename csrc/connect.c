@@ -10,6 +10,12 @@
  * connection and each address tried in turn. The route's --connect-timeout applies to
  * each step (resolving, each address).
  *
+ * A route whose targets have rows in the shared target table (a worker's: balance.py) picks
+ * by it instead: targets the checks found down are left out, the usable ones come first
+ * (round-robin from the route's shared word, or in the order given for --balance first),
+ * then those cooling down, soonest back first; a failed attempt cools its target down for
+ * every worker and is counted in its row by reason, a connect that succeeds ends it.
+ *
  * A connect in progress is done at its first writable edge (no SO_ERROR unless the edge
  * carries an error, no second connect); the socket stays registered for the relay.
  */
@@ -70,8 +76,118 @@ static bool local_errno(int error)
     return error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM;
 }
 
+/* The target table's words of a target (relaxed atomics: any process writes them). */
+static bool target_up(engine *e, const struct target *t)
+{
+    return __atomic_load_n(table_word(e, t->row, e->lay.target_up), __ATOMIC_RELAXED) != 0;
+}
+static int64_t *cooldown_word(engine *e, const struct target *t)
+{
+    return table_word(e, t->row, e->lay.target_cooldown_until_ns);
+}
+static int64_t cooldown_until(engine *e, const struct target *t)
+{
+    return __atomic_load_n(cooldown_word(e, t), __ATOMIC_RELAXED);
+}
+
+/* The index in CONNECT_ERROR_REASONS of a failed connect's errno (connect_error_reason). */
+static int error_reason(int error)
+{
+    switch (error) {
+    case ECONNREFUSED:
+    case ENOENT: /* no unix socket file */
+        return CE_REFUSED;
+    case ETIMEDOUT:
+        return CE_TIMEOUT;
+    case ENETUNREACH:
+    case EHOSTUNREACH:
+    case EHOSTDOWN:
+    case ENETDOWN:
+        return CE_UNREACHABLE;
+    default:
+        return CE_OTHER;
+    }
+}
+
+/* A failed attempt at a target with a row: its row's reason and the slot's CONNECT_ERRORS. */
+static void count_attempt_error(engine *e, const struct target *t, int error)
+{
+    size_t row = target_row(e, t->row);
+    if (row)
+        slot_add(e, row + e->lay.target_connect_errors + 8 * (size_t)error_reason(error), 1);
+    slot_add(e, e->lay.connect_errors, 1);
+}
+
+static void reverse(uint16_t *a, int n)
+{
+    for (int i = 0, j = n - 1; i < j; i++, j--) {
+        uint16_t t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+    }
+}
+
+/* balance.py's Balancer.order without backups: the usable targets (round-robin from the
+ * route's shared word, or as given for `first`), then the others not down, soonest back
+ * first. No step at all when every target is down. */
+static void build_shared_order(engine *e, conn *c)
+{
+    struct group *g = c->route->group;
+    int n = g->count;
+    if (n == 1) {
+        c->steps = target_up(e, &g->targets[0]) ? 1 : 0;
+        return;
+    }
+    c->order = PyMem_Malloc(sizeof *c->order * (size_t)n);
+    if (c->order == NULL) {
+        c->steps = 1; /* no memory: try the first only */
+        return;
+    }
+    int usable = 0, cooling = 0;
+    uint16_t *cool = c->order + n; /* cooling ones fill from the end, then sorted */
+    for (int i = 0; i < n; i++) {
+        const struct target *t = &g->targets[i];
+        if (!target_up(e, t))
+            continue;
+        if (cooldown_until(e, t) <= e->now_ns)
+            c->order[usable++] = (uint16_t)i;
+        else
+            *--cool = (uint16_t)i, cooling++;
+    }
+    if (!g->first && usable > 1) {
+        uint64_t turn = g->turn >= 0 ? (uint64_t)__atomic_fetch_add(
+                                           (int64_t *)(e->base + e->lay.round_robin +
+                                                       8 * (size_t)g->turn),
+                                           1, __ATOMIC_RELAXED)
+                                     : g->next++;
+        int start = (int)(turn % (uint64_t)usable);
+        reverse(c->order, start); /* rotate left by start */
+        reverse(c->order + start, usable - start);
+        reverse(c->order, usable);
+    }
+    /* cool[0..cooling) is in reverse order: in order, then a stable sort by end of
+     * cool-down (insertion sort: routes are short), right after the usable ones. */
+    reverse(cool, cooling);
+    for (int i = 1; i < cooling; i++) {
+        uint16_t v = cool[i];
+        int64_t until = cooldown_until(e, &g->targets[v]);
+        int j = i - 1;
+        while (j >= 0 && cooldown_until(e, &g->targets[cool[j]]) > until) {
+            cool[j + 1] = cool[j];
+            j--;
+        }
+        cool[j + 1] = v;
+    }
+    memmove(c->order + usable, cool, sizeof *cool * (size_t)cooling);
+    c->steps = (uint16_t)(usable + cooling);
+}
+
 static void build_order(engine *e, conn *c)
 {
+    if (c->route->group->shared) {
+        build_shared_order(e, c);
+        return;
+    }
     struct group *r = c->route->group;
     int n = r->count;
     c->steps = (uint16_t)n;
@@ -120,7 +236,9 @@ void connect_start(engine *e, conn *c)
 
 static void fail_client(engine *e, conn *c, int error)
 {
-    slot_add(e, e->lay.connect_errors, 1);
+    if (!c->route->group->shared) /* else each failed attempt was counted */
+        slot_add(e, e->lay.connect_errors, 1);
+    count_refusal(e, c->listener, L_NO_TARGET);
     event_report(e, EVENT_CONNECT_FAILED, error, c->route->index, &c->peer.sa, c->peerlen, NULL);
     conn_close(e, c, END_NORMAL, error);
 }
@@ -138,8 +256,14 @@ static void connected(engine *e, conn *c)
 {
     list_del(&c->timed);
     struct group *g = c->route->group;
-    if (g->count > 1)
-        g->targets[c->target].cooling_until_ns = 0;
+    struct target *t = &g->targets[c->target];
+    if (g->shared) {
+        int64_t *word = cooldown_word(e, t);
+        if (__atomic_load_n(word, __ATOMIC_RELAXED))
+            __atomic_store_n(word, 0, __ATOMIC_RELAXED);
+    } else if (g->count > 1) {
+        t->cooling_until_ns = 0;
+    }
     PyMem_Free(c->order);
     c->order = NULL;
     PyMem_Free(c->addrs);
@@ -166,10 +290,20 @@ static void connected(engine *e, conn *c)
         if (sent != len) {
             /* nginx takes the header from its first read only: a short send is fatal. */
             int error = sent < 0 ? errno : EMSGSIZE;
+            if (g->shared) /* a failed attempt at that target, as balance.py counts it */
+                count_attempt_error(e, t, error);
             drop_target_socket(c);
             fail_client(e, c, error);
             return;
         }
+    }
+    size_t row = g->shared ? target_row(e, t->row) : 0;
+    if (row) { /* open in its row until conn_close */
+        slot_add(e, row + e->lay.target_connections, 1);
+        slot_add(e, row + e->lay.target_active, 1);
+        c->target_row = row;
+        c->to_target.row_counter = row + e->lay.target_bytes_to_target;
+        c->to_client.row_counter = row + e->lay.target_bytes_to_client;
     }
     relay_start(e, c);
 }
@@ -199,13 +333,24 @@ static void target_failed(engine *e, conn *c, int error)
         retry_later(e, c, error);
         return;
     }
+    struct group *g = c->route->group;
     if (local_errno(error)) {
+        if (g->shared && error != EMFILE && error != ENFILE) /* those are retried, uncounted */
+            count_attempt_error(e, &g->targets[c->target], error);
         list_del(&c->timed);
         fail_client(e, c, error);
         return;
     }
-    struct group *g = c->route->group;
-    if (g->count > 1) {
+    if (g->shared) {
+        struct target *t = &g->targets[c->target];
+        count_attempt_error(e, t, error);
+        int64_t *word = cooldown_word(e, t);
+        bool newly = __atomic_load_n(word, __ATOMIC_RELAXED) <= e->now_ns;
+        __atomic_store_n(word, e->now_ns + COOLDOWN_NS, __ATOMIC_RELAXED);
+        /* With one target the client's own failure says it all: no event of its own. */
+        if (newly && g->count > 1)
+            event_report(e, EVENT_TARGET_FAILED, error, c->route->index, NULL, 0, t->object);
+    } else if (g->count > 1) {
         struct target *t = &g->targets[c->target];
         bool newly = t->cooling_until_ns <= e->now_ns;
         t->cooling_until_ns = e->now_ns + COOLDOWN_NS;

@@ -241,6 +241,7 @@ static PyObject *engine_close_all(engine *e, PyObject *unused)
         return NULL;
     if (e->held_fd >= 0) {
         slot_add(e, e->lay.refused, 1);
+        count_refusal(e, e->held_listener, e->held_waiting ? L_CAP : L_BUSY);
         close(e->held_fd);
         e->held_fd = -1;
         e->want_capacity = false;

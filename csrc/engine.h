@@ -97,7 +97,21 @@ struct layout {
     size_t held, waiting, active, accepted, refused, connect_errors, bytes_to_target,
         bytes_to_client, closed, last_activity_ns, connect_buckets, connect_sum_ns,
         connection_buckets, connection_sum_ns;
+    /* the round-robin words (header), and the per-listener and per-target rows (slot):
+     * listener_rows or target_rows 0 turns its rows off; row fields are relative to a row */
+    size_t round_robin, max_routes, listener_rows, max_listeners, target_rows, max_targets,
+        row_words;
+    size_t listener_connections, listener_refused, target_active, target_connections,
+        target_bytes_to_target, target_bytes_to_client, target_connect_errors;
+    /* the target table (absolute; 0: none), its row size and fields inside a row */
+    size_t targets, target_row_bytes, target_up, target_cooldown_until_ns;
 };
+
+/* Indexes in the layout's reason tuples (checked against them at construction). */
+enum listener_refusal { L_CAP = 0, L_PER_SOURCE, L_BUSY, L_NO_TARGET, L_PROXY_HEADER,
+                        LISTENER_REFUSALS };
+enum connect_error_reason { CE_REFUSED = 0, CE_TIMEOUT, CE_UNREACHABLE, CE_OTHER,
+                            CONNECT_ERROR_REASONS };
 
 #define MAX_BOUNDS 32
 struct histogram {
@@ -116,7 +130,9 @@ struct target {
     int port;
     char scope[16];            /* an IPv6 scope's interface name not found at start: looked
                                   up again at each connect (ENODEV while missing) */
-    int64_t cooling_until_ns;  /* this worker's passive cool-down */
+    int64_t cooling_until_ns;  /* this worker's passive cool-down (no table row) */
+    int row;                   /* its row of the target table and of the slot's target rows,
+                                  or -1: none (this worker's own cool-down then) */
 };
 
 /* The targets of one or more routes, with this worker's round-robin and cool-down (routes
@@ -124,8 +140,11 @@ struct target {
  * TargetGroup is shared). */
 struct group {
     int count;
-    unsigned next;             /* round-robin start, this worker's */
+    unsigned next;             /* round-robin start, this worker's (no table rows) */
     struct target *targets;
+    bool shared;               /* its targets have rows: the shared table decides (balance.py) */
+    bool first;                /* --balance first: usable targets in the order given */
+    int turn;                  /* its word of the header's ROUND_ROBIN array, or -1 */
 };
 
 #define MAX_OPTIONS 8
@@ -184,6 +203,7 @@ struct direction {
     bool done;                 /* EOF passed on: finished */
     bool bulk;                 /* a read filled the copy buffer: splice from now on */
     size_t counter;            /* slot-relative offset of its byte counter */
+    size_t row_counter;        /* and of its target row's, or 0: none */
 };
 
 enum conn_state {
@@ -225,6 +245,8 @@ typedef struct conn {
     uint64_t token;            /* hooks.resolve's token */
     int64_t started_ns, deadline_ns, active_ns;
     int admission;             /* its admission token (above) */
+    size_t target_row;         /* slot-relative offset of the row of the target it is
+                                  connected to, counted in its T_ACTIVE; 0: none */
     socklen_t peerlen;
     union {
         struct sockaddr sa;
@@ -298,6 +320,29 @@ static inline void slot_add(engine *e, size_t offset, int64_t n)
 {
     int64_t *word = slot_word(e, offset);
     __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+/* Slot-relative offsets of a listener's and a target's counter rows (0: it has none). */
+static inline size_t listener_row(engine *e, const struct listener *l)
+{
+    return l->row >= 0 && e->lay.listener_rows ? e->lay.listener_rows +
+        (size_t)l->row * e->lay.row_words * 8 : 0;
+}
+static inline size_t target_row(engine *e, int row)
+{
+    return row >= 0 && e->lay.target_rows ? e->lay.target_rows +
+        (size_t)row * e->lay.row_words * 8 : 0;
+}
+/* A listener's refusal counted in its row (cap, per_source, busy, no_target). */
+static inline void count_refusal(engine *e, const struct listener *l, enum listener_refusal why)
+{
+    size_t row = listener_row(e, l);
+    if (row)
+        slot_add(e, row + e->lay.listener_refused + 8 * (size_t)why, 1);
+}
+/* A word of the target table's row `row` (any process writes them: relaxed atomics). */
+static inline int64_t *table_word(engine *e, int row, size_t field)
+{
+    return (int64_t *)(e->base + e->lay.targets + (size_t)row * e->lay.target_row_bytes + field);
 }
 
 /* loop.c */

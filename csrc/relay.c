@@ -194,6 +194,8 @@ static enum copy_result copy_small(engine *e, struct direction *d, int src_fd,
         m = 0;
     }
     slot_add(e, d->counter, m);
+    if (d->row_counter)
+        slot_add(e, d->row_counter, m);
     if (m < n) {
         dst->writable = false;
         ssize_t w = write(d->pipe.wfd, e->copybuf + m, (size_t)(n - m));
@@ -244,6 +246,8 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
             } else {
                 d->pending -= (uint32_t)n;
                 slot_add(e, d->counter, n);
+                if (d->row_counter)
+                    slot_add(e, d->row_counter, n);
                 progress = n > 0;
                 if (!d->pending)
                     pipe_release(e, pool, d);
@@ -377,6 +381,10 @@ void conn_close(engine *e, conn *c, enum end_how how, int error)
     c->admission = NO_TOKEN;
     slot_add(e, e->lay.active, -1);
     slot_add(e, e->lay.closed, 1);
+    if (c->target_row) {
+        slot_add(e, c->target_row + e->lay.target_active, -1);
+        c->target_row = 0;
+    }
     __atomic_store_n(slot_word(e, e->lay.last_activity_ns), e->now_ns, __ATOMIC_RELAXED);
     if (relayed) {
         observe(e, &e->connection_hist, e->now_ns - c->started_ns);

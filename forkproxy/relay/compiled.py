@@ -1,12 +1,13 @@
 """A worker's stream listeners relayed by the compiled engine (csrc/, forkproxy.relay._engine).
 
 `CompiledRelay` builds the worker's `Engine` from each listener's settings, worked out as
-plans.py works them out for the Python engine (listeners with the same settings share a
-route, routes with the same targets, connect timeout and TCP options share the targets'
-round-robin and cool-down), nests the engine's epoll in the worker's loop, and answers
-the engine's hooks: host names resolved with the loop's getaddrinfo, conditions logged
-with the Python engine's lines (refusals.py, connecting.py, accepting.py, relaying.py)
-and rate limits, the last connection's end, and queue mode's wait for capacity
+plans.py works them out for the Python engine (listeners with the same settings and rows
+share a route, routes with the same targets, connect timeout, TCP options and rows share
+its targets; targets with rows in the shared target table are picked, cooled down and
+counted by it as balance.py does), nests the engine's epoll in the worker's loop, and
+answers the engine's hooks: host names resolved with the loop's getaddrinfo, conditions
+logged with the Python engine's lines (refusals.py, connecting.py, accepting.py,
+relaying.py) and rate limits, the last connection's end, and queue mode's wait for capacity
 (capacity_wait.py's thread, which only waits; the loop thread retries). The engine
 writes the slot's counters and histograms and takes and gives back admissions itself, as
 the Python engine does, so metrics, STATUS, the idle exit and /healthz read the same
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.accepting import ACCEPT_PAUSE, fd_ceiling
+from forkproxy.relay.balance import FIRST
 from forkproxy.relay.capacity_wait import CapacityWaiter
 from forkproxy.relay.target_connect import SocketOptions
 from forkproxy.relay.targets import COOLDOWN
@@ -35,7 +37,8 @@ from forkproxy.settings.config import Config, ListenerSettings
 from forkproxy.settings.options import ON_LIMIT_QUEUE, tcp_socket_options
 from forkproxy.shared.layout import engine_offsets
 from forkproxy.shared.listener import Listener
-from forkproxy.shared.protocol import pipe_pool_keep
+from forkproxy.shared.protocol import WorkerSpec, pipe_pool_keep
+from forkproxy.shared.targets_table import ListenerTargets
 
 if TYPE_CHECKING:
     from forkproxy.relay.worker import Worker
@@ -49,7 +52,9 @@ _ACCEPT_QUIET_ERRNOS = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
     """One route as the engine reads it (csrc/README.md): its targets and settings;
-    `group`: routes of one group share their targets' round-robin and cool-down."""
+    `group`: routes of one group share their targets' round-robin and cool-down; `rows`
+    (None: none), `turn` and `first`: its targets' rows of the target table, its
+    round-robin word, --balance first."""
 
     targets: tuple[TargetAddress, ...]
     group: int
@@ -59,6 +64,9 @@ class RouteSpec:
     tcp_options: SocketOptions
     pipe_size: int
     pipe_keep: int
+    rows: tuple[int, ...] | None = None
+    turn: int = -1
+    first: bool = False
 
     @property
     def label(self) -> str:
@@ -74,20 +82,31 @@ class EnginePlan:
     routes: tuple[RouteSpec, ...]
 
 
-def engine_plan(listeners: Sequence[Listener], rows: Sequence[int], config: Config) -> EnginePlan:
+GroupKey = tuple[tuple[TargetAddress, ...], float, SocketOptions, str, ListenerTargets | None]
+
+
+def engine_plan(
+    listeners: Sequence[Listener],
+    rows: Sequence[int],
+    config: Config,
+    targets: Sequence[ListenerTargets | None] | None = None,
+) -> EnginePlan:
     """The engine's configuration for `listeners` (rows: each one's index among the
-    master's listeners, its row of counters), by the rules of plans.make_plans."""
-    routes: dict[ListenerSettings, int] = {}
-    groups: dict[tuple[tuple[TargetAddress, ...], float, SocketOptions], int] = {}
+    master's listeners, its row of counters; targets: each one's rows of the target
+    table, if it has them), by the rules of plans.make_plans."""
+    routes: dict[tuple[ListenerSettings, ListenerTargets | None], int] = {}
+    groups: dict[GroupKey, int] = {}
     specs: list[RouteSpec] = []
     entries = []
-    for listener, row in zip(listeners, rows, strict=True):
+    if targets is None:
+        targets = [None] * len(listeners)
+    for listener, row, table in zip(listeners, rows, targets, strict=True):
         settings = config.settings_for(listener.name)
-        shared = dataclasses.replace(settings, name="")
+        shared = (dataclasses.replace(settings, name=""), table)
         route = routes.get(shared)
         if route is None:
             tcp_options = tcp_socket_options(settings.nodelay, settings.keepalive)
-            key = (settings.targets, settings.connect_timeout, tcp_options)
+            key = (settings.targets, settings.connect_timeout, tcp_options, settings.balance, table)
             group = groups.setdefault(key, len(groups))
             route = routes[shared] = len(specs)
             specs.append(
@@ -100,6 +119,9 @@ def engine_plan(listeners: Sequence[Listener], rows: Sequence[int], config: Conf
                     tcp_options=tcp_options,
                     pipe_size=settings.pipe_size,
                     pipe_keep=pipe_pool_keep(settings.pipe_size),
+                    rows=None if table is None else table.rows,
+                    turn=-1 if table is None else table.route,
+                    first=settings.balance == FIRST,
                 )
             )
         limit = settings.connections_max_per_source
@@ -124,7 +146,7 @@ class CompiledRelay:
         self.listeners = tuple(listeners)
         self.connections_max = config.connections_max
         self.internal_errors = worker.internal_errors
-        plan = engine_plan(self.listeners, rows, config)
+        plan = engine_plan(self.listeners, rows, config, _listener_targets(spec, rows))
         self.routes = plan.routes
         self.source_limits = [limit for _, _, limit, _ in plan.listeners]
         self.seq_address = spec.admission.seq_address
@@ -361,6 +383,13 @@ def _interface_exists(name: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _listener_targets(spec: WorkerSpec, rows: Sequence[int]) -> list[ListenerTargets | None]:
+    """Each listener's rows of the target table (by its index among the master's
+    listeners), or None without a table."""
+    table = spec.listener_targets if spec.targets is not None else ()
+    return [table[row] if row < len(table) else None for row in rows]
 
 
 def stream_listener_rows(all_listeners: Sequence[Listener], mine: Sequence[Listener]) -> list[int]:

@@ -66,7 +66,13 @@ def engine_supports(config: Config) -> str | None:
     for settings in (config.global_settings(), *config.listeners):
         if len(settings.targets) > _MAX_TARGETS_PER_ROUTE:
             return f"more than {_MAX_TARGETS_PER_ROUTE} targets for one listener"
-    for settings in (config.global_settings(), *config.listeners):
+        # Balancing the compiled engine does not do (relay/balance.py does).
+        if settings.balance not in ("round-robin", "first"):
+            return f"--balance={settings.balance}"
+        if settings.backup:
+            return "--backup"
+        if settings.connect_retry > 0:
+            return "--connect-retry"
         # The compiled engine neither writes the access log nor reads PROXY headers yet
         # (csrc/ has the line format and the parser, not wired into its relay).
         if settings.access_log:

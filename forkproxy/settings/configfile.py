@@ -124,6 +124,8 @@ def file_options(parser: argparse.ArgumentParser, bare: Mapping[str, str]) -> di
 
 def read_config_text(path: str) -> str:
     """The text of the file at `path`; UsageError if it cannot be read or is not UTF-8."""
+    if "\0" in path:  # open() would raise ValueError, not an OSError
+        raise UsageError(f"cannot read configuration file {quote(path)}: a NUL byte in its name")
     try:
         with open(path, "rb") as file:
             data = file.read()

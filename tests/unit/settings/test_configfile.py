@@ -433,3 +433,10 @@ def test_load_settings_gives_the_text_it_read_and_takes_one(tmp_path: Path) -> N
         load_settings(["--config", str(path)], "workers = 2\nbogus = 1\n")
     assert load_settings(["127.0.0.1:1"]) == (parse_args(["127.0.0.1:1"]), None)
     assert load_settings(["127.0.0.1:1"], "ignored = 1") == (parse_args(["127.0.0.1:1"]), None)
+
+
+def test_a_file_name_with_a_nul_byte_is_one_error() -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_args(["--config", "a\0b.toml"])
+    assert str(raised.value).startswith("cannot read configuration file ")
+    assert str(raised.value).endswith(": a NUL byte in its name")
