@@ -1,12 +1,14 @@
 """The `forkproxy` command: argv to settings, then run or check; errors become stderr lines.
 
 Parsing is `settings.arguments`, running is `supervisor.run`, `--check` is
-`supervisor.check`. A `ForkproxyError` is printed as `forkproxy: <message>` on one line
-with exit status 1, as systemd-socket-proxyd's errors are; --check prints every error
-found, one line each, and exits 2, as `nginx -t` and `haproxy -c` fail. Anything else
-is a bug and keeps its traceback.
+`supervisor.check`, the image a reload re-executed `supervisor.takeover`. A
+`ForkproxyError` is printed as `forkproxy: <message>` on one line with exit status 1, as
+systemd-socket-proxyd's errors are; --check prints every error found, one line each, and
+exits 2, as `nginx -t` and `haproxy -c` fail. Anything else is a bug and keeps its
+traceback.
 """
 
+import os
 import signal
 import sys
 from typing import NoReturn
@@ -14,8 +16,9 @@ from typing import NoReturn
 from forkproxy import __version__
 from forkproxy.errors import ForkproxyError, UsageErrors
 from forkproxy.relay.engine import version_text
-from forkproxy.settings.arguments import parse_args, wants_check
+from forkproxy.settings.arguments import load_settings, wants_check
 from forkproxy.settings.quoting import printable
+from forkproxy.supervisor.reexec_state import STATE_VARIABLE
 from forkproxy.supervisor.signals import MASTER_SIGNALS
 
 EXIT_FAILURE = 1
@@ -29,7 +32,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
         argv = sys.argv[1:]
     check = wants_check(argv)
     try:
-        config = parse_args(argv, lambda: version_text(__version__))
+        if not check and STATE_VARIABLE in os.environ:  # a reload re-executed the master
+            from forkproxy.supervisor.takeover import take_over
+
+            taken = take_over(argv)
+            if taken is not None:
+                sys.exit(taken)
+        config, config_text = load_settings(argv, version=lambda: version_text(__version__))
         if check:
             from forkproxy.supervisor.check import check_settings
 
@@ -40,7 +49,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             sys.exit(0)
         from forkproxy.supervisor.run import run  # after parsing: --help stays fast
 
-        status = run(config)
+        status = run(config, argv, config_text)
     except ForkproxyError as error:
         lines = error.messages if check and isinstance(error, UsageErrors) else [str(error)]
         for line in lines:

@@ -13,12 +13,15 @@ runs when it imports. `forkproxy --version`, `forkproxy_build_info{engine}` and 
 all read `engine_name()`. Never relays anything itself.
 """
 
+import logging
 import os
 from types import ModuleType
 
 from forkproxy.errors import ForkproxyError
 from forkproxy.relay.failpoints import FAILPOINT, WORKER_CRASH, failpoint_from_environment
 from forkproxy.settings.config import Config
+
+log = logging.getLogger("forkproxy")
 
 ENGINE_VARIABLE = "FORKPROXY_ENGINE"
 PYTHON = "python"
@@ -84,6 +87,14 @@ def engine_supports(config: Config) -> str | None:
         # Faults injected into the Python engine's callbacks (tests only).
         return f"{FAILPOINT}={failpoint.stage}"
     return None
+
+
+def log_python_fallback(config: Config) -> None:
+    """Say why the workers relay this configuration's stream listeners with Python
+    although the compiled engine runs (`engine_supports`), if they do. The master says
+    it once, at start and in a reload's new image; each worker finds the same reason."""
+    if engine_name() == C and (reason := engine_supports(config)) is not None:
+        log.info("the compiled engine does not support %s: relaying with Python", reason)
 
 
 def version_text(version: str) -> str:

@@ -25,6 +25,7 @@ from forkproxy.settings.config import (
     MAX_WORKERS,
     Config,
 )
+from forkproxy.settings.configfile import read_config_text
 from forkproxy.settings.quoting import quote
 from forkproxy.settings.relay_arguments import (
     BARE_VALUES,
@@ -190,13 +191,27 @@ def parse_args(argv: list[str], version: VersionText = _plain_version) -> Config
     """Turn argv (without the program name), and the --config file it names, into a
     Config; raise UsageError if bad (`UsageErrors` with every one, if several). `version`
     gives --version's line."""
+    return load_settings(argv, version=version)[0]
+
+
+def load_settings(
+    argv: list[str], config_text: str | None = None, version: VersionText = _plain_version
+) -> tuple[Config, str | None]:
+    """`parse_args`, and the text of the --config file as it was read (None without one).
+
+    With `config_text`, that is the file's text and the file is not read (a reload's
+    fallback to the settings it ran with: the file may have changed since)."""
     parser = _build_parser(version)
     args, unknown = parser.parse_known_intermixed_args(attach_optional_values(argv, parser))
     if unknown:
         shown = [arg if arg.isprintable() and len(arg) <= 40 else quote(arg) for arg in unknown]
         more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
         raise UsageError(f"unrecognized arguments: {' '.join(shown[:3])}{more}")
-    return assemble_config(args, parser, BARE_VALUES)
+    if args.config is not None and config_text is None:
+        config_text = read_config_text(args.config)
+    if args.config is None:
+        config_text = None
+    return assemble_config(args, parser, BARE_VALUES, config_text), config_text
 
 
 def wants_check(argv: list[str]) -> bool:

@@ -33,6 +33,7 @@ from forkproxy.settings.configfile import (
     Where,
     file_options,
     read_config_file,
+    read_config_text,
 )
 from forkproxy.settings.option_values import VALUES, command_line_what
 
@@ -57,15 +58,21 @@ class _Given:
 
 
 def assemble_config(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, bare: Mapping[str, str]
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    bare: Mapping[str, str],
+    config_text: str | None = None,
 ) -> Config:
-    """The Config of the parsed command line `args` and the --config file it names.
+    """The Config of the parsed command line `args` and the --config file it names, whose
+    text is `config_text` (read from the file if None).
 
     `bare` gives, by dest, what an optional-value option alone stands for."""
     file = None
     if args.config is not None:
         options = file_options(parser, bare)
-        file = read_config_file(args.config, options, _PER_LISTENER)
+        if config_text is None:
+            config_text = read_config_text(args.config)
+        file = read_config_file(args.config, config_text, options, _PER_LISTENER)
     return _Assembly(args, parser, file).config()
 
 

@@ -122,13 +122,8 @@ def file_options(parser: argparse.ArgumentParser, bare: Mapping[str, str]) -> di
     return options
 
 
-def read_config_file(
-    path: str, options: Mapping[str, FileOption], per_listener: Collection[str]
-) -> ConfigFile:
-    """The settings in the file at `path`, with the problems found in it.
-
-    Raises UsageError only when there is nothing to look at (unreadable, not TOML);
-    `per_listener` names the dests a [listeners.NAME] section may set."""
+def read_config_text(path: str) -> str:
+    """The text of the file at `path`; UsageError if it cannot be read or is not UTF-8."""
     if "\0" in path:  # open() would raise ValueError, not an OSError
         raise UsageError(f"cannot read configuration file {quote(path)}: a NUL byte in its name")
     try:
@@ -138,12 +133,22 @@ def read_config_file(
         raise UsageError(
             f"cannot read configuration file {quote(path)}: {error.strerror or error}"
         ) from None
-    shown = printable(path)  # every message starts with it: one printable line
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
-        raise UsageError(f"{shown}:{line}: invalid TOML: not UTF-8 text") from None
+        raise UsageError(f"{printable(path)}:{line}: invalid TOML: not UTF-8 text") from None
+
+
+def read_config_file(
+    path: str, text: str, options: Mapping[str, FileOption], per_listener: Collection[str]
+) -> ConfigFile:
+    """The settings in `text`, the file at `path` (`read_config_text`), with the problems
+    found in it.
+
+    Raises UsageError only when there is nothing to look at (not TOML); `per_listener`
+    names the dests a [listeners.NAME] section may set."""
+    shown = printable(path)  # every message starts with it: one printable line
     document = _parse_toml(text, shown)
     reader = _Reader(shown, options, per_listener, key_lines(text))
     reader.read(document)

@@ -137,6 +137,14 @@ class Admission:
         mapping.set_header(SOURCE_LIMIT, per_source)
         return cls(mapping)
 
+    def set_limits(self, capacity: int, per_source: int) -> None:
+        """The master: new caps (a reload's), for every worker at once. Waiters hear of
+        it: a higher cap may admit them."""
+        self.mapping.set_header(CAPACITY, capacity)
+        self.mapping.set_header(SOURCE_LIMIT, per_source)
+        if self._waiters[0]:
+            futex.bump_and_wake(self.seq_address)
+
     @property
     def capacity(self) -> int:
         return self.mapping.header(CAPACITY)

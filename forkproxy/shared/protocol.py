@@ -21,7 +21,9 @@ EXIT_OK = 0
 EXIT_CANNOT_START = 3  # setup failed: respawning would fail the same way
 EXIT_MASTER_GONE = 4
 
-# Messages on the event pipe to the master: struct EVENT_FORMAT (slot, event).
+# Messages on the event pipe to the master: struct EVENT_FORMAT (slot, event). After a
+# reload, workers of the old code write them to the new master: a change here needs a new
+# state format (supervisor/reexec_state.py), so that a reload asks for a restart instead.
 EVENT_FORMAT = "=HH"
 EVENT_SIZE = struct.calcsize(EVENT_FORMAT)
 EVENT_READY = 1  # the worker is accepting

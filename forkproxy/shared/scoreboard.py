@@ -104,11 +104,16 @@ class Scoreboard:
         self._retired = memory[RETIRED : RETIRED + MAX_SLOTS * SLOT_WORDS * WORD].cast("q")
         rows_bytes = (MAX_LISTENERS + MAX_TARGETS) * ROW_WORDS * WORD
         self._retired_rows = memory[RETIRED_ROWS : RETIRED_ROWS + rows_bytes].cast("q")
-        # Listener rows [0, this) may be written: one per listener the master has.
+        # Listener rows [0, this) may be written: one per listener the master has, or had
+        # before a reload (its old workers still write theirs).
         self.listener_rows = min(listeners, MAX_LISTENERS)
         # Target rows [0, this) may be written: the target table's high water (the
         # master's to set, as it hands rows out).
         self.target_rows = 0
+
+    def widen_listener_rows(self, listeners: int) -> None:
+        """A reload's listeners: rows [0, `listeners`) may be written too."""
+        self.listener_rows = max(self.listener_rows, min(listeners, MAX_LISTENERS))
 
     def slot(self, index: int) -> memoryview:
         """The words of slot `index`, for its owner to write with `slot[FIELD] += n`."""

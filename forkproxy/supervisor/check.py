@@ -6,8 +6,10 @@ would meet it: the listeners (the sockets systemd passed, by LISTEN_FDNAMES, els
 for; a target for every listener, of the kind the listener takes (`kind_problems`);
 host-name targets resolved (getaddrinfo(3)); pipes of each --pipe-size in use. The
 answer is one line per route, listener -> targets, with the relay options that differ
-from the defaults, or every problem found (`UsageErrors`). `listener_problems` (with
-`kind_problems`) is the master's check too. Never binds, adopts a passed socket, forks
+from the defaults, or every problem found (`UsageErrors`). A reload's check (reload.py)
+gets one line more, about the code that ran it. `listener_problems` (with
+`kind_problems`) is the master's check too, with the descriptor limit and pipe sizes
+(`check_settings_for`). Never binds, adopts a passed socket, forks
 or prints (`cli` prints).
 """
 
@@ -16,16 +18,21 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 
+from forkproxy import __version__
 from forkproxy.errors import ForkproxyError, UsageErrors
-from forkproxy.relay.access_log import access_log_problems
+from forkproxy.relay.access_log import access_log_problems, check_access_logs
+from forkproxy.relay.engine import engine_name
 from forkproxy.relay.splice import check_pipe_size
 from forkproxy.settings.address import TargetAddress, format_sockaddr
 from forkproxy.settings.config import RELAY_OPTIONS, Config, ListenerSettings
 from forkproxy.settings.kinds import kind_mismatch
 from forkproxy.settings.option_values import VALUES
 from forkproxy.settings.options import KeepAlive
+from forkproxy.shared.layout import LAYOUT_VERSION
 from forkproxy.shared.listener import is_connection
 from forkproxy.supervisor.activation import METRICS_FD_NAME, passed_fds
+from forkproxy.supervisor.limits import check_fd_limit
+from forkproxy.supervisor.reexec_state import CHECK_VARIABLE, check_marker
 from forkproxy.supervisor.target_rows import pair_problems
 
 # (name, label, kind): a listener as the routes see it (name "" if it has none) and its
@@ -42,7 +49,8 @@ _DEFAULTS = {
 def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
     """The route lines of `config`, or UsageErrors with every problem found."""
     problems: list[str] = []
-    listeners = _listeners(config, os.environ if environ is None else environ, problems)
+    environ = os.environ if environ is None else environ
+    listeners = _listeners(config, environ, problems)
     if listeners:
         problems += listener_problems(config, listeners)
     problems += _resolve_targets(config)
@@ -55,12 +63,15 @@ def check_settings(config: Config, environ: Mapping[str, str] | None = None) -> 
     if problems:
         raise UsageErrors(problems)
     if listeners:
-        return [_route_line(label, config.settings_for(name)) for name, label, _ in listeners]
-    # No socket passed and no --listen: the routes by name, as systemd will name them.
-    lines = [_route_line(f"'{settings.name}'", settings) for settings in config.listeners]
-    if config.targets:
-        others = "other listeners" if config.listeners else "every listener"
-        lines.append(_route_line(others, config.global_settings()))
+        lines = [_route_line(label, config.settings_for(name)) for name, label, _ in listeners]
+    else:
+        # No socket passed and no --listen: the routes by name, as systemd will name them.
+        lines = [_route_line(f"'{settings.name}'", settings) for settings in config.listeners]
+        if config.targets:
+            others = "other listeners" if config.listeners else "every listener"
+            lines.append(_route_line(others, config.global_settings()))
+    if environ.get(CHECK_VARIABLE) == "1":
+        lines.append(check_marker(__version__, LAYOUT_VERSION, engine_name()))
     return lines
 
 
@@ -183,3 +194,17 @@ def _format(dest: str, value: object) -> str:
     if isinstance(value, tuple):  # a repeatable option's values (--backup, ...)
         return ",".join(VALUES[dest].format(item) for item in value)
     return VALUES[dest].format(value)
+
+
+def check_settings_for(config: Config, listeners: list[ListenerKind], fd_limit: int) -> None:
+    """What can only be checked with the listeners ((name, label, kind) each) and the
+    kernel at hand: a route of the right kind for every listener, the pipe sizes, the
+    descriptor limit, the access-log files (each worker opens them: can it?). Raises
+    ForkproxyError."""
+    check_fd_limit(fd_limit, config.connections_max)
+    check_access_logs(config)
+    problems = listener_problems(config, listeners)
+    if problems:
+        raise UsageErrors(problems)
+    for size in {config.settings_for(name).pipe_size for name, _, _ in listeners}:
+        check_pipe_size(size)

@@ -1,53 +1,45 @@
 """The master: set-up, the selector loop, the signal table, shutdown.
 
 Single-threaded, so forking is safe at any time. One selector waits on a wakeup socket
-(signal.set_wakeup_fd), the workers' event pipe, the metrics sockets and the nearest
-deadline; signal handlers do nothing, and the loop dispatches signal numbers through
-`self.on_signal`. Its workers are `workers.WorkerPool`'s, what it tells systemd is
-`readiness.Readiness`'s. The master learns what workers do from the scoreboard and never
-sees a connection. Never relays bytes and never starts threads.
+(`signals.SignalWakeup`), the workers' event pipe, the metrics sockets, a reload's check
+and the nearest deadline; signal handlers do nothing, and the loop dispatches signal
+numbers through `self.on_signal`. What it holds is `resources.Resources`', its workers
+`pool.WorkerPool`'s, what it tells systemd `readiness.Readiness`'s, a reload
+`reload.Reloader`'s (and, in the image a reload started, `takeover.Takeover`'s). The
+master learns what workers do from the scoreboard and never sees a connection. Never
+relays bytes and never starts threads.
 """
 
-import errno
 import gc
 import logging
 import math
-import os
-import resource
 import selectors
 import signal
-import socket
-import struct
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING
 
 from setproctitle import setproctitle
 
-from forkproxy.errors import ForkproxyError, UsageErrors
-from forkproxy.relay.access_log import check_access_logs
-from forkproxy.relay.splice import check_pipe_size
-from forkproxy.settings.config import Config, ListenerSettings
+from forkproxy.errors import ForkproxyError
+from forkproxy.settings.config import Config
 from forkproxy.settings.timespan import format_timespan
-from forkproxy.shared.admission import Admission
-from forkproxy.shared.layout import mapping_bytes, source_entries
-from forkproxy.shared.listener import Listener
-from forkproxy.shared.mapping import SharedMapping
-from forkproxy.shared.protocol import EVENT_FORMAT, EVENT_READY, EVENT_SIZE, WorkerSpec
-from forkproxy.shared.scoreboard import Scoreboard
-from forkproxy.supervisor.activation import METRICS_FD_NAME
-from forkproxy.supervisor.check import listener_problems
-from forkproxy.supervisor.health import Checker
-from forkproxy.supervisor.limits import check_fd_limit, raise_fd_limit
-from forkproxy.supervisor.listeners import bind_listener, close_listeners, open_listeners
-from forkproxy.supervisor.notify import Notifier, watchdog_interval
+from forkproxy.shared.protocol import EVENT_READY, WorkerSpec
+from forkproxy.supervisor.notify import Notifier, notify_environment, watchdog_interval
+from forkproxy.supervisor.pool import WorkerPool
 from forkproxy.supervisor.readiness import Readiness
+from forkproxy.supervisor.reexec_state import ReexecState
+from forkproxy.supervisor.reload import Reloader
 from forkproxy.supervisor.reopen import reopen_access_logs
+from forkproxy.supervisor.resources import Resources, describe, source_limit
 from forkproxy.supervisor.routes import startup_line
-from forkproxy.supervisor.signals import MASTER_SIGNALS, STOP_SIGNALS, UNUSED_SIGNALS
-from forkproxy.supervisor.target_rows import TargetRows
-from forkproxy.supervisor.workers import KILL_MARGIN, WorkerPool
+from forkproxy.supervisor.signals import MASTER_SIGNALS, SignalWakeup, unused_signal_table
+
+# At start, like everything a reload runs: by the time of a reload, the files may be
+# another version's (an upgrade), and this image must not import a mix.
+from forkproxy.supervisor.takeover import Takeover, snapshot
+from forkproxy.supervisor.target_health import TargetHealth
+from forkproxy.supervisor.workers import KILL_MARGIN
 
 if TYPE_CHECKING:
     from forkproxy.supervisor.metrics.endpoint import MetricsEndpoint
@@ -62,145 +54,110 @@ class Master:
     # Made in `_setup` with the resources they work on; the loop runs only after it.
     pool: WorkerPool
     readiness: Readiness
+    reloader: Reloader
+    targets: TargetHealth
 
-    def __init__(self, config: Config, passed: list[tuple[int, str]]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        passed: list[tuple[int, str]],
+        argv: list[str] | None = None,
+        config_text: str | None = None,
+        takeover: "Takeover | None" = None,
+    ) -> None:
         self.config = config
         self.passed = passed  # (fd, name) from systemd, see activation.passed_fds
-        self.listeners: list[Listener] = []
+        self.argv = list(argv or [])  # as given, for a reload to run again
+        self.config_text = config_text  # the --config file this runs with
+        self.takeover = takeover
+        self.resources = takeover.resources if takeover is not None else Resources()
         self.exit_status = EXIT_OK
         self.shutdown_deadline = math.inf
         self.selector: selectors.BaseSelector | None = None
-        self.mapping: SharedMapping | None = None  # scoreboard and caps; ours to close
-        self.scoreboard: Scoreboard | None = None
-        self.admission: Admission | None = None
-        self.targets: TargetRows | None = None  # the target table's rows of the settings
-        self.checker: Checker | None = None  # active health checks (supervisor/health.py)
-        self.wakeup: tuple[socket.socket, socket.socket] | None = None
-        self.events: tuple[int, int] | None = None
-        # Metrics sockets (the master's own: workers close them) and their responder.
-        self.metrics_listeners: list[Listener] = []
-        self.metrics: MetricsEndpoint | None = None
+        self.wakeup: SignalWakeup | None = None
+        self.metrics: MetricsEndpoint | None = None  # the responder on the metrics sockets
+        self.notify_environment = notify_environment()  # before the Notifier takes it
         self.notifier = Notifier()
         self.watchdog_interval = watchdog_interval()
-        self.heartbeat_interval = config.heartbeat_interval
-        if self.watchdog_interval is not None:
-            self.heartbeat_interval = min(self.heartbeat_interval, self.watchdog_interval / 4)
-        self.listeners_bound = False  # from --listen: ours to close and unlink
         self.on_signal: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self.on_sigterm,
             signal.SIGINT: self.on_sigterm,
             signal.SIGQUIT: self.on_sigquit,
             signal.SIGCHLD: lambda: self.pool.reap(),
-            signal.SIGHUP: lambda: self.pool.rotate(),  # graceful rotation of all workers
+            signal.SIGHUP: lambda: self.reloader.request(signal.SIGHUP),
             signal.SIGTTIN: self.on_sigttin,
             signal.SIGTTOU: self.on_sigttou,
             # The workers reopen their access-log files (supervisor/reopen.py).
             signal.SIGUSR1: lambda: reopen_access_logs(self.config, self.pool.workers.values()),
-            signal.SIGUSR2: self.on_sigusr2,
+            signal.SIGUSR2: lambda: self.reloader.request(signal.SIGUSR2),  # HAProxy's reload
         }
-        for signum in UNUSED_SIGNALS:
-            self.on_signal[signum] = partial(self.on_unused_signal, signum)
-        self.unused_logged: set[int] = set()
+        self.on_signal.update(unused_signal_table())
         assert set(self.on_signal) == MASTER_SIGNALS
 
     # -- setup ---------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        fd_limit = raise_fd_limit()
-        self.listeners, self.metrics_listeners, self.listeners_bound = open_listeners(
-            self.config, self.passed
-        )
-        # --metrics is bound only if systemd passed no socket named "metrics".
-        if self.config.metrics is not None and self.metrics_listeners:
-            log.info("systemd passed a '%s' socket: ignoring --metrics", METRICS_FD_NAME)
-        elif self.config.metrics is not None:
-            self.metrics_listeners = [bind_listener(self.config.metrics, self.config.socket_mode)]
-        check_fd_limit(fd_limit, self.config.connections_max)
-        check_access_logs(self.config)  # each worker opens them: can it?
-        # What can only be checked with the listeners and the kernel at hand.
-        problems = listener_problems(
-            self.config, [(one.name, one.label, one.kind) for one in self.listeners]
-        )
-        if problems:
-            raise UsageErrors(problems)
-        for size in {self._settings(listener).pipe_size for listener in self.listeners}:
-            check_pipe_size(size)
-        self.mapping = _shared_mapping(self.config)
-        self.scoreboard = Scoreboard(self.mapping, len(self.listeners))
-        self.admission = Admission.set_up(
-            self.mapping, self.config.connections_max, _source_limit(self.config)
-        )
-        self.targets = targets = TargetRows.set_up(
-            self.config, self.listeners, self.mapping, self.scoreboard
-        )
-        self.events = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wakeup = socket.socketpair()
-        for end in self.wakeup:
-            end.setblocking(False)
+        resources = self.resources
+        if self.takeover is None:
+            resources.start(self.config, self.passed)
+        scoreboard, admission = resources.scoreboard, resources.admission
+        mapping, events = resources.mapping, resources.events
+        assert scoreboard is not None and admission is not None
+        assert mapping is not None and events is not None
+        # -c applies to every worker at once, old and new: CAPACITY is read at each admit.
+        admission.set_limits(self.config.connections_max, source_limit(self.config))
+        self.wakeup = SignalWakeup(self.on_signal)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.wakeup[0], selectors.EVENT_READ, self._on_wakeup)
-        self.selector.register(self.events[0], selectors.EVENT_READ, self._on_worker_events)
-        self.checker = Checker(self.selector, targets, self.mapping)
-        spec = WorkerSpec(
-            config=self.config,
-            slot=0,
-            generation=0,
-            listeners=tuple(self.listeners),
-            scoreboard=self.scoreboard,
-            admission=self.admission,
-            events_fd=self.events[1],
-            master_pid=os.getpid(),
-            heartbeat_interval=self.heartbeat_interval,
-            targets=targets.table,
-            listener_targets=targets.by_listener,
+        self.selector.register(self.wakeup.read_end, selectors.EVENT_READ, self.wakeup.dispatch)
+        self.selector.register(events[0], selectors.EVENT_READ, self._on_worker_events)
+        # After a reload, the pairs kept find their rows and health in the mapping.
+        self.targets = TargetHealth.set_up(
+            self.config, resources.listeners, self.selector, mapping, scoreboard
         )
-        self.pool = WorkerPool(spec, self.on_signal, self._drop_master_resources, self._on_fatal)
+        self.pool = WorkerPool(
+            self.worker_spec(self.config),
+            self.on_signal,
+            self._drop_master_resources,
+            self._on_fatal,
+        )
+        self.reloader = Reloader(
+            self, self.selector, self.notifier, self.argv, self.notify_environment
+        )
+        self.pool.on_other_exit = self.reloader.on_child_exit
+        if self.takeover is not None:
+            self.takeover.hand_over(self.pool, self.reloader)
         self.readiness = Readiness(
             self.config,
             self.notifier,
             self.watchdog_interval,
             self.pool,
-            self.scoreboard,
-            self.admission,
-            targets,
+            scoreboard,
+            admission,
+            self.targets,
         )
-        # Metrics are served from this loop. prometheus_client is loaded only when there
-        # is a metrics socket: every worker forked later starts with a copy.
-        if self.metrics_listeners:
-            from forkproxy.supervisor.metrics.endpoint import open_metrics
+        # Metrics are served from this loop.
+        self.metrics = _serve_metrics(self) if resources.metrics_listeners else None
+        self.wakeup.install()
+        first = self.config.settings_for(resources.listeners[0].name)
+        setproctitle(f"forkproxy: master {first.targets[0].text}")
 
-            self.metrics = open_metrics(
-                self.metrics_listeners,
-                self.selector,
-                self.pool,
-                self.scoreboard,
-                self.admission,
-                targets=(targets, self.checker),
-                start_timeout=self.config.worker_timeout,  # how long a worker may take
-            )
-        signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
-        for signum in self.on_signal:
-            signal.signal(signum, _ignore_signal)
-        setproctitle(f"forkproxy: master {self._settings(self.listeners[0]).targets[0].text}")
-
-    def _settings(self, listener: Listener) -> ListenerSettings:
-        return self.config.settings_for(listener.name)
+    def worker_spec(self, config: Config) -> WorkerSpec:
+        heartbeat_interval = config.heartbeat_interval
+        if self.watchdog_interval is not None:
+            heartbeat_interval = min(heartbeat_interval, self.watchdog_interval / 4)
+        return self.resources.worker_spec(config, heartbeat_interval, self.targets.rows)
 
     def _drop_master_resources(self) -> None:
         """In a new worker: close what only the master uses."""
-        assert self.selector is not None and self.wakeup is not None and self.events is not None
-        signal.set_wakeup_fd(-1)
+        assert self.selector is not None and self.wakeup is not None
+        self.wakeup.close()
         self.selector.close()
-        for end in self.wakeup:
-            end.close()
-        os.close(self.events[0])
+        self.reloader.close_in_child()
         self.notifier.close()
         if self.metrics is not None:  # the metrics sockets are the master's
             self.metrics.close()
-        if self.checker is not None:  # the master's checks' sockets and pipes
-            self.checker.close()
-        for listener in self.metrics_listeners:
-            listener.sock.close()  # our copy only: never unlink the master's socket file
+        self.targets.close_in_worker()
+        self.resources.close_in_worker()
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -212,15 +169,20 @@ class Master:
         try:
             self._setup()
         except OSError as error:  # out of descriptors or memory: before any worker runs
-            raise ForkproxyError(f"cannot start: {_describe(error)}") from None
+            raise ForkproxyError(f"cannot start: {describe(error)}") from None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.on_signal)
         assert self.selector is not None
-        routes = [(one, self._settings(one).targets) for one in self.listeners]
+        # Where clients go, as it starts (and as a reload's new image takes over).
+        resources = self.resources
+        routes = [(one, self.config.settings_for(one.name).targets) for one in resources.listeners]
         log.info("%s", startup_line(routes, self.pool.target_workers, self.config.connections_max))
         self.notifier.status(f"starting {self.pool.target_workers} workers")
         gc.freeze()  # keep the heap's pages shared with workers after fork
-        self.pool.start()
-        while not (self.pool.stopping and not self.pool.workers):
+        if self.takeover is not None:
+            self.pool.reap()  # workers that ended while the new image started
+        if self.pool.start():  # the previous image's workers, kept by a failed reload
+            self.on_serving()
+        while not (self.pool.stopping and not self.pool.workers and not self.reloader.busy):
             timeout = self._next_deadline() - time.monotonic()
             for key, _ in self.selector.select(None if math.isinf(timeout) else max(0.0, timeout)):
                 key.data()
@@ -230,64 +192,41 @@ class Master:
 
     def close(self) -> None:
         """Release what the master holds; safe after a failed setup."""
-        signal.set_wakeup_fd(-1)
+        if self.wakeup is not None:
+            self.wakeup.close()
         if self.selector is not None:
             self.selector.close()
-        if self.wakeup is not None:
-            for end in self.wakeup:
-                end.close()
-        if self.events is not None:
-            for fd in self.events:
-                os.close(fd)
-        close_listeners(self.listeners)
-        if self.metrics is not None:  # its clients, then the metrics listeners
+        if self.metrics is not None:  # its clients; the metrics listeners go with the rest
             self.metrics.close()
-        close_listeners(self.metrics_listeners)
-        if self.checker is not None:
-            self.checker.close()
-        if self.targets is not None:
+        if hasattr(self, "targets"):  # made in set-up, with the mapping
             self.targets.close()
-        if self.scoreboard is not None:
-            self.scoreboard.close()
-        if self.mapping is not None:
-            self.mapping.close()
+        self.resources.close()
         self.notifier.close()
 
-    def _on_wakeup(self) -> None:
-        assert self.wakeup is not None
-        received = bytearray()
-        while True:  # all of it: a full wakeup socket would drop signals
-            try:
-                data = self.wakeup[0].recv(4096)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            received += data
-        for signum in sorted(received, key=_dispatch_rank):
-            handler = self.on_signal.get(signum)
-            if handler is not None:
-                handler()
-
     def _on_worker_events(self) -> None:
-        assert self.events is not None
-        try:
-            data = os.read(self.events[0], 64 * EVENT_SIZE)
-        except BlockingIOError:
-            return
-        for slot, event in struct.iter_unpack(EVENT_FORMAT, data):
+        for slot, event in self.resources.read_events():
             # EVENT_IDLE needs nothing: the idle deadline is recomputed after every wakeup.
             if event == EVENT_READY and self.pool.mark_ready(slot):
-                self.readiness.on_serving()
+                self.on_serving()
+
+    def on_serving(self) -> None:
+        """Every current worker serves: READY, the old generation told to drain (by the
+        pool), the listeners a reload dropped closed, a waiting reload started."""
+        self.readiness.on_serving()
+        if self.pool.generation_serving:
+            self.resources.close_retiring()
+        self.reloader.on_serving()
 
     def _next_deadline(self) -> float:
         deadline = min(
-            self.shutdown_deadline, self.readiness.next_deadline(), self.pool.next_deadline()
+            self.shutdown_deadline,
+            self.readiness.next_deadline(),
+            self.pool.next_deadline(),
+            self.reloader.next_deadline(),
+            self.targets.next_deadline(),  # active health checks
         )
         if self.metrics is not None:  # metrics clients' deadlines
             deadline = min(deadline, self.metrics.next_deadline())
-        if self.checker is not None:  # active health checks
-            deadline = min(deadline, self.checker.next_deadline())
         return deadline
 
     def _run_deadlines(self) -> None:
@@ -298,13 +237,29 @@ class Master:
             self.pool.kill_all("graceful timeout passed")
             self.shutdown_deadline = math.inf
         self.pool.run_deadlines(now)
-        if self.checker is not None:
-            self.checker.run_deadlines(now)
+        self.reloader.run_deadlines(now)
+        self.targets.run_deadlines(now)
         if now >= self.readiness.idle_deadline():
             self.begin_shutdown(
                 EXIT_OK, f"no connections for {format_timespan(self.config.exit_idle_time)}"
             )
         self.readiness.run_deadlines(now)
+
+    # -- reloads (reload.ReloadHost) -----------------------------------------------------
+
+    def reload_ready(self) -> bool:
+        return self.readiness.ready_notified and self.pool.generation_serving
+
+    def reload_stopping(self) -> bool:
+        return self.pool.stopping
+
+    def before_exec(self) -> bool:
+        assert self.wakeup is not None
+        self.wakeup.dispatch()  # signals received but not handled yet would die with this image
+        return not self.pool.stopping
+
+    def reexec_state(self, started: float, pending: bool) -> ReexecState:
+        return snapshot(self, started, pending)
 
     # -- signals and shutdown ------------------------------------------------------------
 
@@ -320,21 +275,15 @@ class Master:
 
     def on_sigttin(self) -> None:
         if self.pool.add_worker():
-            self.readiness.on_serving()
+            self.on_serving()
 
     def on_sigttou(self) -> None:
         if self.pool.remove_worker():  # the last one not yet serving may have gone
-            self.readiness.on_serving()
-
-    def on_sigusr2(self) -> None:
-        log.warning("SIGUSR2 is kept for reloading, ignoring it")  # TODO(#17): reload
-
-    def on_unused_signal(self, signum: int) -> None:
-        if signum not in self.unused_logged:
-            self.unused_logged.add(signum)
-            log.info("ignoring %s (logged once)", signal.Signals(signum).name)
+            self.on_serving()
 
     def _on_fatal(self, reason: str) -> None:
+        if self.takeover is not None and self.takeover.fall_back(self, reason):
+            return
         self.begin_shutdown(EXIT_FAILURE, reason)
 
     def begin_shutdown(self, status: int, reason: str) -> None:
@@ -346,53 +295,26 @@ class Master:
         log.info("stopping: %s", reason)
         self.shutdown_deadline = time.monotonic() + self.config.graceful_timeout + KILL_MARGIN
         self.pool.stop_all()
-        if self.listeners_bound:
-            # The workers close their copies as they stop; once ours is closed too, new
-            # clients are refused at once instead of waiting in a backlog nobody accepts
-            # from. Sockets systemd passed stay open in systemd, whose backlog keeps such
-            # clients for the next start.
-            close_listeners(self.listeners)
-            self.listeners = []
+        self.reloader.cancel()
+        self.resources.close_own_listeners()
 
 
-def _source_limit(config: Config) -> int:
-    """The highest --connections-max-per-source of any listener (0: no limit anywhere).
+def _serve_metrics(master: Master) -> "MetricsEndpoint | None":
+    """The metrics endpoint on `master`'s metrics sockets. prometheus_client is loaded
+    only when there is one: every worker forked later starts with a copy."""
+    from forkproxy.supervisor.metrics.endpoint import open_metrics
 
-    One table counts a source across listeners; each listener admits against its own
-    limit (Admitter.admit), this one is the table's, for the metrics."""
-    return max(
-        [config.connections_max_per_source]
-        + [settings.connections_max_per_source for settings in config.listeners]
+    resources = master.resources
+    assert resources.scoreboard is not None and resources.admission is not None
+    assert master.selector is not None
+    return open_metrics(
+        resources.metrics_listeners,
+        master.selector,
+        master.pool,
+        resources.scoreboard,
+        resources.admission,
+        master.reloader,
+        master.targets,
+        # Held /healthz, at start-up only: after a reload, the old workers serve.
+        start_timeout=0.0 if master.takeover else master.config.worker_timeout,
     )
-
-
-def _shared_mapping(config: Config) -> SharedMapping:
-    """The memfd mapping shared with every worker (shared/mapping.py)."""
-    entries = source_entries(config.connections_max)
-    try:
-        return SharedMapping.create(entries)
-    except OSError as error:
-        size = mapping_bytes(entries) >> 20
-        raise ForkproxyError(
-            f"cannot create the shared memory ({size} MiB): {_describe(error)}"
-        ) from None
-
-
-def _dispatch_rank(signum: int) -> int:
-    """Order of handling within one wakeup: stops, then the rest, then SIGCHLD."""
-    if signum in STOP_SIGNALS:
-        return 0
-    return 2 if signum == signal.SIGCHLD else 1
-
-
-def _describe(error: OSError) -> str:
-    """An OSError of set-up as the end of a one-line message."""
-    text = error.strerror or str(error)
-    if error.errno in (errno.EMFILE, errno.ENFILE):
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        text += f" (the file descriptor limit is {limit}; raise LimitNOFILE= or ulimit -n)"
-    return text
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    """Python-level handler: the wakeup fd carries the signal to the master loop."""

@@ -1,4 +1,4 @@
-"""`Notifier`: READY, STATUS, STOPPING and WATCHDOG datagrams to $NOTIFY_SOCKET.
+"""`Notifier`: READY, STATUS, RELOADING, STOPPING and WATCHDOG datagrams to $NOTIFY_SOCKET.
 
 The sd_notify(3) protocol written out: one datagram per message to the AF_UNIX socket
 named by $NOTIFY_SOCKET (a path, or "@name" for the abstract namespace). A no-op when
@@ -9,6 +9,7 @@ listening must not take the proxy down.
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger("forkproxy")
 
@@ -50,6 +51,12 @@ class Notifier:
     def status(self, status: str) -> None:
         self.notify(f"STATUS={status}")
 
+    def reloading(self, status: str) -> None:
+        """A reload begins: READY=1 again once it is done (Type=notify-reload, from
+        systemd 253; earlier ones take RELOADING=1 alone and ignore MONOTONIC_USEC)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={status}")
+
     def stopping(self, status: str) -> None:
         self.notify(f"STOPPING=1\nSTATUS={status}")
 
@@ -60,6 +67,16 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+# What systemd tells the master about itself; the Notifier and watchdog_interval() remove
+# them from the environment, a reload puts them back for the new image.
+NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def notify_environment(environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+    """The NOTIFY_VARIABLES set in `environ` (before the Notifier takes them)."""
+    return {name: environ[name] for name in NOTIFY_VARIABLES if name in environ}
 
 
 def watchdog_interval(environ: dict[str, str] | os._Environ[str] = os.environ) -> float | None:

@@ -40,3 +40,13 @@ class Ranks:
     def new_generation(self, size: int) -> None:
         self.size = size
         self._by_slot.clear()
+
+    def assigned(self) -> dict[int, int]:
+        """Rank by slot, for a reload's state."""
+        return dict(self._by_slot)
+
+    def restore(self, size: int, assigned: dict[int, int]) -> None:
+        """The generation a reload's new image goes on with: the ranks it had, so that a
+        replacement reads what the worker it replaces read."""
+        self.size = size
+        self._by_slot = dict(assigned)

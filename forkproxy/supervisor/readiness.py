@@ -21,8 +21,8 @@ from forkproxy.shared.scoreboard import (
     SlotState,
 )
 from forkproxy.supervisor.notify import Notifier
-from forkproxy.supervisor.target_rows import TargetRows
-from forkproxy.supervisor.workers import WorkerPool
+from forkproxy.supervisor.pool import WorkerPool
+from forkproxy.supervisor.target_health import TargetsView
 
 log = logging.getLogger("forkproxy")
 
@@ -40,7 +40,7 @@ class Readiness:
         pool: WorkerPool,
         scoreboard: Scoreboard,
         admission: Admission,
-        targets: TargetRows | None = None,
+        targets: TargetsView | None = None,
     ) -> None:
         self.config = config
         self.notifier = notifier
@@ -113,8 +113,8 @@ class Readiness:
             f"{serving} workers, {self.admission.in_use()} active, "
             f"{self.scoreboard.total(REFUSED)} refused"
         )
-        if self.targets is not None and self.targets.entries:
-            counts = self.targets.usable_counts().values()
+        if self.targets is not None and self.targets.rows.entries:
+            counts = self.targets.rows.usable_counts().values()
             line += f", targets {sum(up for up, _ in counts)}/{sum(n for _, n in counts)} up"
         return line
 

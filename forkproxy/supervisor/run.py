@@ -5,12 +5,11 @@ puts it on standard input (StandardInput=socket); `oneshot` relays either in thi
 process. Anything else is a listener for a `Master` and its workers.
 """
 
-import logging
 import signal
 
 from forkproxy import logs
 from forkproxy.errors import ForkproxyError
-from forkproxy.relay.engine import C, engine_name, engine_supports
+from forkproxy.relay.engine import engine_name, log_python_fallback
 from forkproxy.settings.config import Config
 from forkproxy.settings.kinds import STREAM, kind_mismatch
 from forkproxy.shared.listener import is_connection
@@ -19,11 +18,10 @@ from forkproxy.supervisor.master import Master
 from forkproxy.supervisor.notify import Notifier
 from forkproxy.supervisor.signals import MASTER_SIGNALS
 
-log = logging.getLogger("forkproxy")
 
-
-def run(config: Config) -> int:
-    """Run forkproxy until it stops; return the process exit status."""
+def run(config: Config, argv: list[str] | None = None, config_text: str | None = None) -> int:
+    """Run forkproxy until it stops; return the process exit status. `argv` and the
+    --config file's `config_text` are what it runs with, for a reload."""
     logs.setup(config.log_level)
     engine_name()  # FORKPROXY_ENGINE=c without the compiled engine: a one-line error now
     if config.inetd:
@@ -36,10 +34,8 @@ def run(config: Config) -> int:
     if len(passed) == 1 and is_connection(passed[0][0]):
         # Accept=yes: systemd accepted the client and passed the connection itself.
         return _relay_connection(config, passed[0][0], f"fd {passed[0][0]} from systemd")
-    if engine_name() == C and (reason := engine_supports(config)) is not None:
-        # Said once here; each worker finds the same reason and relays with Python.
-        log.info("the compiled engine does not support %s: relaying with Python", reason)
-    master = Master(config, passed)
+    log_python_fallback(config)
+    master = Master(config, passed, argv, config_text)
     try:
         return master.run()
     finally:

@@ -188,7 +188,15 @@ def _service_unit(r: UnitRequest, config: Config) -> str:
             f"ExecStart={exec_start(r)}",
         ]
     else:
-        lines += ["Type=notify", f"ExecStart={exec_start(r)}", "Restart=on-failure"]
+        lines += [
+            "# Type=notify-reload (systemd 253) would send SIGHUP itself and wait for the",
+            "# reload's READY=1; with notify and ExecReload=, `systemctl reload` returns",
+            "# once the signal is sent. forkproxy re-executes in place: same MainPID.",
+            "Type=notify",
+            f"ExecStart={exec_start(r)}",
+            "ExecReload=kill -HUP $MAINPID",
+            "Restart=on-failure",
+        ]
         watchdog = watchdog_sec(config)
         if watchdog is not None:
             lines += [

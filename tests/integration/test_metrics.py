@@ -177,7 +177,8 @@ def test_counts_match_the_traffic_exactly(workdir: Path) -> None:
     assert grew("forkproxy_connect_duration_seconds_bucket", le="+Inf") == m
     assert grew("forkproxy_connection_duration_seconds_count") == m
     assert value(after, "forkproxy_connections_max") == 256
-    assert value(after, "forkproxy_workers") == 2
+    assert value(after, "forkproxy_workers", generation="current") == 2
+    assert value(after, "forkproxy_workers", generation="draining") == 0
 
     def per_worker(name: str, **labels: str) -> float:
         return sum(

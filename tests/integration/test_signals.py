@@ -32,7 +32,6 @@ from tests.support.supervision import (
 # Signals whose default action ends a process, and two that do nothing by default.
 NO_JOB_SIGNALS = [
     signal.SIGUSR1,
-    signal.SIGUSR2,
     signal.SIGALRM,
     signal.SIGVTALRM,
     signal.SIGPROF,
@@ -51,8 +50,6 @@ def _echo(proxy: Proxy, text: bytes) -> None:
 def _logged(signum: int) -> str:
     if signum == signal.SIGUSR1:
         return "SIGUSR1: no log files to reopen"
-    if signum == signal.SIGUSR2:
-        return "SIGUSR2 is kept for reloading, ignoring it"
     return f"ignoring {signal.Signals(signum).name} (logged once)"
 
 
@@ -86,7 +83,7 @@ def test_signals_without_a_job_neither_stop_nor_disturb(workdir: Path) -> None:
 
 def test_a_sighup_during_start_up_does_not_kill_the_master(workdir: Path) -> None:
     """SIGHUP as soon as the socket file exists, while the master is still setting up
-    (loading the metrics code takes a while)."""
+    (loading the metrics code takes a while): the reload waits for READY=1, then runs."""
     path = workdir / "front.sock"
     notify = Notifications(workdir)
     with run_backend("echo") as backend:
@@ -108,6 +105,12 @@ def test_a_sighup_during_start_up_does_not_kill_the_master(workdir: Path) -> Non
                 "READY=1",
             )
             assert process.poll() is None
+            wait_until(
+                lambda: notify.lines().count("READY=1") == 2 or process.poll() is not None,
+                30,
+                "the reload's READY=1",
+            )
+            assert "RELOADING=1" in notify.lines()
             process.send_signal(signal.SIGTERM)
             assert process.wait(15) == 0
         finally:

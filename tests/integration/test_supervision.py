@@ -189,8 +189,8 @@ def test_watchdog_pings_only_while_workers_heartbeat(workdir: Path) -> None:
 
 
 def test_a_burst_of_sighups_leaves_one_serving_generation(workdir: Path) -> None:
-    """60 SIGHUPs 30 ms apart, faster than a generation of 16 starts: the rotations
-    coalesce instead of using up the scoreboard's slots, and a later SIGHUP still works."""
+    """60 SIGHUPs 30 ms apart, faster than a reload with 16 workers: the reloads coalesce
+    instead of using up the scoreboard's slots, and a later SIGHUP still works."""
     with (
         run_backend("echo") as backend,
         run_proxy(
@@ -210,7 +210,7 @@ def test_a_burst_of_sighups_leaves_one_serving_generation(workdir: Path) -> None
         )
         with proxy.connect() as client:
             assert send_all_then_read(client, b"after the burst") == b"after the burst"
-    assert "a rotation is already waiting to start" in proxy.stderr()
+    assert "a reload is already waiting to start" in proxy.stderr()
 
 
 def test_a_storm_of_sighup_sigttin_and_sigttou_converges_to_the_target(workdir: Path) -> None:

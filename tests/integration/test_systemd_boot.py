@@ -129,3 +129,31 @@ def test_host_name_target_resolves_under_the_sandbox(systemd_boot: BootedSystemd
     systemd_boot.systemctl("start", "name.socket")
     with systemd_boot.listener("127.0.0.1:9003") as listener:
         assert exchange(systemd_boot, listener, port=8082) == b"reply from 127.0.0.1:9003"
+
+
+def test_systemctl_reload_keeps_the_service_and_its_main_pid(web: BootedSystemd) -> None:
+    """`systemctl reload` of a generated unit: forkproxy re-executes in place, the unit
+    stays active with the same MainPID and without a restart, and relays throughout."""
+    assert "ExecReload=kill -HUP $MAINPID" in generate(ACCEPTANCE)["web.service"]
+    with web.listener(TARGETS[0]) as listener:
+        assert exchange(web, listener) == f"reply from {TARGETS[0]}".encode()  # starts it
+        main_pid = _show(web, "MainPID")
+        for done in range(1, 4):
+            # Until systemd has read READY=1 (of the start, or of the last reload's new
+            # workers), a reload job merges into the job running and does nothing.
+            wait_until(lambda: _show(web, "SubState") == "running", CLIENT_TIMEOUT, "running")
+            web.systemctl("reload", "web.service")
+            wait_until(
+                lambda done=done: web.journal("web.service").count("reload done") == done,
+                CLIENT_TIMEOUT,
+                f"reload {done} to be done",
+            )
+            wait_until(lambda: _show(web, "SubState") == "running", CLIENT_TIMEOUT, "running")
+            assert _show(web, "ActiveState") == "active"
+            assert _show(web, "MainPID") == main_pid and _show(web, "NRestarts") == "0"
+            assert exchange(web, listener) == f"reply from {TARGETS[0]}".encode()
+    assert "reload failed" not in web.journal("web.service")
+
+
+def _show(booted: BootedSystemd, prop: str) -> str:
+    return booted.systemctl("show", "web.service", "-p", prop, "--value").stdout.strip()

@@ -1,8 +1,9 @@
 """An in-process backend that counts: connections now, at peak, and in total.
 
 Each connection is greeted with b"+" (so a client knows it reached the backend) and held
-until the client closes it. Used to check the global connection cap from the backend's
-side: the peak never exceeds the cap, and refused clients never arrive.
+until the client closes it (or greeted and echoed, as the `greeting` and `echo` given).
+Used to check the global connection cap from the backend's side: the peak never exceeds
+the cap, and refused clients never arrive.
 """
 
 import socket
@@ -10,7 +11,9 @@ import threading
 
 
 class CountingBackend:
-    def __init__(self) -> None:
+    def __init__(self, greeting: bytes = b"+", echo: bool = False) -> None:
+        self.greeting = greeting
+        self.echo = echo
         self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.target = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.lock = threading.Lock()
@@ -35,9 +38,10 @@ class CountingBackend:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.sendall(b"+")
-            while conn.recv(65536):
-                pass
+            conn.sendall(self.greeting)
+            while data := conn.recv(65536):
+                if self.echo:
+                    conn.sendall(data)
         except OSError:
             pass
         finally:

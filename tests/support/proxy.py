@@ -244,11 +244,12 @@ def run_proxy(
     wait_ready: bool = True,
     stderr_path: Path | None = None,
     wrapper: Sequence[str] = (),
+    executable: str = FORKPROXY,
 ) -> Iterator[Proxy]:
     """The installed forkproxy with listening sockets passed as in socket activation.
 
     `wrapper` is a command that execs forkproxy in its own place, keeping the pid
-    (`prlimit --nofile=64:64`).
+    (`prlimit --nofile=64:64`); `executable` another forkproxy command (another venv's).
     """
     sockets = [make_listener(spec, directory) for spec in listeners]
     notifications = Notifications(directory)
@@ -260,7 +261,7 @@ def run_proxy(
     ]
     command = [
         *(sys.executable, "-m", "tests.support.activate", *fd_specs, "--"),
-        *(*wrapper, FORKPROXY, *args),
+        *(*wrapper, executable, *args),
     ]
     process_env = {**os.environ, "NOTIFY_SOCKET": notifications.path, **(env or {})}
     with open(stderr_path, "ab") as stderr:  # append: the file's inode may be $JOURNAL_STREAM

@@ -68,25 +68,48 @@ def get(proxy: Proxy, path: str, timeout: float = 10.0) -> tuple[int, str]:
 
 
 def gauges(proxy: Proxy) -> dict[str, float]:
-    """Unlabelled samples of one scrape, by name (forkproxy_workers, ...)."""
+    """Unlabelled samples of one scrape, by name (forkproxy_workers_target, ...),
+    forkproxy_workers: the live workers of every generation, and "reloads": the reloads
+    counted, ok or failed."""
     status, body = get(proxy, "/metrics")
     assert status == 200
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-        if not sample.labels
-    }
+    samples = [
+        sample for family in text_string_to_metric_families(body) for sample in family.samples
+    ]
+    numbers = {sample.name: sample.value for sample in samples if not sample.labels}
+    numbers["forkproxy_workers"] = sum(
+        sample.value for sample in samples if sample.name == "forkproxy_workers"
+    )
+    numbers["reloads"] = sum(
+        sample.value for sample in samples if sample.name == "forkproxy_reloads_total"
+    )
+    return numbers
+
+
+def reloads_settled(proxy: Proxy, counted: float) -> bool:
+    """From the master's log: every reload started (on a signal, or after the one it
+    waited for) is `counted` (ok or failed), and none waits to start."""
+    lines = proxy.stderr().splitlines()
+    waited = sum(
+        line.endswith("reloading once the running start or reload is done") for line in lines
+    )
+    resumed = sum(line.endswith("starting the reload asked for meanwhile") for line in lines)
+    started = resumed + sum(
+        line.endswith(("SIGHUP: reloading", "SIGUSR2: reloading")) for line in lines
+    )
+    return waited == resumed and started == counted
 
 
 def converged(proxy: Proxy) -> bool:
-    """As many live workers as the target, all serving (/healthz 200), none draining."""
+    """As many live workers as the target, all serving (/healthz 200), none draining, and
+    no reload running or waiting to run (one asked for during another runs after it)."""
     try:
         numbers = gauges(proxy)
         target = numbers["forkproxy_workers_target"]
         return (
             numbers["forkproxy_workers"] == target == len(proxy.workers())
             and get(proxy, "/healthz")[0] == 200
+            and reloads_settled(proxy, numbers["reloads"])
         )
     except TimeoutError:  # a master starved of CPU by many workers starting at once
         return False

@@ -2,10 +2,11 @@
 
 System units are checked inside a throwaway root (`--root=`): a copy of the host's unit
 directory, so that sockets.target and friends resolve as on a real machine; stub
-executables at /usr/local/bin/forkproxy and /usr/sbin/nginx, so that the units' real
-ExecStart= paths are checked, unchanged; and a stub nginx.service, so that the nginx
-examples verify on machines without nginx. User units cannot use --root, so they are
-checked with HOME pointing at a directory holding ~/.local/bin/forkproxy.
+executables at /usr/local/bin/forkproxy, /usr/sbin/nginx and /usr/bin/kill, so that the
+units' real ExecStart= and ExecReload= commands are checked, unchanged (systemd looks a
+bare `kill` up in its own search path, inside the root); and a stub nginx.service, so
+that the nginx examples verify on machines without nginx. User units cannot use --root,
+so they are checked with HOME pointing at a directory holding ~/.local/bin/forkproxy.
 """
 
 import os
@@ -46,7 +47,7 @@ def system_root(base: Path) -> Path:
     host_units = next(Path(d) for d in _HOST_UNIT_DIRS if Path(d, "sockets.target").exists())
     shutil.copytree(host_units, root / "usr/lib/systemd/system", symlinks=True)
     (root / "lib").symlink_to("usr/lib")  # absolute alias links resolve inside the root
-    for executable in ("usr/local/bin/forkproxy", "usr/sbin/nginx"):
+    for executable in ("usr/local/bin/forkproxy", "usr/sbin/nginx", "usr/bin/kill"):
         _write_stub(root / executable)
     unit_dir(root).mkdir(parents=True)
     (unit_dir(root) / "nginx.service").write_text(_NGINX_STUB)

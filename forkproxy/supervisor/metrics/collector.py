@@ -57,14 +57,14 @@ from forkproxy.shared.scoreboard import (
     Scoreboard,
     SlotState,
 )
-from forkproxy.supervisor.health import Checker
+from forkproxy.supervisor.metrics.reloads import ReloadView, reload_families
 from forkproxy.supervisor.metrics.targets import (
     listener_families,
     no_target_reason,
     status_lines,
     target_families,
 )
-from forkproxy.supervisor.target_rows import TargetRows
+from forkproxy.supervisor.target_health import TargetsView
 from forkproxy.supervisor.workers import STALE_HEARTBEATS
 
 log = logging.getLogger("forkproxy")
@@ -121,11 +121,13 @@ class ScoreboardCollector(Collector):
         master: MasterView,
         scoreboard: Scoreboard,
         admission: Admission,
-        targets: tuple[TargetRows, Checker] | None = None,
+        reloads: ReloadView | None = None,
+        targets: TargetsView | None = None,
     ) -> None:
         self.master = master
         self.scoreboard = scoreboard
         self.admission = admission
+        self.reloads = reloads
         self.targets = targets  # the target table's rows of the settings, and the checks
         # (listener row, its `listener` label) of each datagram listener that has a row
         self.datagram_listeners = datagram_rows(master.listeners)
@@ -183,9 +185,16 @@ class ScoreboardCollector(Collector):
             CONNECTION_DURATION_BUCKETS,
             CONNECTION_DURATION_BOUNDS,
         )
-        yield GaugeMetricFamily(
-            "forkproxy_workers", "Worker processes alive.", value=len(master.workers)
+        workers = GaugeMetricFamily(
+            "forkproxy_workers",
+            "Worker processes alive: of the current generation, and older ones still "
+            "serving or draining after a reload.",
+            labels=["generation"],
         )
+        current = sum(1 for w in master.workers.values() if w.generation == master.generation)
+        workers.add_metric(["current"], current)
+        workers.add_metric(["draining"], len(master.workers) - current)
+        yield workers
         yield GaugeMetricFamily(
             "forkproxy_workers_target",
             "Workers the master keeps running (--workers, changed by SIGTTIN and SIGTTOU).",
@@ -212,9 +221,10 @@ class ScoreboardCollector(Collector):
         yield header_errors
         yield from self._datagrams()
         if self.targets is not None:
-            yield from target_families(*self.targets, board)
+            yield from target_families(self.targets.rows, self.targets.checker, board)
         yield from listener_families(master.listeners, board)
         yield from self._per_worker(live)
+        yield from reload_families(self.reloads)
         yield InfoMetricFamily(
             "forkproxy_build",
             "The running forkproxy: its version and the workers' relay engine.",
@@ -310,7 +320,7 @@ class ScoreboardCollector(Collector):
         master = self.master
         if master.stopping:
             return False, "stopping"
-        no_target = None if self.targets is None else no_target_reason(self.targets[0])
+        no_target = None if self.targets is None else no_target_reason(self.targets.rows)
         if no_target is not None:
             return False, no_target
         board = self.scoreboard
@@ -333,7 +343,7 @@ class ScoreboardCollector(Collector):
         healthy, reason = self.health()
         lines = [reason]
         if self.targets is not None:
-            lines += status_lines(self.targets[0], self.scoreboard)
+            lines += status_lines(self.targets.rows, self.scoreboard)
         return healthy, "\n".join(lines)
 
 

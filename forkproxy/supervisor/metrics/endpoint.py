@@ -36,9 +36,9 @@ from forkproxy import logs
 from forkproxy.shared.admission import Admission
 from forkproxy.shared.listener import Listener
 from forkproxy.shared.scoreboard import Scoreboard
-from forkproxy.supervisor.health import Checker
 from forkproxy.supervisor.metrics.collector import MasterView, ScoreboardCollector, make_registry
-from forkproxy.supervisor.target_rows import TargetRows
+from forkproxy.supervisor.metrics.reloads import ReloadView
+from forkproxy.supervisor.target_health import TargetsView
 
 log = logging.getLogger("forkproxy")
 
@@ -68,14 +68,15 @@ def open_metrics(
     master: MasterView,
     scoreboard: Scoreboard,
     admission: Admission,
-    targets: tuple[TargetRows, Checker] | None = None,
+    reloads: ReloadView | None = None,
+    targets: TargetsView | None = None,
     start_timeout: float = 0.0,
 ) -> "MetricsEndpoint | None":
     """The master's metrics endpoint on `listeners` (None if there are none), holding
     health requests for up to `start_timeout` until healthy."""
     if not listeners:
         return None
-    collector = ScoreboardCollector(master, scoreboard, admission, targets)
+    collector = ScoreboardCollector(master, scoreboard, admission, reloads, targets)
     registry = make_registry(collector)
     endpoint = MetricsEndpoint(
         listeners,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from forkproxy.errors import UsageError, UsageErrors
-from forkproxy.settings.arguments import _build_parser, parse_args
+from forkproxy.settings.arguments import _build_parser, load_settings, parse_args
 from forkproxy.settings.config import RELAY_OPTIONS, Config
 from forkproxy.settings.configfile import NOT_IN_FILE, file_options
 from forkproxy.settings.option_values import VALUES
@@ -418,6 +418,21 @@ def test_a_bad_network_names_its_line(tmp_path: Path) -> None:
         "FILE:2: key 'accept-proxy-from': invalid network 'x': expected an IP network such as "
         "10.0.0.0/8 or an address"
     ]
+
+
+def test_load_settings_gives_the_text_it_read_and_takes_one(tmp_path: Path) -> None:
+    """A reload remembers the text a master runs with, and can parse it again when the
+    file has changed since: errors still name the file and line."""
+    path = tmp_path / "forkproxy.toml"
+    path.write_text('targets = ["127.0.0.1:1"]\nworkers = 2\n')
+    config, text = load_settings(["--config", str(path)])
+    assert text == path.read_text() and config.workers == 2
+    path.write_text("targets = [")
+    assert load_settings(["--config", str(path)], text) == (config, text)
+    with pytest.raises(UsageError, match=r"forkproxy.toml:2: key 'bogus': no such option"):
+        load_settings(["--config", str(path)], "workers = 2\nbogus = 1\n")
+    assert load_settings(["127.0.0.1:1"]) == (parse_args(["127.0.0.1:1"]), None)
+    assert load_settings(["127.0.0.1:1"], "ignored = 1") == (parse_args(["127.0.0.1:1"]), None)
 
 
 def test_a_file_name_with_a_nul_byte_is_one_error() -> None:

@@ -140,7 +140,8 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     relayed = "forkproxy_relayed_bytes_total"
     assert _value(samples, relayed, direction="to_target") == 1000 + (1 << 40)
     assert _value(samples, relayed, direction="to_client") == 12
-    assert _value(samples, "forkproxy_workers") == 2
+    assert _value(samples, "forkproxy_workers", generation="current") == 2
+    assert _value(samples, "forkproxy_workers", generation="draining") == 0
     assert _value(samples, "forkproxy_workers_target") == 2
     assert _value(samples, "forkproxy_worker_restarts_total") == 3
     per_worker = "forkproxy_worker_connections_accepted_total"
@@ -152,6 +153,7 @@ def test_totals_per_worker_values_and_names(board: Scoreboard, admission: Admiss
     assert _value(samples, worker_bytes, worker="0", direction="to_client") == 3
     engine = engine_name()
     assert _value(samples, "forkproxy_build_info", version=__version__, engine=engine) == 1
+    assert not any(name.startswith("forkproxy_reload") for name, _ in samples)  # no reloader
     assert _value(samples, "process_cpu_seconds_total") >= 0
     assert _value(samples, "process_resident_memory_bytes") > 0
     # Slots that never had a worker are left out.
@@ -230,7 +232,7 @@ def test_a_dead_workers_counters_are_kept(board: Scoreboard, admission: Admissio
         if key[0].startswith("forkproxy_") and key[0].endswith(("_total", "_bucket", "_count")):
             assert dead[key] == value, key
     assert ("forkproxy_worker_connections_active", (("worker", "0"),)) not in dead
-    assert _value(dead, "forkproxy_workers") == 0
+    assert _value(dead, "forkproxy_workers", generation="current") == 0
 
     master.restarts += 1
     _serving(board, master, 0)  # the replacement, in the same slot
@@ -242,6 +244,36 @@ def test_a_dead_workers_counters_are_kept(board: Scoreboard, admission: Admissio
     assert _value(after, "forkproxy_relayed_bytes_total", direction="to_client") == 501
     assert _value(after, "forkproxy_connection_duration_seconds_count") == 10
     assert _value(after, "forkproxy_worker_restarts_total") == 1
+
+
+@dataclass
+class FakeReloads:
+    """The reload counters the collector reads; the real ones are `reload.Reloader`'s."""
+
+    ok: int = 0
+    failed: int = 0
+    last_success: float | None = None
+
+
+def test_reloads_and_generations(board: Scoreboard, admission: Admission) -> None:
+    """After a reload: the old generation's workers count as draining, the counters and
+    the time of the last good reload as the (re-executed) master kept them."""
+    master = FakeMaster(generation=1)
+    _serving(board, master, 0, generation=0)
+    _serving(board, master, 1, generation=0)
+    _serving(board, master, 2, generation=1)
+    reloads = FakeReloads()
+    registry = make_registry(ScoreboardCollector(master, board, admission, reloads))
+    never = _samples(generate_latest(registry).decode())
+    assert _value(never, "forkproxy_reloads_total", result="ok") == 0
+    assert _value(never, "forkproxy_last_reload_success_timestamp_seconds") == 0
+    reloads.ok, reloads.failed, reloads.last_success = 3, 2, 1_700_000_000.5
+    samples = _samples(generate_latest(registry).decode())
+    assert _value(samples, "forkproxy_workers", generation="current") == 1
+    assert _value(samples, "forkproxy_workers", generation="draining") == 2
+    assert _value(samples, "forkproxy_reloads_total", result="ok") == 3
+    assert _value(samples, "forkproxy_reloads_total", result="failed") == 2
+    assert _value(samples, "forkproxy_last_reload_success_timestamp_seconds") == 1_700_000_000.5
 
 
 def _all_serving(board: Scoreboard, master: FakeMaster) -> None:
@@ -340,7 +372,8 @@ def test_promtool_finds_nothing_to_complain_about(board: Scoreboard, admission: 
     _serving(board, master, 0)
     board.slot(0)[ACCEPTED] = 1
     board.slot(0)[CONNECT_DURATION_BUCKETS + 1] = 1
-    text = generate_latest(make_registry(ScoreboardCollector(master, board, admission)))
+    collector = ScoreboardCollector(master, board, admission, FakeReloads(1, 1, time.time()))
+    text = generate_latest(make_registry(collector))
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30
     )

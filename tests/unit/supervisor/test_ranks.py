@@ -47,3 +47,16 @@ def test_without_datagram_listeners_nothing_is_orphaned() -> None:
     ranks = Ranks(2, 0)
     ranks.assign(0)
     assert ranks.free(0) is False
+
+
+def test_ranks_restored_after_a_reload_keep_each_slots_rank() -> None:
+    """The new image of a reload that goes on with the old generation: a replacement in a
+    slot gets that slot's rank, not the lowest one that looks free."""
+    before = Ranks(3, 3)
+    for slot in (4, 5, 6):
+        before.assign(slot)
+    after = Ranks(2, 3)  # the new image's, made for other settings
+    after.restore(before.size, before.assigned())
+    assert after.size == 3
+    assert after.assign(6) == 2  # the worker in slot 6 died: its replacement reads listener 2
+    assert after.assign(9) == 3  # one added later reads none

@@ -65,7 +65,7 @@ class World:
 
     def collector(self) -> ScoreboardCollector:
         board, admission = self.shared.scoreboard, self.shared.admission
-        return ScoreboardCollector(self.master, board, admission, (self.rows, self.checker))
+        return ScoreboardCollector(self.master, board, admission, targets=self)
 
     def scrape(self) -> Samples:
         text = generate_latest(make_registry(self.collector())).decode()
