@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from forkproxy.relay.engine import engine_name
 from tests.support.proxy import Proxy, run_backend, run_proxy, wait_until
 from tests.support.reloading import reload, scrape, value
 from tests.support.supervision import METRICS_LISTENERS, METRICS_NAMES, RequestLoad
@@ -67,7 +68,7 @@ def test_an_upgrade_runs_the_new_code_in_the_same_process(
         assert _version(proxy) == AFTER
         assert proxy.pid == master and proxy.process.poll() is None
         log = proxy.stderr()
-        assert f"re-executing as forkproxy {AFTER} (engine python)" in log
+        assert f"re-executing as forkproxy {AFTER} (engine {engine_name()})" in log
         assert f"took over 2 workers from forkproxy {BEFORE}" in log
         assert proxy.stop() == 0
 

@@ -1,8 +1,9 @@
 """Other versions of forkproxy, installed with pip into a venv of the test's own.
 
 `build_wheels` copies this checkout with another `__version__` (and, if asked, a change
-to its code), and builds a wheel of each with `pip wheel` (pure Python:
-FORKPROXY_NO_EXTENSION=1, which the engine does not need yet), all at once. `Venv` is a
+to its code), and builds a wheel of each with `pip wheel`, all at once: with the compiled
+engine when the test runs it (FORKPROXY_ENGINE=c: the new image's workers need it, as an
+upgrade of such an installation brings it), else pure Python (FORKPROXY_NO_EXTENSION=1). `Venv` is a
 venv without pip that sees this checkout's venv for forkproxy's dependencies (a .pth
 file) but not forkproxy itself, and `install` puts a wheel into it with this venv's pip,
 as an upgrade would: over the files of the running version.
@@ -60,7 +61,7 @@ def build_wheels(directory: Path, versions: list[Version]) -> dict[str, Path]:
                 out,
                 subprocess.Popen(
                     [*_PIP, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(source)],
-                    env={**os.environ, "FORKPROXY_NO_EXTENSION": "1"},
+                    env=_build_environment(),
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
@@ -103,3 +104,10 @@ class Venv:
             capture_output=True,
             timeout=120,
         )
+
+
+def _build_environment() -> dict[str, str]:
+    """pip's environment: the compiled engine built only for a test that runs it."""
+    if os.environ.get("FORKPROXY_ENGINE") == "c":
+        return {key: value for key, value in os.environ.items() if key != "FORKPROXY_NO_EXTENSION"}
+    return {**os.environ, "FORKPROXY_NO_EXTENSION": "1"}
