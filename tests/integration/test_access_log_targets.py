@@ -100,7 +100,9 @@ def test_a_bad_proxy_header_counts_as_a_refusal_of_its_listener(workdir: Path) -
         run_backend("echo") as backend,
         run_proxy(["--accept-proxy", backend.target], workdir, *LISTENERS) as proxy,
     ):
-        with proxy.connect() as client, contextlib.suppress(ConnectionResetError):
+        # The proxy may close (RST) as soon as the first bytes are not a header: the
+        # client's send, shutdown or read can each find the connection gone.
+        with proxy.connect() as client, contextlib.suppress(OSError):
             client.sendall(b"GET / HTTP/1.0\r\n\r\n")
             client.shutdown(socket.SHUT_WR)
             assert client.recv(10) == b""
