@@ -19,6 +19,7 @@ SOURCES = [
     "csrc/config.c",
     "csrc/hooks.c",
     "csrc/loop.c",
+    "csrc/datagram.c",
     "csrc/admission.c",
     "csrc/accept.c",
     "csrc/connect.c",

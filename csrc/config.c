@@ -128,6 +128,13 @@ static const struct layout_field {
     FIELD("target_row_bytes", target_row_bytes, false),
     FIELD("target_up", target_up, false),
     FIELD("target_cooldown_until_ns", target_cooldown_until_ns, false),
+    FIELD("dg_sessions_active", dg_sessions_active, false),
+    FIELD("dg_sessions", dg_sessions, false),
+    FIELD("dg_to_target", dg_to_target, false),
+    FIELD("dg_to_client", dg_to_client, false),
+    FIELD("dg_bytes_to_target", dg_bytes_to_target, false),
+    FIELD("dg_bytes_to_client", dg_bytes_to_client, false),
+    FIELD("dg_dropped", dg_dropped, false),
 #undef FIELD
 };
 #define LAYOUT_FIELDS (sizeof layout_fields / sizeof layout_fields[0])
@@ -138,6 +145,8 @@ static const char *const bound_fields[] = {"connect_duration_bounds", "connectio
 static const char *const listener_refusals[] = {"cap", "per_source", "busy", "no_target",
                                                  "proxy_header"};
 static const char *const connect_error_reasons[] = {"refused", "timeout", "unreachable", "other"};
+static const char *const datagram_drop_reasons[] = {"cap", "per_source", "busy", "truncated",
+                                                     "send_error", "no_session"};
 static const struct reason_field {
     const char *name;
     const char *const *reasons;
@@ -145,6 +154,7 @@ static const struct reason_field {
 } reason_fields[] = {
     {"listener_refusals", listener_refusals, LISTENER_REFUSALS},
     {"connect_error_reasons", connect_error_reasons, CONNECT_ERROR_REASONS},
+    {"datagram_drop_reasons", datagram_drop_reasons, DG_DROP_REASONS},
 };
 #define REASON_FIELDS (sizeof reason_fields / sizeof reason_fields[0])
 

@@ -182,6 +182,38 @@ static void build_shared_order(engine *e, conn *c)
     c->steps = (uint16_t)(usable + cooling);
 }
 
+/* targets.py's TargetGroup.order, this worker's view: `g`'s targets from its round-robin
+ * start, healthy ones first, then those cooling down, soonest back first. Fills
+ * order[0..count) (count > 1) and returns count. */
+int group_local_order(engine *e, struct group *r, uint16_t *order)
+{
+    int n = r->count;
+    unsigned start = r->next;
+    r->next = (start + 1) % (unsigned)n;
+    int healthy = 0, cooling = 0;
+    uint16_t *cool = order + n; /* cooling ones fill from the end, then sorted */
+    for (int i = 0; i < n; i++) {
+        int index = (int)((start + (unsigned)i) % (unsigned)n);
+        if (r->targets[index].cooling_until_ns <= e->now_ns)
+            order[healthy++] = (uint16_t)index;
+        else
+            *--cool = (uint16_t)index, cooling++;
+    }
+    /* cool[0..cooling) holds them in reverse rotation order: put them in rotation order,
+     * then a stable sort by end of cool-down (insertion sort: routes are short). */
+    reverse(cool, cooling);
+    for (int i = 1; i < cooling; i++) {
+        uint16_t v = cool[i];
+        int j = i - 1;
+        while (j >= 0 && r->targets[cool[j]].cooling_until_ns > r->targets[v].cooling_until_ns) {
+            cool[j + 1] = cool[j];
+            j--;
+        }
+        cool[j + 1] = v;
+    }
+    return n;
+}
+
 static void build_order(engine *e, conn *c)
 {
     if (c->route->group->shared) {
@@ -198,33 +230,7 @@ static void build_order(engine *e, conn *c)
         c->steps = 1; /* no memory: try the first only */
         return;
     }
-    unsigned start = r->next;
-    r->next = (start + 1) % (unsigned)n;
-    int healthy = 0, cooling = 0;
-    uint16_t *cool = c->order + n; /* cooling ones fill from the end, then sorted */
-    for (int i = 0; i < n; i++) {
-        int index = (int)((start + (unsigned)i) % (unsigned)n);
-        if (r->targets[index].cooling_until_ns <= e->now_ns)
-            c->order[healthy++] = (uint16_t)index;
-        else
-            *--cool = (uint16_t)index, cooling++;
-    }
-    /* cool[0..cooling) holds them in reverse rotation order: put them in rotation order,
-     * then a stable sort by end of cool-down (insertion sort: routes are short). */
-    for (int i = 0, j = cooling - 1; i < j; i++, j--) {
-        uint16_t t = cool[i];
-        cool[i] = cool[j];
-        cool[j] = t;
-    }
-    for (int i = 1; i < cooling; i++) {
-        uint16_t v = cool[i];
-        int j = i - 1;
-        while (j >= 0 && r->targets[cool[j]].cooling_until_ns > r->targets[v].cooling_until_ns) {
-            cool[j + 1] = cool[j];
-            j--;
-        }
-        cool[j + 1] = v;
-    }
+    group_local_order(e, r, c->order);
 }
 
 void connect_start(engine *e, conn *c)

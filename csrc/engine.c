@@ -37,6 +37,7 @@ static void engine_release(engine *e)
             admission_wait_end(e);
         e->held_waiting = false;
     }
+    datagram_free(e);
     engine_free_graveyard(e);
     pipe_pools_close(e);
     if (e->timerfd >= 0)
@@ -65,6 +66,10 @@ static void engine_dealloc(engine *e)
     PyMem_Free(e->routes);
     PyMem_Free(e->pools);
     PyMem_Free(e->listeners);
+    for (int i = 0; i < e->ndlisteners; i++)
+        PyMem_Free(e->dlisteners[i].held_data);
+    PyMem_Free(e->dlisteners);
+    PyMem_Free(e->dgbuf);
     PyMem_Free(e->copybuf);
     Py_XDECREF(e->hook_resolve);
     Py_XDECREF(e->hook_event);
@@ -82,17 +87,19 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     static char *names[] = {"memory", "layout", "slot", "listeners", "routes", "hooks",
                             "connect_timeout", "idle_timeout", "proxy_protocol", "tcp_options",
                             "pipe_size", "pipe_keep", "fd_ceiling", "queue_on_limit", "copy_size",
-                            NULL};
-    PyObject *memory, *layout, *listeners, *routes, *hooks;
+                            "datagram_listeners", "datagram_buffer", NULL};
+    PyObject *memory, *layout, *listeners, *routes, *hooks, *datagram_listeners = NULL;
+    Py_ssize_t datagram_buffer = 65536;
     Py_ssize_t slot;
     struct route_defaults defaults = {.pipe_keep = 4};
     int fd_ceiling = -1, queue = 0;
     int copy_size = COPY_SIZE_DEFAULT;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOnOOO|$ddiOiiipi", names, &memory, &layout,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOnOOO|$ddiOiiipiOn", names, &memory, &layout,
                                      &slot, &listeners, &routes, &hooks, &defaults.connect_timeout,
                                      &defaults.idle_timeout, &defaults.proxy_protocol,
                                      &defaults.tcp_options, &defaults.pipe_size,
-                                     &defaults.pipe_keep, &fd_ceiling, &queue, &copy_size))
+                                     &defaults.pipe_keep, &fd_ceiling, &queue, &copy_size,
+                                     &datagram_listeners, &datagram_buffer))
         return NULL;
     if (slot < 0 || copy_size < 0 || copy_size > COPY_SIZE_MAX) {
         PyErr_SetString(PyExc_ValueError, "invalid slot or copy_size");
@@ -107,6 +114,7 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     list_init(&e->resolveq);
     list_init(&e->retryq);
     list_init(&e->graveyard);
+    list_init(&e->dead_sessions);
     e->slot_index = (size_t)slot;
     e->fd_ceiling = fd_ceiling < 0 ? INT32_MAX : fd_ceiling;
     e->queue_on_limit = queue != 0;
@@ -119,7 +127,8 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         goto fail;
     e->have_memory = true;
     if (parse_layout(e, layout) < 0 || parse_routes(e, routes, &defaults) < 0 ||
-        parse_listeners(e, listeners) < 0)
+        parse_listeners(e, listeners) < 0 ||
+        parse_datagram_listeners(e, datagram_listeners, datagram_buffer) < 0)
         goto fail;
     e->hook_resolve = hook_attr(hooks, "resolve", false);
     e->hook_event = hook_attr(hooks, "on_event", false);
@@ -183,6 +192,10 @@ static PyObject *engine_start_accepting(engine *e, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "the engine is draining");
         return NULL;
     }
+    if (datagram_register(e) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
     if (!e->accepting && e->held_fd < 0) {
         e->accept_resume_ns = 0;
         if (listeners_register(e) < 0) {
@@ -202,11 +215,14 @@ static PyObject *engine_stop_accepting(engine *e, PyObject *args, PyObject *kwar
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$p", names, &drain) || engine_enter(e) < 0)
         return NULL;
     listeners_unregister(e);
+    datagram_unregister(e);
     e->accepting = false;
     e->accept_resume_ns = 0;
     if (drain && !e->draining) {
         e->draining = true;
         e->want_drained = true;
+        e->now_ns = monotonic_ns();
+        timers_update(e); /* quiet datagram sessions now end sooner */
     }
     return engine_leave(e, Py_NewRef(Py_None));
 }
@@ -215,6 +231,12 @@ static PyObject *engine_open_connections(engine *e, PyObject *unused)
 {
     (void)unused;
     return PyLong_FromLong(e->open);
+}
+
+static PyObject *engine_open_sessions(engine *e, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(e->nsessions);
 }
 
 static PyObject *engine_set_fd_ceiling(engine *e, PyObject *arg)
@@ -255,6 +277,7 @@ static PyObject *engine_close_all(engine *e, PyObject *unused)
         conn *c = container_of(e->conns.next, conn, all);
         conn_close(e, c, c->state == CONN_RELAYING ? END_ABORT : END_NORMAL, ETIMEDOUT);
     }
+    datagram_end_all(e);
     return engine_leave(e, Py_NewRef(Py_None));
 }
 
@@ -361,14 +384,15 @@ static PyObject *engine_stats(engine *e, PyObject *unused)
         else
             connecting++;
     }
-    return Py_BuildValue("{sKsKsKsKslslsislsisN}", "dispatches",
+    return Py_BuildValue("{sKsKsKsKslslsislsisNsKsl}", "dispatches",
                          (unsigned long long)e->stat_dispatches, "events",
                          (unsigned long long)e->stat_events, "pumps",
                          (unsigned long long)e->stat_pumps, "timer_fires",
                          (unsigned long long)e->stat_timer_fires, "relaying", relaying,
                          "connecting", connecting, "pipes_pooled", pooled, "pipes_in_use",
                          e->pipes_in_use, "held", e->held_fd >= 0,
-                         "accepting", PyBool_FromLong(e->accepting));
+                         "accepting", PyBool_FromLong(e->accepting), "sessions_opened",
+                         (unsigned long long)e->stat_sessions, "sessions", e->nsessions);
 }
 
 static PyObject *engine_layout(engine *e, PyObject *unused)
@@ -384,6 +408,7 @@ static PyMethodDef engine_methods[] = {
     {"stop_accepting", (PyCFunction)(void (*)(void))engine_stop_accepting, METH_VARARGS | METH_KEYWORDS,
      "Stop watching the listeners (before closing them); drain=True: hooks.on_drained once nothing is open."},
     {"open_connections", (PyCFunction)engine_open_connections, METH_NOARGS, "Admitted and not yet closed."},
+    {"open_sessions", (PyCFunction)engine_open_sessions, METH_NOARGS, "Datagram sessions open."},
     {"set_fd_ceiling", (PyCFunction)engine_set_fd_ceiling, METH_O,
      "Pause accepting from this descriptor number on (-1: never); measured once the "
      "worker's own descriptors are open."},
@@ -407,7 +432,8 @@ PyTypeObject EngineType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Engine(memory, layout, slot, listeners, routes, hooks, *, connect_timeout=0, "
               "idle_timeout=0, proxy_protocol=0, tcp_options=(), pipe_size=0, pipe_keep=4, "
-              "fd_ceiling=-1, queue_on_limit=False, copy_size=0)",
+              "fd_ceiling=-1, queue_on_limit=False, copy_size=0, datagram_listeners=(), "
+              "datagram_buffer=65536)",
     .tp_new = engine_new,
     .tp_dealloc = (destructor)engine_dealloc,
     .tp_methods = engine_methods,

@@ -53,7 +53,8 @@ static inline void list_del(struct link *item)
 }
 
 /* -- what an epoll event's data.ptr points at: a tag, first member of its owner -- */
-enum watch_kind { WATCH_LISTENER = 1, WATCH_TIMER, WATCH_CLIENT, WATCH_TARGET };
+enum watch_kind { WATCH_LISTENER = 1, WATCH_TIMER, WATCH_CLIENT, WATCH_TARGET, WATCH_DATAGRAM,
+                  WATCH_SESSION };
 struct watch {
     uint8_t kind;
 };
@@ -70,6 +71,17 @@ enum event_code {
     EVENT_RELAY_ERROR,       /* (listener, client): a relay failed, not a peer's doing */
     EVENT_CONNECT_PAUSED,    /* (route, client): no descriptor for a target socket: the client
                                 is kept and retried, accepts pause */
+    /* datagram listeners (datagram.c): index is the datagram listener's */
+    EVENT_DG_CAP,            /* (listener, client): a new client's datagram dropped at the cap */
+    EVENT_DG_SOURCE,         /* (listener, client): ... at its source's limit */
+    EVENT_DG_BUSY,           /* (listener, client): ... the admission lock stayed taken */
+    EVENT_DG_TRUNCATED,      /* (listener, client): larger than the buffer (errno: its size) */
+    EVENT_DG_SEND_ERROR,     /* (listener, client): the kernel would not send it to the target */
+    EVENT_DG_REFUSED,        /* (listener, client): an earlier one the target's host refused */
+    EVENT_DG_REPLY_ERROR,    /* (listener, client): a reply the kernel would not send back */
+    EVENT_DG_NO_SESSION,     /* (listener, client): no socket to any target could be opened */
+    EVENT_DG_READ_ERROR,     /* (listener, None): reading the listener failed */
+    EVENT_DG_TARGET_FAILED,  /* (listener, target): a datagram target refused, cools down */
     EVENT_KINDS
 };
 
@@ -105,6 +117,9 @@ struct layout {
         target_bytes_to_target, target_bytes_to_client, target_connect_errors;
     /* the target table (absolute; 0: none), its row size and fields inside a row */
     size_t targets, target_row_bytes, target_up, target_cooldown_until_ns;
+    /* a datagram listener's row fields (relative to its row) */
+    size_t dg_sessions_active, dg_sessions, dg_to_target, dg_to_client, dg_bytes_to_target,
+        dg_bytes_to_client, dg_dropped;
 };
 
 /* Indexes in the layout's reason tuples (checked against them at construction). */
@@ -112,6 +127,8 @@ enum listener_refusal { L_CAP = 0, L_PER_SOURCE, L_BUSY, L_NO_TARGET, L_PROXY_HE
                         LISTENER_REFUSALS };
 enum connect_error_reason { CE_REFUSED = 0, CE_TIMEOUT, CE_UNREACHABLE, CE_OTHER,
                             CONNECT_ERROR_REASONS };
+enum datagram_drop { DG_CAP = 0, DG_PER_SOURCE, DG_BUSY, DG_TRUNCATED, DG_SEND_ERROR,
+                     DG_NO_SESSION, DG_DROP_REASONS };
 
 #define MAX_BOUNDS 32
 struct histogram {
@@ -256,6 +273,41 @@ typedef struct conn {
     } peer;
 } conn;
 
+/* -- datagram listeners (UDP, unix datagram) and their sessions: datagram.c -- */
+struct session;
+struct dlistener {
+    struct watch watch;        /* WATCH_DATAGRAM */
+    int fd, family, index, route, row; /* row: its counter row among the master's, or -1 */
+    int source_limit;          /* --connections-max-per-source; 0: none */
+    bool registered;
+    int64_t timeout_ns;        /* --datagram-timeout; 0: none */
+    uint64_t replies_max;      /* --datagram-replies; 0: unlimited */
+    struct link sessions;      /* its sessions, least recently active first */
+    struct session *held;      /* backpressure: whose datagram waits for its target */
+    char *held_data;
+    size_t held_len;
+};
+
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in in4;
+    struct sockaddr_in6 in6;
+    struct sockaddr_un un;
+} peer_address;
+
+struct session {
+    struct watch watch;        /* WATCH_SESSION */
+    struct link lru;           /* its listener's sessions, or the graveyard once ended */
+    struct session *next;      /* hash chain */
+    struct dlistener *owner;   /* NULL once ended */
+    int fd, target, admission;
+    uint32_t hash;
+    uint64_t replies;
+    int64_t active_ns;         /* its last datagram either way */
+    socklen_t peerlen;
+    peer_address peer;
+};
+
 #define COPY_SIZE_DEFAULT 0
 #define COPY_SIZE_MAX (1 << 20)
 
@@ -310,8 +362,17 @@ typedef struct engine {
     struct event_state events[EVENT_KINDS];
     int64_t events_due_ns;
     PyObject *error_type, *error_value, *error_tb; /* first exception from a hook */
+    /* datagram listeners and their sessions (datagram.c) */
+    struct dlistener *dlisteners;
+    int ndlisteners;
+    struct session **buckets;  /* sessions by (listener, client address) */
+    size_t nbuckets;           /* a power of two, or 0 */
+    long nsessions;
+    struct link dead_sessions; /* ended during this batch, freed after it */
+    char *dgbuf;               /* one datagram at a time, read and sent from here */
+    size_t dgbuf_size;
     /* statistics for tests */
-    uint64_t stat_dispatches, stat_events, stat_pumps, stat_timer_fires;
+    uint64_t stat_sessions, stat_dispatches, stat_events, stat_pumps, stat_timer_fires;
 } engine;
 
 /* Slot words: plain 64-bit stores and loads that the master reads concurrently. */
@@ -379,6 +440,7 @@ void connect_retry_waiting(engine *e);
 void connect_resolved(engine *e, conn *c, struct sockaddr_storage *addrs, int count);
 void connect_resolve_failed(engine *e, conn *c, int error);
 void connect_cancel(engine *e, conn *c);
+int group_local_order(engine *e, struct group *g, uint16_t *order);
 PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len);
 
 /* relay.c */
@@ -389,6 +451,17 @@ void conn_close(engine *e, conn *c, enum end_how how, int error);
 void idle_expire(engine *e, struct route *r, int64_t now);
 void pipe_pools_close(engine *e);
 bool peer_gone_errno(int error);
+
+/* datagram.c */
+int parse_datagram_listeners(engine *e, PyObject *listeners, Py_ssize_t buffer_size);
+int datagram_register(engine *e);
+void datagram_unregister(engine *e);
+void datagram_on_listener(engine *e, struct dlistener *l);
+void datagram_on_session(engine *e, struct session *s, uint32_t events);
+void datagram_expire(engine *e, int64_t now);
+int64_t datagram_next_deadline(engine *e);
+void datagram_end_all(engine *e);
+void datagram_free(engine *e);
 
 /* proxy_header.c */
 int proxy_header_encode(int version, const struct sockaddr *client, const struct sockaddr *local,
@@ -410,6 +483,7 @@ PyObject *layout_names(void);
 int to_sockaddr(int family, PyObject *obj, struct sockaddr_storage *ss, socklen_t *len);
 int target_address(const struct target *t, struct sockaddr_storage *ss);
 int64_t timeout_ns(double seconds);
+int64_t timer_slack(int64_t timeout_ns);
 
 /* hooks.c */
 void event_report(engine *e, enum event_code code, int error, int index,

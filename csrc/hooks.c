@@ -157,7 +157,8 @@ static void flush(engine *e)
                 call_hook0(e, e->hook_idle);
             more = true;
         }
-        if (e->want_drained && !e->drained_reported && e->open == 0 && e->held_fd < 0) {
+        if (e->want_drained && !e->drained_reported && e->open == 0 && e->held_fd < 0 &&
+            e->nsessions == 0) {
             e->drained_reported = true;
             call_hook0(e, e->hook_drained);
             more = true;

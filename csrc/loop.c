@@ -47,7 +47,7 @@ int loop_init(engine *e)
     return epoll_add(e, e->timerfd, EPOLLIN, &e->timer_watch);
 }
 
-static int64_t slack(int64_t timeout_ns)
+int64_t timer_slack(int64_t timeout_ns)
 {
     int64_t s = timeout_ns / 8;
     if (s < 10000000)
@@ -71,13 +71,14 @@ static int64_t next_deadline(engine *e)
         struct route *r = &e->routes[i];
         if (!list_empty(&r->connecting)) {
             conn *c = container_of(r->connecting.next, conn, timed);
-            CONSIDER(c->deadline_ns + slack(r->connect_timeout_ns));
+            CONSIDER(c->deadline_ns + timer_slack(r->connect_timeout_ns));
         }
         if (!list_empty(&r->idle)) {
             conn *c = container_of(r->idle.next, conn, timed);
-            CONSIDER(c->active_ns + r->idle_timeout_ns + slack(r->idle_timeout_ns));
+            CONSIDER(c->active_ns + r->idle_timeout_ns + timer_slack(r->idle_timeout_ns));
         }
     }
+    CONSIDER(datagram_next_deadline(e));
     CONSIDER(e->accept_resume_ns);
     CONSIDER(e->busy_retry_ns);
     CONSIDER(e->events_due_ns);
@@ -114,6 +115,7 @@ static void on_timer(engine *e)
         connect_expire(e, &e->routes[i], now);
         idle_expire(e, &e->routes[i], now);
     }
+    datagram_expire(e, now);
     if (e->accept_resume_ns && now >= e->accept_resume_ns) {
         e->accept_resume_ns = 0;
         accept_resume(e);
@@ -156,6 +158,11 @@ static void run_queue(engine *e)
 
 void engine_free_graveyard(engine *e)
 {
+    while (!list_empty(&e->dead_sessions)) {
+        struct session *s = container_of(e->dead_sessions.next, struct session, lru);
+        list_del(&s->lru);
+        PyMem_Free(s);
+    }
     while (!list_empty(&e->graveyard)) {
         conn *c = container_of(e->graveyard.next, conn, queued);
         list_del(&c->queued);
@@ -184,6 +191,12 @@ static int one_batch(engine *e)
             break;
         case WATCH_TIMER:
             on_timer(e);
+            break;
+        case WATCH_DATAGRAM:
+            datagram_on_listener(e, (struct dlistener *)w);
+            break;
+        case WATCH_SESSION:
+            datagram_on_session(e, (struct session *)w, ev);
             break;
         case WATCH_CLIENT: {
             conn *c = container_of(w, conn, wclient);

@@ -218,7 +218,13 @@ PyMODINIT_FUNC PyInit__engine(void)
                                    "EVENT_REFUSED_BUSY",  "EVENT_CONNECT_FAILED",
                                    "EVENT_TARGET_FAILED", "EVENT_ACCEPT_ERROR",
                                    "EVENT_FD_LOW",        "EVENT_RELAY_ERROR",
-                                   "EVENT_CONNECT_PAUSED"};
+                                   "EVENT_CONNECT_PAUSED", "EVENT_DG_CAP",
+                                   "EVENT_DG_SOURCE",     "EVENT_DG_BUSY",
+                                   "EVENT_DG_TRUNCATED",  "EVENT_DG_SEND_ERROR",
+                                   "EVENT_DG_REFUSED",    "EVENT_DG_REPLY_ERROR",
+                                   "EVENT_DG_NO_SESSION", "EVENT_DG_READ_ERROR",
+                                   "EVENT_DG_TARGET_FAILED"};
+    _Static_assert(sizeof events / sizeof events[0] == EVENT_KINDS, "a name per event code");
     for (int i = 0; i < EVENT_KINDS; i++)
         if (PyModule_AddIntConstant(m, events[i], i) < 0)
             goto fail;

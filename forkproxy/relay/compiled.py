@@ -1,4 +1,4 @@
-"""A worker's stream listeners relayed by the compiled engine (csrc/, forkproxy.relay._engine).
+"""A worker's listeners relayed by the compiled engine (csrc/, forkproxy.relay._engine).
 
 `CompiledRelay` builds the worker's `Engine` from each listener's settings, worked out as
 plans.py works them out for the Python engine (listeners with the same settings and rows
@@ -11,7 +11,9 @@ relaying.py) and rate limits, the last connection's end, and queue mode's wait f
 (capacity_wait.py's thread, which only waits; the loop thread retries). The engine
 writes the slot's counters and histograms and takes and gives back admissions itself, as
 the Python engine does, so metrics, STATUS, the idle exit and /healthz read the same
-words. Never relays a byte itself, and never touches a listener but to close its copy.
+words. Its datagram listeners (all of a worker's, when none has a host-name target:
+compiled_datagram.py) are read the same way, their sessions counted in the listeners'
+rows. Never relays a byte itself, and never touches a listener but to close its copy.
 """
 
 import asyncio
@@ -30,6 +32,8 @@ from forkproxy import logs
 from forkproxy.relay.accepting import ACCEPT_PAUSE, fd_ceiling
 from forkproxy.relay.balance import FIRST
 from forkproxy.relay.capacity_wait import CapacityWaiter
+from forkproxy.relay.compiled_datagram import DatagramEvents
+from forkproxy.relay.messages import UDP_MESSAGE_MAX
 from forkproxy.relay.target_connect import SocketOptions
 from forkproxy.relay.targets import COOLDOWN
 from forkproxy.settings.address import TargetAddress
@@ -76,10 +80,13 @@ class RouteSpec:
 
 @dataclass(frozen=True, slots=True)
 class EnginePlan:
-    """The engine's listeners ((fd, route, source limit, row) each) and routes."""
+    """The engine's listeners ((fd, route, source limit, row) each), its datagram
+    listeners ((fd, route, source limit, row, --datagram-replies, --datagram-timeout)
+    each) and routes."""
 
     listeners: tuple[tuple[int, int, int, int], ...]
     routes: tuple[RouteSpec, ...]
+    datagram_listeners: tuple[tuple[int, int, int, int, int, float], ...] = ()
 
 
 GroupKey = tuple[tuple[TargetAddress, ...], float, SocketOptions, str, ListenerTargets | None]
@@ -90,17 +97,22 @@ def engine_plan(
     rows: Sequence[int],
     config: Config,
     targets: Sequence[ListenerTargets | None] | None = None,
+    datagram: Sequence[tuple[Listener, int]] = (),
 ) -> EnginePlan:
     """The engine's configuration for `listeners` (rows: each one's index among the
     master's listeners, its row of counters; targets: each one's rows of the target
-    table, if it has them), by the rules of plans.make_plans."""
+    table, if it has them), by the rules of plans.make_plans; and for the `datagram`
+    listeners (each with its row, -1 for none)."""
     routes: dict[tuple[ListenerSettings, ListenerTargets | None], int] = {}
     groups: dict[GroupKey, int] = {}
     specs: list[RouteSpec] = []
     entries = []
     if targets is None:
         targets = [None] * len(listeners)
-    for listener, row, table in zip(listeners, rows, targets, strict=True):
+    all_listeners = [*zip(listeners, rows, targets, strict=True)]
+    all_listeners += [(listener, row, None) for listener, row in datagram]
+    datagram_entries = []
+    for listener, row, table in all_listeners:
         settings = config.settings_for(listener.name)
         shared = (dataclasses.replace(settings, name=""), table)
         route = routes.get(shared)
@@ -125,8 +137,20 @@ def engine_plan(
                 )
             )
         limit = settings.connections_max_per_source
-        entries.append((listener.fd, route, limit, row))
-    return EnginePlan(tuple(entries), tuple(specs))
+        if listener.is_datagram:
+            datagram_entries.append(
+                (
+                    listener.fd,
+                    route,
+                    limit,
+                    row,
+                    settings.datagram_replies,
+                    settings.datagram_timeout,
+                )
+            )
+        else:
+            entries.append((listener.fd, route, limit, row))
+    return EnginePlan(tuple(entries), tuple(specs), tuple(datagram_entries))
 
 
 class CompiledRelay:
@@ -138,7 +162,11 @@ class CompiledRelay:
         module: ModuleType,
         listeners: Sequence[Listener],
         rows: Sequence[int],
+        datagram: Sequence[tuple[Listener, int]] = (),
+        datagram_buffer: int = UDP_MESSAGE_MAX,
     ) -> None:
+        """`listeners`: the stream listeners it accepts on, `rows` their rows of counters;
+        `datagram`: the datagram listeners it reads, each with its row (-1: none)."""
         spec = worker.spec
         config = worker.config
         self.worker = worker
@@ -146,7 +174,7 @@ class CompiledRelay:
         self.listeners = tuple(listeners)
         self.connections_max = config.connections_max
         self.internal_errors = worker.internal_errors
-        plan = engine_plan(self.listeners, rows, config, _listener_targets(spec, rows))
+        plan = engine_plan(self.listeners, rows, config, _listener_targets(spec, rows), datagram)
         self.routes = plan.routes
         self.source_limits = [limit for _, _, limit, _ in plan.listeners]
         self.seq_address = spec.admission.seq_address
@@ -168,6 +196,8 @@ class CompiledRelay:
             list(self.routes),
             self,
             queue_on_limit=config.on_limit == ON_LIMIT_QUEUE,
+            datagram_listeners=list(plan.datagram_listeners),
+            datagram_buffer=datagram_buffer,
         )
         # Once the engine's own descriptors (its epoll, its timer) are open, as the
         # Acceptor's: the worker builds it last.
@@ -184,6 +214,8 @@ class CompiledRelay:
             module.EVENT_CONNECT_PAUSED: self._connect_paused,
             module.EVENT_RELAY_ERROR: self._relay_error,
         }
+        datagram_events = DatagramEvents(module, [one for one, _ in datagram], config)
+        self._handlers.update(datagram_events.handlers)
 
     # -- the worker's calls ------------------------------------------------------------------
 
@@ -196,9 +228,10 @@ class CompiledRelay:
         self._call(self.engine.dispatch)
 
     def drain(self) -> None:
-        """The worker drains: accept no more (on_drained once nothing is open), then close
-        our copies of the listeners (the engine stops watching them first: epoll watches
-        the open file, which the master and systemd keep open)."""
+        """The worker drains: accept and read no more (on_drained once nothing is open),
+        then close our copies of the stream listeners (the engine stops watching them
+        first: epoll watches the open file, which the master and systemd keep open). The
+        datagram ones stay open: the sessions' replies still go out through them."""
         self._call(lambda: self.engine.stop_accepting(drain=True))
         for listener in self.listeners:
             listener.sock.close()
@@ -208,10 +241,14 @@ class CompiledRelay:
         self._call(self.engine.close_all)
 
     def idle(self) -> bool:
-        return self.engine.open_connections() == 0 and not self.engine.holding()
+        engine = self.engine
+        return (
+            engine.open_connections() == 0 and engine.open_sessions() == 0 and not engine.holding()
+        )
 
     def open_count(self) -> int:
-        return int(self.engine.open_connections())
+        """Connections and datagram sessions open."""
+        return int(self.engine.open_connections()) + int(self.engine.open_sessions())
 
     def close(self) -> None:
         if self.waiter is not None:

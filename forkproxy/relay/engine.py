@@ -2,9 +2,10 @@
 
 The compiled engine (csrc/, built as forkproxy.relay._engine when a C compiler and
 Python's headers were there at install) relays a worker's stream listeners (TCP, unix
-stream: compiled.py); the Python one (accepting.py, connecting.py, splice.py) is the
-reference, and relays everything the compiled one does not: datagram and
-sequential-packet listeners in either mode, and every listener of a worker whose
+stream: compiled.py) and datagram listeners (UDP, unix datagram: compiled_datagram.py);
+the Python one (accepting.py, connecting.py, splice.py, datagram.py) is the reference,
+and relays everything the compiled one does not: sequential-packet listeners in either
+mode, datagram listeners with a host-name target, and every listener of a worker whose
 settings use a feature the compiled engine lacks (`engine_supports`).
 
 FORKPROXY_ENGINE=python forces the Python engine; FORKPROXY_ENGINE=c requires the
@@ -61,8 +62,8 @@ def engine_name() -> str:
 
 
 def engine_supports(config: Config) -> str | None:
-    """Why the compiled engine cannot relay this configuration's stream listeners (a
-    worker then runs the Python engine for all of them), or None if it can."""
+    """Why the compiled engine cannot relay this configuration's stream and datagram
+    listeners (a worker then runs the Python engine for all of them), or None if it can."""
     for settings in (config.global_settings(), *config.listeners):
         if len(settings.targets) > _MAX_TARGETS_PER_ROUTE:
             return f"more than {_MAX_TARGETS_PER_ROUTE} targets for one listener"
@@ -90,7 +91,7 @@ def engine_supports(config: Config) -> str | None:
 
 
 def log_python_fallback(config: Config) -> None:
-    """Say why the workers relay this configuration's stream listeners with Python
+    """Say why the workers relay this configuration's listeners with Python
     although the compiled engine runs (`engine_supports`), if they do. The master says
     it once, at start and in a reload's new image; each worker finds the same reason."""
     if engine_name() == C and (reason := engine_supports(config)) is not None:

@@ -43,9 +43,14 @@ class MessageBuffer:
         self.view = memoryview(self.memory)
 
 
+def message_buffer_size(unix: bool) -> int:
+    """The bytes a worker's buffer holds: a UDP payload, or a unix message too."""
+    return max(UDP_MESSAGE_MAX, unix_message_max()) if unix else UDP_MESSAGE_MAX
+
+
 def message_buffer(unix: bool) -> MessageBuffer:
     """The buffer a worker needs: for UDP only, or for unix messages too."""
-    return MessageBuffer(max(UDP_MESSAGE_MAX, unix_message_max()) if unix else UDP_MESSAGE_MAX)
+    return MessageBuffer(message_buffer_size(unix))
 
 
 def grow_send_buffer(sock: _socket.socket, size: int) -> bool:

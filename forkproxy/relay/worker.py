@@ -3,11 +3,13 @@
 A worker owns its scoreboard slot and its column of the per-source table; of what else is
 shared it writes only per-source keys and queue-mode futex words, under admission's
 protocol. Its stream listeners' clients are relayed by the compiled engine when it runs
-(compiled.py; engine.py decides); the others', and all with the Python engine, are taken
-off the listeners it inherited by its `Acceptor` (accepting.py) and connected to their
-target and relayed by its `Connector` (connecting.py); the worker holds what both share:
-the loop, the poller, its slot, its admitter (a connection's admission goes back to it
-when the connection ends). On SIGTERM
+(compiled.py; engine.py decides), and its datagram listeners read by it when none has a
+host-name target (compiled_datagram.py); the others', and all with the Python engine, are
+taken off the listeners it inherited by its `Acceptor` (accepting.py) and connected to
+their target and relayed by its `Connector` (connecting.py), or read by its
+`DatagramRelay` (datagram.py); the worker holds what they share: the loop, the poller,
+its slot, its admitter (a connection's admission goes back to it when the connection
+ends). On SIGTERM
 it stops accepting and lets open connections finish until the graceful timeout. It exits
 by itself if its master dies. Never forks. The relay options cost nothing per connection
 while off: what each listener's settings need is built once, in its plan (plans.py).
@@ -29,11 +31,12 @@ from forkproxy import logs
 from forkproxy.relay.accepting import Acceptor
 from forkproxy.relay.access_log import AccessLogFiles
 from forkproxy.relay.compiled import CompiledRelay, stream_listener_rows
+from forkproxy.relay.compiled_datagram import compiled_reads
 from forkproxy.relay.connecting import Connector
 from forkproxy.relay.datagram import DatagramRelay
 from forkproxy.relay.engine import C, compiled_module, engine_name, engine_supports
 from forkproxy.relay.failpoints import WORKER_CRASH, failpoint_from_environment
-from forkproxy.relay.messages import MessageBuffer, message_buffer
+from forkproxy.relay.messages import MessageBuffer, message_buffer, message_buffer_size
 from forkproxy.relay.pipes import PipePool
 from forkproxy.relay.plans import WorkerTargets, make_plans
 from forkproxy.relay.poller import Poller
@@ -111,7 +114,14 @@ class Worker:
         accepted = tuple(listener for listener in spec.listeners if not listener.is_datagram)
         compiled = self._compiled_listeners(accepted, config)
         self.listeners = tuple(listener for listener in accepted if listener not in compiled)
-        datagram_listeners = self._datagram_listeners(spec)
+        datagram = self._datagram_listeners(spec)
+        # The compiled engine reads them all, or the Python one does (compiled_datagram.py).
+        compiled_datagram = datagram if self._compiled_reads(datagram, config) else []
+        datagram_listeners = [
+            (listener, _listener_row(spec, index))
+            for listener, index in datagram
+            if not compiled_datagram
+        ]
         self.message_buffer: MessageBuffer | None = None  # datagrams, sequential packets
         messaging = [
             *(listener for listener, _ in datagram_listeners),
@@ -155,11 +165,19 @@ class Worker:
             self.datagrams = DatagramRelay(self, datagram_listeners, self.message_buffer)
         # Last: they measure the descriptors left once everything above took its own.
         self.compiled: CompiledRelay | None = None
-        if compiled:
+        if compiled or compiled_datagram:
             module = compiled_module()
             assert module is not None  # engine_name() said C
             rows = stream_listener_rows(spec.listeners, compiled)
-            self.compiled = CompiledRelay(self, module, compiled, rows)
+            unix = any(one.sock.family == socket.AF_UNIX for one, _ in compiled_datagram)
+            self.compiled = CompiledRelay(
+                self,
+                module,
+                compiled,
+                rows,
+                [(one, index if index < MAX_LISTENERS else -1) for one, index in compiled_datagram],
+                message_buffer_size(unix),
+            )
         self.acceptor = Acceptor(self, plans, failpoint)
 
     @staticmethod
@@ -176,16 +194,23 @@ class Worker:
         return stream
 
     @staticmethod
-    def _datagram_listeners(spec: WorkerSpec) -> list[tuple[Listener, memoryview]]:
-        """The datagram listeners this worker reads, each with its row of counters in our
-        slot (by its index among all listeners); it closes its copies of the others."""
+    def _compiled_reads(datagram: list[tuple[Listener, int]], config: Config) -> bool:
+        """Whether the compiled engine reads this worker's datagram listeners."""
+        if not datagram or engine_name() != C or engine_supports(config) is not None:
+            return False
+        return compiled_reads(config, [listener for listener, _ in datagram])
+
+    @staticmethod
+    def _datagram_listeners(spec: WorkerSpec) -> list[tuple[Listener, int]]:
+        """The datagram listeners this worker reads, each with its index among all
+        listeners (its row of counters in our slot); it closes its copies of the others."""
         mine = []
         datagram = 0
         for index, listener in enumerate(spec.listeners):
             if not listener.is_datagram:
                 continue
             if reads_datagram_listener(datagram, spec.rank, spec.generation_size):
-                mine.append((listener, _listener_row(spec, index)))
+                mine.append((listener, index))
             else:
                 listener.sock.close()  # our copy only: the master keeps its own
             datagram += 1

@@ -382,4 +382,13 @@ def engine_offsets() -> dict[str, object]:
         "target_bytes_to_client": T_BYTES_TO_CLIENT * WORD,
         "target_connect_errors": T_CONNECT_ERRORS * WORD,
         "connect_error_reasons": CONNECT_ERROR_REASONS,
+        # Byte offsets inside a datagram listener's row.
+        "dg_sessions_active": DG_SESSIONS_ACTIVE * WORD,
+        "dg_sessions": DG_SESSIONS * WORD,
+        "dg_to_target": DG_TO_TARGET * WORD,
+        "dg_to_client": DG_TO_CLIENT * WORD,
+        "dg_bytes_to_target": DG_BYTES_TO_TARGET * WORD,
+        "dg_bytes_to_client": DG_BYTES_TO_CLIENT * WORD,
+        "dg_dropped": DG_DROPPED * WORD,
+        "datagram_drop_reasons": DG_DROP_REASONS,
     }
