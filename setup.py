@@ -27,6 +27,7 @@ SOURCES = [
     "csrc/proxy_header.c",
     "csrc/proxy_header_parse.c",
     "csrc/access_log.c",
+    "csrc/log_lines.c",
 ]
 
 

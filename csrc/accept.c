@@ -115,6 +115,7 @@ static void admitted(engine *e, struct listener *l, int fd, const struct sockadd
     c->listener = l;
     c->route = &e->routes[l->route];
     c->admission = token;
+    c->end = -1;
     c->started_ns = e->now_ns;
     c->to_target.pipe.rfd = c->to_target.pipe.wfd = -1;
     c->to_client.pipe.rfd = c->to_client.pipe.wfd = -1;
@@ -154,6 +155,8 @@ static void refuse(engine *e, struct listener *l, int fd, const struct sockaddr 
 {
     slot_add(e, e->lay.refused, 1); /* before the close: a kill between must not hide it */
     count_refusal(e, l, why == REFUSED_CAP ? L_CAP : why == REFUSED_SOURCE ? L_PER_SOURCE : L_BUSY);
+    access_log_refused(e, l, peer, peerlen,
+                       why == REFUSED_SOURCE ? END_REASON_REFUSED_PER_SOURCE : END_REASON_REFUSED_CAP);
     close(fd);
     enum event_code code = why == REFUSED_CAP      ? EVENT_REFUSED_CAP
                            : why == REFUSED_SOURCE ? EVENT_REFUSED_SOURCE

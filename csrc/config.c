@@ -135,6 +135,7 @@ static const struct layout_field {
     FIELD("dg_bytes_to_target", dg_bytes_to_target, false),
     FIELD("dg_bytes_to_client", dg_bytes_to_client, false),
     FIELD("dg_dropped", dg_dropped, false),
+    FIELD("access_log_dropped", access_log_dropped, false),
 #undef FIELD
 };
 #define LAYOUT_FIELDS (sizeof layout_fields / sizeof layout_fields[0])
@@ -449,10 +450,45 @@ static int int_attr(PyObject *obj, const char *name, long *out)
     return *out == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
+/* A copy of `obj`'s str attribute `name` as UTF-8 (lone surrogates kept as the bytes they
+ * stand for), or NULL and *len 0 when it has none. -1 on an error. */
+static int text_attr(PyObject *obj, const char *name, char **out, size_t *len)
+{
+    *out = NULL;
+    *len = 0;
+    PyObject *v = PyObject_GetAttrString(obj, name);
+    if (v == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *bytes = PyUnicode_Check(v) ? PyUnicode_AsEncodedString(v, "utf-8", "surrogateescape")
+                                         : NULL;
+    Py_DECREF(v);
+    if (bytes == NULL) {
+        PyErr_Clear(); /* not text: no name */
+        return 0;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(bytes);
+    *out = PyMem_Malloc((size_t)n + 1);
+    if (*out == NULL) {
+        Py_DECREF(bytes);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(*out, PyBytes_AS_STRING(bytes), (size_t)n + 1);
+    *len = (size_t)n;
+    Py_DECREF(bytes);
+    return 0;
+}
+
 static int parse_target(struct target *t, PyObject *obj)
 {
     long family, port;
     t->object = Py_NewRef(obj);
+    if (text_attr(obj, "text", &t->text, &t->text_len) < 0)
+        return -1;
     if (int_attr(obj, "family", &family) < 0)
         return -1;
     t->family = (int)family;
@@ -756,9 +792,28 @@ int parse_listeners(engine *e, PyObject *listeners)
     for (Py_ssize_t i = 0; i < n; i++) {
         struct listener *l = &e->listeners[i];
         l->row = -1;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ii|ii", &l->fd, &l->route,
-                              &l->source_limit, &l->row))
+        l->log_fd = -1;
+        int format = 0;
+        PyObject *name = NULL;
+        /* (fd, route[, source_limit, row[, log_fd, log_format, log_name]]) */
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ii|iiiiO", &l->fd, &l->route,
+                              &l->source_limit, &l->row, &l->log_fd, &format, &name))
             goto fail;
+        l->log_format = format == 1 ? ACCESS_LOG_JSON : ACCESS_LOG_LOGFMT;
+        if (name != NULL) {
+            PyObject *bytes = PyUnicode_AsEncodedString(name, "utf-8", "surrogateescape");
+            if (bytes == NULL)
+                goto fail;
+            l->log_name_len = (size_t)PyBytes_GET_SIZE(bytes);
+            l->log_name = PyMem_Malloc(l->log_name_len + 1);
+            if (l->log_name != NULL)
+                memcpy(l->log_name, PyBytes_AS_STRING(bytes), l->log_name_len + 1);
+            Py_DECREF(bytes);
+            if (l->log_name == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+        }
         if (l->route < 0 || l->route >= e->nroutes || l->source_limit < 0 ||
             (l->row >= 0 && (size_t)l->row >= e->lay.max_listeners)) {
             PyErr_Format(PyExc_ValueError, "listener fd %d: no route %d, or a negative limit",

@@ -34,41 +34,54 @@
 
 static void try_next_target(engine *e, conn *c);
 
-/* A client's address as format_sockaddr (settings/address.py) writes it: 1.2.3.4:80,
- * [::1]:80, [fe80::1%eth0]:80, /path, @name, unix-client. */
-PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len)
+/* An address as settings/address.py's format_sockaddr writes it (1.2.3.4:80, [::1]:80,
+ * [fe80::1%eth0]:80, /path, @name, unix-client), as bytes: a unix name is copied as it is,
+ * the formatter escapes what is not UTF-8. Returns its length. */
+size_t address_text(char *out, size_t size, const struct sockaddr *sa, socklen_t len)
 {
     char host[INET6_ADDRSTRLEN];
+    int n = -1;
     if (len >= sizeof(struct sockaddr_in) && sa->sa_family == AF_INET) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
         inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
-        return PyUnicode_FromFormat("%s:%d", host, ntohs(in->sin_port));
-    }
-    if (len >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
+        n = snprintf(out, size, "%s:%u", host, (unsigned)ntohs(in->sin_port));
+    } else if (len >= sizeof(struct sockaddr_in6) && sa->sa_family == AF_INET6) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-        char scope[IF_NAMESIZE + 1] = "";
+        char scope[IF_NAMESIZE + 12] = "";
         inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
         if (in6->sin6_scope_id && if_indextoname(in6->sin6_scope_id, scope + 1) != NULL)
             scope[0] = '%';
         else if (in6->sin6_scope_id)
             snprintf(scope, sizeof scope, "%%%u", (unsigned)in6->sin6_scope_id);
-        return PyUnicode_FromFormat("[%s%s]:%d", host, scope, ntohs(in6->sin6_port));
-    }
-    size_t path = offsetof(struct sockaddr_un, sun_path);
-    if (sa->sa_family == AF_UNIX && len > path) {
+        n = snprintf(out, size, "[%s%s]:%u", host, scope, (unsigned)ntohs(in6->sin6_port));
+    } else if (sa->sa_family == AF_UNIX && len > offsetof(struct sockaddr_un, sun_path)) {
         const char *name = ((const struct sockaddr_un *)sa)->sun_path;
-        size_t n = len - path;
+        size_t count = len - offsetof(struct sockaddr_un, sun_path);
         if (name[0] == 0) { /* abstract: @name */
-            PyObject *text = PyUnicode_DecodeUTF8(name + 1, (Py_ssize_t)n - 1, "backslashreplace");
-            PyObject *at = text == NULL ? NULL : PyUnicode_FromFormat("@%U", text);
-            Py_XDECREF(text);
-            return at;
+            if (count <= size) {
+                out[0] = '@';
+                memcpy(out + 1, name + 1, count - 1);
+                return count;
+            }
+        } else {
+            count = strnlen(name, count);
+            if (count > 0 && count <= size) {
+                memcpy(out, name, count);
+                return count;
+            }
         }
-        n = strnlen(name, n);
-        if (n > 0)
-            return PyUnicode_DecodeUTF8(name, (Py_ssize_t)n, "backslashreplace");
     }
-    return PyUnicode_FromString("unix-client");
+    if (n < 0 || (size_t)n >= size)
+        n = snprintf(out, size, "unix-client");
+    return (size_t)n;
+}
+
+/* The same as a str (a unix name's bytes that are not UTF-8 backslash-escaped). */
+PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len)
+{
+    char text[ADDRESS_TEXT_MAX];
+    size_t n = address_text(text, sizeof text, sa, len);
+    return PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "backslashreplace");
 }
 
 static bool local_errno(int error)
@@ -242,6 +255,9 @@ void connect_start(engine *e, conn *c)
 
 static void fail_client(engine *e, conn *c, int error)
 {
+    c->end = c->no_address         ? END_REASON_NO_TARGET
+             : error == ETIMEDOUT ? END_REASON_CONNECT_TIMEOUT
+                                  : END_REASON_CONNECT_FAILED;
     if (!c->route->group->shared) /* else each failed attempt was counted */
         slot_add(e, e->lay.connect_errors, 1);
     count_refusal(e, c->listener, L_NO_TARGET);
@@ -277,6 +293,7 @@ static void connected(engine *e, conn *c)
     PyMem_Free(c->addrs);
     c->addrs = NULL;
     observe(e, &e->connect_hist, e->now_ns - c->started_ns);
+    c->connected_ns = e->now_ns;
     int version = c->route->proxy_protocol;
     if (version) {
         char header[PROXY_HEADER_MAX];
@@ -337,6 +354,8 @@ static void retry_later(engine *e, conn *c, int error)
 static void target_failed(engine *e, conn *c, int error)
 {
     c->error = error;
+    c->no_address = c->resolve_failing; /* a name without an address, as NoAddress */
+    c->resolve_failing = false;
     if ((error == EMFILE || error == ENFILE) && !e->draining) {
         retry_later(e, c, error);
         return;
@@ -464,6 +483,8 @@ static void try_next_target(engine *e, conn *c)
 {
     if (c->step >= c->steps) {
         list_del(&c->timed);
+        if (!c->error)
+            c->no_address = true; /* no target to try: every one is down */
         fail_client(e, c, c->error ? c->error : EHOSTUNREACH);
         return;
     }
@@ -521,6 +542,7 @@ void connect_resolve_failed(engine *e, conn *c, int error)
     list_del(&c->queued);
     list_del(&c->timed);
     c->token = 0;
+    c->resolve_failing = true;
     target_failed(e, c, error ? error : EHOSTUNREACH);
 }
 

@@ -28,6 +28,7 @@ static void engine_release(engine *e)
     e->closed = true;
     while (!list_empty(&e->conns)) {
         conn *c = container_of(e->conns.next, conn, all);
+        c->end = END_REASON_STOPPED;
         conn_close(e, c, END_NORMAL, 0);
     }
     if (e->held_fd >= 0) {
@@ -59,13 +60,17 @@ static void engine_dealloc(engine *e)
         for (int j = 0; j < e->groups[i].count; j++) {
             Py_XDECREF(e->groups[i].targets[j].object);
             Py_XDECREF(e->groups[i].targets[j].host);
+            PyMem_Free(e->groups[i].targets[j].text);
         }
         PyMem_Free(e->groups[i].targets);
     }
     PyMem_Free(e->groups);
     PyMem_Free(e->routes);
     PyMem_Free(e->pools);
+    for (int i = 0; i < e->nlisteners; i++)
+        PyMem_Free(e->listeners[i].log_name);
     PyMem_Free(e->listeners);
+    PyMem_Free(e->logbuf);
     for (int i = 0; i < e->ndlisteners; i++)
         PyMem_Free(e->dlisteners[i].held_data);
     PyMem_Free(e->dlisteners);
@@ -128,7 +133,8 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     e->have_memory = true;
     if (parse_layout(e, layout) < 0 || parse_routes(e, routes, &defaults) < 0 ||
         parse_listeners(e, listeners) < 0 ||
-        parse_datagram_listeners(e, datagram_listeners, datagram_buffer) < 0)
+        parse_datagram_listeners(e, datagram_listeners, datagram_buffer) < 0 ||
+        access_log_setup(e) < 0)
         goto fail;
     e->hook_resolve = hook_attr(hooks, "resolve", false);
     e->hook_event = hook_attr(hooks, "on_event", false);
@@ -264,6 +270,8 @@ static PyObject *engine_close_all(engine *e, PyObject *unused)
     if (e->held_fd >= 0) {
         slot_add(e, e->lay.refused, 1);
         count_refusal(e, e->held_listener, e->held_waiting ? L_CAP : L_BUSY);
+        access_log_refused(e, e->held_listener, &e->held_peer.sa, e->held_peerlen,
+                           END_REASON_STOPPED);
         close(e->held_fd);
         e->held_fd = -1;
         e->want_capacity = false;
@@ -275,6 +283,7 @@ static PyObject *engine_close_all(engine *e, PyObject *unused)
     }
     while (!list_empty(&e->conns)) {
         conn *c = container_of(e->conns.next, conn, all);
+        c->end = END_REASON_STOPPED;
         conn_close(e, c, c->state == CONN_RELAYING ? END_ABORT : END_NORMAL, ETIMEDOUT);
     }
     datagram_end_all(e);

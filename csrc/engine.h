@@ -120,6 +120,7 @@ struct layout {
     /* a datagram listener's row fields (relative to its row) */
     size_t dg_sessions_active, dg_sessions, dg_to_target, dg_to_client, dg_bytes_to_target,
         dg_bytes_to_client, dg_dropped;
+    size_t access_log_dropped; /* slot */
 };
 
 /* Indexes in the layout's reason tuples (checked against them at construction). */
@@ -147,6 +148,8 @@ struct target {
     int port;
     char scope[16];            /* an IPv6 scope's interface name not found at start: looked
                                   up again at each connect (ENODEV while missing) */
+    char *text;                /* as written (UTF-8), for the access log */
+    size_t text_len;
     int64_t cooling_until_ns;  /* this worker's passive cool-down (no table row) */
     int row;                   /* its row of the target table and of the slot's target rows,
                                   or -1: none (this worker's own cool-down then) */
@@ -205,6 +208,13 @@ struct listener {
     bool oobinline;            /* set on the listener: accepted sockets inherit it */
     int nclient_options;       /* setsockopt(2) on each client: those not inherited */
     int client_options[MAX_OPTIONS][3];
+    /* --access-log: the file's descriptor (the worker's, kept at this number across a
+     * reopen), or -1; written with send(2) when it is a socket */
+    int log_fd;
+    bool log_sock;
+    enum access_log_format log_format;
+    char *log_name;            /* the listener's name in its lines (UTF-8) */
+    size_t log_name_len;
 };
 
 /* Per socket of a connection: what epoll said and we have not used up yet (edge
@@ -219,6 +229,7 @@ struct direction {
     bool eof;                  /* the source has sent EOF */
     bool done;                 /* EOF passed on: finished */
     bool bulk;                 /* a read filled the copy buffer: splice from now on */
+    uint64_t moved;            /* bytes delivered to the destination */
     size_t counter;            /* slot-relative offset of its byte counter */
     size_t row_counter;        /* and of its target row's, or 0: none */
 };
@@ -248,6 +259,10 @@ typedef struct conn {
     struct watch wclient, wtarget;
     uint8_t state;
     bool in_runq, resolve_asked, counted_relay;
+    bool no_address, resolve_failing; /* its last failure: no address to try (no-target) */
+    int8_t end;                /* why it ends (enum end_reason), -1 until known */
+    bool end_by_client;        /* a relay's end came from the client's side */
+    int64_t connected_ns;      /* when its target connected, 0 before */
     int client_fd, target_fd;
     struct sock_state cs, ts;
     struct direction to_target, to_client;
@@ -371,6 +386,8 @@ typedef struct engine {
     struct link dead_sessions; /* ended during this batch, freed after it */
     char *dgbuf;               /* one datagram at a time, read and sent from here */
     size_t dgbuf_size;
+    char *logbuf;              /* one access-log line at a time */
+    size_t logbuf_size;
     /* statistics for tests */
     uint64_t stat_sessions, stat_dispatches, stat_events, stat_pumps, stat_timer_fires;
 } engine;
@@ -442,6 +459,8 @@ void connect_resolve_failed(engine *e, conn *c, int error);
 void connect_cancel(engine *e, conn *c);
 int group_local_order(engine *e, struct group *g, uint16_t *order);
 PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len);
+#define ADDRESS_TEXT_MAX (sizeof(struct sockaddr_un) + 8)
+size_t address_text(char *out, size_t size, const struct sockaddr *sa, socklen_t len);
 
 /* relay.c */
 void relay_start(engine *e, conn *c);
@@ -451,6 +470,12 @@ void conn_close(engine *e, conn *c, enum end_how how, int error);
 void idle_expire(engine *e, struct route *r, int64_t now);
 void pipe_pools_close(engine *e);
 bool peer_gone_errno(int error);
+
+/* log_lines.c */
+void access_log_conn(engine *e, conn *c);
+void access_log_refused(engine *e, const struct listener *l, const struct sockaddr *peer,
+                        socklen_t peerlen, enum end_reason end);
+int access_log_setup(engine *e);
 
 /* datagram.c */
 int parse_datagram_listeners(engine *e, PyObject *listeners, Py_ssize_t buffer_size);

@@ -124,8 +124,10 @@ void relay_on_event(engine *e, conn *c, bool client_side, uint32_t events)
     if (c->state != CONN_RELAYING) {
         /* A client that resets while its target is being connected: give up now, passing
          * the abort on to a target that may have accepted already. */
-        if (client_side && (events & EPOLLERR))
+        if (client_side && (events & EPOLLERR)) {
+            c->end = END_REASON_CLIENT_RESET;
             conn_close(e, c, END_ABORT, ECONNRESET);
+        }
         return;
     }
     if (c->route->idle_timeout_ns && (events & EPOLLIN)) {
@@ -194,6 +196,7 @@ static enum copy_result copy_small(engine *e, struct direction *d, int src_fd,
         m = 0;
     }
     slot_add(e, d->counter, m);
+    d->moved += (uint64_t)m;
     if (d->row_counter)
         slot_add(e, d->row_counter, m);
     if (m < n) {
@@ -208,6 +211,13 @@ static enum copy_result copy_small(engine *e, struct direction *d, int src_fd,
     return COPY_MOVED;
 }
 
+/* A failure of direction `d`'s source (`source`) or destination ends the connection:
+ * which peer's side it was, for the access log's client-reset or target-reset. */
+static void ended_by(conn *c, const struct direction *d, bool source)
+{
+    c->end_by_client = (d == &c->to_target) == source;
+}
+
 /* EOF read and every byte delivered: pass the EOF on. */
 static enum pump_result finish(engine *e, conn *c, struct direction *d, int dst_fd)
 {
@@ -215,11 +225,15 @@ static enum pump_result finish(engine *e, conn *c, struct direction *d, int dst_
     pipe_release(e, c->route->pool, d);
     struct direction *other = d == &c->to_target ? &c->to_client : &c->to_target;
     if (other->done) {
+        /* Named by the peer that closed first (the direction that finished first). */
+        c->end = c->end_by_client ? END_REASON_CLIENT_CLOSED : END_REASON_TARGET_CLOSED;
         conn_close(e, c, END_NORMAL, 0); /* a close sends the FIN: no shutdown */
         return PUMP_CLOSED;
     }
+    c->end_by_client = d == &c->to_target;
     /* A peer gone already is seen by the other direction; any other error aborts. */
     if (shutdown(dst_fd, SHUT_WR) < 0 && !peer_gone_errno(errno)) {
+        ended_by(c, d, false);
         conn_close(e, c, END_ABORT, errno);
         return PUMP_CLOSED;
     }
@@ -239,6 +253,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
             ssize_t n = splice(d->pipe.rfd, NULL, dst_fd, NULL, d->pending, SPLICE_FLAGS);
             if (n < 0) {
                 if (errno != EAGAIN) {
+                    ended_by(c, d, false);
                     conn_close(e, c, END_ABORT, errno); /* the destination failed */
                     return PUMP_CLOSED;
                 }
@@ -246,6 +261,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
             } else {
                 d->pending -= (uint32_t)n;
                 slot_add(e, d->counter, n);
+                d->moved += (uint64_t)n;
                 if (d->row_counter)
                     slot_add(e, d->row_counter, n);
                 progress = n > 0;
@@ -259,6 +275,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
             if (reads >= READS_PER_WAKEUP)
                 return PUMP_MORE;
             if (d->pipe.rfd < 0 && pipe_acquire(e, pool, &d->pipe) < 0) {
+                ended_by(c, d, true);
                 conn_close(e, c, END_ABORT, errno);
                 return PUMP_CLOSED;
             }
@@ -267,6 +284,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
                 src->oobinline) {
                 enum copy_result r = copy_small(e, d, src_fd, src, dst_fd, dst);
                 if (r == COPY_SOURCE_FAILED || r == COPY_DESTINATION_FAILED) {
+                    ended_by(c, d, r == COPY_SOURCE_FAILED);
                     conn_close(e, c, END_ABORT, errno);
                     return PUMP_CLOSED;
                 }
@@ -290,6 +308,7 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
                      * once the FIN's edge is in: wait for it if it is not. */
                     ssize_t u = src->hangup && src->urgent ? read_urgent_inline(src, src_fd, d) : 0;
                     if (u < 0) {
+                        ended_by(c, d, true);
                         conn_close(e, c, END_ABORT, (int)-u);
                         return PUMP_CLOSED;
                     }
@@ -303,12 +322,14 @@ static enum pump_result pump(engine *e, conn *c, struct direction *d, int src_fd
                         src->readable = false;
                     progress = true;
                 } else if (errno != EAGAIN) {
+                    ended_by(c, d, true);
                     conn_close(e, c, END_ABORT, errno); /* the source failed */
                     return PUMP_CLOSED;
                 } else if (!d->pending) {
                     /* Nothing to read, or an urgent mark that splice will not pass. */
                     ssize_t u = src->urgent ? read_urgent_inline(src, src_fd, d) : 0;
                     if (u < 0) {
+                        ended_by(c, d, true);
                         conn_close(e, c, END_ABORT, (int)-u);
                         return PUMP_CLOSED;
                     }
@@ -357,6 +378,7 @@ void conn_close(engine *e, conn *c, enum end_how how, int error)
 {
     if (c->state == CONN_CLOSED)
         return;
+    access_log_conn(e, c); /* while its sockets are open */
     bool relayed = c->counted_relay;
     connect_cancel(e, c);
     if (c->in_runq) {
@@ -408,6 +430,7 @@ void idle_expire(engine *e, struct route *r, int64_t now)
         conn *c = container_of(r->idle.next, conn, timed);
         if (c->active_ns + r->idle_timeout_ns > now)
             break;
+        c->end = END_REASON_IDLE_TIMEOUT;
         conn_close(e, c, END_ABORT, ETIMEDOUT);
     }
 }

@@ -110,9 +110,14 @@ class _Sink:
             fd = os.open(
                 "/proc/self/fd/2", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
             )
-        old, self.fd = self.fd, fd
-        if old >= 0:
-            os.close(old)
+        if self.fd < 0:
+            self.fd = fd
+            return
+        # In place of the old file, at the same number: the compiled engine writes to it.
+        try:
+            os.dup2(fd, self.fd, inheritable=False)
+        finally:
+            os.close(fd)
 
     def write(self, line: bytes) -> bool:
         """The line with one write(2); False if it was not written whole."""
@@ -151,6 +156,15 @@ class AccessLogFiles:
         if sink is None:
             sink = self.sinks[path] = _Sink(path)
         return ListenerLog(sink, format_name, listener, worker, self.slot, fixed_target)
+
+    def descriptor(self, path: str) -> int:
+        """The descriptor the compiled engine writes `path`'s lines to (opening it first:
+        a file, standard error, or the journal's stream socket). It keeps its number when
+        `reopen` opens the file again."""
+        sink = self.sinks.get(path)
+        if sink is None:
+            sink = self.sinks[path] = _Sink(path)
+        return sink.sock.fileno() if sink.sock is not None else sink.fd
 
     def reopen(self) -> None:
         """SIGUSR1: reopen every file at its path (after logrotate renamed it)."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from forkproxy import logs
 from forkproxy.relay.accepting import ACCEPT_PAUSE, fd_ceiling
+from forkproxy.relay.access_log import AccessLogFiles
 from forkproxy.relay.balance import FIRST
 from forkproxy.relay.capacity_wait import CapacityWaiter
 from forkproxy.relay.compiled_datagram import DatagramEvents
@@ -84,7 +85,7 @@ class EnginePlan:
     listeners ((fd, route, source limit, row, --datagram-replies, --datagram-timeout)
     each) and routes."""
 
-    listeners: tuple[tuple[int, int, int, int], ...]
+    listeners: tuple[tuple[int, int, int, int] | tuple[int, int, int, int, int, int, str], ...]
     routes: tuple[RouteSpec, ...]
     datagram_listeners: tuple[tuple[int, int, int, int, int, float], ...] = ()
 
@@ -98,15 +99,17 @@ def engine_plan(
     config: Config,
     targets: Sequence[ListenerTargets | None] | None = None,
     datagram: Sequence[tuple[Listener, int]] = (),
+    access_logs: AccessLogFiles | None = None,
 ) -> EnginePlan:
     """The engine's configuration for `listeners` (rows: each one's index among the
     master's listeners, its row of counters; targets: each one's rows of the target
     table, if it has them), by the rules of plans.make_plans; and for the `datagram`
-    listeners (each with its row, -1 for none)."""
+    listeners (each with its row, -1 for none). A stream listener with --access-log gets
+    its file's descriptor (from `access_logs`), the format and its name for the lines."""
     routes: dict[tuple[ListenerSettings, ListenerTargets | None], int] = {}
     groups: dict[GroupKey, int] = {}
     specs: list[RouteSpec] = []
-    entries = []
+    entries: list[tuple[int, int, int, int] | tuple[int, int, int, int, int, int, str]] = []
     if targets is None:
         targets = [None] * len(listeners)
     all_listeners = [*zip(listeners, rows, targets, strict=True)]
@@ -148,6 +151,11 @@ def engine_plan(
                     settings.datagram_timeout,
                 )
             )
+        elif settings.access_log and access_logs is not None:
+            log_fd = access_logs.descriptor(settings.access_log)
+            json = 1 if settings.access_log_format == "json" else 0
+            name = listener.name or listener.label  # as plans.py names it
+            entries.append((listener.fd, route, limit, row, log_fd, json, name))
         else:
             entries.append((listener.fd, route, limit, row))
     return EnginePlan(tuple(entries), tuple(specs), tuple(datagram_entries))
@@ -174,9 +182,10 @@ class CompiledRelay:
         self.listeners = tuple(listeners)
         self.connections_max = config.connections_max
         self.internal_errors = worker.internal_errors
-        plan = engine_plan(self.listeners, rows, config, _listener_targets(spec, rows), datagram)
+        targets = _listener_targets(spec, rows)
+        plan = engine_plan(self.listeners, rows, config, targets, datagram, worker.access_logs)
         self.routes = plan.routes
-        self.source_limits = [limit for _, _, limit, _ in plan.listeners]
+        self.source_limits = [entry[2] for entry in plan.listeners]
         self.seq_address = spec.admission.seq_address
         self.waiter: CapacityWaiter | None = None  # queue mode: started when first needed
         self.resolving: set[asyncio.Task[None]] = set()

@@ -74,10 +74,8 @@ def engine_supports(config: Config) -> str | None:
             return "--backup"
         if settings.connect_retry > 0:
             return "--connect-retry"
-        # The compiled engine neither writes the access log nor reads PROXY headers yet
-        # (csrc/ has the line format and the parser, not wired into its relay).
-        if settings.access_log:
-            return "--access-log"
+        # The compiled engine does not read PROXY headers yet (csrc/ has the parser, not
+        # wired into its relay).
         if settings.accept_proxy:
             return "--accept-proxy"
     if config.log_level == "debug":

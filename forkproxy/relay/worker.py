@@ -157,8 +157,6 @@ class Worker:
             self._worker_targets(spec),
             self.access_logs,
         )
-        if self.access_logs:
-            self.loop.add_signal_handler(signal.SIGUSR1, self.access_logs.reopen)
         self.datagrams: DatagramRelay | None = None
         if datagram_listeners:
             assert self.message_buffer is not None
@@ -179,6 +177,8 @@ class Worker:
                 message_buffer_size(unix),
             )
         self.acceptor = Acceptor(self, plans, failpoint)
+        if self.access_logs:  # opened by either engine's listeners above
+            self.loop.add_signal_handler(signal.SIGUSR1, self.access_logs.reopen)
 
     @staticmethod
     def _compiled_listeners(
