@@ -16,6 +16,7 @@ all read `engine_name()`. Never relays anything itself.
 
 import logging
 import os
+import socket
 from types import ModuleType
 
 from forkproxy.errors import ForkproxyError
@@ -92,8 +93,26 @@ def log_python_fallback(config: Config) -> None:
     """Say why the workers relay this configuration's listeners with Python
     although the compiled engine runs (`engine_supports`), if they do. The master says
     it once, at start and in a reload's new image; each worker finds the same reason."""
-    if engine_name() == C and (reason := engine_supports(config)) is not None:
+    if engine_name() != C:
+        return
+    if (reason := engine_supports(config)) is not None:
         log.info("the compiled engine does not support %s: relaying with Python", reason)
+    elif (name := _datagram_host_name(config)) is not None:
+        log.info(
+            "datagram target '%s' is a host name, resolved per session by the Python "
+            "engine: the datagram listeners are read with Python",
+            name,
+        )
+
+
+def _datagram_host_name(config: Config) -> str | None:
+    """A datagram target of these settings that is a host name, if any: a worker then
+    reads its datagram listeners with Python (relay/compiled_datagram.py)."""
+    for settings in (config.global_settings(), *config.listeners):
+        for target in settings.targets:
+            if target.kind == socket.SOCK_DGRAM and target.needs_resolving:
+                return target.text
+    return None
 
 
 def version_text(version: str) -> str:

@@ -487,8 +487,12 @@ def test_check_finds_a_datagram_listener_with_a_stream_target() -> None:
     )
 
 
-def test_a_host_name_target_is_resolved_when_a_session_opens(workdir: Path) -> None:
-    """The first datagrams wait (copied) while the name is resolved, then go out."""
+def test_a_host_name_target_is_resolved_when_a_session_opens(
+    workdir: Path, relay_engine: str
+) -> None:
+    """The first datagrams wait (copied) while the name is resolved, then go out. The
+    Python engine resolves names per session: with the compiled one, the master says the
+    datagram listeners are read with Python."""
     with run_backend("echo", "udp:127.0.0.1:0", MESSAGES) as backend:
         target = backend.target.replace("127.0.0.1", "localhost")
         with (
@@ -503,6 +507,8 @@ def test_a_host_name_target_is_resolved_when_a_session_opens(workdir: Path) -> N
                 b"burst 2",
             ]
             assert exchange(client, b"then") == b"then"
+            line = f"datagram target '{target}' is a host name, resolved per session"
+            assert (line in proxy.stderr()) == (relay_engine == "c")
 
 
 def test_unbound_unix_clients_are_relayed_without_replies(workdir: Path) -> None:
