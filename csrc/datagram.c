@@ -153,6 +153,15 @@ static void drop(engine *e, const struct dlistener *l, enum datagram_drop why, i
     event_report(e, code, error, l->index, peer, peerlen, NULL);
 }
 
+/* A datagram of session `s` its target did not take: reported as (client, target). */
+static void drop_at_target(engine *e, const struct session *s, enum event_code code, int error)
+{
+    const struct dlistener *l = s->owner;
+    row_add(e, l, e->lay.dg_dropped + 8 * DG_SEND_ERROR, 1);
+    PyObject *target = e->routes[l->route].group->targets[s->target].object;
+    event_report(e, code, error, l->index, &s->peer.sa, s->peerlen, target);
+}
+
 /* -- the session table ------------------------------------------------------------------------ */
 
 static uint32_t peer_hash(const struct dlistener *l, const void *peer, socklen_t len)
@@ -424,7 +433,7 @@ static void send_failed(engine *e, struct session *s, const char *data, size_t c
         sent(e, l, count);
         return;
     }
-    drop(e, l, DG_SEND_ERROR, 1, EVENT_DG_SEND_ERROR, error, &s->peer.sa, s->peerlen);
+    drop_at_target(e, s, EVENT_DG_SEND_ERROR, error);
     if (refusal(error)) {
         target_failed(e, l, s->target, error);
         session_end(e, s, END_ERROR);
@@ -533,7 +542,7 @@ void datagram_on_session(engine *e, struct session *s, uint32_t events)
             /* ECONNREFUSED: an earlier datagram the target's host refused (an ICMP port
              * unreachable); anything else ends the session too. */
             int error = errno;
-            drop(e, l, DG_SEND_ERROR, 1, EVENT_DG_REFUSED, error, &s->peer.sa, s->peerlen);
+            drop_at_target(e, s, EVENT_DG_REFUSED, error);
             if (refusal(error))
                 target_failed(e, l, s->target, error);
             session_end(e, s, END_ERROR);

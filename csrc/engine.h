@@ -93,6 +93,7 @@ struct event_state {
     PyObject *target;     /* borrowed (targets live as long as the engine), or NULL */
     struct sockaddr_storage peer; /* the client's address, when peerlen > 0 */
     socklen_t peerlen;
+    bool pair;            /* both given: the subject is (client, target) */
 };
 
 /* -- the shared mapping: offsets from Python (shared/layout.py's engine_offsets()),

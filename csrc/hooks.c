@@ -37,6 +37,7 @@ void event_report(engine *e, enum event_code code, int error, int index,
     if (peer != NULL && peerlen)
         memcpy(&st->peer, peer, peerlen);
     st->peerlen = peer != NULL ? peerlen : 0;
+    st->pair = peer != NULL && target != NULL;
     if (st->next_ns > e->now_ns && (e->events_due_ns == 0 || st->next_ns < e->events_due_ns))
         e->events_due_ns = st->next_ns;
 }
@@ -65,7 +66,10 @@ static void report_events(engine *e)
         uint64_t count = st->count;
         st->count = 0;
         st->next_ns = e->now_ns + EVENT_INTERVAL_NS;
-        PyObject *subject = st->target ? Py_NewRef(st->target)
+        PyObject *subject = st->pair ? Py_BuildValue(
+                                           "(NO)", sockaddr_text((struct sockaddr *)&st->peer,
+                                                                 st->peerlen), st->target)
+                            : st->target ? Py_NewRef(st->target)
                             : st->peerlen ? sockaddr_text((struct sockaddr *)&st->peer, st->peerlen)
                                           : Py_NewRef(Py_None);
         if (subject == NULL) {

@@ -95,23 +95,29 @@ class DatagramEvents:
             client,
         )
 
-    def _send_error(self, count: int, error: int, index: int, client: object) -> None:
+    def _send_error(self, count: int, error: int, index: int, subject: object) -> None:
+        client, target = self._client_and_target(index, subject)
         self.send_lines.log_count(
             count,
             "cannot send a datagram from %s to %s: %s, dropping it",
             client,
-            self.targets[index],
+            target,
             _strerror(error),
         )
 
-    def _refused(self, count: int, error: int, index: int, client: object) -> None:
+    def _refused(self, count: int, error: int, index: int, subject: object) -> None:
+        client, target = self._client_and_target(index, subject)
         self.send_lines.log_count(
-            count,
-            "datagram from %s not delivered to %s: %s",
-            client,
-            self.targets[index],
-            _strerror(error),
+            count, "datagram from %s not delivered to %s: %s", client, target, _strerror(error)
         )
+
+    def _client_and_target(self, index: int, subject: object) -> tuple[object, str]:
+        """The (client, target) the engine names, the target as the Python lines quote it;
+        the listener's targets if it named none."""
+        if isinstance(subject, tuple) and len(subject) == 2:
+            client, target = subject
+            return client, f"'{getattr(target, 'text', target)}'"
+        return subject, self.targets[index]
 
     def _reply_error(self, count: int, error: int, _index: int, client: object) -> None:
         self.send_lines.log_count(

@@ -254,6 +254,10 @@ def test_a_refusing_target_ends_the_session_and_fails_over(things: list[Any]) ->
     failed = proxy.events(engine_module.EVENT_DG_TARGET_FAILED)
     assert failed[0][2] == errno.ECONNREFUSED
     assert failed[0][3][1] == udp_target(refusing)
+    # The drop names the client and the one target that refused it.
+    refused = proxy.events(engine_module.EVENT_DG_REFUSED)
+    client_text = f"127.0.0.1:{client.getsockname()[1]}"
+    assert refused[0][3] == (0, (client_text, udp_target(refusing)))
     assert proxy.mapping.held_total() == 0
 
 
