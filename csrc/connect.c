@@ -30,7 +30,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define COOLDOWN_NS 5000000000LL
 
 static void try_next_target(engine *e, conn *c);
 
@@ -84,7 +83,8 @@ PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len)
     return PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "backslashreplace");
 }
 
-static bool local_errno(int error)
+/* Failures of this machine, not of a target: no cool-down, no other target tried. */
+bool local_errno(int error)
 {
     return error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM;
 }

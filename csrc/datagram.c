@@ -29,7 +29,6 @@
 
 #define READS_PER_WAKEUP 64   /* datagrams read from a listener per readable event */
 #define REPLIES_PER_WAKEUP 16 /* replies read from a session per readable event */
-#define COOLDOWN_NS 5000000000LL
 #define UNIX_OVERHEAD 32      /* unix(7): a datagram must fit sk_sndbuf - 32 */
 #define SEND_BUFFER_SLACK 4096
 
@@ -287,11 +286,6 @@ void datagram_free(engine *e)
 }
 
 /* -- opening ----------------------------------------------------------------------------------- */
-
-static bool local_errno(int error)
-{
-    return error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM;
-}
 
 /* Whether a session socket's error says the target is not there (an ICMP error on UDP, no
  * listener on a unix socket), rather than something of this machine. */

@@ -459,6 +459,8 @@ void connect_resolved(engine *e, conn *c, struct sockaddr_storage *addrs, int co
 void connect_resolve_failed(engine *e, conn *c, int error);
 void connect_cancel(engine *e, conn *c);
 int group_local_order(engine *e, struct group *g, uint16_t *order);
+bool local_errno(int error);
+#define COOLDOWN_NS 5000000000LL /* targets.py's COOLDOWN: a failed target is tried last */
 PyObject *sockaddr_text(const struct sockaddr *sa, socklen_t len);
 #define ADDRESS_TEXT_MAX (sizeof(struct sockaddr_un) + 8)
 size_t address_text(char *out, size_t size, const struct sockaddr *sa, socklen_t len);
